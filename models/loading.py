@@ -1,0 +1,164 @@
+"""Building a model with weights: from a Hugging Face safetensors folder, or random ("dummy").
+
+    folder | preset -> ModelConfig -> abstract model (no memory) -> for each parameter, in order:
+        safetensors slice (mmap) -> our layout and dtype on the host -> device_put -> host copy freed
+    dummy: the whole init runs under jit, so the weights are born on the device(s).
+
+At most one tensor is on the host at a time, so peak host memory stays near the largest tensor.
+A missing, mis-shaped or unexpected tensor raises CheckpointError naming it and its file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from models.config import ModelConfig, ModelConfigError, preset_path
+from models.llama import LlamaForCausalLM, abstract_model, create_model
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints saved; recomputed here
+
+ShardingFor = Callable[[tuple[str, ...]], jax.sharding.Sharding]  # logical axes -> where to place
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match its config; the message names the tensor and file."""
+
+
+def resolve_config(model: str | Path) -> ModelConfig:
+    """A model folder, or the name of a shipped preset (`models/presets/<name>.json`)."""
+    preset = preset_path(str(model))
+    if preset is not None and not Path(model).exists():
+        return ModelConfig.from_hf_dict(json.loads(preset.read_text()), source=str(preset))
+    return ModelConfig.from_folder(model)
+
+
+def resolve_dtype(dtype: str, cfg: ModelConfig):
+    name = cfg.dtype if dtype == "auto" else dtype
+    if name not in DTYPES:
+        raise ModelConfigError(f"unsupported dtype {name!r}; choose one of {sorted(DTYPES)} or 'auto'")
+    return DTYPES[name]
+
+
+def load_model(
+    model: str | Path,
+    *,
+    dtype: str = "auto",
+    load_format: str = "auto",
+    attention_impl: str = "reference",
+    seed: int = 0,
+    sharding_for: ShardingFor | None = None,
+    progress: bool = True,
+) -> LlamaForCausalLM:
+    """The model of a folder or preset, weights on the device(s). load_format: "auto" | "safetensors" | "dummy"."""
+    cfg = resolve_config(model)
+    jdtype = resolve_dtype(dtype, cfg)
+    if load_format == "dummy":
+        return _dummy_model(cfg, jdtype, attention_impl, seed, sharding_for)
+    if load_format not in ("auto", "safetensors"):
+        raise ValueError(f"unknown load_format {load_format!r}; choose 'auto', 'safetensors' or 'dummy'")
+    if preset_path(str(model)) is not None and not Path(model).exists():
+        raise ValueError(f"{model!r} is a random-weight preset: load it with load_format='dummy'")
+    graphdef, abstract_state = nnx.split(abstract_model(cfg, dtype=jdtype, attention_impl=attention_impl))
+    flat = nnx.to_flat_state(abstract_state)
+    with CheckpointReader(Path(model)) as reader:
+        loaded = []
+        for path, variable in tqdm(list(flat), desc="Loading weights", unit="tensor", disable=not progress):
+            name = ".".join(str(p) for p in path)
+            host = reader.read_as(name, variable, jdtype)
+            device = jax.device_put(host, None if sharding_for is None else sharding_for(variable.logical_axes))
+            loaded.append((path, variable.replace(device)))
+            del host
+        unused = reader.unused(tied_lm_head=cfg.tie_word_embeddings)
+        if unused:
+            raise CheckpointError(f"{model}: tensors not used by {cfg.architecture}: {', '.join(unused[:10])}")
+    return nnx.merge(graphdef, nnx.from_flat_state(loaded))
+
+
+def _dummy_model(cfg, jdtype, attention_impl, seed, sharding_for) -> LlamaForCausalLM:
+    graphdef, abstract_state = nnx.split(abstract_model(cfg, dtype=jdtype, attention_impl=attention_impl))
+    jit_kwargs = {}
+    if sharding_for is not None:
+        jit_kwargs["out_shardings"] = jax.tree.map(
+            lambda v: sharding_for(v.logical_axes), abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable)
+        )
+
+    def init():
+        return nnx.state(create_model(cfg, dtype=jdtype, attention_impl=attention_impl, seed=seed))
+
+    return nnx.merge(graphdef, jax.jit(init, **jit_kwargs)())
+
+
+class CheckpointReader:
+    """The tensors of a safetensors folder (one file, a sharded index, or several files), by name."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.file_of = {name: folder / f for name, f in weight_map.items()}
+        else:
+            files = sorted(folder.glob("*.safetensors"))
+            if not files:
+                raise CheckpointError(f"{folder}: no *.safetensors files (and no model.safetensors.index.json)")
+            self.file_of = {}
+            for f in files:
+                with safe_open(f, framework="numpy") as handle:
+                    self.file_of.update({name: f for name in handle.keys()})
+        self.used: set[str] = set()
+        self._stack = contextlib.ExitStack()
+        self._handles: dict[Path, object] = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._stack.close()
+
+    def _handle(self, file: Path):
+        if file not in self._handles:
+            if not file.is_file():
+                raise CheckpointError(f"{file}: listed in the index but missing")
+            self._handles[file] = self._stack.enter_context(safe_open(file, framework="numpy"))
+        return self._handles[file]
+
+    def read_as(self, name: str, variable: nnx.Variable, dtype) -> np.ndarray:
+        """Reads `name` and returns it in the variable's layout and `dtype` (Hugging Face keeps
+        projections as [out, in]; ours are [*in_dims, *out_dims])."""
+        if name not in self.file_of:
+            raise CheckpointError(f"{self.folder}: tensor {name!r} is missing from the checkpoint")
+        file = self.file_of[name]
+        tensor = self._handle(file).get_tensor(name)
+        shape = tuple(variable.shape)
+        in_axes = variable.get_metadata().get("in_axes")
+        if in_axes is not None:  # a 2-D [out, in] weight
+            n_in, n_out = int(np.prod(shape[:in_axes])), int(np.prod(shape[in_axes:]))
+            if tensor.shape != (n_out, n_in):
+                raise CheckpointError(f"{file.name}: tensor {name!r} has shape {tensor.shape}, expected {(n_out, n_in)}")
+            tensor = tensor.T.reshape(shape)
+        elif tensor.size != int(np.prod(shape)) or tensor.shape not in (shape, (tensor.size,)):
+            raise CheckpointError(f"{file.name}: tensor {name!r} has shape {tensor.shape}, expected {shape}")
+        self.used.add(name)
+        return np.ascontiguousarray(tensor.reshape(shape).astype(_numpy_dtype(dtype)))
+
+    def unused(self, *, tied_lm_head: bool) -> list[str]:
+        def ignorable(name):
+            return name.endswith(IGNORED_SUFFIXES) or (tied_lm_head and name == "lm_head.weight")
+
+        return sorted(n for n in self.file_of if n not in self.used and not ignorable(n))
+
+
+def _numpy_dtype(dtype):
+    return ml_dtypes.bfloat16 if dtype == jnp.bfloat16 else np.dtype(dtype)

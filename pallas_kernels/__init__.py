@@ -1,0 +1,12 @@
+"""Attention kernels over a paged KV cache, each beside its pure-jnp reference.
+
+    q, new K/V, page tables -> kv_cache_update (scatter into pages) -> ragged_paged_attention -> out
+
+Imports only JAX. `models.attention` picks an implementation by name; the references define
+the semantics every kernel is tested against.
+"""
+
+from pallas_kernels.kv_cache_update import write_kv_pages_reference
+from pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference
+
+__all__ = ["ragged_paged_attention_reference", "write_kv_pages_reference"]
