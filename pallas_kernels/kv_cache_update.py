@@ -26,6 +26,7 @@ def check_inputs(k_pages, v_pages, k_new, v_new, slot_mapping) -> None:
 def write_kv_pages_reference(k_pages, v_pages, k_new, v_new, slot_mapping):
     """Scatters each token's K/V row to its slot; out-of-range slots (padding) are dropped."""
     check_inputs(k_pages, v_pages, k_new, v_new, slot_mapping)
+    k_pages, v_pages, k_new, v_new, slot_mapping = map(jnp.asarray, (k_pages, v_pages, k_new, v_new, slot_mapping))
     num_pages, page_size, num_kv_heads, head_dim = k_pages.shape
 
     def scatter(pages, new):

@@ -63,6 +63,9 @@ def ragged_paged_attention_reference(
 ) -> jax.Array:  # [T, N, H]
     """Pure jnp: each query token gathers its sequence's pages and attends (XLA gather, f32 softmax)."""
     check_inputs(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs)
+    q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs = map(
+        jnp.asarray, (q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs)
+    )
     num_tokens, num_heads, head_dim = q.shape
     _, page_size, num_kv_heads, _ = k_pages.shape
     num_rows, pages_per_seq = page_table.shape

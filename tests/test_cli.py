@@ -1,0 +1,9 @@
+"""`make serve`'s job until the server exists: an offline chat answer from the default model."""
+
+from jaxserve.cli import main
+
+
+def test_chat_answers_with_the_default_model(capsys, smollm2_folder):
+    assert main(["chat", "What is the capital of France?", "--max-tokens", "24"]) == 0
+    out = capsys.readouterr().out
+    assert "assistant:" in out and "Paris" in out
