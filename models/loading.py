@@ -29,7 +29,7 @@ from models.llama import LlamaForCausalLM, abstract_model, create_model
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints saved; recomputed here
 
-ShardingFor = Callable[[tuple[str, ...]], jax.sharding.Sharding]  # logical axes -> where to place
+ShardingFor = Callable[[tuple[str, ...], tuple[int, ...]], jax.sharding.Sharding]  # (logical axes, shape) -> placement
 
 
 class CheckpointError(ValueError):
@@ -77,7 +77,7 @@ def load_model(
         for path, variable in tqdm(list(flat), desc="Loading weights", unit="tensor", disable=not progress):
             name = ".".join(str(p) for p in path)
             host = reader.read_as(name, variable, jdtype)
-            device = jax.device_put(host, None if sharding_for is None else sharding_for(variable.logical_axes))
+            device = jax.device_put(host, None if sharding_for is None else sharding_for(variable.logical_axes, host.shape))
             loaded.append((path, variable.replace(device)))
             del host
         unused = reader.unused(tied_lm_head=cfg.tie_word_embeddings)
@@ -91,7 +91,7 @@ def _dummy_model(cfg, jdtype, attention_impl, seed, sharding_for) -> LlamaForCau
     jit_kwargs = {}
     if sharding_for is not None:
         jit_kwargs["out_shardings"] = jax.tree.map(
-            lambda v: sharding_for(v.logical_axes), abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable)
+            lambda v: sharding_for(v.logical_axes, v.shape), abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable)
         )
 
     def init():

@@ -3,7 +3,11 @@ their transformers reference outputs (made by scripts/make_reference_fixtures.py
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# Eight CPU devices for the sharding tests; set before anything imports jax.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import numpy as np
 import pytest
