@@ -20,6 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     chat.add_argument("--max-tokens", type=int, default=128)
     args = parser.parse_args(argv)
     cache_dir = os.environ.get("JAXSERVE_CACHE_DIR")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # transformers warns that torch is absent; we never need it
     if args.command == "chat":
         return _chat(args, cache_dir)
     return 2
