@@ -13,14 +13,273 @@ One call serves decode (q_len = 1), prefill and chunked prefill (q_len > 1), mix
 Query i of sequence r sits at cache position kv_lens[r] - q_len[r] + i and sees positions <= it.
 Rows of q past cu_q_lens[num_seqs] are padding: their output is zero.
 
-This file holds the pure-jnp reference; the Pallas GPU kernel plugs in beside it with the same
-signature.
+The file reads: Mosaic GPU kernel -> `_attention_call` (the pallas call) -> `ragged_paged_attention`
+(validated, jitted) -> `ragged_paged_attention_reference` (pure jnp, the semantics).
+
+Kernel data flow, one program per (work tile, kv head); `ragged_tiles` says what a tile is:
+
+    q rows of the tile (G query heads x tokens of one sequence) --TMA--> smem, once
+    memory warpgroup:  for each block of block_kv cache tokens: page ids from page_table,
+                       one TMA copy per page --> k/v smem slot (num_stages slots, a ring)
+    compute warpgroups (64 rows each):  S = q K^T (wgmma) -> causal mask on the last blocks ->
+                       online softmax (exp2, f32) -> O += P V (wgmma) -> free the slot
+    O / l --> smem --> TMA stores of the tile's valid rows only (a ladder of power-of-two copies)
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import math
+
 import jax
 import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.ragged_tiles import max_tiles, plan_tiles
+
+_WG_ROWS = 64  # query rows per compute warpgroup: the M of one wgmma
+
+
+@dataclasses.dataclass(frozen=True)
+class RaggedPagedAttentionConfig:
+    """Tuning knobs of the Mosaic GPU kernel."""
+
+    block_kv: int = 128  # cache tokens per pipeline step; rounded up to a whole number of pages
+    compute_warpgroups: int = 2  # a work tile is 64 * this query rows sharing each K/V block
+    num_stages: int = 3  # K/V blocks in flight (shared-memory ring slots)
+    # The PV wgmma reads P from registers (True) or from shared memory (False). GPU interpret mode
+    # only simulates shared-memory operands, so interpret runs always take the shared-memory path.
+    p_from_registers: bool = False
+
+    def __post_init__(self):
+        if self.block_kv % 64 or self.block_kv <= 0:
+            raise ValueError(f"block_kv must be a positive multiple of 64, got {self.block_kv}")
+        if self.compute_warpgroups not in (1, 2):
+            raise ValueError(f"compute_warpgroups must be 1 or 2, got {self.compute_warpgroups}")
+        if self.num_stages < 2:
+            raise ValueError(f"num_stages must be at least 2, got {self.num_stages}")
+
+
+def _smem_transforms(dtype, head_dim):
+    """Swizzled 128-byte rows, the layout wgmma reads its shared-memory operands in."""
+    elems = 128 // jnp.dtype(dtype).itemsize
+    if head_dim % elems:
+        raise ValueError(f"head_dim {head_dim} must be a multiple of {elems} for {jnp.dtype(dtype).name}")
+    return (plgpu.TilingTransform((8, elems)), plgpu.SwizzleTransform(128))
+
+
+def _kernel(
+    tile_seq_ref, tile_row0_ref, tile_row_end_ref, live_tiles_ref,  # [W], [W], [W], [1]
+    kv_lens_ref, page_table_ref, cu_q_lens_ref,  # [R], [R, P_max], [R+1]
+    q_ref, k_ref, v_ref,  # [K, T*G + pad, H], [P, S, K, H], [P, S, K, H]
+    out_ref,  # [K, T*G, H]
+    q_smem, k_smem, v_smem, p_smem, o_smem, k_full, v_full, q_full, k_free, v_free,
+    *, group, page_size, pages_per_block, block_kv, num_wgs, num_stages, num_tiles, scale_log2, p_from_registers,
+):
+    dtype = q_ref.dtype
+    head_dim = q_ref.shape[-1]
+    tile_rows = num_wgs * _WG_ROWS
+    kv_head = lax.axis_index("k")
+    w = num_tiles - 1 - lax.axis_index("w")  # last tiles of a sequence see the most keys: start them first
+    wg = lax.axis_index("wg")
+
+    @pl.when(w < live_tiles_ref[0])
+    def _tile():
+        seq = tile_seq_ref[w]
+        row0, row_end = tile_row0_ref[w], tile_row_end_ref[w]
+        offset = kv_lens_ref[seq] - cu_q_lens_ref[seq + 1]  # cache position of token t is offset + t
+        t_first = lax.div(row0, group)
+        t_last = lax.div(jnp.minimum(row0 + tile_rows, row_end) - 1, group)
+        kv_stop = offset + t_last + 1  # keys visible to the tile's last row
+        num_steps = lax.div(kv_stop + block_kv - 1, block_kv)
+        unmasked_steps = jnp.minimum(lax.div(offset + t_first + 1, block_kv), num_steps)
+
+        @pl.when(wg == num_wgs)
+        def _memory_warpgroup():
+            last_page = lax.div(kv_stop - 1, page_size)  # pages past it would be masked: reload it instead
+
+            def fetch(src_ref, dst_smem, full, step, slot):
+                for i in range(pages_per_block):
+                    page = page_table_ref[seq, jnp.minimum(step * pages_per_block + i, last_page)]
+                    plgpu.copy_gmem_to_smem(
+                        src_ref.at[page, :, kv_head], dst_smem.at[slot, pl.ds(i * page_size, page_size)], full.at[slot]
+                    )
+
+            @pl.loop(0, num_steps)
+            def _step(step):
+                slot = lax.rem(step, num_stages)
+
+                @pl.when(step >= num_stages)
+                def _():
+                    plgpu.barrier_wait(k_free.at[slot])
+
+                fetch(k_ref, k_smem, k_full, step, slot)
+
+                @pl.when(step >= num_stages)
+                def _():
+                    plgpu.barrier_wait(v_free.at[slot])
+
+                fetch(v_ref, v_smem, v_full, step, slot)
+
+        @pl.when(wg < num_wgs)
+        def _compute_warpgroup():
+            q_row = row0 + wg * _WG_ROWS
+            plgpu.copy_gmem_to_smem(q_ref.at[kv_head, pl.ds(q_row, _WG_ROWS)], q_smem.at[wg], q_full.at[wg])
+            plgpu.barrier_wait(q_full.at[wg])
+            layout = plgpu.Layout.WGMMA
+            m = plgpu.layout_cast(jnp.full((_WG_ROWS,), -jnp.inf, jnp.float32), layout.reduce(1))
+            l = plgpu.layout_cast(jnp.full((_WG_ROWS,), 0.0, jnp.float32), layout.reduce(1))
+            acc = plgpu.layout_cast(jnp.full((_WG_ROWS, head_dim), 0.0, jnp.float32), layout)
+
+            def step_fn(step, carry, *, masked):
+                acc, m, l = carry
+                slot = lax.rem(step, num_stages)
+                plgpu.barrier_wait(k_full.at[slot])
+
+                def qk(acc_ref):
+                    plgpu.wgmma(acc_ref, q_smem.at[wg], k_smem.at[slot].T)
+                    return acc_ref[...]
+
+                s = pl.run_scoped(qk, plgpu.ACC((_WG_ROWS, block_kv), jnp.float32))
+                plgpu.barrier_arrive(k_free.at[slot])
+                s = s * scale_log2
+                if masked:  # rows past the tile's end reuse its last token: no row is all -inf
+                    shape = (_WG_ROWS, block_kv)
+                    rows = q_row + plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=layout)
+                    token = jnp.minimum(lax.div(rows, group), t_last)
+                    key = step * block_kv + plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=layout)
+                    s = jnp.where(key <= offset + token, s, -jnp.inf)
+                m_new = jnp.maximum(m, s.max(axis=1))
+                alpha = jnp.exp2(m - m_new)
+                p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+                l = l * alpha + p.sum(axis=1)
+                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                plgpu.barrier_wait(v_full.at[slot])
+
+                if p_from_registers:
+                    p_operand = p.astype(dtype)
+                else:
+                    p_operand = p_smem.at[wg]
+                    p_operand[...] = p.astype(dtype)
+                    plgpu.commit_smem()  # make the stores visible to the tensor cores' async proxy
+
+                def pv(acc_ref):
+                    plgpu.wgmma(acc_ref, p_operand, v_smem.at[slot])
+                    return acc_ref[...]
+
+                # A fresh accumulator plus an add, not run_state: GPU interpret mode lacks run_state.
+                acc = acc + pl.run_scoped(pv, plgpu.ACC((_WG_ROWS, head_dim), jnp.float32))
+                plgpu.barrier_arrive(v_free.at[slot])
+                return acc, m_new, l
+
+            carry = (acc, m, l)
+            carry = lax.fori_loop(0, unmasked_steps, functools.partial(step_fn, masked=False), carry)
+            acc, m, l = lax.fori_loop(unmasked_steps, num_steps, functools.partial(step_fn, masked=True), carry)
+            acc = acc / lax.broadcast_in_dim(l, acc.shape, [0])
+            o_smem.at[wg][...] = acc.astype(dtype)
+            plgpu.commit_smem()
+            # TMA boxes are static: store the valid rows as a ladder of power-of-two copies.
+            num_valid = jnp.clip(row_end - q_row, 0, _WG_ROWS)
+            done = jnp.int32(0)
+            size = _WG_ROWS
+            while size:
+                @pl.when(num_valid & size != 0)
+                def _store(size=size, done=done):
+                    plgpu.copy_smem_to_gmem(
+                        o_smem.at[wg, pl.ds(done, size)], out_ref.at[kv_head, pl.ds(q_row + done, size)]
+                    )
+
+                done = done + (num_valid & size)
+                size //= 2
+            plgpu.wait_smem_to_gmem(0)
+
+
+def _attention_call(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, *, sm_scale, config, interpret):
+    num_tokens, num_heads, head_dim = q.shape
+    _, page_size, num_kv_heads, _ = k_pages.shape
+    num_rows = page_table.shape[0]
+    group = num_heads // num_kv_heads
+    num_wgs = config.compute_warpgroups
+    tile_rows = num_wgs * _WG_ROWS
+    block_kv = max(page_size, config.block_kv)
+    if block_kv % page_size:
+        raise ValueError(f"block_kv {config.block_kv} must be a multiple of page size {page_size} (or smaller than it)")
+    num_tiles = max_tiles(num_tokens, num_rows, group, tile_rows)
+    tile_seq, tile_row0, tile_row_end, live_tiles = plan_tiles(
+        cu_q_lens, num_seqs, group=group, rows_per_tile=tile_rows, num_tiles=num_tiles
+    )
+    # Rows of kv head k: its G query heads per token, token-major. Padded so every q load is in bounds.
+    rows = num_tokens * group
+    qg = q.reshape(num_tokens, num_kv_heads, group, head_dim).transpose(1, 0, 2, 3).reshape(num_kv_heads, rows, head_dim)
+    qg = jnp.pad(qg, ((0, 0), (0, tile_rows), (0, 0)))
+
+    transforms = _smem_transforms(q.dtype, head_dim)
+    num_stages = config.num_stages
+    kv_block = (num_stages, block_kv, head_dim)
+    pages_per_block = block_kv // page_size
+    kernel = functools.partial(
+        _kernel, group=group, page_size=page_size, pages_per_block=pages_per_block, block_kv=block_kv,
+        num_wgs=num_wgs, num_stages=num_stages, num_tiles=num_tiles, scale_log2=sm_scale * math.log2(math.e),
+        p_from_registers=config.p_from_registers and not interpret,
+    )
+    call = plgpu.kernel(
+        kernel,
+        out_type=jax.ShapeDtypeStruct((num_kv_heads, rows, head_dim), q.dtype),
+        scratch_types=[
+            plgpu.SMEM((num_wgs, _WG_ROWS, head_dim), q.dtype, transforms=transforms),
+            plgpu.SMEM(kv_block, k_pages.dtype, transforms=transforms),
+            plgpu.SMEM(kv_block, v_pages.dtype, transforms=transforms),
+            plgpu.SMEM((num_wgs, _WG_ROWS, block_kv), q.dtype, transforms=transforms),  # P (unused from registers)
+            plgpu.SMEM((num_wgs, _WG_ROWS, head_dim), q.dtype),  # plain rows: stored at any row offset
+            plgpu.Barrier(num_arrivals=pages_per_block, num_barriers=num_stages),  # k_full
+            plgpu.Barrier(num_arrivals=pages_per_block, num_barriers=num_stages),  # v_full
+            plgpu.Barrier(num_barriers=num_wgs),  # q_full
+            plgpu.Barrier(num_arrivals=num_wgs, num_barriers=num_stages),  # k_free
+            plgpu.Barrier(num_arrivals=num_wgs, num_barriers=num_stages),  # v_free
+        ],
+        grid=(num_tiles, num_kv_heads),
+        grid_names=("w", "k"),
+        num_threads=num_wgs + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=plgpu.InterpretGPUParams() if interpret else None,
+    )
+    out = call(tile_seq, tile_row0, tile_row_end, live_tiles, kv_lens, page_table, cu_q_lens, qg, k_pages, v_pages)
+    out = out.reshape(num_kv_heads, num_tokens, group, head_dim).transpose(1, 0, 2, 3).reshape(q.shape)
+    valid = jnp.arange(num_tokens) < cu_q_lens[num_seqs[0]]
+    return jnp.where(valid[:, None, None], out, jnp.zeros((), q.dtype))  # rows nobody wrote: padding tokens
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "config", "interpret"))
+def ragged_paged_attention(
+    q: jax.Array,  # [T, N, H]
+    k_pages: jax.Array,  # [P, S, K, H]
+    v_pages: jax.Array,  # [P, S, K, H]
+    kv_lens: jax.Array,  # [R] int32
+    page_table: jax.Array,  # [R, P_max] int32
+    cu_q_lens: jax.Array,  # [R+1] int32
+    num_seqs: jax.Array,  # [1] int32
+    *,
+    sm_scale: float,
+    config: RaggedPagedAttentionConfig = RaggedPagedAttentionConfig(),
+    interpret: bool = False,
+) -> jax.Array:  # [T, N, H]
+    """The Mosaic GPU kernel (Hopper; `interpret=True` runs the same body on the CPU)."""
+    check_inputs(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs)
+    if q.dtype != k_pages.dtype:
+        raise ValueError(f"q dtype {q.dtype} differs from k_pages dtype {k_pages.dtype}")
+    allowed = (jnp.bfloat16, jnp.float16) if not interpret else (jnp.bfloat16, jnp.float16, jnp.float32)
+    if q.dtype not in map(jnp.dtype, allowed):
+        raise ValueError(f"q dtype must be one of {[jnp.dtype(d).name for d in allowed]}, got {q.dtype}"
+                         + ("" if interpret else " (float32 runs in interpret mode only)"))
+    page_size = k_pages.shape[1]
+    if page_size % 8 or page_size > 256:
+        raise ValueError(f"page size (k_pages.shape[1]) must be a multiple of 8 up to 256, got {page_size}")
+    return _attention_call(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs,
+                           sm_scale=sm_scale, config=config, interpret=interpret)
 
 
 def check_inputs(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs) -> None:
