@@ -7,4 +7,9 @@
 The HTTP server, the continuous-batching scheduler and the `LLM` API build on this.
 """
 
+from jaxserve.llm import LLM
+from jaxserve.outputs import CompletionOutput, RequestOutput
+from jaxserve.sampling_params import SamplingParams
+
 __version__ = "0.1.0"
+__all__ = ["LLM", "CompletionOutput", "RequestOutput", "SamplingParams"]

@@ -1,20 +1,65 @@
-"""The compiled step: (model state, KV cache, staged batch) -> (KV cache, logits of chosen rows).
+"""The compiled step: (weights, KV cache, penalty state, staged inputs) -> (KV cache, penalty
+state, sampled tokens, hidden states). One jit per bucket shape; the caches are donated, so XLA
+writes this step's K/V and token counts in place.
 
 The NNX model is split once into a static graph and plain array leaves; the jitted function
-merges them inside the trace, so no per-step NNX flattening happens on the host. The KV cache is
-donated: XLA writes this step's K/V into the pages in place.
+merges them inside the trace, so no per-step NNX flattening happens on the host.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Sequence
+
 import jax
 from flax import nnx
 
+from jaxserve.engine.sampler import LogitsProcessor, PenaltyState, SamplingBatch, sample, update_penalty_state
+from jaxserve.sampling_params import MAX_LOGPROBS
 from models import LlamaForCausalLM, RaggedBatch
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class StepInput:
+    tokens: jax.Array  # [T] i32
+    attention: RaggedBatch
+    logits_rows: jax.Array  # [R] i32: the flat index of each row's last token
+    sampling: SamplingBatch
+
+
+def make_step(graphdef: nnx.GraphDef, processors: Sequence[LogitsProcessor] = ()):
+    """step(state, kv_cache, penalties, inputs) -> (kv_cache, penalties, SamplerOutput, hidden [T, D])."""
+
+    def step(state, kv_cache, penalties: PenaltyState, inputs: StepInput):
+        model: LlamaForCausalLM = nnx.merge(graphdef, state)
+        hidden, kv_cache = model(inputs.tokens, kv_cache, inputs.attention)
+        penalties = update_penalty_state(penalties, inputs.tokens, inputs.sampling)
+        logits = model.logits(hidden[inputs.logits_rows])
+        out = sample(logits, inputs.sampling, penalties, processors)
+        return kv_cache, penalties, out, hidden
+
+    return jax.jit(step, donate_argnames=("kv_cache", "penalties"))
+
+
+def make_prompt_logprobs(graphdef: nnx.GraphDef):
+    """(state, hidden [T, D], rows [T'], targets [T']) -> logprob of each target, its rank, and the
+    top MAX_LOGPROBS alternatives: the logprobs of prompt tokens, from a step's hidden states."""
+
+    def prompt_logprobs(state, hidden, rows, targets):
+        model: LlamaForCausalLM = nnx.merge(graphdef, state)
+        logprobs = jax.nn.log_softmax(model.logits(hidden[rows]), axis=-1)
+        chosen = jax.numpy.take_along_axis(logprobs, targets[:, None], axis=-1)[:, 0]
+        ranks = 1 + (logprobs > chosen[:, None]).sum(-1)
+        top_vals, top_ids = jax.lax.top_k(logprobs, MAX_LOGPROBS)
+        return chosen, ranks, top_ids, top_vals
+
+    return jax.jit(prompt_logprobs)
+
+
 def make_forward(graphdef: nnx.GraphDef):
-    """forward(state, kv_cache, tokens [T], batch, logits_rows [R]) -> (kv_cache, logits [R, V] f32)."""
+    """forward(state, kv_cache, tokens [T], batch, logits_rows [R]) -> (kv_cache, logits [R, V] f32):
+    the model alone, for tests and simple drivers."""
 
     def forward(state, kv_cache, tokens, batch: RaggedBatch, logits_rows):
         model: LlamaForCausalLM = nnx.merge(graphdef, state)

@@ -1,0 +1,38 @@
+"""EngineConfig: everything that decides how the engine is built, fixed at start-up."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    model: str | None = None  # HF folder or preset name; None: the embedded SmolLM2-135M-Instruct
+    tokenizer: str | None = None  # defaults to the model folder
+    load_format: str = "auto"  # "auto" | "safetensors" | "dummy"
+    dtype: str = "auto"  # "auto" | "bfloat16" | "float32"
+    tensor_parallel_size: int = 1
+    max_model_len: int | None = None  # None: the model's max_position_embeddings, capped by the cache
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    gpu_memory_utilization: float = 0.9
+    seed: int = 0
+    page_size: int = 16
+    attention_impl: str = "reference"
+    num_kv_pages: int | None = None  # override the memory-derived page count
+    cpu_kv_cache_bytes: int = 1 << 30  # KV budget where the device reports no memory (CPU)
+    min_token_bucket: int = 16
+    cache_dir: str | Path | None = None  # converted default model + XLA compilation cache
+    max_waiting_requests: int | None = None
+
+    def __post_init__(self):
+        if self.tensor_parallel_size != 1:
+            raise ValueError("tensor_parallel_size > 1 is not supported yet (tensor parallelism is the next milestone)")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        for name in ("max_num_seqs", "max_num_batched_tokens", "page_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")

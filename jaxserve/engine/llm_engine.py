@@ -1,0 +1,241 @@
+"""LLMEngine: the step-level engine. One step fits on one screen:
+
+    schedule (scheduler: who gets how many tokens) -> execute (runner: one compiled step)
+    -> update (scheduler: append tokens, finish, free pages) -> emit (detokenize, RequestOutputs)
+
+Requests are validated and tokenized in add_request, before anything is queued.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable
+
+import jax
+import numpy as np
+
+from jaxserve.config import EngineConfig
+from jaxserve.engine import compile_counter
+from jaxserve.engine.buckets import BucketPlan
+from jaxserve.engine.detokenizer import IncrementalDetokenizer
+from jaxserve.engine.runner import MAX_EOS_IDS, ModelRunner, StepResult, TokenLogprobs
+from jaxserve.engine.setup import build_model_and_tokenizer, plan_kv_cache
+from jaxserve.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
+from jaxserve.sampling_params import SamplingParams
+from jaxserve.scheduler import KVPageManager, Request, RequestStatus, Scheduler, SchedulerConfig
+
+Prompt = str | list[int] | dict
+
+
+@dataclasses.dataclass
+class _Family:
+    """One user request: its n samples and what they have produced so far."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    children: list[Request]
+    detoks: list[IncrementalDetokenizer | None]
+    logprobs: list[list[PositionLogprobs]] | None
+    cumulative: list[float]
+    prompt_logprobs: list[PositionLogprobs | None] | None
+
+
+@dataclasses.dataclass
+class StepStats:
+    num_tokens: int  # scheduled tokens
+    bucket_tokens: int
+    host_seconds: float  # staging + unpacking inside the runner
+    step_seconds: float  # the whole step(), device wait included
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig = EngineConfig(), *, model=None, tokenizer=None,
+                 logits_processors: dict[str, Callable] | None = None, progress: bool = True, log: Callable = print):
+        self.config = config
+        self.log = log
+        model, self.tokenizer = build_model_and_tokenizer(config, model, tokenizer, progress=progress)
+        self.model_config = cfg = model.config
+        self.max_model_len, num_pages = plan_kv_cache(config, model, log=log)
+        self.plan = BucketPlan.make(config.max_num_batched_tokens, config.max_num_seqs, config.min_token_bucket)
+        log(self.plan.describe())
+        self.runner = ModelRunner(model, num_pages=num_pages, page_size=config.page_size, max_model_len=self.max_model_len,
+                                  plan=self.plan, max_num_seqs=config.max_num_seqs,
+                                  processors=list((logits_processors or {}).items()))
+        seconds = self.runner.warm_up(progress=progress)
+        log(f"warm-up compiled {len(self.plan.shapes)} step shapes in {seconds:.1f} s")
+        self.compilations_after_warmup = compile_counter.compilations()
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len),
+            KVPageManager(num_pages, config.page_size),
+        )
+        eos = set(cfg.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.eos_token_ids = frozenset(sorted(eos)[:MAX_EOS_IDS])
+        self._families: dict[str, _Family] = {}
+        self._pending_outputs: list[RequestOutput] = []
+        self._rng = np.random.default_rng(config.seed)
+        self._next_id = 0
+        self.last_step: StepStats | None = None
+
+    # -- requests in ----------------------------------------------------------------------------
+    def add_request(self, request_id: str | None, prompt: Prompt, params: SamplingParams | None = None) -> str:
+        params = params or SamplingParams()
+        if request_id is None:
+            request_id, self._next_id = str(self._next_id), self._next_id + 1
+        if request_id in self._families:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        text, ids = self._tokenize(prompt)
+        self._validate(ids, params)
+        seed = params.seed if params.seed is not None else int(self._rng.integers(2**32))
+        req = Request(request_id, ids, params, self.eos_token_ids, self.max_model_len, seed=seed % 2**32)
+        children = self.scheduler.add_request(req)
+        for child in children:
+            child.seed = (seed + child.index * 0x9E3779B9) % 2**32
+        make_detok = lambda: (  # noqa: E731
+            None if self.tokenizer is None else IncrementalDetokenizer(
+                self.tokenizer, skip_special_tokens=params.skip_special_tokens, stop=params.stop,
+                include_stop=params.include_stop_str_in_output))
+        self._families[request_id] = _Family(
+            request_id, text, ids, params, children, [make_detok() for _ in children],
+            [[] for _ in children] if params.logprobs is not None else None, [0.0] * len(children),
+            [None] * len(ids) if params.prompt_logprobs is not None else None,
+        )
+        return request_id
+
+    def _tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), [int(t) for t in prompt["prompt_token_ids"]]
+            prompt = prompt.get("prompt")
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this engine has no tokenizer: give prompts as token ids")
+            return prompt, self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, (int, np.integer)) for t in prompt):
+            return None, [int(t) for t in prompt]
+        raise ValueError(f"a prompt is a string, a list of token ids or {{'prompt_token_ids': [...]}}, got {type(prompt).__name__}")
+
+    def _validate(self, ids: list[int], params: SamplingParams) -> None:
+        vocab = self.model_config.vocab_size
+        if not ids:
+            raise ValueError("the prompt is empty")
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids out of the vocabulary [0, {vocab}): {bad[:5]}")
+        wanted = len(ids) + (params.max_tokens if params.max_tokens is not None else 1)
+        if wanted > self.max_model_len:
+            raise ValueError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{wanted} tokens ({len(ids)} in the prompt, {wanted - len(ids)} for the completion)."
+            )
+        for name, toks in (("logit_bias", params.logit_bias.keys()), ("stop_token_ids", params.stop_token_ids)):
+            outside = [t for t in toks if not 0 <= t < vocab]
+            if outside:
+                raise ValueError(f"{name} token ids out of the vocabulary [0, {vocab}): {outside[:5]}")
+        unknown = set(params.logits_processors) - set(self.runner.processor_names)
+        if unknown:
+            raise ValueError(f"unknown logits processors {sorted(unknown)}; registered: {self.runner.processor_names}")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer")
+
+    def abort_request(self, request_id: str) -> None:
+        family = self._families.pop(request_id, None)
+        if family is None:
+            return
+        for req in self.scheduler.abort(request_id):
+            self.runner.release(req.request_id)
+        self._pending_outputs.append(self._output(family))
+
+    # -- one step ---------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        t0 = time.perf_counter()
+        outputs, self._pending_outputs = self._pending_outputs, []
+        sched = self.scheduler.schedule()
+        for req in sched.preempted:
+            self.runner.release(req.request_id)
+        if not sched.chunks:
+            return outputs
+        result = self.runner.execute(sched)
+        advanced = self.scheduler.update(sched, result.tokens)
+        touched = self._record(advanced, result)
+        outputs += [self._output(f) for f in touched]
+        for f in touched:
+            if all(c.status.finished for c in f.children):
+                del self._families[f.request_id]
+        self.last_step = StepStats(sched.num_tokens, result.num_tokens, result.host_seconds, time.perf_counter() - t0)
+        return outputs
+
+    def _record(self, advanced: list[Request], result: StepResult) -> list[_Family]:
+        touched: dict[str, _Family] = {}
+        for rid, entries in result.prompt_logprobs.items():
+            req = self.scheduler.requests.get(rid)
+            family = self._families.get(req.family_id) if req else None
+            if family is None or family.prompt_logprobs is None or req.index != 0:
+                continue
+            k = family.params.prompt_logprobs
+            for pos, lp in entries:
+                family.prompt_logprobs[pos] = self._position_logprobs(lp, k)
+        for req in advanced:
+            family = self._families[req.family_id]
+            i, token = req.index, req.output_token_ids[-1]
+            lp = result.logprobs.get(req.request_id)
+            if lp is not None:
+                family.logprobs[i].append(self._position_logprobs(lp, family.params.logprobs))
+                family.cumulative[i] += lp.logprob
+            detok = family.detoks[i]
+            if detok is not None and not req.status.finished:
+                stop = detok.push(token)
+                if stop is not None:
+                    self.scheduler.finish(req.request_id, RequestStatus.FINISHED_STOPPED, stop_reason=stop)
+            elif detok is not None:
+                detok.push(token)
+            if req.status.finished:
+                self.runner.release(req.request_id)
+            touched[family.request_id] = family
+        return list(touched.values())
+
+    def _position_logprobs(self, lp: TokenLogprobs, k: int) -> PositionLogprobs:
+        out = {lp.token_id: Logprob(lp.logprob, lp.rank, self._decode_one(lp.token_id))}
+        for rank, (tid, val) in enumerate(zip(lp.top_ids[:k], lp.top_logprobs[:k]), start=1):
+            out.setdefault(int(tid), Logprob(float(val), rank, self._decode_one(int(tid))))
+        return out
+
+    def _decode_one(self, token_id: int) -> str | None:
+        return None if self.tokenizer is None else self.tokenizer.decode([token_id])
+
+    def _output(self, family: _Family) -> RequestOutput:
+        outs = []
+        for i, child in enumerate(family.children):
+            finished = child.status.finished
+            detok = family.detoks[i]
+            outs.append(CompletionOutput(
+                index=i,
+                text="" if detok is None else detok.visible_text(finished),
+                token_ids=list(child.output_token_ids),
+                cumulative_logprob=family.cumulative[i] if family.logprobs is not None else None,
+                logprobs=list(family.logprobs[i]) if family.logprobs is not None else None,
+                finish_reason=child.status.value if finished else None,
+                stop_reason=child.stop_reason,
+            ))
+        return RequestOutput(family.request_id, family.prompt, family.prompt_token_ids,
+                             list(family.prompt_logprobs) if family.prompt_logprobs is not None else None,
+                             outs, all(o.finish_reason is not None for o in outs))
+
+    # -- state ----------------------------------------------------------------------------------
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._families) or bool(self._pending_outputs)
+
+    @property
+    def num_compilations_since_warmup(self) -> int:
+        return compile_counter.compilations() - self.compilations_after_warmup
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return self.scheduler.kv.usage
+
+    def block_until_idle(self) -> None:
+        jax.block_until_ready(self.runner.kv_cache)

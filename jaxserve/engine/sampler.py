@@ -1,0 +1,157 @@
+"""On-device sampling: logits [R, V] of one step -> a token per row, with its logprob.
+
+    raw logits --log_softmax--> logprobs (returned: the model's own, as vLLM does by default)
+    raw logits -> user logits processors -> penalties -> logit_bias -> greedy pick
+               -> / temperature -> top_k / top_p / min_p cut -> Gumbel-max with the row's key
+
+Each request is one row with its own parameters, so one batch mixes greedy and sampled rows.
+Costly parts (processors, penalties, sorting for top-k/p, top logprobs) sit under lax.cond on
+"does any row need it", so a batch that needs none skips them at run time without recompiling.
+Keys come from (seed, counter): a seeded request draws the same numbers whatever its neighbours.
+
+Penalties read per-slot token statistics kept on the device across steps (PenaltyState): each
+request with penalties owns a slot; the step counts its tokens into that slot as they enter the
+model (prompt tokens into a mask, generated ones into counts).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from jaxserve.sampling_params import MAX_LOGPROBS
+
+LogitsProcessor = Callable[[jax.Array], jax.Array]  # logits [R, V] f32 -> logits [R, V]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SamplingBatch:
+    temperature: jax.Array  # [R] f32, 0 = greedy
+    top_k: jax.Array  # [R] i32, V = no limit
+    top_p: jax.Array  # [R] f32
+    min_p: jax.Array  # [R] f32
+    repetition_penalty: jax.Array  # [R] f32
+    presence_penalty: jax.Array  # [R] f32
+    frequency_penalty: jax.Array  # [R] f32
+    bias_ids: jax.Array  # [R, B] i32, padding = V (dropped)
+    bias_values: jax.Array  # [R, B] f32 (-inf suppresses eos before min_tokens)
+    seeds: jax.Array  # [R] u32
+    counters: jax.Array  # [R] i32, tokens generated so far: the key's second half
+    wants_logprobs: jax.Array  # [R] bool
+    processor_mask: jax.Array  # [num_processors, R] bool
+    row_slot: jax.Array  # [R] i32 penalty slot, num_slots = none
+    reset_slots: jax.Array  # [R] i32 slots to clear before counting (first chunk), num_slots = none
+    token_slot: jax.Array  # [T] i32 penalty slot of each input token, num_slots = none
+    token_is_output: jax.Array  # [T] bool: a generated token (counts) or a prompt token (mask)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PenaltyState:
+    output_counts: jax.Array  # [slots, V] i32
+    prompt_mask: jax.Array  # [slots, V] bool
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SamplerOutput:
+    tokens: jax.Array  # [R] i32
+    logprobs: jax.Array  # [R] f32 of the chosen tokens
+    ranks: jax.Array  # [R] i32, 1 = most likely
+    top_ids: jax.Array  # [R, MAX_LOGPROBS] i32
+    top_logprobs: jax.Array  # [R, MAX_LOGPROBS] f32
+
+
+def new_penalty_state(num_slots: int, vocab_size: int) -> PenaltyState:
+    return PenaltyState(jnp.zeros((num_slots, vocab_size), jnp.int32), jnp.zeros((num_slots, vocab_size), jnp.bool_))
+
+
+def update_penalty_state(state: PenaltyState, tokens: jax.Array, sb: SamplingBatch) -> PenaltyState:
+    """Clears the slots of requests starting afresh, then counts this step's input tokens."""
+    counts, mask = state.output_counts, state.prompt_mask
+    num_slots, vocab = counts.shape
+    reset = sb.reset_slots
+    counts = counts.at[reset].set(jnp.zeros((reset.shape[0], vocab), counts.dtype), mode="drop")
+    mask = mask.at[reset].set(jnp.zeros((reset.shape[0], vocab), mask.dtype), mode="drop")
+    slot_out = jnp.where(sb.token_is_output, sb.token_slot, num_slots)
+    slot_prompt = jnp.where(sb.token_is_output, num_slots, sb.token_slot)
+    counts = counts.at[slot_out, tokens].add(1, mode="drop")
+    mask = mask.at[slot_prompt, tokens].set(True, mode="drop")
+    return PenaltyState(counts, mask)
+
+
+def _apply_penalties(logits, state: PenaltyState, sb: SamplingBatch):
+    counts = state.output_counts.at[sb.row_slot].get(mode="fill", fill_value=0)  # [R, V]
+    seen = counts > 0
+    in_prompt = state.prompt_mask.at[sb.row_slot].get(mode="fill", fill_value=False)
+    rep = sb.repetition_penalty[:, None]
+    penalized = jnp.where(logits > 0, logits / rep, logits * rep)
+    logits = jnp.where(seen | in_prompt, penalized, logits)
+    logits = logits - sb.frequency_penalty[:, None] * counts - sb.presence_penalty[:, None] * seen
+    return logits
+
+
+def _truncate(logits, sb: SamplingBatch):
+    """Masks tokens outside top_k, outside the top_p nucleus, or below min_p * max prob."""
+    vocab = logits.shape[-1]
+    ordered = jnp.sort(logits, axis=-1)[:, ::-1]  # descending
+    kth = jnp.take_along_axis(ordered, jnp.clip(sb.top_k - 1, 0, vocab - 1)[:, None], axis=-1)
+    probs = jax.nn.softmax(ordered, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    kept = mass_before < sb.top_p[:, None]
+    nucleus_min = jnp.min(jnp.where(kept, ordered, jnp.inf), axis=-1, keepdims=True)
+    min_p_floor = ordered[:, :1] + jnp.log(jnp.maximum(sb.min_p, 1e-30))[:, None]
+    threshold = jnp.maximum(jnp.maximum(kth, nucleus_min), jnp.where(sb.min_p[:, None] > 0, min_p_floor, -jnp.inf))
+    return jnp.where(logits < threshold, -jnp.inf, logits)
+
+
+def _draw(logits, sb: SamplingBatch):
+    def one(row_logits, seed, counter):
+        key = jax.random.fold_in(jax.random.key(seed), counter)
+        return jnp.argmax(row_logits + jax.random.gumbel(key, row_logits.shape, jnp.float32))
+
+    return jax.vmap(one)(logits, sb.seeds, sb.counters).astype(jnp.int32)
+
+
+def sample(
+    logits: jax.Array,  # [R, V] f32
+    sb: SamplingBatch,
+    penalties: PenaltyState,
+    processors: Sequence[LogitsProcessor] = (),
+) -> SamplerOutput:
+    num_rows, vocab = logits.shape
+    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    x = logits
+    for i, proc in enumerate(processors):
+        mask = sb.processor_mask[i]
+        x = jax.lax.cond(jnp.any(mask), lambda x: jnp.where(mask[:, None], proc(x), x), lambda x: x, x)
+    needs_penalty = sb.row_slot < penalties.output_counts.shape[0]
+    x = jax.lax.cond(jnp.any(needs_penalty), lambda x: _apply_penalties(x, penalties, sb), lambda x: x, x)
+    rows = jnp.broadcast_to(jnp.arange(num_rows)[:, None], sb.bias_ids.shape)
+    x = x.at[rows, sb.bias_ids].add(sb.bias_values, mode="drop")
+    greedy_tokens = jnp.argmax(x, axis=-1).astype(jnp.int32)
+
+    is_sampled = sb.temperature > 0
+    x = x / jnp.where(is_sampled, sb.temperature, 1.0)[:, None]
+    needs_cut = is_sampled & ((sb.top_k < vocab) | (sb.top_p < 1) | (sb.min_p > 0))
+    x = jax.lax.cond(jnp.any(needs_cut), lambda x: _truncate(x, sb), lambda x: x, x)
+    drawn = jax.lax.cond(jnp.any(is_sampled), lambda x: _draw(x, sb), lambda x: greedy_tokens, x)
+    tokens = jnp.where(is_sampled, drawn, greedy_tokens)
+
+    chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+
+    def with_top(lp):
+        top_vals, top_ids = jax.lax.top_k(lp, MAX_LOGPROBS)
+        ranks = 1 + jnp.sum(lp > chosen[:, None], axis=-1)
+        return ranks.astype(jnp.int32), top_ids.astype(jnp.int32), top_vals
+
+    def without_top(lp):
+        return (jnp.zeros(num_rows, jnp.int32), jnp.zeros((num_rows, MAX_LOGPROBS), jnp.int32),
+                jnp.zeros((num_rows, MAX_LOGPROBS), jnp.float32))
+
+    ranks, top_ids, top_vals = jax.lax.cond(jnp.any(sb.wants_logprobs), with_top, without_top, logprobs)
+    return SamplerOutput(tokens, chosen, ranks, top_ids, top_vals)

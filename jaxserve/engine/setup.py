@@ -1,0 +1,78 @@
+"""Engine start-up decisions: which model and tokenizer, how long a context, how many KV pages.
+
+    EngineConfig -> model folder (default: embedded SmolLM2) -> load weights, tokenizer
+                 -> KV budget: gpu_memory_utilization x device memory - weights - step workspace
+                 -> pages = budget / page bytes; max_model_len capped by what one sequence can hold
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import jax
+
+from jaxserve.config import EngineConfig
+from jaxserve.default_model import default_cache_dir, resolve_model
+from jaxserve.tokenizer import load_tokenizer
+from models.loading import load_model
+
+
+def enable_compilation_cache(cache_dir: str | Path | None) -> None:
+    """JAX's persistent compilation cache, so that a second start-up skips XLA compilation."""
+    if jax.config.jax_compilation_cache_dir is None:
+        jax.config.update("jax_compilation_cache_dir", str(Path(cache_dir or default_cache_dir()) / "xla"))
+
+
+def build_model_and_tokenizer(config: EngineConfig, model=None, tokenizer=None, *, progress: bool = True):
+    enable_compilation_cache(config.cache_dir)
+    if model is None:
+        folder = resolve_model(config.model, config.cache_dir)
+        model = load_model(folder, dtype=config.dtype, load_format=config.load_format,
+                           attention_impl=config.attention_impl, seed=config.seed, progress=progress)
+        if tokenizer is None:
+            tok_folder = config.tokenizer or folder
+            if Path(tok_folder).is_dir():
+                tokenizer = load_tokenizer(tok_folder)
+    return model, tokenizer
+
+
+def page_bytes(model, page_size: int) -> int:
+    cfg = model.config
+    itemsize = model.model.embed_tokens.weight.dtype.itemsize
+    return 2 * cfg.num_layers * page_size * cfg.num_kv_heads * cfg.head_dim * itemsize
+
+
+def plan_kv_cache(config: EngineConfig, model, *, workspace_bytes: int = 0, log: Callable = print) -> tuple[int, int]:
+    """(max_model_len, num_pages). The budget is gpu_memory_utilization of the device's memory less
+    what is already in use (weights) and the step's workspace; on a device that reports no memory
+    (the CPU), cpu_kv_cache_bytes."""
+    cfg = model.config
+    per_page = page_bytes(model, config.page_size)
+    stats = jax.devices()[0].memory_stats() or {}
+    if config.num_kv_pages is not None:
+        num_pages = config.num_kv_pages
+    elif "bytes_limit" in stats:
+        budget = config.gpu_memory_utilization * stats["bytes_limit"] - stats.get("bytes_in_use", 0) - workspace_bytes
+        num_pages = int(budget // per_page)
+    else:
+        num_pages = config.cpu_kv_cache_bytes // per_page
+    if num_pages < 1:
+        raise ValueError(f"no memory left for the KV cache (one page needs {per_page} bytes)")
+    capacity = num_pages * config.page_size
+    limit = cfg.max_position_embeddings
+    if cfg.sliding_window is not None and cfg.sliding_window < limit:
+        log(f"note: sliding-window attention is not implemented; max_model_len capped at the window ({cfg.sliding_window})")
+        limit = cfg.sliding_window
+    if config.max_model_len is not None:
+        if config.max_model_len > limit:
+            raise ValueError(f"max_model_len={config.max_model_len} exceeds the model's limit of {limit} tokens")
+        if config.max_model_len > capacity:
+            raise ValueError(f"max_model_len={config.max_model_len} does not fit the KV cache ({capacity} tokens)")
+        max_model_len = config.max_model_len
+    else:
+        max_model_len = min(limit, capacity)
+    log(f"KV cache: {num_pages} pages x {config.page_size} tokens = {capacity} tokens "
+        f"({num_pages * per_page / 2**30:.2f} GiB); max_model_len {max_model_len}")
+    return max_model_len, num_pages
+

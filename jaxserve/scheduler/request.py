@@ -1,0 +1,69 @@
+"""A request as the scheduler sees it: token ids, progress, status."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Any
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"  # pages freed; waits at the head of the queue to be recomputed
+    FINISHED_STOPPED = "stop"  # eos, a stop token id or a stop string
+    FINISHED_LENGTH = "length"  # max_tokens or max_model_len
+    FINISHED_ABORTED = "abort"
+
+    @property
+    def finished(self) -> bool:
+        return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED)
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: Any  # jaxserve.sampling_params.SamplingParams
+    eos_token_ids: frozenset[int] = frozenset()
+    max_model_len: int = 1 << 30
+    output_token_ids: list[int] = dataclasses.field(default_factory=list)
+    num_computed_tokens: int = 0
+    status: RequestStatus = RequestStatus.WAITING
+    stop_reason: int | str | None = None
+    num_preemptions: int = 0
+    seed: int = 0  # the sampling key's seed: the user's, or drawn by the engine
+    # n > 1: the children that sample share the pages of a parent "prefix" request that only
+    # computes the prompt's full pages (see Scheduler.add_request).
+    parent_id: str | None = None
+    index: int = 0
+    prefix_len: int | None = None  # set on a prefix request: compute this many tokens, then fork
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    def token_ids(self, start: int, stop: int) -> list[int]:
+        p = len(self.prompt_token_ids)
+        if stop <= p:
+            return self.prompt_token_ids[start:stop]
+        return (self.prompt_token_ids + self.output_token_ids)[start:stop]
+
+    @property
+    def target_tokens(self) -> int:
+        """Tokens to have in the cache before this request samples (or forks)."""
+        return self.prefix_len if self.prefix_len is not None else self.num_tokens
+
+    @property
+    def max_output_tokens(self) -> int:
+        limit = self.max_model_len - len(self.prompt_token_ids)
+        mt = self.sampling_params.max_tokens
+        return limit if mt is None else min(mt, limit)
+
+    @property
+    def family_id(self) -> str:
+        return self.parent_id or self.request_id
