@@ -149,6 +149,11 @@ class LlamaForCausalLM(nnx.Module):
         """tokens [T] -> final hidden states [T, D] and the cache with this step's K/V written."""
         return self.model(tokens, kv_cache, batch)
 
+    @property
+    def dtype(self):
+        """The weights' (and so the KV cache's) dtype."""
+        return self.model.embed_tokens.weight.dtype
+
     def logits(self, hidden: jax.Array) -> jax.Array:  # [R, D] -> [R, V] float32
         if self.lm_head is None:
             w = self.model.embed_tokens.weight[...]

@@ -39,7 +39,7 @@ def greedy_generate(
     forward = make_forward(graphdef)
     pages_per_seq = math.ceil((max(map(len, prompts)) + max_new_tokens) / page_size)
     num_pages = pages_per_seq * len(prompts)
-    dtype = model.model.embed_tokens.weight.dtype
+    dtype = model.dtype
     kv_cache = allocate_kv_cache(cfg.num_layers, num_pages, page_size, cfg.num_kv_heads, cfg.head_dim, dtype)
     pages = [list(range(i * pages_per_seq, (i + 1) * pages_per_seq)) for i in range(len(prompts))]
     shape = dict(num_rows=len(prompts), pages_per_seq=pages_per_seq, page_size=page_size, num_pages=num_pages)

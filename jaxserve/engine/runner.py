@@ -61,7 +61,7 @@ class ModelRunner:
         self.num_slots = max_num_seqs
         self.processor_names = [name for name, _ in processors]
         self.graphdef, self.state = nnx.split(model)
-        self.dtype = model.model.embed_tokens.weight.dtype
+        self.dtype = model.dtype
         self.kv_cache = allocate_kv_cache(cfg.num_layers, num_pages, page_size, cfg.num_kv_heads, cfg.head_dim, self.dtype)
         self.penalties = new_penalty_state(max_num_seqs, cfg.vocab_size)
         self._step = make_step(self.graphdef, [fn for _, fn in processors])

@@ -39,7 +39,7 @@ def build_model_and_tokenizer(config: EngineConfig, model=None, tokenizer=None, 
 
 def page_bytes(model, page_size: int) -> int:
     cfg = model.config
-    itemsize = model.model.embed_tokens.weight.dtype.itemsize
+    itemsize = model.dtype.itemsize
     return 2 * cfg.num_layers * page_size * cfg.num_kv_heads * cfg.head_dim * itemsize
 
 

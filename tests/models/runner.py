@@ -14,7 +14,7 @@ from models import allocate_kv_cache
 
 def new_cache(model, num_pages: int, page_size: int):
     cfg = model.config
-    dtype = model.model.embed_tokens.weight.dtype
+    dtype = model.dtype
     return allocate_kv_cache(cfg.num_layers, num_pages, page_size, cfg.num_kv_heads, cfg.head_dim, dtype)
 
 
