@@ -41,6 +41,18 @@ SMOLLM2_PROMPTS = [
     "The three primary colors are",
     "Translate to French: good morning",
     "Q: What is 12 times 12?\nA:",
+    "Hi",
+    "The following is a list of the planets of the solar system, ordered by their distance from the sun:",
+    "import numpy as np\nimport matplotlib.pyplot as plt\n\nx = np.linspace(0, 10, 100)\ny = np.sin(x)\n",
+    "My favourite recipe for a quick weeknight dinner starts with",
+    "In 1969, Neil Armstrong",
+    ("The history of the printing press begins long before Gutenberg. Woodblock printing was used in China "
+     "as early as the ninth century, and movable type made of clay appeared around 1040. In Korea, metal "
+     "movable type was used to print books in the thirteenth century. In Europe, Johannes Gutenberg developed "
+     "a printing system around 1440 that combined an oil-based ink, a hand mould for casting type, and a "
+     "press adapted from those used to make wine. His most famous work"),
+    "Roses are red,\nViolets are blue,\n",
+    "The best way to learn a new programming language is",
 ]
 
 _BASE = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, max_position_embeddings=512,

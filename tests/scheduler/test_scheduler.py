@@ -1,0 +1,157 @@
+"""The scheduler alone, driven by a hand-computable 'model' (next token = sum of the sequence's
+tokens mod 97): grants, chunking, admission order, preemption, n > 1 forks, aborts, page accounting."""
+
+from __future__ import annotations
+
+import pytest
+
+from jaxserve.sampling_params import SamplingParams
+from jaxserve.scheduler import KVPageManager, Request, RequestStatus, Scheduler, SchedulerConfig
+
+V = 97
+
+
+def make(budget=16, seqs=4, pages=64, page_size=4, max_len=256):
+    return Scheduler(SchedulerConfig(seqs, budget, max_len), KVPageManager(pages, page_size))
+
+
+def req(rid, n_prompt, max_tokens=4, **kw):
+    return Request(rid, list(range(1, n_prompt + 1)), SamplingParams(max_tokens=max_tokens, ignore_eos=True, **kw),
+                   max_model_len=256)
+
+
+def step(s: Scheduler):
+    out = s.schedule()
+    sampled = {c.request.request_id: sum(c.request.token_ids(0, c.start + c.num_tokens)) % V
+               for c in out.chunks if c.samples}
+    s.update(out, sampled)
+    return [(c.request.request_id, c.start, c.num_tokens) for c in out.chunks], out
+
+
+def expected_tokens(prompt, n):
+    seq = list(prompt)
+    for _ in range(n):
+        seq.append(sum(seq) % V)
+    return seq[len(prompt):]
+
+
+def test_chunked_prefill_fcfs_and_mixed_steps():
+    s = make(budget=16)
+    a = req("a", 40)
+    s.add_request(a)
+    assert step(s)[0] == [("a", 0, 16)]
+    s.add_request(req("b", 3))
+    assert step(s)[0] == [("a", 16, 16)]  # the running request takes the whole budget first
+    assert step(s)[0] == [("a", 32, 8), ("b", 0, 3)]  # a's last chunk samples; b is admitted
+    assert step(s)[0] == [("a", 40, 1), ("b", 3, 1)]  # decodes are grants of one
+    while s.has_unfinished:
+        step(s)
+    assert a.output_token_ids == expected_tokens(a.prompt_token_ids, 4)
+    assert s.kv.num_free_pages == s.kv.num_pages
+
+
+def test_max_num_seqs_and_budget_limit_admission():
+    s = make(budget=8, seqs=2)
+    for i in range(4):
+        s.add_request(req(f"r{i}", 2, max_tokens=2))
+    assert step(s)[0] == [("r0", 0, 2), ("r1", 0, 2)]
+    assert step(s)[0] == [("r0", 2, 1), ("r1", 2, 1)]  # r0, r1 finish (2 tokens each)
+    assert step(s)[0] == [("r2", 0, 2), ("r3", 0, 2)]
+
+
+def test_preemption_by_recompute_when_pages_run_out():
+    s = make(budget=32, seqs=4, pages=5, page_size=4)  # 20 token slots
+    a, b = req("a", 8, max_tokens=8), req("b", 8, max_tokens=8)
+    s.add_request(a)
+    s.add_request(b)
+    assert step(s)[0] == [("a", 0, 8), ("b", 0, 8)]  # 4 of 5 pages
+    assert step(s)[0] == [("a", 8, 1)]  # b needs a 6th page: b, the newest, is preempted
+    assert b.status is RequestStatus.PREEMPTED and b.num_computed_tokens == 0 and s.waiting[0] is b
+    assert s.num_preemptions == 1
+    while s.has_unfinished:
+        step(s)
+    assert a.output_token_ids == expected_tokens(a.prompt_token_ids, 8)
+    assert b.output_token_ids == expected_tokens(b.prompt_token_ids, 8)  # recompute changes nothing
+    assert s.kv.num_free_pages == 5
+
+
+def test_a_request_larger_than_half_the_pool_never_deadlocks():
+    s = make(budget=8, seqs=4, pages=6, page_size=4)
+    reqs = [req(f"r{i}", 10, max_tokens=12) for i in range(3)]  # each needs all 6 pages at the end
+    for r in reqs:
+        s.add_request(r)
+    for _ in range(500):
+        if not s.has_unfinished:
+            break
+        step(s)
+    assert not s.has_unfinished
+    for r in reqs:
+        assert r.output_token_ids == expected_tokens(r.prompt_token_ids, 12)
+    assert s.kv.num_free_pages == 6
+
+
+def test_abort_frees_everything_at_any_moment():
+    s = make(budget=8)
+    s.add_request(req("a", 20))
+    s.add_request(req("b", 4))
+    step(s)  # a is mid-prefill, b waiting
+    s.abort("a")
+    s.abort("b")
+    assert not s.has_unfinished and not s.waiting and not s.running
+    assert s.kv.num_free_pages == s.kv.num_pages
+
+
+def test_n_children_share_the_prompt_pages():
+    s = make(budget=64, page_size=4)
+    parent = req("p", 10, max_tokens=3, n=3)
+    children = s.add_request(parent)
+    assert [c.request_id for c in children] == ["p#0", "p#1", "p#2"]
+    assert step(s)[0] == [("p#prefix", 0, 8)]  # two full pages, computed once
+    assert step(s)[0] == [("p#0", 8, 2), ("p#1", 8, 2), ("p#2", 8, 2)]  # each its own last page
+    assert s.kv.table("p#0")[:2] == s.kv.table("p#1")[:2] == s.kv.table("p#2")[:2]
+    assert s.kv.num_free_pages == 64 - 2 - 3
+    while s.has_unfinished:
+        step(s)
+    for c in children:
+        assert c.output_token_ids == expected_tokens(parent.prompt_token_ids, 3)
+    assert s.kv.num_free_pages == 64
+
+
+def test_abort_of_a_forked_family_mid_prefix():
+    s = make(budget=4, page_size=4)
+    s.add_request(req("p", 10, n=2))
+    step(s)
+    aborted = s.abort("p")
+    assert sorted(r.request_id for r in aborted) == ["p#0", "p#1"]
+    assert not s.has_unfinished and s.kv.num_free_pages == s.kv.num_pages
+
+
+def test_stops_on_eos_unless_ignored_and_respects_min_tokens():
+    s = make()
+    prompt = [5, 5]  # sums: 10, 20, 40, ... mod 97
+    r = Request("e", prompt, SamplingParams(max_tokens=10), eos_token_ids=frozenset({20}), max_model_len=256)
+    s.add_request(r)
+    while s.has_unfinished:
+        step(s)
+    assert r.output_token_ids == [10, 20] and r.status is RequestStatus.FINISHED_STOPPED
+    r2 = Request("f", prompt, SamplingParams(max_tokens=10, stop_token_ids=[40]), max_model_len=256)
+    s.add_request(r2)
+    while s.has_unfinished:
+        step(s)
+    assert r2.output_token_ids == [10, 20, 40] and r2.stop_reason == 40
+
+
+def test_length_limit_from_max_model_len():
+    s = make()
+    r = Request("m", [1, 2, 3], SamplingParams(max_tokens=None, ignore_eos=True), max_model_len=7)
+    s.add_request(r)
+    while s.has_unfinished:
+        step(s)
+    assert len(r.output_token_ids) == 4 and r.status is RequestStatus.FINISHED_LENGTH
+
+
+@pytest.mark.parametrize("pages,tokens,ok", [(2, 8, True), (2, 9, False)])
+def test_page_manager_all_or_nothing(pages, tokens, ok):
+    kv = KVPageManager(pages, 4)
+    assert kv.allocate("x", tokens) is ok
+    assert kv.num_free_pages == (0 if ok else 2)
