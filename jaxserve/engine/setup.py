@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 
 from jaxserve.config import EngineConfig
 from jaxserve.default_model import default_cache_dir, resolve_model
@@ -39,7 +40,7 @@ def build_model_and_tokenizer(config: EngineConfig, model=None, tokenizer=None, 
 
 def page_bytes(model, page_size: int) -> int:
     cfg = model.config
-    itemsize = model.dtype.itemsize
+    itemsize = jnp.dtype(model.dtype).itemsize
     return 2 * cfg.num_layers * page_size * cfg.num_kv_heads * cfg.head_dim * itemsize
 
 

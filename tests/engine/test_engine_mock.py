@@ -1,0 +1,143 @@
+"""The whole engine (scheduler, staging, compiled step, sampling, detokenizer) on the mock model:
+exact tokens under staggered arrivals, chunked prefill, preemption, aborts, n > 1, stop strings,
+bad input, and no page left allocated after any test."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from jaxserve.config import EngineConfig
+from jaxserve.engine.llm_engine import LLMEngine
+from jaxserve.sampling_params import SamplingParams
+from tests.engine.mock_model import SumModel, next_tokens
+
+V = 101
+
+
+def engine(num_pages=64, page_size=4, budget=16, seqs=4, tokenizer=None, model=None, max_len=256):
+    config = EngineConfig(max_num_seqs=seqs, max_num_batched_tokens=budget, page_size=page_size,
+                          num_kv_pages=num_pages, max_model_len=max_len, min_token_bucket=8)
+    return LLMEngine(config, model=model or SumModel(V), tokenizer=tokenizer, progress=False, log=lambda *_: None)
+
+
+@pytest.fixture(scope="module")
+def small():
+    return engine()
+
+
+@pytest.fixture(autouse=True)
+def no_leaks(request):
+    yield
+    for name in ("small", "tiny_pool"):
+        if name in request.fixturenames:
+            e = request.getfixturevalue(name)
+            assert not e.has_unfinished_requests()
+            assert e.scheduler.kv.num_free_pages == e.scheduler.kv.num_pages, "pages leaked"
+
+
+def run(e, arrivals: dict[int, list[tuple[str, list[int], SamplingParams]]], max_steps=1000):
+    """arrivals: step number -> requests added before that step. Returns final outputs by id."""
+    final, step = {}, 0
+    while step < max_steps and (e.has_unfinished_requests() or any(s >= step for s in arrivals)):
+        for rid, prompt, params in arrivals.get(step, []):
+            e.add_request(rid, prompt, params)
+        for out in e.step():
+            if out.finished:
+                final[out.request_id] = out
+        step += 1
+    return final
+
+
+GREEDY = dict(temperature=0, ignore_eos=True)
+
+
+def test_staggered_arrivals_and_chunked_prefill_give_exact_tokens(small):
+    rng = np.random.default_rng(0)
+    prompts = {f"r{i}": rng.integers(0, V, n).tolist() for i, n in enumerate([3, 40, 1, 17, 9, 64, 2, 30])}
+    arrivals = {0: [], 1: [], 3: [], 7: []}
+    for i, (rid, p) in enumerate(prompts.items()):
+        arrivals[[0, 1, 3, 7][i % 4]].append((rid, p, SamplingParams(max_tokens=5 + i, **GREEDY)))
+    final = run(small, arrivals)
+    for i, (rid, p) in enumerate(prompts.items()):
+        out = final[rid].outputs[0]
+        assert out.token_ids == next_tokens(p, 5 + i, V), rid
+        assert out.finish_reason == "length"
+    assert small.num_compilations_since_warmup == 0
+
+
+@pytest.fixture(scope="module")
+def tiny_pool():
+    return engine(num_pages=12, page_size=4, budget=32, seqs=4, max_len=48)  # 48 token slots
+
+
+def test_preemption_with_a_tiny_page_pool(tiny_pool):
+    rng = np.random.default_rng(1)
+    prompts = {f"p{i}": rng.integers(0, V, 10).tolist() for i in range(4)}
+    before = tiny_pool.scheduler.num_preemptions
+    final = run(tiny_pool, {0: [(rid, p, SamplingParams(max_tokens=20, **GREEDY)) for rid, p in prompts.items()]})
+    assert tiny_pool.scheduler.num_preemptions > before
+    for rid, p in prompts.items():
+        assert final[rid].outputs[0].token_ids == next_tokens(p, 20, V)
+
+
+def test_abort_mid_stream_frees_pages(small):
+    small.add_request("long", list(range(1, 30)), SamplingParams(max_tokens=50, **GREEDY))
+    small.add_request("other", [4, 5], SamplingParams(max_tokens=6, **GREEDY))
+    for _ in range(4):
+        small.step()
+    assert small.scheduler.kv.num_free_pages < small.scheduler.kv.num_pages
+    small.abort_request("long")
+    final = run(small, {})
+    assert final["long"].outputs[0].finish_reason == "abort"
+    assert final["other"].outputs[0].token_ids == next_tokens([4, 5], 6, V)
+
+
+def test_n_samples_share_the_prompt(small):
+    prompt = list(range(1, 23))  # 22 tokens: 5 full pages shared, each child computes the last 2
+    tokens_before = []
+    small.add_request("fam", prompt, SamplingParams(n=3, max_tokens=4, **GREEDY))
+    final = {}
+    while small.has_unfinished_requests():
+        for out in small.step():
+            final[out.request_id] = out
+        tokens_before.append(small.last_step.num_tokens)
+    out = final["fam"]
+    assert [c.index for c in out.outputs] == [0, 1, 2]
+    for c in out.outputs:
+        assert c.token_ids == next_tokens(prompt, 4, V)
+    assert sum(tokens_before) == 20 + 3 * 2 + 3 * 3  # prefix once, tails, then decodes
+
+
+def test_seeded_sampling_is_reproducible(small):
+    params = SamplingParams(temperature=50.0, seed=7, max_tokens=8, ignore_eos=True)  # hot: really random
+    alone = run(small, {0: [("s", [1, 2, 3], params)]})["s"].outputs[0].token_ids
+    crowd = run(small, {0: [(f"x{i}", [i + 1] * (i + 2), SamplingParams(temperature=1.0, max_tokens=9)) for i in range(3)]
+                        + [("s", [1, 2, 3], params)]})["s"].outputs[0].token_ids
+    assert alone == crowd and alone != next_tokens([1, 2, 3], 8, V)
+
+
+def test_bad_input_raises_before_queueing(small):
+    with pytest.raises(ValueError, match="empty"):
+        small.add_request("e", [], SamplingParams())
+    with pytest.raises(ValueError, match="maximum context length is 256 tokens. However, you requested 300 tokens"):
+        small.add_request("e", [1] * 200, SamplingParams(max_tokens=100))
+    with pytest.raises(ValueError, match=r"out of the vocabulary \[0, 101\)"):
+        small.add_request("e", [1, 500], SamplingParams())
+    with pytest.raises(ValueError, match="logit_bias token ids out of the vocabulary"):
+        small.add_request("e", [1], SamplingParams(logit_bias={1000: 1.0}))
+    with pytest.raises(ValueError, match="unknown logits processors"):
+        small.add_request("e", [1], SamplingParams(logits_processors=["nope"]))
+    assert not small.has_unfinished_requests()
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"), (dict(top_p=1.5), "top_p"),
+    (dict(top_k=0), "top_k"), (dict(top_k=-2), "top_k"), (dict(n=0), "n must"), (dict(max_tokens=0), "max_tokens"),
+    (dict(logprobs=21), "logprobs"), (dict(min_p=2), "min_p"), (dict(presence_penalty=3), "presence_penalty"),
+    (dict(repetition_penalty=0), "repetition_penalty"), (dict(min_tokens=5, max_tokens=2), "min_tokens"),
+    (dict(stop=[""]), "stop"),
+])
+def test_sampling_params_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingParams(**kwargs)
