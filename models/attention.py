@@ -12,8 +12,11 @@ bucket) and passes it down unchanged to every layer:
     num_seqs     [1]        RaggedBatch           live sequences; the rest are padding rows
 
 Each layer writes its new K/V into the pages, then attends: `paged_attention` dispatches by name
-to an implementation (the pure-jnp reference here; Pallas kernels register beside it).
-KV cache layout: per layer, k and v pages [P, S, K, H].
+to an implementation: "reference" (pure jnp, XLA gather) or "pallas" (the Mosaic GPU kernel on a
+GPU; on other backends the same kernel body runs in Pallas GPU interpret mode, for tests). Both
+write the new K/V with the XLA scatter `write_kv_pages_reference` (in place when the cache is donated).
+KV cache layout: per layer, k and v pages [P, S, K, H]; the kernel reads one head's [S, H] slice of
+a page per TMA copy.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import ragged_paged_attention_reference, write_kv_pages_reference
+from pallas_kernels import ragged_paged_attention, ragged_paged_attention_reference, write_kv_pages_reference
 
 
 @jax.tree_util.register_dataclass
@@ -72,7 +75,16 @@ def _reference(q, k, v, cache: LayerKVCache, batch: RaggedBatch, *, sm_scale: fl
     return out, LayerKVCache(k_pages, v_pages)
 
 
-ATTENTION_IMPLS: dict[str, AttentionImpl] = {"reference": _reference}
+def _pallas(q, k, v, cache: LayerKVCache, batch: RaggedBatch, *, sm_scale: float):
+    k_pages, v_pages = write_kv_pages_reference(cache.k, cache.v, k, v, batch.slot_mapping)
+    out = ragged_paged_attention(
+        q, k_pages, v_pages, batch.kv_lens, batch.page_table, batch.cu_q_lens, batch.num_seqs,
+        sm_scale=sm_scale, interpret=jax.default_backend() != "gpu",
+    )
+    return out, LayerKVCache(k_pages, v_pages)
+
+
+ATTENTION_IMPLS: dict[str, AttentionImpl] = {"reference": _reference, "pallas": _pallas}
 
 
 def paged_attention(

@@ -3,10 +3,20 @@
     q, new K/V, page tables -> kv_cache_update (scatter into pages) -> ragged_paged_attention -> out
 
 Imports only JAX. `models.attention` picks an implementation by name; the references define
-the semantics every kernel is tested against.
+the semantics every kernel is tested against. Kernels are Mosaic GPU (Hopper, sm_90); their tests
+run the same kernel bodies in Pallas GPU interpret mode on the CPU.
 """
 
 from pallas_kernels.kv_cache_update import write_kv_pages_reference
-from pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference
+from pallas_kernels.ragged_paged_attention import (
+    RaggedPagedAttentionConfig,
+    ragged_paged_attention,
+    ragged_paged_attention_reference,
+)
 
-__all__ = ["ragged_paged_attention_reference", "write_kv_pages_reference"]
+__all__ = [
+    "RaggedPagedAttentionConfig",
+    "ragged_paged_attention",
+    "ragged_paged_attention_reference",
+    "write_kv_pages_reference",
+]

@@ -23,7 +23,8 @@ Kernel data flow, one program per (work tile, kv head); `ragged_tiles` says what
                        one TMA copy per page --> k/v smem slot (num_stages slots, a ring)
     compute warpgroups (64 rows each):  S = q K^T (wgmma) -> causal mask on the last blocks ->
                        online softmax (exp2, f32) -> O += P V (wgmma) -> free the slot
-    O / l --> smem --> TMA stores of the tile's valid rows only (a ladder of power-of-two copies)
+    O / l --> smem (q's slot) --> TMA store of the first 8/16/32/64 rows covering the valid ones,
+                       into the tile's own rows of a tile-padded buffer; the wrapper gathers rows back
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ class RaggedPagedAttentionConfig:
 
     block_kv: int = 128  # cache tokens per pipeline step; rounded up to a whole number of pages
     compute_warpgroups: int = 2  # a work tile is 64 * this query rows sharing each K/V block
-    num_stages: int = 3  # K/V blocks in flight (shared-memory ring slots)
+    num_stages: int = 2  # K/V blocks in flight (shared-memory ring slots)
     # The PV wgmma reads P from registers (True) or from shared memory (False). GPU interpret mode
     # only simulates shared-memory operands, so interpret runs always take the shared-memory path.
     p_from_registers: bool = False
@@ -75,8 +76,8 @@ def _kernel(
     tile_seq_ref, tile_row0_ref, tile_row_end_ref, live_tiles_ref,  # [W], [W], [W], [1]
     kv_lens_ref, page_table_ref, cu_q_lens_ref,  # [R], [R, P_max], [R+1]
     q_ref, k_ref, v_ref,  # [K, T*G + pad, H], [P, S, K, H], [P, S, K, H]
-    out_ref,  # [K, T*G, H]
-    q_smem, k_smem, v_smem, p_smem, o_smem, k_full, v_full, q_full, k_free, v_free,
+    out_ref,  # [K, W * tile_rows, H]: tile w owns rows w * tile_rows : (w + 1) * tile_rows
+    q_smem, k_smem, v_smem, p_smem, k_full, v_full, q_full, k_free, v_free,
     *, group, page_size, pages_per_block, block_kv, num_wgs, num_stages, num_tiles, scale_log2, p_from_registers,
 ):
     dtype = q_ref.dtype
@@ -179,21 +180,20 @@ def _kernel(
             carry = lax.fori_loop(0, unmasked_steps, functools.partial(step_fn, masked=False), carry)
             acc, m, l = lax.fori_loop(unmasked_steps, num_steps, functools.partial(step_fn, masked=True), carry)
             acc = acc / lax.broadcast_in_dim(l, acc.shape, [0])
-            o_smem.at[wg][...] = acc.astype(dtype)
+            o_smem = q_smem.at[wg]  # q is no longer read: its slot holds the output
+            o_smem[...] = acc.astype(dtype)
             plgpu.commit_smem()
-            # TMA boxes are static: store the valid rows as a ladder of power-of-two copies.
+            # TMA boxes are static: store the smallest of 8/16/32/64 leading rows that covers the
+            # valid ones (a decode tile has only G), nothing when the warpgroup has none.
             num_valid = jnp.clip(row_end - q_row, 0, _WG_ROWS)
-            done = jnp.int32(0)
-            size = _WG_ROWS
-            while size:
-                @pl.when(num_valid & size != 0)
-                def _store(size=size, done=done):
-                    plgpu.copy_smem_to_gmem(
-                        o_smem.at[wg, pl.ds(done, size)], out_ref.at[kv_head, pl.ds(q_row + done, size)]
-                    )
+            out_row = w * tile_rows + wg * _WG_ROWS
+            size, lower = _WG_ROWS, _WG_ROWS // 2
+            while size >= 8:
+                @pl.when((num_valid > (lower if size > 8 else 0)) & (num_valid <= size))
+                def _store(size=size):
+                    plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, size)], out_ref.at[kv_head, pl.ds(out_row, size)])
 
-                done = done + (num_valid & size)
-                size //= 2
+                size, lower = size // 2, lower // 2
             plgpu.wait_smem_to_gmem(0)
 
 
@@ -208,8 +208,8 @@ def _attention_call(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seq
     if block_kv % page_size:
         raise ValueError(f"block_kv {config.block_kv} must be a multiple of page size {page_size} (or smaller than it)")
     num_tiles = max_tiles(num_tokens, num_rows, group, tile_rows)
-    tile_seq, tile_row0, tile_row_end, live_tiles = plan_tiles(
-        cu_q_lens, num_seqs, group=group, rows_per_tile=tile_rows, num_tiles=num_tiles
+    tile_seq, tile_row0, tile_row_end, live_tiles, row_slot = plan_tiles(
+        cu_q_lens, num_seqs, group=group, rows_per_tile=tile_rows, num_tiles=num_tiles, num_tokens=num_tokens
     )
     # Rows of kv head k: its G query heads per token, token-major. Padded so every q load is in bounds.
     rows = num_tokens * group
@@ -220,20 +220,21 @@ def _attention_call(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seq
     num_stages = config.num_stages
     kv_block = (num_stages, block_kv, head_dim)
     pages_per_block = block_kv // page_size
+    p_from_registers = config.p_from_registers and not interpret
+    p_shape = (1, 8, 128 // q.dtype.itemsize) if p_from_registers else (num_wgs, _WG_ROWS, block_kv)
     kernel = functools.partial(
         _kernel, group=group, page_size=page_size, pages_per_block=pages_per_block, block_kv=block_kv,
         num_wgs=num_wgs, num_stages=num_stages, num_tiles=num_tiles, scale_log2=sm_scale * math.log2(math.e),
-        p_from_registers=config.p_from_registers and not interpret,
+        p_from_registers=p_from_registers,
     )
     call = plgpu.kernel(
         kernel,
-        out_type=jax.ShapeDtypeStruct((num_kv_heads, rows, head_dim), q.dtype),
+        out_type=jax.ShapeDtypeStruct((num_kv_heads, num_tiles * tile_rows, head_dim), q.dtype),
         scratch_types=[
             plgpu.SMEM((num_wgs, _WG_ROWS, head_dim), q.dtype, transforms=transforms),
             plgpu.SMEM(kv_block, k_pages.dtype, transforms=transforms),
             plgpu.SMEM(kv_block, v_pages.dtype, transforms=transforms),
-            plgpu.SMEM((num_wgs, _WG_ROWS, block_kv), q.dtype, transforms=transforms),  # P (unused from registers)
-            plgpu.SMEM((num_wgs, _WG_ROWS, head_dim), q.dtype),  # plain rows: stored at any row offset
+            plgpu.SMEM(p_shape, q.dtype, transforms=transforms),  # P for the PV wgmma
             plgpu.Barrier(num_arrivals=pages_per_block, num_barriers=num_stages),  # k_full
             plgpu.Barrier(num_arrivals=pages_per_block, num_barriers=num_stages),  # v_full
             plgpu.Barrier(num_barriers=num_wgs),  # q_full
@@ -248,7 +249,7 @@ def _attention_call(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seq
         interpret=plgpu.InterpretGPUParams() if interpret else None,
     )
     out = call(tile_seq, tile_row0, tile_row_end, live_tiles, kv_lens, page_table, cu_q_lens, qg, k_pages, v_pages)
-    out = out.reshape(num_kv_heads, num_tokens, group, head_dim).transpose(1, 0, 2, 3).reshape(q.shape)
+    out = out[:, row_slot].reshape(num_kv_heads, num_tokens, group, head_dim).transpose(1, 0, 2, 3).reshape(q.shape)
     valid = jnp.arange(num_tokens) < cu_q_lens[num_seqs[0]]
     return jnp.where(valid[:, None, None], out, jnp.zeros((), q.dtype))  # rows nobody wrote: padding tokens
 

@@ -1,0 +1,376 @@
+"""Check every kernel against its reference on the GPU, then time it. One call on the GPU machine:
+
+    PYTHONUNBUFFERED=1 python3 scripts/bench_kernels.py --out $OUT
+
+1. ceilings of this run: HBM copy bandwidth (bytes read + written) and the bf16 matmul rate;
+2. correctness on the device: random ragged batches (decode and prefill rows mixed, GQA 1/4/8,
+   head_dim 64/128, page sizes 16..128), each kernel variant against the f32 reference;
+3. greedy tokens of a small random model with attention_impl "reference" and "pallas";
+4. decode (Llama-3.1-8B heads, bf16): ours, JAX's deprecated Triton paged_attention and the jnp
+   reference at batch x kv_len -> achieved bandwidth / copy bandwidth;
+5. causal prefill: TFLOP/s / matmul rate; 6. the K/V page write (XLA scatter).
+Prints a markdown table last; full numbers go to OUT/bench.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pallas_kernels import (  # noqa: E402
+    RaggedPagedAttentionConfig,
+    ragged_paged_attention,
+    ragged_paged_attention_reference,
+    write_kv_pages_reference,
+)
+
+N, K, H = 32, 8, 128  # Llama-3.1-8B attention heads
+DT = jnp.bfloat16
+VARIANTS = {  # shared memory (H = 128): K/V ring + q/out + P must fit in 227 KiB
+    "wg2_kv128": RaggedPagedAttentionConfig(block_kv=128, compute_warpgroups=2, num_stages=2),
+    "wg2_kv128_preg_s3": RaggedPagedAttentionConfig(block_kv=128, compute_warpgroups=2, num_stages=3, p_from_registers=True),
+    "wg1_kv128_s3": RaggedPagedAttentionConfig(block_kv=128, compute_warpgroups=1, num_stages=3),
+    "wg1_kv64_s4": RaggedPagedAttentionConfig(block_kv=64, compute_warpgroups=1, num_stages=4),
+    "wg1_kv64_s2": RaggedPagedAttentionConfig(block_kv=64, compute_warpgroups=1, num_stages=2),
+}
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def timeit(make_chain, args, *, calls, repeats=5):
+    """Median seconds per call of `calls` chained calls unrolled in one jit (each call's input
+    depends on the last output through a scalar that is always 0, so XLA neither CSEs nor hoists)."""
+    fn = jax.jit(make_chain(calls))
+    jax.block_until_ready(fn(*args))  # compile + warm-up
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append((time.perf_counter() - t) / calls)
+    return statistics.median(times), times
+
+
+def zero_from(out):
+    return (out.reshape(-1)[0].astype(jnp.float32) > 3e38).astype(jnp.int32)  # 0, unknowable to XLA
+
+
+def chain_on_lens(call, lens_index):
+    """make_chain for a function whose argument `lens_index` is an int32 lengths array."""
+    def make(calls):
+        def run(*args):
+            args = list(args)
+            out = None
+            for _ in range(calls):
+                if out is not None:
+                    args[lens_index] = args[lens_index] + zero_from(out)
+                out = call(*args)
+            return out
+        return run
+    return make
+
+
+def ceilings():
+    x = jax.random.normal(jax.random.key(0), (1 << 29,), DT)  # 1 GiB
+    add = jax.jit(lambda x: x + 1)
+    jax.block_until_ready(add(x))
+    ts = []
+    for _ in range(5):
+        t = time.perf_counter()
+        y = x
+        for _ in range(10):
+            y = add(y)
+        jax.block_until_ready(y)
+        ts.append((time.perf_counter() - t) / 10)
+    copy_bw = 2 * x.nbytes / statistics.median(ts)
+    del x, y
+    a = jax.random.normal(jax.random.key(1), (8192, 8192), DT)
+    b = jax.random.normal(jax.random.key(2), (8192, 8192), DT)
+    mm = jax.jit(lambda a, b: a @ b)
+    jax.block_until_ready(mm(a, b))
+    ts = []
+    for _ in range(5):
+        t = time.perf_counter()
+        for _ in range(10):
+            c = mm(a, b)
+        jax.block_until_ready(c)
+        ts.append((time.perf_counter() - t) / 10)
+    return copy_bw, 2 * 8192**3 / statistics.median(ts)
+
+
+def make_batch(key, q_lens, kv_lens, *, num_heads, num_kv_heads, head_dim, page_size, dtype, pad_rows=1, pad_tokens=0):
+    """Random ragged batch on the device; pages of each sequence scattered by a permutation."""
+    rows = len(q_lens)
+    pps = max(-(-kv // page_size) for kv in kv_lens)
+    num_pages = rows * pps
+    kq, kk, kv_, kp = jax.random.split(key, 4)
+    perm = np.asarray(jax.random.permutation(kp, num_pages)).astype(np.int32)
+    page_table = np.zeros((rows + pad_rows, pps), np.int32)
+    page_table[:rows] = perm.reshape(rows, pps)
+    total = sum(q_lens)
+    cu = np.full(rows + pad_rows + 1, total, np.int32)
+    cu[: rows + 1] = np.concatenate([[0], np.cumsum(q_lens)])
+    lens = np.zeros(rows + pad_rows, np.int32)
+    lens[:rows] = kv_lens
+    shape = (num_pages, page_size, num_kv_heads, head_dim)
+    return dict(
+        q=jax.random.normal(kq, (total + pad_tokens, num_heads, head_dim), dtype),
+        k_pages=jax.random.normal(kk, shape, dtype), v_pages=jax.random.normal(kv_, shape, dtype),
+        kv_lens=jnp.asarray(lens), page_table=jnp.asarray(page_table), cu_q_lens=jnp.asarray(cu),
+        num_seqs=jnp.array([rows], jnp.int32),
+    )
+
+
+def rel_err(out, ref):
+    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref)) if np.all(np.isfinite(out)) else float("nan")
+
+
+def check_correctness(results):
+    cases = [  # (q_lens, kv_lens, group, head_dim, page_size)
+        ([1, 1, 37, 5, 1, 128], [1, 300, 37, 2048, 17, 640], 4, 128, 16),
+        ([1] * 9 + [200], [513, 1, 64, 65, 127, 128, 129, 1000, 2000, 400], 8, 128, 64),
+        ([3, 1, 70, 1], [3, 900, 70, 33], 1, 64, 128),
+        ([16, 1, 1], [2048, 2047, 5], 4, 64, 32),
+    ]
+    worst = 0.0
+    for i, (q_lens, kv_lens, group, head_dim, page_size) in enumerate(cases):
+        args = make_batch(jax.random.key(10 + i), q_lens, kv_lens, num_heads=2 * group, num_kv_heads=2,
+                          head_dim=head_dim, page_size=page_size, dtype=DT, pad_tokens=5)
+        f32 = {k: (v.astype(jnp.float32) if v.dtype == DT else v) for k, v in args.items()}
+        ref = ragged_paged_attention_reference(**f32, sm_scale=head_dim**-0.5)
+        for name, cfg in VARIANTS.items():
+            try:
+                out = ragged_paged_attention(**args, sm_scale=head_dim**-0.5, config=cfg)
+                err = rel_err(out, ref)
+                padding_zero = bool(np.all(np.asarray(out[sum(q_lens):], np.float32) == 0))
+            except Exception as e:  # noqa: BLE001 - report and go on with the other variants
+                err, padding_zero = float("nan"), False
+                log(f"  case {i} {name}: FAILED {type(e).__name__}: {str(e)[:400]}")
+            ok = err <= 1e-2 and padding_zero
+            worst = max(worst, err) if ok else float("inf")
+            results["correctness"].append(dict(case=i, variant=name, rel_err=err, ok=ok))
+            log(f"  case {i} G={group} H={head_dim} S={page_size} {name}: rel err {err:.2e} {'ok' if ok else 'BAD'}")
+        # The reference in bf16 against f32, to show the rounding floor of bf16 inputs.
+        results["correctness"].append(dict(case=i, variant="reference_bf16",
+                                           rel_err=rel_err(ragged_paged_attention_reference(**args, sm_scale=head_dim**-0.5), ref)))
+    return worst
+
+
+def check_greedy(results):
+    """Same greedy tokens from a small random bf16 model with either attention implementation."""
+    from jaxserve.engine.greedy import greedy_generate
+    from models.config import ModelConfig
+    from models.llama import create_model
+
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    cfg = dict(architecture="LlamaForCausalLM", vocab_size=512, hidden_size=512, intermediate_size=1024, num_layers=2,
+               num_heads=8, num_kv_heads=2, head_dim=64, rms_norm_eps=1e-5, rope_theta=10000.0, rope_scaling=None,
+               tie_word_embeddings=False, qkv_bias=False, o_bias=False, mlp_bias=False, max_position_embeddings=4096,
+               sliding_window=None, bos_token_id=None, eos_token_ids=(), dtype="bfloat16")
+    cfg = ModelConfig(**{k: v for k, v in cfg.items() if k in fields})
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, 512, n).tolist() for n in (5, 70, 200, 1)]
+    tokens = {}
+    for impl in ("reference", "pallas"):
+        model = create_model(cfg, dtype=jnp.bfloat16, attention_impl=impl, seed=0)
+        tokens[impl] = greedy_generate(model, prompts, 24)
+    same = tokens["reference"] == tokens["pallas"]
+    results["greedy"] = dict(same=same, tokens=tokens)
+    log(f"  greedy tokens identical: {same}")
+    if not same:
+        for a, b in zip(tokens["reference"], tokens["pallas"]):
+            log(f"    ref {a}\n    pal {b}")
+    return same
+
+
+def deprecated_paged_attention():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from jax.experimental.pallas.ops.gpu import paged_attention
+    return paged_attention.paged_attention
+
+
+def bench_decode(results, copy_bw, batches, kv_lens_list, page_size, variants, with_peers):
+    old = deprecated_paged_attention() if with_peers else None
+    for b in batches:
+        for kv in kv_lens_list:
+            args = make_batch(jax.random.key(b * 7 + kv), [1] * b, [kv] * b, num_heads=N, num_kv_heads=K, head_dim=H,
+                              page_size=page_size, dtype=DT, pad_rows=0)
+            nbytes = 2 * b * kv * K * H * 2 + 2 * b * N * H * 2  # K/V pages read + q read + out written
+            row = dict(batch=b, kv_len=kv, page_size=page_size, bytes=nbytes)
+            names = list(args)
+            lens_index = names.index("kv_lens")
+            calls = 16 if b * kv >= 64 * 2048 else 64
+            for vname in variants:
+                cfg = VARIANTS[vname]
+                fn = lambda *a, cfg=cfg: ragged_paged_attention(*a, sm_scale=H**-0.5, config=cfg)  # noqa: E731
+                try:
+                    t, _ = timeit(chain_on_lens(fn, lens_index), [args[n] for n in names], calls=calls)
+                    row[vname] = t
+                except Exception as e:  # noqa: BLE001
+                    log(f"  decode {b}x{kv} {vname}: FAILED {type(e).__name__}: {str(e)[:300]}")
+            if with_peers:
+                ref = lambda *a: ragged_paged_attention_reference(*a, sm_scale=H**-0.5)  # noqa: E731
+                try:
+                    row["reference"], _ = timeit(chain_on_lens(ref, lens_index), [args[n] for n in names],
+                                                 calls=2 if b * kv >= 64 * 8192 else 4, repeats=3)
+                except Exception as e:  # noqa: BLE001
+                    log(f"  decode {b}x{kv} reference: FAILED {type(e).__name__}: {str(e)[:300]}")
+                # The deprecated kernel wants [K, P, S, H] pages and plain per-sequence lengths.
+                kp = args["k_pages"].transpose(2, 0, 1, 3)
+                vp = args["v_pages"].transpose(2, 0, 1, 3)
+                pps = args["page_table"].shape[1]
+                splits = math.gcd(16, pps)
+                ppcb = math.gcd(max(1, 128 // page_size), pps // splits)
+                dep = lambda q, kp, vp, bt, ln: old(q, kp, vp, bt, ln, k_splits=splits,  # noqa: E731
+                                                     pages_per_compute_block=ppcb)
+                try:
+                    out = dep(args["q"], kp, vp, args["page_table"], args["kv_lens"])
+                    ours = ragged_paged_attention(**args, sm_scale=1.0)
+                    row["deprecated_err"] = rel_err(out, ours)  # both unscaled: the old kernel has no sm_scale
+                    row["deprecated"], _ = timeit(chain_on_lens(dep, 4), [args["q"], kp, vp, args["page_table"],
+                                                                          args["kv_lens"]], calls=calls)
+                except Exception as e:  # noqa: BLE001
+                    log(f"  decode {b}x{kv} deprecated: FAILED {type(e).__name__}: {str(e)[:300]}")
+                del kp, vp
+            del args
+            msg = " ".join(f"{k}={v * 1e6:.1f}us({nbytes / v / copy_bw:.0%})" for k, v in row.items()
+                           if k in VARIANTS or k in ("reference", "deprecated"))
+            log(f"  decode B={b} kv={kv} S={page_size}: {msg}")
+            results["decode"].append(row)
+
+
+def bench_prefill(results, mm_rate, variants):
+    for seqs, length in ((1, 2048), (8, 512)):
+        args = make_batch(jax.random.key(seqs), [length] * seqs, [length] * seqs, num_heads=N, num_kv_heads=K,
+                          head_dim=H, page_size=64, dtype=DT, pad_rows=0)
+        flops = seqs * 4 * N * H * length * (length + 1) // 2  # QK and PV over the causal triangle
+        row = dict(seqs=seqs, q_len=length, flops=flops)
+        names = list(args)
+        for vname in variants:
+            cfg = VARIANTS[vname]
+            fn = lambda *a, cfg=cfg: ragged_paged_attention(*a, sm_scale=H**-0.5, config=cfg)  # noqa: E731
+            try:
+                row[vname], _ = timeit(chain_on_lens(fn, names.index("kv_lens")), [args[n] for n in names], calls=16)
+            except Exception as e:  # noqa: BLE001
+                log(f"  prefill {seqs}x{length} {vname}: FAILED {type(e).__name__}: {str(e)[:300]}")
+        ref = lambda *a: ragged_paged_attention_reference(*a, sm_scale=H**-0.5)  # noqa: E731
+        row["reference"], _ = timeit(chain_on_lens(ref, names.index("kv_lens")), [args[n] for n in names], calls=2, repeats=3)
+        msg = " ".join(f"{k}={v * 1e6:.1f}us({flops / v / 1e12:.0f}TF,{flops / v / mm_rate:.0%})" for k, v in row.items()
+                       if k in VARIANTS or k == "reference")
+        log(f"  prefill {seqs}x{length}: {msg}")
+        results["prefill"].append(row)
+
+
+def bench_kv_write(results, copy_bw):
+    for tokens in (256, 2048):
+        num_pages, page_size = 8192, 64
+        key = jax.random.key(3)
+        pages = jax.random.normal(key, (num_pages, page_size, K, H), DT)
+        new = jax.random.normal(key, (tokens, K, H), DT)
+        slots = jax.random.permutation(key, num_pages * page_size)[:tokens].astype(jnp.int32)
+        write = jax.jit(lambda kp, vp, k, v, s: write_kv_pages_reference(kp, vp, k, v, s), donate_argnums=(0, 1))
+        kp, vp = pages, pages + 1
+        kp, vp = write(kp, vp, new, new, slots)
+        jax.block_until_ready(kp)
+        ts = []
+        for _ in range(5):
+            t = time.perf_counter()
+            for _ in range(20):
+                kp, vp = write(kp, vp, new, new, slots)
+            jax.block_until_ready(kp)
+            ts.append((time.perf_counter() - t) / 20)
+        t = statistics.median(ts)
+        nbytes = 2 * 2 * tokens * K * H * 2  # new rows read, page rows written, K and V
+        results["kv_write"].append(dict(tokens=tokens, seconds=t, bytes=nbytes))
+        log(f"  kv write (XLA scatter, donated) T={tokens}: {t * 1e6:.1f}us, {nbytes / t / 1e9:.0f} GB/s")
+        del pages, kp, vp
+
+
+def markdown(results):
+    copy_bw, mm = results["copy_bw"], results["matmul_rate"]
+    lines = [f"Device: {results['device']}; {results['date']}; JAX {jax.__version__}. "
+             f"Copy bandwidth {copy_bw / 1e12:.2f} TB/s (read + write), bf16 matmul {mm / 1e12:.0f} TFLOP/s, this run.", ""]
+    variants = [v for v in VARIANTS if any(v in r for r in results["decode"])]
+    head = ["batch", "kv_len", "S"] + [f"{v} us (% copy)" for v in variants] + ["deprecated us (%)", "reference us (%)", "best / deprecated"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results["decode"]:
+        cells = [str(r["batch"]), str(r["kv_len"]), str(r["page_size"])]
+        for v in variants + ["deprecated", "reference"]:
+            t = r.get(v)
+            cells.append(f"{t * 1e6:.1f} ({r['bytes'] / t / copy_bw:.0%})" if t else "-")
+        best = min((r[v] for v in variants if v in r), default=None)
+        cells.append(f"{r['deprecated'] / best:.2f}x" if best and r.get("deprecated") else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "| prefill | " + " | ".join(f"{v} us (TFLOP/s, % matmul)" for v in variants + ["reference"]) + " |",
+              "|---|" + "---|" * (len(variants) + 1)]
+    for r in results["prefill"]:
+        cells = [f"{r['seqs']} x {r['q_len']}"]
+        for v in variants + ["reference"]:
+            t = r.get(v)
+            cells.append(f"{t * 1e6:.1f} ({r['flops'] / t / 1e12:.0f}, {r['flops'] / t / mm:.0%})" if t else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--skip", default="", help="comma list of: check,greedy,decode,prefill,kvwrite,peers")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--batches", default="1,8,64,256")
+    ap.add_argument("--kv-lens", default="512,2048,8192")
+    ap.add_argument("--page-sizes", default="64")
+    args = ap.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    variants = args.variants.split(",")
+    dev = jax.devices()[0]
+    results = dict(device=f"{dev.device_kind} ({dev.platform})", date=datetime.date.today().isoformat(),
+                   command=" ".join(sys.argv), correctness=[], decode=[], prefill=[], kv_write=[])
+    out = Path(args.out)
+    log(f"device {results['device']}, jax {jax.__version__}")
+    copy_bw, mm = ceilings()
+    results.update(copy_bw=copy_bw, matmul_rate=mm)
+    log(f"copy bandwidth {copy_bw / 1e12:.2f} TB/s, bf16 matmul {mm / 1e12:.0f} TFLOP/s")
+    try:
+        if "check" not in skip:
+            log("correctness (bf16 on the device vs the f32 reference):")
+            results["worst_rel_err"] = check_correctness(results)
+        if "greedy" not in skip:
+            check_greedy(results)
+        if "decode" not in skip:
+            log("decode:")
+            for s in map(int, args.page_sizes.split(",")):
+                bench_decode(results, copy_bw, list(map(int, args.batches.split(","))),
+                             list(map(int, args.kv_lens.split(","))), s, variants, "peers" not in skip)
+        if "prefill" not in skip:
+            log("prefill:")
+            bench_prefill(results, mm, variants)
+        if "kvwrite" not in skip:
+            bench_kv_write(results, copy_bw)
+    finally:
+        (out / "bench.json").write_text(json.dumps(results, indent=1, default=str))
+        table = markdown(results)
+        (out / "bench.md").write_text(table + "\n")
+        log(table)
+
+
+if __name__ == "__main__":
+    main()
