@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import numpy as np
@@ -26,6 +26,12 @@ from jaxserve.sampling_params import SamplingParams
 from jaxserve.scheduler import KVPageManager, Request, RequestStatus, Scheduler, SchedulerConfig
 
 Prompt = str | list[int] | dict
+
+
+class PreparedRequest(NamedTuple):
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
 
 
 @dataclasses.dataclass
@@ -83,13 +89,22 @@ class LLMEngine:
 
     # -- requests in ----------------------------------------------------------------------------
     def add_request(self, request_id: str | None, prompt: Prompt, params: SamplingParams | None = None) -> str:
+        """Validates, tokenizes and queues a request; returns its id. Raises ValueError on bad input."""
+        return self.add_prepared(request_id, self.prepare(prompt, params))
+
+    def prepare(self, prompt: Prompt, params: SamplingParams | None = None) -> PreparedRequest:
+        """Tokenizes and validates without touching engine state: safe to call from any thread."""
         params = params or SamplingParams()
+        text, ids = self._tokenize(prompt)
+        self._validate(ids, params)
+        return PreparedRequest(text, ids, params)
+
+    def add_prepared(self, request_id: str | None, prepared: PreparedRequest) -> str:
+        text, ids, params = prepared
         if request_id is None:
             request_id, self._next_id = str(self._next_id), self._next_id + 1
         if request_id in self._families:
             raise ValueError(f"request id {request_id!r} is already in use")
-        text, ids = self._tokenize(prompt)
-        self._validate(ids, params)
         seed = params.seed if params.seed is not None else int(self._rng.integers(2**32))
         req = Request(request_id, ids, params, self.eos_token_ids, self.max_model_len, seed=seed % 2**32)
         children = self.scheduler.add_request(req)
@@ -201,7 +216,8 @@ class LLMEngine:
     def _position_logprobs(self, lp: TokenLogprobs, k: int) -> PositionLogprobs:
         out = {lp.token_id: Logprob(lp.logprob, lp.rank, self._decode_one(lp.token_id))}
         for rank, (tid, val) in enumerate(zip(lp.top_ids[:k], lp.top_logprobs[:k]), start=1):
-            out.setdefault(int(tid), Logprob(float(val), rank, self._decode_one(int(tid))))
+            if tid >= 0:  # -1 pads a vocabulary smaller than k
+                out.setdefault(int(tid), Logprob(float(val), rank, self._decode_one(int(tid))))
         return out
 
     def _decode_one(self, token_id: int) -> str | None:
@@ -224,6 +240,17 @@ class LLMEngine:
         return RequestOutput(family.request_id, family.prompt, family.prompt_token_ids,
                              list(family.prompt_logprobs) if family.prompt_logprobs is not None else None,
                              outs, all(o.finish_reason is not None for o in outs))
+
+    def fail_running(self, error: BaseException) -> list[str]:
+        """After a failed step: aborts every request in flight (their cache pages may be lost) and
+        rebuilds the device state; returns the aborted request ids."""
+        ids = list(self._families)
+        for request_id in ids:
+            self.abort_request(request_id)
+        self._pending_outputs.clear()
+        self.runner.reset_device_state()
+        self.log(f"step failed ({type(error).__name__}: {error}); aborted {len(ids)} requests")
+        return ids
 
     # -- state ----------------------------------------------------------------------------------
     def has_unfinished_requests(self) -> bool:

@@ -62,12 +62,19 @@ class ModelRunner:
         self.processor_names = [name for name, _ in processors]
         self.graphdef, self.state = nnx.split(model)
         self.dtype = model.dtype
-        self.kv_cache = allocate_kv_cache(cfg.num_layers, num_pages, page_size, cfg.num_kv_heads, cfg.head_dim, self.dtype)
-        self.penalties = new_penalty_state(max_num_seqs, cfg.vocab_size)
+        self.reset_device_state()
         self._step = make_step(self.graphdef, [fn for _, fn in processors])
         self._prompt_logprobs = make_prompt_logprobs(self.graphdef)
-        self._free_slots = list(range(max_num_seqs))
-        self._slots: dict[str, int] = {}
+
+    def reset_device_state(self) -> None:
+        """Fresh KV pages and penalty slots (at start, and after a failed step that may have
+        consumed the donated buffers)."""
+        cfg = self.config
+        self.kv_cache = allocate_kv_cache(cfg.num_layers, self.num_pages, self.page_size, cfg.num_kv_heads, cfg.head_dim,
+                                          self.dtype)
+        self.penalties = new_penalty_state(self.num_slots, cfg.vocab_size)
+        self._free_slots = list(range(self.num_slots))
+        self._slots = {}
 
     # -- warm-up ------------------------------------------------------------------------------
     def warm_up(self, progress: bool = True) -> float:

@@ -117,6 +117,14 @@ def _draw(logits, sb: SamplingBatch):
     return jax.vmap(one)(logits, sb.seeds, sb.counters).astype(jnp.int32)
 
 
+def top_logprobs(logprobs: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The MAX_LOGPROBS most likely ids [R, k] and logprobs, padded with id -1 if V is smaller."""
+    k = min(MAX_LOGPROBS, logprobs.shape[-1])
+    vals, ids = jax.lax.top_k(logprobs, k)
+    pad = ((0, 0), (0, MAX_LOGPROBS - k))
+    return jnp.pad(ids.astype(jnp.int32), pad, constant_values=-1), jnp.pad(vals, pad, constant_values=-jnp.inf)
+
+
 def sample(
     logits: jax.Array,  # [R, V] f32
     sb: SamplingBatch,
@@ -145,9 +153,9 @@ def sample(
     chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
 
     def with_top(lp):
-        top_vals, top_ids = jax.lax.top_k(lp, MAX_LOGPROBS)
+        top_ids, top_vals = top_logprobs(lp)
         ranks = 1 + jnp.sum(lp > chosen[:, None], axis=-1)
-        return ranks.astype(jnp.int32), top_ids.astype(jnp.int32), top_vals
+        return ranks.astype(jnp.int32), top_ids, top_vals
 
     def without_top(lp):
         return (jnp.zeros(num_rows, jnp.int32), jnp.zeros((num_rows, MAX_LOGPROBS), jnp.int32),

@@ -14,8 +14,14 @@ from typing import Sequence
 import jax
 from flax import nnx
 
-from jaxserve.engine.sampler import LogitsProcessor, PenaltyState, SamplingBatch, sample, update_penalty_state
-from jaxserve.sampling_params import MAX_LOGPROBS
+from jaxserve.engine.sampler import (
+    LogitsProcessor,
+    PenaltyState,
+    SamplingBatch,
+    sample,
+    top_logprobs,
+    update_penalty_state,
+)
 from models import LlamaForCausalLM, RaggedBatch
 
 
@@ -44,14 +50,14 @@ def make_step(graphdef: nnx.GraphDef, processors: Sequence[LogitsProcessor] = ()
 
 def make_prompt_logprobs(graphdef: nnx.GraphDef):
     """(state, hidden [T, D], rows [T'], targets [T']) -> logprob of each target, its rank, and the
-    top MAX_LOGPROBS alternatives: the logprobs of prompt tokens, from a step's hidden states."""
+    top alternatives: the logprobs of prompt tokens, from a step's hidden states."""
 
     def prompt_logprobs(state, hidden, rows, targets):
         model: LlamaForCausalLM = nnx.merge(graphdef, state)
         logprobs = jax.nn.log_softmax(model.logits(hidden[rows]), axis=-1)
         chosen = jax.numpy.take_along_axis(logprobs, targets[:, None], axis=-1)[:, 0]
         ranks = 1 + (logprobs > chosen[:, None]).sum(-1)
-        top_vals, top_ids = jax.lax.top_k(logprobs, MAX_LOGPROBS)
+        top_ids, top_vals = top_logprobs(logprobs)
         return chosen, ranks, top_ids, top_vals
 
     return jax.jit(prompt_logprobs)

@@ -1,0 +1,78 @@
+"""On-device sampling, row by row: greedy and sampled rows mixed, truncation, bias, penalties,
+logprobs, and a sampled distribution that follows the softmax."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxserve.engine.sampler import SamplingBatch, new_penalty_state, sample, update_penalty_state
+
+V = 8
+
+
+def batch(rows, **overrides):
+    base = dict(
+        temperature=np.zeros(rows, np.float32), top_k=np.full(rows, V, np.int32), top_p=np.ones(rows, np.float32),
+        min_p=np.zeros(rows, np.float32), repetition_penalty=np.ones(rows, np.float32),
+        presence_penalty=np.zeros(rows, np.float32), frequency_penalty=np.zeros(rows, np.float32),
+        bias_ids=np.full((rows, 2), V, np.int32), bias_values=np.zeros((rows, 2), np.float32),
+        seeds=np.arange(rows, dtype=np.uint32), counters=np.zeros(rows, np.int32), wants_logprobs=np.ones(rows, bool),
+        processor_mask=np.zeros((0, rows), bool), row_slot=np.full(rows, 4, np.int32),
+        reset_slots=np.full(rows, 4, np.int32), token_slot=np.full(1, 4, np.int32), token_is_output=np.zeros(1, bool),
+    )
+    base.update({k: np.asarray(v, base[k].dtype) for k, v in overrides.items()})
+    return SamplingBatch(**base)
+
+
+LOGITS = jnp.asarray(np.log(np.array([[0.05, 0.4, 0.3, 0.1, 0.05, 0.05, 0.03, 0.02]] * 3, np.float32)))
+
+
+def test_greedy_truncations_and_bias():
+    penalties = new_penalty_state(4, V)
+    sb = batch(3, temperature=[0, 1.0, 1.0], top_k=[V, 1, V], top_p=[1, 1, 0.01])
+    out = sample(LOGITS, sb, penalties)
+    assert out.tokens.tolist() == [1, 1, 1]  # greedy; top_k=1; a nucleus of one token
+    sb = batch(3, bias_ids=[[1, V], [1, 2], [V, V]], bias_values=[[-np.inf, 0], [-np.inf, -np.inf], [0, 0]])
+    assert sample(LOGITS, sb, penalties).tokens.tolist() == [2, 3, 1]
+    sb = batch(1, temperature=[1.0], min_p=[0.9])
+    assert sample(LOGITS[:1], sb, penalties).tokens.tolist() == [1]
+
+
+def test_logprobs_ranks_and_top_alternatives():
+    out = sample(LOGITS, batch(3, bias_ids=[[1, V], [V, V], [V, V]], bias_values=[[-np.inf, 0], [0, 0], [0, 0]]),
+                 new_penalty_state(4, V))
+    raw = np.asarray(jax.nn.log_softmax(LOGITS, -1))
+    assert out.tokens.tolist()[0] == 2 and int(out.ranks[0]) == 2  # logprobs are the model's, bias aside
+    np.testing.assert_allclose(out.logprobs, raw[np.arange(3), out.tokens], rtol=1e-6)
+    assert out.top_ids[0, :3].tolist() == [1, 2, 3]
+
+
+def test_sampled_frequencies_follow_softmax():
+    draws = 4000
+    logits = jnp.broadcast_to(LOGITS[0], (draws, V))
+    sb = batch(draws, temperature=np.ones(draws), seeds=np.full(draws, 3), counters=np.arange(draws))
+    tokens = np.asarray(sample(logits, sb, new_penalty_state(4, V)).tokens)
+    freq = np.bincount(tokens, minlength=V) / draws
+    np.testing.assert_allclose(freq, np.exp(np.asarray(LOGITS[0])), atol=0.03)
+
+
+def test_penalties_from_counted_tokens():
+    state = new_penalty_state(2, V)
+    # slot 0: prompt [1], outputs [2, 2]; slot 1 untouched
+    tokens = jnp.asarray([1, 2, 2], jnp.int32)
+    sb = batch(1, token_slot=[0, 0, 0], token_is_output=[False, True, True], reset_slots=[0], row_slot=[0])
+    state = update_penalty_state(state, tokens, sb)
+    assert np.asarray(state.output_counts)[0].tolist() == [0, 0, 2, 0, 0, 0, 0, 0]
+    assert np.asarray(state.prompt_mask)[0].tolist()[:3] == [False, True, False]
+    flat = jnp.zeros((1, V)).at[0, 1].set(1.0).at[0, 2].set(1.2)
+    freq = batch(1, frequency_penalty=[0.5], row_slot=[0])  # token 2: 1.2 - 2 * 0.5 < token 1
+    assert sample(flat, freq, state).tokens.tolist() == [1]
+    rep = batch(1, repetition_penalty=[2.0], row_slot=[0])  # both seen: 0.5 vs 0.6
+    assert sample(flat, rep, state).tokens.tolist() == [2]
+    no_slot = batch(1, frequency_penalty=[0.5], row_slot=[2])  # no slot: no penalty
+    assert sample(flat, no_slot, state).tokens.tolist() == [2]
+    cleared = update_penalty_state(state, jnp.asarray([5], jnp.int32),
+                                   batch(1, reset_slots=[0], token_slot=[0], token_is_output=[True]))
+    assert np.asarray(cleared.output_counts)[0].tolist() == [0, 0, 0, 0, 0, 1, 0, 0]
