@@ -18,13 +18,14 @@ The file reads: Mosaic GPU kernel -> `_attention_call` (the pallas call) -> `rag
 
 Kernel data flow, one program per (work tile, kv head); `ragged_tiles` says what a tile is:
 
-    q rows of the tile (G query heads x tokens of one sequence) --TMA--> smem, once
+    q rows of the tile (G query heads x tokens of one sequence; gathered into 8-aligned slots
+    by the wrapper) --TMA--> smem, once
     memory warpgroup:  for each block of block_kv cache tokens: page ids from page_table,
                        one TMA copy per page --> k/v smem slot (num_stages slots, a ring)
     compute warpgroups (64 rows each):  S = q K^T (wgmma) -> causal mask on the last blocks ->
                        online softmax (exp2, f32) -> O += P V (wgmma) -> free the slot
-    O / l --> smem (q's slot) --> TMA store of the first 8/16/32/64 rows covering the valid ones,
-                       into the tile's own rows of a tile-padded buffer; the wrapper gathers rows back
+    O / l --> smem --> TMA store of the first 8/16/32/64 rows covering the valid ones, into the
+                       tile's own slots; the wrapper gathers rows back
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.ragged_tiles import max_tiles, plan_tiles
+from pallas_kernels.ragged_tiles import max_tiles, num_slots, plan_tiles
 
 _WG_ROWS = 64  # query rows per compute warpgroup: the M of one wgmma
 
@@ -73,10 +74,10 @@ def _smem_transforms(dtype, head_dim):
 
 
 def _kernel(
-    tile_seq_ref, tile_row0_ref, tile_row_end_ref, live_tiles_ref,  # [W], [W], [W], [1]
+    tile_seq_ref, tile_row0_ref, tile_row_end_ref, tile_base_ref, live_tiles_ref,  # [W] x 4, [1]
     kv_lens_ref, page_table_ref, cu_q_lens_ref,  # [R], [R, P_max], [R+1]
-    q_ref, k_ref, v_ref,  # [K, T*G + pad, H], [P, S, K, H], [P, S, K, H]
-    out_ref,  # [K, W * tile_rows, H]: tile w owns rows w * tile_rows : (w + 1) * tile_rows
+    q_ref, k_ref, v_ref,  # [K, slots, H], [P, S, K, H], [P, S, K, H]
+    out_ref,  # [K, slots, H]
     q_smem, k_smem, v_smem, p_smem, k_full, v_full, q_full, k_free, v_free,
     *, group, page_size, pages_per_block, block_kv, num_wgs, num_stages, num_tiles, scale_log2, p_from_registers,
 ):
@@ -127,8 +128,9 @@ def _kernel(
 
         @pl.when(wg < num_wgs)
         def _compute_warpgroup():
-            q_row = row0 + wg * _WG_ROWS
-            plgpu.copy_gmem_to_smem(q_ref.at[kv_head, pl.ds(q_row, _WG_ROWS)], q_smem.at[wg], q_full.at[wg])
+            q_row = row0 + wg * _WG_ROWS  # logical row: decides the causal mask
+            q_slot = pl.multiple_of(tile_base_ref[w] + wg * _WG_ROWS, 8)  # where its q and out rows live
+            plgpu.copy_gmem_to_smem(q_ref.at[kv_head, pl.ds(q_slot, _WG_ROWS)], q_smem.at[wg], q_full.at[wg])
             plgpu.barrier_wait(q_full.at[wg])
             layout = plgpu.Layout.WGMMA
             m = plgpu.layout_cast(jnp.full((_WG_ROWS,), -jnp.inf, jnp.float32), layout.reduce(1))
@@ -180,18 +182,17 @@ def _kernel(
             carry = lax.fori_loop(0, unmasked_steps, functools.partial(step_fn, masked=False), carry)
             acc, m, l = lax.fori_loop(unmasked_steps, num_steps, functools.partial(step_fn, masked=True), carry)
             acc = acc / lax.broadcast_in_dim(l, acc.shape, [0])
-            o_smem = q_smem.at[wg]  # q is no longer read: its slot holds the output
-            o_smem[...] = acc.astype(dtype)
+            o_smem = q_smem  # q is read no more: its buffer takes the output
+            o_smem.at[wg][...] = acc.astype(dtype)
             plgpu.commit_smem()
             # TMA boxes are static: store the smallest of 8/16/32/64 leading rows that covers the
             # valid ones (a decode tile has only G), nothing when the warpgroup has none.
             num_valid = jnp.clip(row_end - q_row, 0, _WG_ROWS)
-            out_row = w * tile_rows + wg * _WG_ROWS
             size, lower = _WG_ROWS, _WG_ROWS // 2
             while size >= 8:
                 @pl.when((num_valid > (lower if size > 8 else 0)) & (num_valid <= size))
                 def _store(size=size):
-                    plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, size)], out_ref.at[kv_head, pl.ds(out_row, size)])
+                    plgpu.copy_smem_to_gmem(o_smem.at[wg, pl.ds(0, size)], out_ref.at[kv_head, pl.ds(q_slot, size)])
 
                 size, lower = size // 2, lower // 2
             plgpu.wait_smem_to_gmem(0)
@@ -208,20 +209,23 @@ def _attention_call(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seq
     if block_kv % page_size:
         raise ValueError(f"block_kv {config.block_kv} must be a multiple of page size {page_size} (or smaller than it)")
     num_tiles = max_tiles(num_tokens, num_rows, group, tile_rows)
-    tile_seq, tile_row0, tile_row_end, live_tiles, row_slot = plan_tiles(
+    tile_seq, tile_row0, tile_row_end, tile_base, live_tiles, slot_src, row_slot = plan_tiles(
         cu_q_lens, num_seqs, group=group, rows_per_tile=tile_rows, num_tiles=num_tiles, num_tokens=num_tokens
     )
-    # Rows of kv head k: its G query heads per token, token-major. Padded so every q load is in bounds.
+    # Rows of kv head k: its G query heads per token, token-major; then gathered into tile slots.
     rows = num_tokens * group
     qg = q.reshape(num_tokens, num_kv_heads, group, head_dim).transpose(1, 0, 2, 3).reshape(num_kv_heads, rows, head_dim)
-    qg = jnp.pad(qg, ((0, 0), (0, tile_rows), (0, 0)))
+    qg = qg[:, slot_src]
+    slots = num_slots(num_tokens, group, num_tiles, tile_rows)
 
     transforms = _smem_transforms(q.dtype, head_dim)
     num_stages = config.num_stages
     kv_block = (num_stages, block_kv, head_dim)
     pages_per_block = block_kv // page_size
     p_from_registers = config.p_from_registers and not interpret
-    p_shape = (1, 8, 128 // q.dtype.itemsize) if p_from_registers else (num_wgs, _WG_ROWS, block_kv)
+    # P's buffer: a token one (no swizzle transforms needed) when P stays in registers.
+    p_scratch = (plgpu.SMEM((1, 8), q.dtype) if p_from_registers
+                 else plgpu.SMEM((num_wgs, _WG_ROWS, block_kv), q.dtype, transforms=transforms))
     kernel = functools.partial(
         _kernel, group=group, page_size=page_size, pages_per_block=pages_per_block, block_kv=block_kv,
         num_wgs=num_wgs, num_stages=num_stages, num_tiles=num_tiles, scale_log2=sm_scale * math.log2(math.e),
@@ -229,12 +233,12 @@ def _attention_call(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seq
     )
     call = plgpu.kernel(
         kernel,
-        out_type=jax.ShapeDtypeStruct((num_kv_heads, num_tiles * tile_rows, head_dim), q.dtype),
+        out_type=jax.ShapeDtypeStruct((num_kv_heads, slots, head_dim), q.dtype),
         scratch_types=[
             plgpu.SMEM((num_wgs, _WG_ROWS, head_dim), q.dtype, transforms=transforms),
             plgpu.SMEM(kv_block, k_pages.dtype, transforms=transforms),
             plgpu.SMEM(kv_block, v_pages.dtype, transforms=transforms),
-            plgpu.SMEM(p_shape, q.dtype, transforms=transforms),  # P for the PV wgmma
+            p_scratch,
             plgpu.Barrier(num_arrivals=pages_per_block, num_barriers=num_stages),  # k_full
             plgpu.Barrier(num_arrivals=pages_per_block, num_barriers=num_stages),  # v_full
             plgpu.Barrier(num_barriers=num_wgs),  # q_full
@@ -248,7 +252,7 @@ def _attention_call(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seq
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=plgpu.InterpretGPUParams() if interpret else None,
     )
-    out = call(tile_seq, tile_row0, tile_row_end, live_tiles, kv_lens, page_table, cu_q_lens, qg, k_pages, v_pages)
+    out = call(tile_seq, tile_row0, tile_row_end, tile_base, live_tiles, kv_lens, page_table, cu_q_lens, qg, k_pages, v_pages)
     out = out[:, row_slot].reshape(num_kv_heads, num_tokens, group, head_dim).transpose(1, 0, 2, 3).reshape(q.shape)
     valid = jnp.arange(num_tokens) < cu_q_lens[num_seqs[0]]
     return jnp.where(valid[:, None, None], out, jnp.zeros((), q.dtype))  # rows nobody wrote: padding tokens

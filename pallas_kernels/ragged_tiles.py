@@ -20,13 +20,30 @@ def max_tiles(num_tokens: int, num_rows: int, group: int, rows_per_tile: int) ->
     return -(-num_tokens * group // rows_per_tile) + num_rows
 
 
+def num_slots(num_tokens: int, group: int, tiles: int, rows_per_tile: int) -> int:
+    """Rows of the slot buffers: each tile's rows, rounded up per 64-row warpgroup chunk to a power
+    of two >= 8 (the kernel's TMA stores have static sizes 8/16/32/64), at most 2 n + 8 for n rows;
+    plus a tile of slack at the end (a 64-row load may run past a short tile)."""
+    return 2 * num_tokens * group + 8 * tiles + rows_per_tile
+
+
+def _pow2_rows(n):
+    """Rows a store of n (0..64) rows covers: 0, or the next power of two from 8 to 64."""
+    return jnp.where(n == 0, 0, jnp.where(n <= 8, 8, jnp.where(n <= 16, 16, jnp.where(n <= 32, 32, 64))))
+
+
 def plan_tiles(cu_q_lens, num_seqs, *, group: int, rows_per_tile: int, num_tiles: int, num_tokens: int):
-    """-> (tile_seq [W], tile_row0 [W], tile_row_end [W], live_tiles [1], row_slot [T*G]), int32.
+    """The tiles of a batch and the gathers that move rows into and out of their slots.
+
+    -> tile_seq, tile_row0, tile_row_end, tile_base [W], live_tiles [1], slot_src [num_slots],
+       row_slot [T*G]; all int32.
 
     Tile w covers rows tile_row0[w] : min(tile_row0[w] + rows_per_tile, tile_row_end[w]) of
-    sequence tile_seq[w]; tile_row_end is that sequence's end row. Tiles w >= live_tiles are
-    unused (their fields are clamped to valid values and ignored). The kernel writes tile w's
-    output to rows w * rows_per_tile + i of a tile-padded buffer: row_slot maps each row back."""
+    sequence tile_seq[w] (tile_row_end is that sequence's end row). Tiles w >= live_tiles are
+    unused. Tile w reads and writes its rows at slots tile_base[w] + i, bases multiples of 8 (TMA
+    boxes start on whole 8-row tiles of shared memory) and far enough apart for the kernel's
+    power-of-two stores; slot_src gives each slot's row (q in) and row_slot each row's slot (out).
+    """
     num_rows = cu_q_lens.shape[0] - 1
     live = jnp.arange(num_rows, dtype=jnp.int32) < num_seqs[0]
     rows = jnp.where(live, (cu_q_lens[1:] - cu_q_lens[:-1]) * group, 0)
@@ -37,11 +54,19 @@ def plan_tiles(cu_q_lens, num_seqs, *, group: int, rows_per_tile: int, num_tiles
     first = ends[seq] - tiles[seq]
     row0 = cu_q_lens[seq] * group + (w - first) * rows_per_tile
     row_end = cu_q_lens[seq + 1] * group
-    # Where each row's output lands: row t*G+g -> its tile's slot (padding tokens -> slot 0, masked later).
+    live_tiles = ends[-1]
+    n = jnp.where(w < live_tiles, jnp.minimum(row_end - row0, rows_per_tile), 0)
+    size = jnp.where(n > 64, 64 + _pow2_rows(jnp.maximum(n - 64, 0)), _pow2_rows(n))  # 64: one warpgroup's rows
+    base_end = jnp.cumsum(size, dtype=jnp.int32)
+    base = base_end - size
+
+    slot = jnp.arange(num_slots(num_tokens, group, num_tiles, rows_per_tile), dtype=jnp.int32)
+    slot_tile = jnp.minimum(jnp.searchsorted(base_end, slot, side="right").astype(jnp.int32), num_tiles - 1)
+    slot_src = jnp.clip(row0[slot_tile] + slot - base[slot_tile], 0, num_tokens * group - 1)
+
     row = jnp.arange(num_tokens * group, dtype=jnp.int32)
     row_seq = jnp.clip(jnp.searchsorted(cu_q_lens, row // group, side="right").astype(jnp.int32) - 1, 0, num_rows - 1)
     j = row - cu_q_lens[row_seq] * group
-    tile = ends[row_seq] - tiles[row_seq] + j // rows_per_tile
-    row_slot = jnp.where(tile < num_tiles, tile * rows_per_tile + j % rows_per_tile, 0)
-    return seq, row0, row_end, ends[-1:], row_slot
-
+    row_tile = jnp.clip(ends[row_seq] - tiles[row_seq] + j // rows_per_tile, 0, num_tiles - 1)
+    row_slot = base[row_tile] + j % rows_per_tile  # rows of padding tokens land anywhere: masked later
+    return seq, row0, row_end, base, live_tiles[None], slot_src, row_slot

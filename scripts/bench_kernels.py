@@ -44,6 +44,7 @@ VARIANTS = {  # shared memory (H = 128): K/V ring + q/out + P must fit in 227 Ki
     "wg2_kv128": RaggedPagedAttentionConfig(block_kv=128, compute_warpgroups=2, num_stages=2),
     "wg2_kv128_preg_s3": RaggedPagedAttentionConfig(block_kv=128, compute_warpgroups=2, num_stages=3, p_from_registers=True),
     "wg1_kv128_s3": RaggedPagedAttentionConfig(block_kv=128, compute_warpgroups=1, num_stages=3),
+    "wg2_kv64_s4": RaggedPagedAttentionConfig(block_kv=64, compute_warpgroups=2, num_stages=4),
     "wg1_kv64_s4": RaggedPagedAttentionConfig(block_kv=64, compute_warpgroups=1, num_stages=4),
     "wg1_kv64_s2": RaggedPagedAttentionConfig(block_kv=64, compute_warpgroups=1, num_stages=2),
 }
