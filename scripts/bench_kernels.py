@@ -42,7 +42,7 @@ N, K, H = 32, 8, 128  # Llama-3.1-8B attention heads
 DT = jnp.bfloat16
 VARIANTS = {  # shared memory (H = 128): K/V ring + q/out + P must fit in 227 KiB
     "wg2_kv128": RaggedPagedAttentionConfig(block_kv=128, compute_warpgroups=2, num_stages=2),
-    "wg2_kv128_preg_s3": RaggedPagedAttentionConfig(block_kv=128, compute_warpgroups=2, num_stages=3, p_from_registers=True),
+    "wg2_kv128_preg": RaggedPagedAttentionConfig(block_kv=128, compute_warpgroups=2, num_stages=2, p_from_registers=True),
     "wg1_kv128_s3": RaggedPagedAttentionConfig(block_kv=128, compute_warpgroups=1, num_stages=3),
     "wg2_kv64_s4": RaggedPagedAttentionConfig(block_kv=64, compute_warpgroups=2, num_stages=4),
     "wg1_kv64_s4": RaggedPagedAttentionConfig(block_kv=64, compute_warpgroups=1, num_stages=4),
