@@ -52,9 +52,35 @@ class _Family:
 @dataclasses.dataclass
 class StepStats:
     num_tokens: int  # scheduled tokens
-    bucket_tokens: int
-    host_seconds: float  # staging + unpacking inside the runner
-    step_seconds: float  # the whole step(), device wait included
+    bucket_tokens: int  # the compiled T they ran at
+    host_seconds: float  # Python work of the step: schedule, stage, emit, unpack, update
+    overlapped_seconds: float  # the part of host_seconds done while the device computed (emit)
+    wait_seconds: float  # blocked on the device
+    step_seconds: float  # the whole step() call
+
+
+@dataclasses.dataclass
+class EngineStats:
+    steps: int = 0
+    tokens: int = 0
+    host_seconds: float = 0.0
+    overlapped_seconds: float = 0.0
+    wait_seconds: float = 0.0
+    step_seconds: float = 0.0
+
+    def add(self, s: StepStats) -> None:
+        self.steps += 1
+        self.tokens += s.num_tokens
+        self.host_seconds += s.host_seconds
+        self.overlapped_seconds += s.overlapped_seconds
+        self.wait_seconds += s.wait_seconds
+        self.step_seconds += s.step_seconds
+
+    def summary(self) -> str:
+        n = max(self.steps, 1)
+        return (f"{self.steps} steps, {self.tokens} tokens: per step {1e3 * self.step_seconds / n:.2f} ms, of which host "
+                f"{1e3 * self.host_seconds / n:.2f} ms ({1e3 * self.overlapped_seconds / n:.2f} ms overlapped with the "
+                f"device), blocked on the device {1e3 * self.wait_seconds / n:.2f} ms")
 
 
 class LLMEngine:
@@ -83,6 +109,8 @@ class LLMEngine:
         self.eos_token_ids = frozenset(sorted(eos)[:MAX_EOS_IDS])
         self._families: dict[str, _Family] = {}
         self._pending_outputs: list[RequestOutput] = []
+        self._unemitted: tuple[list[Request], StepResult] | None = None
+        self.stats = EngineStats()
         self._rng = np.random.default_rng(config.seed)
         self._next_id = 0
         self.last_step: StepStats | None = None
@@ -167,21 +195,42 @@ class LLMEngine:
 
     # -- one step ---------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """One engine step, pipelined so that host work overlaps the device:
+
+            schedule n -> dispatch n (device starts) -> emit n-1 (detokenize, stop strings,
+            outputs) -> wait for n -> update n (tokens appended, finished requests freed)
+
+        so outputs trail the device by one step. A stop string found while emitting n-1 finishes
+        its request; the token it got in step n is dropped by update."""
         t0 = time.perf_counter()
         outputs, self._pending_outputs = self._pending_outputs, []
         sched = self.scheduler.schedule()
         for req in sched.preempted:
             self.runner.release(req.request_id)
-        if not sched.chunks:
-            return outputs
-        result = self.runner.execute(sched)
-        advanced = self.scheduler.update(sched, result.tokens)
+        in_flight = self.runner.dispatch(sched) if sched.chunks else None
+        t1 = time.perf_counter()
+        if self._unemitted is not None:
+            outputs += self._emit(*self._unemitted)
+            self._unemitted = None
+        emit_seconds = time.perf_counter() - t1
+        if in_flight is not None:
+            result = in_flight.result()
+            t2 = time.perf_counter()
+            self._unemitted = (self.scheduler.update(sched, result.tokens), result)
+            self.last_step = StepStats(sched.num_tokens, result.num_tokens,
+                                       host_seconds=(t1 - t0) + emit_seconds + result.host_seconds - result.wait_seconds
+                                       + (time.perf_counter() - t2),
+                                       overlapped_seconds=emit_seconds, wait_seconds=result.wait_seconds,
+                                       step_seconds=time.perf_counter() - t0)
+            self.stats.add(self.last_step)
+        return outputs
+
+    def _emit(self, advanced: list[Request], result: StepResult) -> list[RequestOutput]:
         touched = self._record(advanced, result)
-        outputs += [self._output(f) for f in touched]
+        outputs = [self._output(f) for f in touched]
         for f in touched:
             if all(c.status.finished for c in f.children):
-                del self._families[f.request_id]
-        self.last_step = StepStats(sched.num_tokens, result.num_tokens, result.host_seconds, time.perf_counter() - t0)
+                self._families.pop(f.request_id, None)
         return outputs
 
     def _record(self, advanced: list[Request], result: StepResult) -> list[_Family]:
@@ -195,7 +244,9 @@ class LLMEngine:
             for pos, lp in entries:
                 family.prompt_logprobs[pos] = self._position_logprobs(lp, k)
         for req in advanced:
-            family = self._families[req.family_id]
+            family = self._families.get(req.family_id)
+            if family is None:  # aborted after its token was sampled
+                continue
             i, token = req.index, req.output_token_ids[-1]
             lp = result.logprobs.get(req.request_id)
             if lp is not None:
@@ -248,12 +299,14 @@ class LLMEngine:
         for request_id in ids:
             self.abort_request(request_id)
         self._pending_outputs.clear()
+        self._unemitted = None
         self.runner.reset_device_state()
         self.log(f"step failed ({type(error).__name__}: {error}); aborted {len(ids)} requests")
         return ids
 
     # -- state ----------------------------------------------------------------------------------
     def has_unfinished_requests(self) -> bool:
+        # An unemitted step matters only while its families live (they stay until emitted).
         return bool(self._families) or bool(self._pending_outputs)
 
     @property

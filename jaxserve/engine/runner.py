@@ -47,6 +47,27 @@ class StepResult:
     prompt_logprobs: dict[str, list[tuple[int, TokenLogprobs]]]  # request id -> (position, logprobs)
     host_seconds: float  # staging + unpacking, not waiting on the device
     num_tokens: int  # the bucket's T
+    wait_seconds: float = 0.0  # blocked on the device
+
+
+@dataclasses.dataclass
+class InFlightStep:
+    runner: "ModelRunner"
+    output: SchedulerOutput
+    sampled: object  # SamplerOutput of device arrays
+    hidden: jax.Array
+    num_tokens: int
+    stage_seconds: float
+
+    def result(self) -> StepResult:
+        """Waits for the device, then unpacks the sampled tokens on the host."""
+        t0 = time.perf_counter()
+        sampled = jax.device_get(self.sampled)
+        waited = time.perf_counter() - t0
+        result = self.runner._unpack(self.output.chunks, sampled, self.hidden, self.num_tokens)
+        result.host_seconds += self.stage_seconds
+        result.wait_seconds = waited
+        return result
 
 
 class ModelRunner:
@@ -90,15 +111,16 @@ class ModelRunner:
         return time.perf_counter() - t0
 
     # -- one step -----------------------------------------------------------------------------
-    def execute(self, output: SchedulerOutput) -> StepResult:
+    def dispatch(self, output: SchedulerOutput) -> "InFlightStep":
+        """Stages the step and launches it; returns at once while the device works."""
         t0 = time.perf_counter()
         t, r = self.plan.pick(output.num_tokens, len(output.chunks))
         inputs = self._stage(output.chunks, t, r)
-        host = time.perf_counter() - t0
         sampled, hidden = self._run(inputs)
-        result = self._unpack(output.chunks, jax.device_get(sampled), hidden, t)
-        result.host_seconds += host
-        return result
+        return InFlightStep(self, output, sampled, hidden, t, time.perf_counter() - t0)
+
+    def execute(self, output: SchedulerOutput) -> StepResult:
+        return self.dispatch(output).result()
 
     def _run(self, inputs: StepInput):
         self.kv_cache, self.penalties, sampled, hidden = self._step(self.state, self.kv_cache, self.penalties, inputs)

@@ -95,18 +95,17 @@ def test_abort_mid_stream_frees_pages(small):
 
 def test_n_samples_share_the_prompt(small):
     prompt = list(range(1, 23))  # 22 tokens: 5 full pages shared, each child computes the last 2
-    tokens_before = []
+    tokens_before = small.stats.tokens
     small.add_request("fam", prompt, SamplingParams(n=3, max_tokens=4, **GREEDY))
     final = {}
     while small.has_unfinished_requests():
         for out in small.step():
             final[out.request_id] = out
-        tokens_before.append(small.last_step.num_tokens)
     out = final["fam"]
     assert [c.index for c in out.outputs] == [0, 1, 2]
     for c in out.outputs:
         assert c.token_ids == next_tokens(prompt, 4, V)
-    assert sum(tokens_before) == 20 + 3 * 2 + 3 * 3  # prefix once, tails, then decodes
+    assert small.stats.tokens - tokens_before == 20 + 3 * 2 + 3 * 3  # prefix once, tails, then decodes
 
 
 def test_seeded_sampling_is_reproducible(small):
