@@ -54,7 +54,7 @@ class RaggedPagedAttentionConfig:
     num_stages: int = 2  # K/V blocks in flight (shared-memory ring slots)
     # The PV wgmma reads P from registers (True) or from shared memory (False). GPU interpret mode
     # only simulates shared-memory operands, so interpret runs always take the shared-memory path.
-    p_from_registers: bool = False
+    p_from_registers: bool = True
 
     def __post_init__(self):
         if self.block_kv % 64 or self.block_kv <= 0:
@@ -63,6 +63,17 @@ class RaggedPagedAttentionConfig:
             raise ValueError(f"compute_warpgroups must be 1 or 2, got {self.compute_warpgroups}")
         if self.num_stages < 2:
             raise ValueError(f"num_stages must be at least 2, got {self.num_stages}")
+
+
+# Picked by the batch's static shape when no config is given (measured on an H200, docs/benchmarks.md):
+# decode-shaped batches run best with one compute warpgroup and a deeper ring, prefill with two
+# warpgroups sharing each K/V block. Shared memory (H = 128): ring 2 x 64 KiB per stage + q + P.
+DECODE_CONFIG = RaggedPagedAttentionConfig(block_kv=128, compute_warpgroups=1, num_stages=3)
+PREFILL_CONFIG = RaggedPagedAttentionConfig(block_kv=128, compute_warpgroups=2, num_stages=2)
+
+
+def default_config(num_tokens: int, num_rows: int) -> RaggedPagedAttentionConfig:
+    return DECODE_CONFIG if num_tokens <= 2 * num_rows else PREFILL_CONFIG
 
 
 def _smem_transforms(dtype, head_dim):
@@ -125,6 +136,11 @@ def _kernel(
                     plgpu.barrier_wait(v_free.at[slot])
 
                 fetch(v_ref, v_smem, v_full, step, slot)
+
+            @pl.loop(jnp.maximum(num_steps - num_stages, 0), num_steps)
+            def _drain(step):  # observe the last frees too: every barrier phase is waited on
+                plgpu.barrier_wait(k_free.at[lax.rem(step, num_stages)])
+                plgpu.barrier_wait(v_free.at[lax.rem(step, num_stages)])
 
         @pl.when(wg < num_wgs)
         def _compute_warpgroup():
@@ -269,11 +285,16 @@ def ragged_paged_attention(
     num_seqs: jax.Array,  # [1] int32
     *,
     sm_scale: float,
-    config: RaggedPagedAttentionConfig = RaggedPagedAttentionConfig(),
+    config: RaggedPagedAttentionConfig | None = None,
     interpret: bool = False,
 ) -> jax.Array:  # [T, N, H]
-    """The Mosaic GPU kernel (Hopper; `interpret=True` runs the same body on the CPU)."""
+    """The Mosaic GPU kernel (Hopper; `interpret=True` runs the same body on the CPU).
+
+    Every page_table entry up to page (kv_lens[r] - 1) // S of a live row must be a valid page id;
+    the rest are never read. config None picks by shape (`default_config`)."""
     check_inputs(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs)
+    if q.shape[2] % 64 or q.shape[2] > 256:
+        raise ValueError(f"head_dim must be a multiple of 64 up to 256, got {q.shape[2]}")
     if q.dtype != k_pages.dtype:
         raise ValueError(f"q dtype {q.dtype} differs from k_pages dtype {k_pages.dtype}")
     allowed = (jnp.bfloat16, jnp.float16) if not interpret else (jnp.bfloat16, jnp.float16, jnp.float32)
@@ -283,6 +304,8 @@ def ragged_paged_attention(
     page_size = k_pages.shape[1]
     if page_size % 8 or page_size > 256:
         raise ValueError(f"page size (k_pages.shape[1]) must be a multiple of 8 up to 256, got {page_size}")
+    if config is None:
+        config = default_config(q.shape[0], kv_lens.shape[0])
     return _attention_call(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs,
                            sm_scale=sm_scale, config=config, interpret=interpret)
 
