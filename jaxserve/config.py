@@ -19,7 +19,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     seed: int = 0
     page_size: int = 16
-    attention_impl: str = "reference"
+    attention_impl: str = "auto"  # "auto" | "xla" | "pallas" | "reference" (models.attention)
     num_kv_pages: int | None = None  # override the memory-derived page count
     cpu_kv_cache_bytes: int = 1 << 30  # KV budget where the device reports no memory (CPU)
     min_token_bucket: int = 16

@@ -12,9 +12,13 @@ bucket) and passes it down unchanged to every layer:
     num_seqs     [1]        RaggedBatch           live sequences; the rest are padding rows
 
 Each layer writes its new K/V into the pages, then attends: `paged_attention` dispatches by name
-to an implementation: "reference" (pure jnp, XLA gather) or "pallas" (the Mosaic GPU kernel on a
-GPU; on other backends the same kernel body runs in Pallas GPU interpret mode, for tests). Both
-write the new K/V with the XLA scatter `write_kv_pages_reference` (in place when the cache is donated).
+to an implementation:
+    "reference"  pure jnp, gathers all P_max pages per token: the spec, simple and slow
+    "xla"        plain XLA, loops over the pages actually in use with an online softmax: the
+                 portable path (CPU)
+    "pallas"     the Mosaic GPU kernel on a GPU; elsewhere the same kernel body in Pallas GPU
+                 interpret mode, for tests
+All write the new K/V with the XLA scatter `write_kv_pages_reference` (in place when donated).
 KV cache layout: per layer, k and v pages [P, S, K, H]; the kernel reads one head's [S, H] slice of
 a page per TMA copy.
 """
@@ -28,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import ragged_paged_attention, ragged_paged_attention_reference, write_kv_pages_reference
+from pallas_kernels.ragged_paged_attention_xla import ragged_paged_attention_xla
 
 
 @jax.tree_util.register_dataclass
@@ -75,6 +80,14 @@ def _reference(q, k, v, cache: LayerKVCache, batch: RaggedBatch, *, sm_scale: fl
     return out, LayerKVCache(k_pages, v_pages)
 
 
+def _xla(q, k, v, cache: LayerKVCache, batch: RaggedBatch, *, sm_scale: float):
+    k_pages, v_pages = write_kv_pages_reference(cache.k, cache.v, k, v, batch.slot_mapping)
+    out = ragged_paged_attention_xla(
+        q, k_pages, v_pages, batch.kv_lens, batch.page_table, batch.cu_q_lens, batch.num_seqs, sm_scale=sm_scale
+    )
+    return out, LayerKVCache(k_pages, v_pages)
+
+
 def _pallas(q, k, v, cache: LayerKVCache, batch: RaggedBatch, *, sm_scale: float):
     k_pages, v_pages = write_kv_pages_reference(cache.k, cache.v, k, v, batch.slot_mapping)
     out = ragged_paged_attention(
@@ -84,7 +97,7 @@ def _pallas(q, k, v, cache: LayerKVCache, batch: RaggedBatch, *, sm_scale: float
     return out, LayerKVCache(k_pages, v_pages)
 
 
-ATTENTION_IMPLS: dict[str, AttentionImpl] = {"reference": _reference, "pallas": _pallas}
+ATTENTION_IMPLS: dict[str, AttentionImpl] = {"reference": _reference, "xla": _xla, "pallas": _pallas}
 
 
 def paged_attention(

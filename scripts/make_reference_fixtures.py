@@ -4,7 +4,7 @@ Runs transformers (PyTorch, fp32, eager attention) — never needed at jaxserve'
 these machines, under python3.11, a CPU torch is on disk:
 
     python3.11 -m venv .venv-ref
-    .venv-ref/bin/pip install torch==2.13.0 transformers==5.17.0 safetensors numpy
+    .venv-ref/bin/pip install torch==2.13.0 transformers==5.17.0 safetensors numpy psutil
     .venv/bin/python -c "from jaxserve.default_model import default_model_folder as f; print(f())"
     .venv-ref/bin/python scripts/make_reference_fixtures.py --smollm2 ~/.cache/jaxserve/models/SmolLM2-135M-Instruct
 

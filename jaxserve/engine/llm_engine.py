@@ -218,8 +218,7 @@ class LLMEngine:
             t2 = time.perf_counter()
             self._unemitted = (self.scheduler.update(sched, result.tokens), result)
             self.last_step = StepStats(sched.num_tokens, result.num_tokens,
-                                       host_seconds=(t1 - t0) + emit_seconds + result.host_seconds - result.wait_seconds
-                                       + (time.perf_counter() - t2),
+                                       host_seconds=(t1 - t0) + emit_seconds + result.host_seconds + (time.perf_counter() - t2),
                                        overlapped_seconds=emit_seconds, wait_seconds=result.wait_seconds,
                                        step_seconds=time.perf_counter() - t0)
             self.stats.add(self.last_step)

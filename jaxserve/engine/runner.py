@@ -116,8 +116,9 @@ class ModelRunner:
         t0 = time.perf_counter()
         t, r = self.plan.pick(output.num_tokens, len(output.chunks))
         inputs = self._stage(output.chunks, t, r)
-        sampled, hidden = self._run(inputs)
-        return InFlightStep(self, output, sampled, hidden, t, time.perf_counter() - t0)
+        staged = time.perf_counter()
+        sampled, hidden = self._run(inputs)  # returns once launched (async dispatch)
+        return InFlightStep(self, output, sampled, hidden, t, staged - t0)
 
     def execute(self, output: SchedulerOutput) -> StepResult:
         return self.dispatch(output).result()

@@ -2,7 +2,7 @@
 
     raw logits --log_softmax--> logprobs (returned: the model's own, as vLLM does by default)
     raw logits -> user logits processors -> penalties -> logit_bias -> greedy pick
-               -> / temperature -> top_k / top_p / min_p cut -> Gumbel-max with the row's key
+               -> / temperature -> top_k / top_p / min_p cut -> inverse-CDF draw with the row's key
 
 Each request is one row with its own parameters, so one batch mixes greedy and sampled rows.
 Costly parts (processors, penalties, sorting for top-k/p, top logprobs) sit under lax.cond on
@@ -110,11 +110,17 @@ def _truncate(logits, sb: SamplingBatch):
 
 
 def _draw(logits, sb: SamplingBatch):
-    def one(row_logits, seed, counter):
-        key = jax.random.fold_in(jax.random.key(seed), counter)
-        return jnp.argmax(row_logits + jax.random.gumbel(key, row_logits.shape, jnp.float32))
+    """Inverse-CDF sampling: one uniform per row (keyed by seed and counter) against the row's
+    cumulative probabilities. One random number per row instead of V (Gumbel-max draws V, which
+    costs more than the whole forward pass on a CPU)."""
 
-    return jax.vmap(one)(logits, sb.seeds, sb.counters).astype(jnp.int32)
+    def uniform(seed, counter):
+        return jax.random.uniform(jax.random.fold_in(jax.random.key(seed), counter), dtype=jnp.float32)
+
+    u = jax.vmap(uniform)(sb.seeds, sb.counters)  # [R]
+    cdf = jnp.cumsum(jax.nn.softmax(logits, axis=-1), axis=-1)  # [R, V]
+    tokens = jnp.sum(cdf < u[:, None] * cdf[:, -1:], axis=-1)
+    return jnp.minimum(tokens, logits.shape[-1] - 1).astype(jnp.int32)
 
 
 def top_logprobs(logprobs: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -25,12 +25,17 @@ def enable_compilation_cache(cache_dir: str | Path | None) -> None:
         jax.config.update("jax_compilation_cache_dir", str(Path(cache_dir or default_cache_dir()) / "xla"))
 
 
+def resolve_attention_impl(name: str) -> str:
+    """"auto": the plain-XLA paged attention, which runs everywhere."""
+    return "xla" if name == "auto" else name
+
+
 def build_model_and_tokenizer(config: EngineConfig, model=None, tokenizer=None, *, progress: bool = True):
     enable_compilation_cache(config.cache_dir)
     if model is None:
         folder = resolve_model(config.model, config.cache_dir)
         model = load_model(folder, dtype=config.dtype, load_format=config.load_format,
-                           attention_impl=config.attention_impl, seed=config.seed, progress=progress)
+                           attention_impl=resolve_attention_impl(config.attention_impl), seed=config.seed, progress=progress)
         if tokenizer is None:
             tok_folder = config.tokenizer or folder
             if Path(tok_folder).is_dir():
