@@ -90,12 +90,18 @@ class LLMEngine:
         self.log = log
         model, self.tokenizer = build_model_and_tokenizer(config, model, tokenizer, progress=progress)
         self.model_config = cfg = model.config
-        self.max_model_len, num_pages = plan_kv_cache(config, model, log=log)
         self.plan = BucketPlan.make(config.max_num_batched_tokens, config.max_num_seqs, config.min_token_bucket)
         log(self.plan.describe())
+        processors = list((logits_processors or {}).items())
+        workspace = 0
+        if config.num_kv_pages is None and "bytes_limit" in (jax.devices()[0].memory_stats() or {}):
+            probe = ModelRunner(model, num_pages=4, page_size=config.page_size, max_model_len=config.page_size,
+                                plan=self.plan, max_num_seqs=config.max_num_seqs, processors=processors)
+            workspace = probe.step_workspace_bytes() + probe.state_bytes()
+            del probe
+        self.max_model_len, num_pages = plan_kv_cache(config, model, workspace_bytes=workspace, log=log)
         self.runner = ModelRunner(model, num_pages=num_pages, page_size=config.page_size, max_model_len=self.max_model_len,
-                                  plan=self.plan, max_num_seqs=config.max_num_seqs,
-                                  processors=list((logits_processors or {}).items()))
+                                  plan=self.plan, max_num_seqs=config.max_num_seqs, processors=processors)
         seconds = self.runner.warm_up(progress=progress)
         log(f"warm-up compiled {len(self.plan.shapes)} step shapes in {seconds:.1f} s")
         self.compilations_after_warmup = compile_counter.compilations()

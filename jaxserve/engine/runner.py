@@ -127,6 +127,19 @@ class ModelRunner:
         self.kv_cache, self.penalties, sampled, hidden = self._step(self.state, self.kv_cache, self.penalties, inputs)
         return sampled, hidden
 
+    def step_workspace_bytes(self) -> int:
+        """Device memory the largest step needs beyond its inputs (XLA's temporaries plus the
+        hidden-state output), from the compiled executable's memory analysis."""
+        t = self.plan.token_buckets[-1]
+        r = self.plan.row_buckets[t][-1]
+        compiled = self._step.lower(self.state, self.kv_cache, self.penalties, self._stage([], t, r)).compile()
+        analysis = compiled.memory_analysis()
+        return int(analysis.temp_size_in_bytes) + t * self.config.hidden_size * jnp.dtype(self.dtype).itemsize
+
+    def state_bytes(self) -> int:
+        """Device memory of the per-slot penalty statistics (allocated beside the KV cache)."""
+        return sum(a.nbytes for a in jax.tree.leaves(self.penalties))
+
     def release(self, request_id: str) -> None:
         """Frees the penalty slot of a finished, aborted or preempted request."""
         slot = self._slots.pop(request_id, None)
