@@ -1,6 +1,6 @@
 """`jaxserve` command line. The entry point: the only place that reads the environment.
 
-    jaxserve chat "question" [--model M] [--max-tokens N]   offline greedy chat, prints the answer
+    jaxserve chat "question" [--model M] [--max-tokens N] [--temperature T]   one offline chat answer
 """
 
 from __future__ import annotations
@@ -18,6 +18,9 @@ def main(argv: list[str] | None = None) -> int:
     chat.add_argument("--model", default=None, help="HF folder or preset; default: the embedded SmolLM2-135M-Instruct")
     chat.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     chat.add_argument("--max-tokens", type=int, default=128)
+    chat.add_argument("--max-model-len", type=int, default=2048)
+    chat.add_argument("--temperature", type=float, default=0.0)
+    chat.add_argument("--seed", type=int, default=None)
     args = parser.parse_args(argv)
     cache_dir = os.environ.get("JAXSERVE_CACHE_DIR")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # transformers warns that torch is absent; we never need it
@@ -27,19 +30,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _chat(args, cache_dir) -> int:
-    from jaxserve.default_model import resolve_model
-    from jaxserve.engine.greedy import greedy_generate
-    from jaxserve.tokenizer import chat_prompt_ids, load_tokenizer
-    from models.loading import load_model, resolve_config
+    from jaxserve import LLM, SamplingParams
 
-    folder = resolve_model(args.model, cache_dir)
-    tokenizer = load_tokenizer(folder)
-    model = load_model(folder, dtype=args.dtype)
-    prompt = chat_prompt_ids(tokenizer, [{"role": "user", "content": args.message}])
-    eos = set(resolve_config(folder).eos_token_ids) | {tokenizer.eos_token_id}
-    out = greedy_generate(model, [prompt], args.max_tokens, eos_token_ids=sorted(eos - {None}))[0]
+    # One conversation: a small bucket plan keeps warm-up short on a CPU.
+    llm = LLM(args.model, dtype=args.dtype, cache_dir=cache_dir, max_num_seqs=1, max_num_batched_tokens=128,
+              max_model_len=args.max_model_len)
+    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed)
+    out = llm.chat([{"role": "user", "content": args.message}], params, use_tqdm=False)[0].outputs[0]
     print(f"user: {args.message}")
-    print(f"assistant: {tokenizer.decode(out, skip_special_tokens=True).strip()}")
+    print(f"assistant: {out.text.strip()}")
     return 0
 
 
