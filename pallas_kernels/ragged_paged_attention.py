@@ -43,6 +43,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.ragged_tiles import max_tiles, num_slots, plan_tiles
 
 _WG_ROWS = 64  # query rows per compute warpgroup: the M of one wgmma
+_RCP_LN2 = 1.4426950408889634  # log2(x) = ln(x) / ln(2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +56,10 @@ class RaggedPagedAttentionConfig:
     # The PV wgmma reads P from registers (True) or from shared memory (False). GPU interpret mode
     # only simulates shared-memory operands, so interpret runs always take the shared-memory path.
     p_from_registers: bool = True
+    # Split each tile's KV range over this many programs (flash-decoding): each writes a partial
+    # output and its log-sum-exp, and the wrapper combines them. None picks by shape
+    # (`default_splits`): small decode batches otherwise leave most SMs idle.
+    kv_splits: int | None = None
 
     def __post_init__(self):
         if self.block_kv % 64 or self.block_kv <= 0:
@@ -63,6 +68,8 @@ class RaggedPagedAttentionConfig:
             raise ValueError(f"compute_warpgroups must be 1 or 2, got {self.compute_warpgroups}")
         if self.num_stages < 2:
             raise ValueError(f"num_stages must be at least 2, got {self.num_stages}")
+        if self.kv_splits is not None and not 1 <= self.kv_splits <= 64:
+            raise ValueError(f"kv_splits must be None or 1..64, got {self.kv_splits}")
 
 
 # Picked by the batch's static shape when no config is given (measured on an H200, docs/benchmarks.md):
@@ -72,8 +79,22 @@ DECODE_CONFIG = RaggedPagedAttentionConfig(block_kv=128, compute_warpgroups=1, n
 PREFILL_CONFIG = RaggedPagedAttentionConfig(block_kv=128, compute_warpgroups=2, num_stages=2)
 
 
+_NUM_SMS = 132  # H100 / H200 SXM
+MAX_AUTO_SPLITS = 16
+
+
 def default_config(num_tokens: int, num_rows: int) -> RaggedPagedAttentionConfig:
     return DECODE_CONFIG if num_tokens <= 2 * num_rows else PREFILL_CONFIG
+
+
+def default_splits(num_tokens: int, num_rows: int, num_kv_heads: int, max_kv_blocks: int) -> int:
+    """KV splits for a batch shape: enough (tile, kv head, split) programs to cover the SMs once
+    when the batch is decode-shaped (one tile per sequence), none for prefill-shaped batches or
+    when a sequence has too few KV blocks to share."""
+    if num_tokens > 2 * num_rows:
+        return 1
+    programs = num_rows * num_kv_heads
+    return max(1, min(MAX_AUTO_SPLITS, -(-_NUM_SMS // programs), max_kv_blocks))
 
 
 def _smem_transforms(dtype, head_dim):
@@ -88,10 +109,17 @@ def _kernel(
     tile_seq_ref, tile_row0_ref, tile_row_end_ref, tile_base_ref, live_tiles_ref,  # [W] x 4, [1]
     kv_lens_ref, page_table_ref, cu_q_lens_ref,  # [R], [R, P_max], [R+1]
     q_ref, k_ref, v_ref,  # [K, slots, H], [P, S, K, H], [P, S, K, H]
-    out_ref,  # [K, slots, H]
-    q_smem, k_smem, v_smem, p_smem, k_full, v_full, q_full, k_free, v_free,
-    *, group, page_size, pages_per_block, block_kv, num_wgs, num_stages, num_tiles, scale_log2, p_from_registers,
+    *refs,  # out [K, slots, H]; or, split: out [splits, K, slots, H], lse [splits, K, slots]; scratch
+    group, page_size, pages_per_block, block_kv, num_wgs, num_stages, num_tiles, scale_log2, p_from_registers,
+    num_splits, acc_in_place,
 ):
+    if num_splits > 1:
+        out_ref, lse_ref, q_smem, k_smem, v_smem, p_smem, lse_smem, k_full, v_full, q_full, k_free, v_free = refs
+        split = lax.axis_index("s")
+        out_ref, lse_ref = out_ref.at[split], lse_ref.at[split]
+    else:
+        out_ref, q_smem, k_smem, v_smem, p_smem, k_full, v_full, q_full, k_free, v_free = refs
+        lse_ref = lse_smem = None
     dtype = q_ref.dtype
     head_dim = q_ref.shape[-1]
     tile_rows = num_wgs * _WG_ROWS
@@ -109,9 +137,17 @@ def _kernel(
         kv_stop = offset + t_last + 1  # keys visible to the tile's last row
         num_steps = lax.div(kv_stop + block_kv - 1, block_kv)
         unmasked_steps = jnp.minimum(lax.div(offset + t_first + 1, block_kv), num_steps)
+        if num_splits > 1:  # this program's share of the tile's KV blocks; the last shares may be empty
+            per_split = lax.div(num_steps + num_splits - 1, num_splits)
+            first_step = jnp.minimum(split * per_split, num_steps)
+            end_step = jnp.minimum(first_step + per_split, num_steps)
+        else:
+            first_step, end_step = 0, num_steps
 
         @pl.when(wg == num_wgs)
         def _memory_warpgroup():
+            if acc_in_place and num_wgs > 1:
+                plgpu.set_max_registers(40, action="decrease")
             last_page = lax.div(kv_stop - 1, page_size)  # pages past it would be masked: reload it instead
 
             def fetch(src_ref, dst_smem, full, step, slot):
@@ -121,29 +157,32 @@ def _kernel(
                         src_ref.at[page, :, kv_head], dst_smem.at[slot, pl.ds(i * page_size, page_size)], full.at[slot]
                     )
 
-            @pl.loop(0, num_steps)
+            @pl.loop(first_step, end_step)
             def _step(step):
-                slot = lax.rem(step, num_stages)
+                i = step - first_step
+                slot = lax.rem(i, num_stages)
 
-                @pl.when(step >= num_stages)
+                @pl.when(i >= num_stages)
                 def _():
                     plgpu.barrier_wait(k_free.at[slot])
 
                 fetch(k_ref, k_smem, k_full, step, slot)
 
-                @pl.when(step >= num_stages)
+                @pl.when(i >= num_stages)
                 def _():
                     plgpu.barrier_wait(v_free.at[slot])
 
                 fetch(v_ref, v_smem, v_full, step, slot)
 
-            @pl.loop(jnp.maximum(num_steps - num_stages, 0), num_steps)
+            @pl.loop(jnp.maximum(end_step - num_stages, first_step), end_step)
             def _drain(step):  # observe the last frees too: every barrier phase is waited on
-                plgpu.barrier_wait(k_free.at[lax.rem(step, num_stages)])
-                plgpu.barrier_wait(v_free.at[lax.rem(step, num_stages)])
+                plgpu.barrier_wait(k_free.at[lax.rem(step - first_step, num_stages)])
+                plgpu.barrier_wait(v_free.at[lax.rem(step - first_step, num_stages)])
 
         @pl.when(wg < num_wgs)
         def _compute_warpgroup():
+            if acc_in_place and num_wgs > 1:
+                plgpu.set_max_registers(232, action="increase")
             q_row = row0 + wg * _WG_ROWS  # logical row: decides the causal mask
             q_slot = pl.multiple_of(tile_base_ref[w] + wg * _WG_ROWS, 8)  # where its q and out rows live
             plgpu.copy_gmem_to_smem(q_ref.at[kv_head, pl.ds(q_slot, _WG_ROWS)], q_smem.at[wg], q_full.at[wg])
@@ -155,7 +194,7 @@ def _kernel(
 
             def step_fn(step, carry, *, masked):
                 acc, m, l = carry
-                slot = lax.rem(step, num_stages)
+                slot = lax.rem(step - first_step, num_stages)
                 plgpu.barrier_wait(k_full.at[slot])
 
                 def qk(acc_ref):
@@ -165,15 +204,18 @@ def _kernel(
                 s = pl.run_scoped(qk, plgpu.ACC((_WG_ROWS, block_kv), jnp.float32))
                 plgpu.barrier_arrive(k_free.at[slot])
                 s = s * scale_log2
-                if masked:  # rows past the tile's end reuse its last token: no row is all -inf
+                if masked:  # rows past the tile's end reuse its last token
                     shape = (_WG_ROWS, block_kv)
                     rows = q_row + plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=layout)
                     token = jnp.minimum(lax.div(rows, group), t_last)
                     key = step * block_kv + plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=layout)
                     s = jnp.where(key <= offset + token, s, -jnp.inf)
                 m_new = jnp.maximum(m, s.max(axis=1))
-                alpha = jnp.exp2(m - m_new)
-                p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+                m_use = m_new
+                if masked and num_splits > 1:  # a split past a row's last key sees only -inf: keep it 0/0-free
+                    m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+                alpha = jnp.exp2(m - m_use)
+                p = jnp.exp2(s - lax.broadcast_in_dim(m_use, s.shape, [0]))
                 l = l * alpha + p.sum(axis=1)
                 acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
                 plgpu.barrier_wait(v_full.at[slot])
@@ -185,19 +227,30 @@ def _kernel(
                     p_operand[...] = p.astype(dtype)
                     plgpu.commit_smem()  # make the stores visible to the tensor cores' async proxy
 
-                def pv(acc_ref):
-                    plgpu.wgmma(acc_ref, p_operand, v_smem.at[slot])
-                    return acc_ref[...]
+                if acc_in_place:  # compiled path: wgmma accumulates into the registers it is given
+                    def pv_into(acc_ref):
+                        plgpu.wgmma(acc_ref, p_operand, v_smem.at[slot])
 
-                # A fresh accumulator plus an add, not run_state: GPU interpret mode lacks run_state.
-                acc = acc + pl.run_scoped(pv, plgpu.ACC((_WG_ROWS, head_dim), jnp.float32))
+                    acc = pl.run_state(pv_into)(plgpu.ACC.init(acc))
+                else:  # GPU interpret mode lacks run_state: a fresh accumulator plus an add
+                    def pv(acc_ref):
+                        plgpu.wgmma(acc_ref, p_operand, v_smem.at[slot])
+                        return acc_ref[...]
+
+                    acc = acc + pl.run_scoped(pv, plgpu.ACC((_WG_ROWS, head_dim), jnp.float32))
                 plgpu.barrier_arrive(v_free.at[slot])
                 return acc, m_new, l
 
             carry = (acc, m, l)
-            carry = lax.fori_loop(0, unmasked_steps, functools.partial(step_fn, masked=False), carry)
-            acc, m, l = lax.fori_loop(unmasked_steps, num_steps, functools.partial(step_fn, masked=True), carry)
-            acc = acc / lax.broadcast_in_dim(l, acc.shape, [0])
+            mid = jnp.clip(unmasked_steps, first_step, end_step)
+            carry = lax.fori_loop(first_step, mid, functools.partial(step_fn, masked=False), carry)
+            acc, m, l = lax.fori_loop(mid, end_step, functools.partial(step_fn, masked=True), carry)
+            if num_splits > 1:  # an empty share (l = 0) stores 0 with log-sum-exp -inf
+                l_safe = jnp.where(l == 0.0, 1.0, l)
+                lse_smem.at[wg][...] = jnp.where(l == 0.0, -jnp.inf, m + jnp.log(l_safe) * _RCP_LN2)
+            else:
+                l_safe = l
+            acc = acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])
             o_smem = q_smem  # q is read no more: its buffer takes the output
             o_smem.at[wg][...] = acc.astype(dtype)
             plgpu.commit_smem()
@@ -209,9 +262,20 @@ def _kernel(
                 @pl.when((num_valid > (lower if size > 8 else 0)) & (num_valid <= size))
                 def _store(size=size):
                     plgpu.copy_smem_to_gmem(o_smem.at[wg, pl.ds(0, size)], out_ref.at[kv_head, pl.ds(q_slot, size)])
+                    if lse_ref is not None:
+                        plgpu.copy_smem_to_gmem(lse_smem.at[wg, pl.ds(0, size)], lse_ref.at[kv_head, pl.ds(q_slot, size)])
 
                 size, lower = size // 2, lower // 2
             plgpu.wait_smem_to_gmem(0)
+
+
+def _combine_splits(parts, lse):
+    """parts [splits, ..., H] (each share's output, normalised over its keys), lse [splits, ...]
+    (base 2) -> the attention over all keys, f32."""
+    top = lse.max(axis=0)
+    weight = jnp.exp2(lse - top)  # shares with lse -inf weigh 0
+    num = (weight[..., None] * parts.astype(jnp.float32)).sum(axis=0)
+    return num / weight.sum(axis=0)[..., None]
 
 
 def _attention_call(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, *, sm_scale, config, interpret):
@@ -224,6 +288,10 @@ def _attention_call(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seq
     block_kv = max(page_size, config.block_kv)
     if block_kv % page_size:
         raise ValueError(f"block_kv {config.block_kv} must be a multiple of page size {page_size} (or smaller than it)")
+    num_splits = config.kv_splits
+    if num_splits is None:
+        max_kv_blocks = -(-page_table.shape[1] * page_size // block_kv)
+        num_splits = default_splits(num_tokens, num_rows, num_kv_heads, max_kv_blocks)
     num_tiles = max_tiles(num_tokens, num_rows, group, tile_rows)
     tile_seq, tile_row0, tile_row_end, tile_base, live_tiles, slot_src, row_slot = plan_tiles(
         cu_q_lens, num_seqs, group=group, rows_per_tile=tile_rows, num_tiles=num_tiles, num_tokens=num_tokens
@@ -245,31 +313,46 @@ def _attention_call(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seq
     kernel = functools.partial(
         _kernel, group=group, page_size=page_size, pages_per_block=pages_per_block, block_kv=block_kv,
         num_wgs=num_wgs, num_stages=num_stages, num_tiles=num_tiles, scale_log2=sm_scale * math.log2(math.e),
-        p_from_registers=p_from_registers,
+        p_from_registers=p_from_registers, num_splits=num_splits, acc_in_place=not interpret,
     )
+    out_shape = jax.ShapeDtypeStruct((num_kv_heads, slots, head_dim), q.dtype)
+    scratch = [
+        plgpu.SMEM((num_wgs, _WG_ROWS, head_dim), q.dtype, transforms=transforms),
+        plgpu.SMEM(kv_block, k_pages.dtype, transforms=transforms),
+        plgpu.SMEM(kv_block, v_pages.dtype, transforms=transforms),
+        p_scratch,
+    ]
+    barriers = [
+        plgpu.Barrier(num_arrivals=pages_per_block, num_barriers=num_stages),  # k_full
+        plgpu.Barrier(num_arrivals=pages_per_block, num_barriers=num_stages),  # v_full
+        plgpu.Barrier(num_barriers=num_wgs),  # q_full
+        plgpu.Barrier(num_arrivals=num_wgs, num_barriers=num_stages),  # k_free
+        plgpu.Barrier(num_arrivals=num_wgs, num_barriers=num_stages),  # v_free
+    ]
+    grid, grid_names = (num_tiles, num_kv_heads), ("w", "k")
+    if num_splits > 1:
+        out_shape = (jax.ShapeDtypeStruct((num_splits, *out_shape.shape), q.dtype),
+                     jax.ShapeDtypeStruct((num_splits, num_kv_heads, slots), jnp.float32))
+        scratch.append(plgpu.SMEM((num_wgs, _WG_ROWS), jnp.float32))
+        grid, grid_names = grid + (num_splits,), grid_names + ("s",)
     call = plgpu.kernel(
         kernel,
-        out_type=jax.ShapeDtypeStruct((num_kv_heads, slots, head_dim), q.dtype),
-        scratch_types=[
-            plgpu.SMEM((num_wgs, _WG_ROWS, head_dim), q.dtype, transforms=transforms),
-            plgpu.SMEM(kv_block, k_pages.dtype, transforms=transforms),
-            plgpu.SMEM(kv_block, v_pages.dtype, transforms=transforms),
-            p_scratch,
-            plgpu.Barrier(num_arrivals=pages_per_block, num_barriers=num_stages),  # k_full
-            plgpu.Barrier(num_arrivals=pages_per_block, num_barriers=num_stages),  # v_full
-            plgpu.Barrier(num_barriers=num_wgs),  # q_full
-            plgpu.Barrier(num_arrivals=num_wgs, num_barriers=num_stages),  # k_free
-            plgpu.Barrier(num_arrivals=num_wgs, num_barriers=num_stages),  # v_free
-        ],
-        grid=(num_tiles, num_kv_heads),
-        grid_names=("w", "k"),
+        out_type=out_shape,
+        scratch_types=scratch + barriers,
+        grid=grid,
+        grid_names=grid_names,
         num_threads=num_wgs + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=plgpu.InterpretGPUParams() if interpret else None,
     )
     out = call(tile_seq, tile_row0, tile_row_end, tile_base, live_tiles, kv_lens, page_table, cu_q_lens, qg, k_pages, v_pages)
-    out = out[:, row_slot].reshape(num_kv_heads, num_tokens, group, head_dim).transpose(1, 0, 2, 3).reshape(q.shape)
+    if num_splits > 1:
+        parts, lse = out
+        out = _combine_splits(parts[:, :, row_slot], lse[:, :, row_slot]).astype(q.dtype)
+    else:
+        out = out[:, row_slot]
+    out = out.reshape(num_kv_heads, num_tokens, group, head_dim).transpose(1, 0, 2, 3).reshape(q.shape)
     valid = jnp.arange(num_tokens) < cu_q_lens[num_seqs[0]]
     return jnp.where(valid[:, None, None], out, jnp.zeros((), q.dtype))  # rows nobody wrote: padding tokens
 

@@ -6,9 +6,11 @@
 2. correctness on the device: random ragged batches (decode and prefill rows mixed, GQA 1/4/8,
    head_dim 64/128, page sizes 16..128), each kernel variant against the f32 reference;
 3. greedy tokens of a small random model with attention_impl "reference" and "pallas";
-4. decode (Llama-3.1-8B heads, bf16): ours, JAX's deprecated Triton paged_attention and the jnp
-   reference at batch x kv_len -> achieved bandwidth / copy bandwidth;
-5. causal prefill: TFLOP/s / matmul rate; 6. the K/V page write (XLA scatter).
+4. decode (Llama-3.1-8B heads, bf16): ours (split-KV picked by shape, and unsplit), JAX's
+   deprecated Triton paged_attention and (unless skipped) the jnp reference at batch x kv_len ->
+   achieved bandwidth / copy bandwidth; then a sweep of kv_splits on the small batches;
+5. causal prefill: TFLOP/s / matmul rate; 6. the K/V page write: the Mosaic GPU writer against
+   the XLA scatter (checked equal first).
 Prints a markdown table last; full numbers go to OUT/bench.json.
 """
 
@@ -31,20 +33,25 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pallas_kernels.ragged_paged_attention import DECODE_CONFIG, PREFILL_CONFIG  # noqa: E402
+from pallas_kernels.ragged_paged_attention import DECODE_CONFIG, PREFILL_CONFIG, default_splits  # noqa: E402
 from pallas_kernels import (  # noqa: E402
     RaggedPagedAttentionConfig,
     ragged_paged_attention,
     ragged_paged_attention_reference,
     write_kv_pages_reference,
 )
+from pallas_kernels.kv_cache_update import write_kv_pages  # noqa: E402
 
 N, K, H = 32, 8, 128  # Llama-3.1-8B attention heads
 DT = jnp.bfloat16
 VARIANTS = {  # the two configs the public function picks between by shape (DECODE_CONFIG for decode)
-    "decode_cfg": DECODE_CONFIG,  # 1 compute warpgroup (64 rows), block_kv 128, 3 stages, P in registers
+    "decode_cfg": DECODE_CONFIG,  # 1 compute warpgroup (64 rows), block_kv 128, 3 stages, P in registers, auto splits
+    "no_split": dataclasses.replace(DECODE_CONFIG, kv_splits=1),  # the same without splitting the KV length
     "prefill_cfg": PREFILL_CONFIG,  # 2 compute warpgroups (128 rows), block_kv 128, 2 stages, P in registers
+    "prefill_64x4": dataclasses.replace(PREFILL_CONFIG, block_kv=64, num_stages=4),  # deeper, shorter ring
 }
+DECODE_VARIANTS = "decode_cfg,no_split"
+PREFILL_VARIANTS = "prefill_cfg,prefill_64x4,decode_cfg"
 
 
 def log(*a):
@@ -177,7 +184,7 @@ def check_correctness(results):
                           head_dim=head_dim, page_size=page_size, dtype=DT, pad_tokens=5)
         f32 = {k: (v.astype(jnp.float32) if v.dtype == DT else v) for k, v in args.items()}
         ref = ragged_paged_attention_reference(**f32, sm_scale=head_dim**-0.5)
-        for name, cfg in VARIANTS.items():
+        for name, cfg in list(VARIANTS.items()) + [("split5", dataclasses.replace(PREFILL_CONFIG, kv_splits=5))]:
             try:
                 out = ragged_paged_attention(**args, sm_scale=head_dim**-0.5, config=cfg)
                 err = rel_err(out, ref)
@@ -232,7 +239,7 @@ def deprecated_paged_attention():
     return paged_attention.paged_attention
 
 
-def bench_decode(results, copy_bw, batches, kv_lens_list, page_size, variants, with_peers):
+def bench_decode(results, copy_bw, batches, kv_lens_list, page_size, variants, with_peers, with_reference):
     old = deprecated_paged_attention() if with_peers else None
     for b in batches:
         for kv in kv_lens_list:
@@ -251,13 +258,14 @@ def bench_decode(results, copy_bw, batches, kv_lens_list, page_size, variants, w
                     row[vname] = t
                 except Exception as e:  # noqa: BLE001
                     log(f"  decode {b}x{kv} {vname}: FAILED {type(e).__name__}: {str(e)[:300]}")
-            if with_peers:
+            if with_peers and with_reference:
                 ref = lambda *a: ragged_paged_attention_reference(*a, sm_scale=H**-0.5)  # noqa: E731
                 try:
                     row["reference"], _ = timeit(chain_on_lens(ref, lens_index), [args[n] for n in names],
                                                  calls=2 if b * kv >= 64 * 8192 else 4, repeats=3)
                 except Exception as e:  # noqa: BLE001
                     log(f"  decode {b}x{kv} reference: FAILED {type(e).__name__}: {str(e)[:300]}")
+            if with_peers:
                 # The deprecated kernel wants [K, P, S, H] pages and plain per-sequence lengths.
                 kp = args["k_pages"].transpose(2, 0, 1, 3)
                 vp = args["v_pages"].transpose(2, 0, 1, 3)
@@ -304,29 +312,65 @@ def bench_prefill(results, mm_rate, variants):
         results["prefill"].append(row)
 
 
+def bench_split_sweep(results, copy_bw, shapes, split_list, page_size=64):
+    """decode_cfg with each kv_splits at a few small-batch shapes (what `default_splits` is tuned on)."""
+    for b, kv in shapes:
+        args = make_batch(jax.random.key(b * 7 + kv), [1] * b, [kv] * b, num_heads=N, num_kv_heads=K, head_dim=H,
+                          page_size=page_size, dtype=DT, pad_rows=0)
+        nbytes = 2 * b * kv * K * H * 2 + 2 * b * N * H * 2
+        names = list(args)
+        auto = default_splits(b, b, K, -(-args["page_table"].shape[1] * page_size // DECODE_CONFIG.block_kv))
+        row = dict(batch=b, kv_len=kv, auto=auto, times={})
+        for sp in split_list:
+            if b * K * sp > 4096:
+                continue
+            cfg = dataclasses.replace(DECODE_CONFIG, kv_splits=sp)
+            fn = lambda *a, cfg=cfg: ragged_paged_attention(*a, sm_scale=H**-0.5, config=cfg)  # noqa: E731
+            try:
+                row["times"][sp], _ = timeit(chain_on_lens(fn, names.index("kv_lens")), [args[n] for n in names],
+                                             calls=16 if b * kv >= 64 * 2048 else 64)
+            except Exception as e:  # noqa: BLE001
+                log(f"  sweep {b}x{kv} splits {sp}: FAILED {type(e).__name__}: {str(e)[:300]}")
+        del args
+        log(f"  splits B={b} kv={kv} (auto {auto}): " + " ".join(
+            f"{sp}={t * 1e6:.1f}us({nbytes / t / copy_bw:.0%})" for sp, t in row["times"].items()))
+        results["split_sweep"].append(row)
+
+
 def bench_kv_write(results, copy_bw):
-    for tokens in (256, 2048):
+    """The Mosaic GPU writer against the XLA scatter, both in place (donated pages), one layer's K and V."""
+    for tokens in (64, 256, 2048):
         num_pages, page_size = 8192, 64
         key = jax.random.key(3)
-        pages = jax.random.normal(key, (num_pages, page_size, K, H), DT)
-        new = jax.random.normal(key, (tokens, K, H), DT)
+        new_k = jax.random.normal(key, (tokens, K, H), DT)
+        new_v = new_k * 2
         slots = jax.random.permutation(key, num_pages * page_size)[:tokens].astype(jnp.int32)
-        write = jax.jit(lambda kp, vp, k, v, s: write_kv_pages_reference(kp, vp, k, v, s), donate_argnums=(0, 1))
-        kp, vp = pages, pages + 1
-        kp, vp = write(kp, vp, new, new, slots)
-        jax.block_until_ready(kp)
-        ts = []
-        for _ in range(5):
-            t = time.perf_counter()
-            for _ in range(20):
-                kp, vp = write(kp, vp, new, new, slots)
-            jax.block_until_ready(kp)
-            ts.append((time.perf_counter() - t) / 20)
-        t = statistics.median(ts)
+        slots = slots.at[tokens // 3].set(num_pages * page_size)  # a padding token: dropped
         nbytes = 2 * 2 * tokens * K * H * 2  # new rows read, page rows written, K and V
-        results["kv_write"].append(dict(tokens=tokens, seconds=t, bytes=nbytes))
-        log(f"  kv write (XLA scatter, donated) T={tokens}: {t * 1e6:.1f}us, {nbytes / t / 1e9:.0f} GB/s")
-        del pages, kp, vp
+        row = dict(tokens=tokens, bytes=nbytes)
+        impls = {"xla_scatter": write_kv_pages_reference, "pallas_writer": write_kv_pages}
+        outs = {}
+        for name, impl in impls.items():
+            write = jax.jit(impl, donate_argnums=(0, 1))
+            kp = jax.random.normal(jax.random.key(4), (num_pages, page_size, K, H), DT)
+            vp = kp + 1
+            kp, vp = write(kp, vp, new_k, new_v, slots)
+            jax.block_until_ready(kp)
+            outs[name] = (np.asarray(kp[:64].astype(jnp.float32)).sum(), float(kp.astype(jnp.float32).sum()),
+                          float(vp.astype(jnp.float32).sum()))
+            ts = []
+            for _ in range(5):
+                t = time.perf_counter()
+                for _ in range(20):
+                    kp, vp = write(kp, vp, new_k, new_v, slots)
+                jax.block_until_ready(kp)
+                ts.append((time.perf_counter() - t) / 20)
+            row[name] = statistics.median(ts)
+            del kp, vp
+        row["same_result"] = outs["xla_scatter"] == outs["pallas_writer"]
+        results["kv_write"].append(row)
+        log(f"  kv write T={tokens}: " + " ".join(f"{n}={row[n] * 1e6:.1f}us({nbytes / row[n] / 1e9:.0f} GB/s)"
+                                               for n in impls) + f"; same pages after one write: {row['same_result']}")
 
 
 def markdown(results):
@@ -346,22 +390,39 @@ def markdown(results):
         best = min((r[v] for v in variants if v in r), default=None)
         cells.append(f"{r['deprecated'] / best:.2f}x" if best and r.get("deprecated") else "-")
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "| prefill | " + " | ".join(f"{v} us (TFLOP/s, % matmul)" for v in variants + ["reference"]) + " |",
-              "|---|" + "---|" * (len(variants) + 1)]
+    pvariants = [v for v in VARIANTS if any(v in r for r in results["prefill"])]
+    lines += ["", "| prefill | " + " | ".join(f"{v} us (TFLOP/s, % matmul)" for v in pvariants + ["reference"]) + " |",
+              "|---|" + "---|" * (len(pvariants) + 1)]
     for r in results["prefill"]:
         cells = [f"{r['seqs']} x {r['q_len']}"]
-        for v in variants + ["reference"]:
+        for v in pvariants + ["reference"]:
             t = r.get(v)
             cells.append(f"{t * 1e6:.1f} ({r['flops'] / t / 1e12:.0f}, {r['flops'] / t / mm:.0%})" if t else "-")
         lines.append("| " + " | ".join(cells) + " |")
+    if results["split_sweep"]:
+        splits = sorted({sp for r in results["split_sweep"] for sp in r["times"]})
+        lines += ["", "| batch x kv_len (auto) | " + " | ".join(f"splits {sp} us" for sp in splits) + " |",
+                  "|---|" + "---|" * len(splits)]
+        for r in results["split_sweep"]:
+            lines.append(f"| {r['batch']} x {r['kv_len']} ({r['auto']}) | " + " | ".join(
+                f"{r['times'][sp] * 1e6:.1f}" if sp in r["times"] else "-" for sp in splits) + " |")
+    if results["kv_write"]:
+        lines += ["", "| K/V write tokens | XLA scatter us (GB/s) | Pallas writer us (GB/s) | same pages |", "|---|---|---|---|"]
+        for r in results["kv_write"]:
+            lines.append(f"| {r['tokens']} | " + " | ".join(
+                f"{r[n] * 1e6:.1f} ({r['bytes'] / r[n] / 1e9:.0f})" for n in ("xla_scatter", "pallas_writer"))
+                + f" | {r['same_result']} |")
     return "\n".join(lines)
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
-    ap.add_argument("--skip", default="", help="comma list of: check,greedy,decode,prefill,kvwrite,peers")
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--skip", default="", help="comma list of: check,greedy,decode,sweep,prefill,kvwrite,peers,reference")
+    ap.add_argument("--variants", default=DECODE_VARIANTS, help="decode variants")
+    ap.add_argument("--prefill-variants", default=PREFILL_VARIANTS)
+    ap.add_argument("--sweep", default="1x2048,1x8192,8x512,8x2048,8x8192,64x2048", help="batch x kv_len for the split sweep")
+    ap.add_argument("--splits", default="1,2,4,8,16,32")
     ap.add_argument("--batches", default="1,8,64,256")
     ap.add_argument("--kv-lens", default="512,2048,8192")
     ap.add_argument("--page-sizes", default="64")
@@ -370,7 +431,7 @@ def main():
     variants = args.variants.split(",")
     dev = jax.devices()[0]
     results = dict(device=f"{dev.device_kind} ({dev.platform})", date=datetime.date.today().isoformat(),
-                   command=" ".join(sys.argv), correctness=[], decode=[], prefill=[], kv_write=[])
+                   command=" ".join(sys.argv), correctness=[], decode=[], prefill=[], kv_write=[], split_sweep=[])
     out = Path(args.out)
     torch_bw = torch_copy_bandwidth()
     log(f"device {results['device']}, jax {jax.__version__}")
@@ -389,12 +450,18 @@ def main():
             log("decode:")
             for s in map(int, args.page_sizes.split(",")):
                 bench_decode(results, copy_bw, list(map(int, args.batches.split(","))),
-                             list(map(int, args.kv_lens.split(","))), s, variants, "peers" not in skip)
+                             list(map(int, args.kv_lens.split(","))), s, variants, "peers" not in skip,
+                             "reference" not in skip)
+        if "sweep" not in skip:
+            log("kv splits sweep (decode_cfg):")
+            shapes = [tuple(map(int, x.split("x"))) for x in args.sweep.split(",") if x]
+            bench_split_sweep(results, copy_bw, shapes, list(map(int, args.splits.split(","))))
+        if "kvwrite" not in skip:
+            log("K/V page write:")
+            bench_kv_write(results, copy_bw)
         if "prefill" not in skip:
             log("prefill:")
-            bench_prefill(results, mm, variants)
-        if "kvwrite" not in skip:
-            bench_kv_write(results, copy_bw)
+            bench_prefill(results, mm, args.prefill_variants.split(","))
     finally:
         (out / "bench.json").write_text(json.dumps(results, indent=1, default=str))
         table = markdown(results)
