@@ -1,0 +1,57 @@
+"""`uvicorn jaxserve.app:app`: the OpenAI-compatible server, configured by the environment.
+
+This module is an entry point, and the only place below `jaxserve serve` that reads os.environ:
+
+    JAXSERVE_<ENGINECONFIG FIELD>   any EngineConfig field, upper-cased: JAXSERVE_MODEL,
+                                    JAXSERVE_TENSOR_PARALLEL_SIZE, JAXSERVE_MAX_MODEL_LEN,
+                                    JAXSERVE_MAX_NUM_SEQS, JAXSERVE_MAX_NUM_BATCHED_TOKENS,
+                                    JAXSERVE_GPU_MEMORY_UTILIZATION, JAXSERVE_LOAD_FORMAT,
+                                    JAXSERVE_DTYPE, JAXSERVE_MAX_WAITING_REQUESTS, JAXSERVE_CACHE_DIR ...
+    JAXSERVE_SERVED_MODEL_NAME      comma-separated names the API answers to
+    JAXSERVE_API_KEY                required as "Authorization: Bearer <key>" on /v1/*
+    JAXSERVE_FAULT_TOKEN_ID         test-only: steps scheduling a prompt with this token fail
+
+The engine is built in the app's lifespan, so importing this module is cheap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from typing import Mapping
+
+from jaxserve.config import EngineConfig
+from jaxserve.server import ServerSettings, create_app
+
+PREFIX = "JAXSERVE_"
+
+
+def _converter(annotation):
+    """int, float or str from a field's type (`int | None` -> int, `str | Path | None` -> str)."""
+    options = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    for kind in (bool, int, float):
+        if kind in options:
+            return (lambda v: v.lower() in ("1", "true", "yes")) if kind is bool else kind
+    return str
+
+
+def settings_from_env(environ: Mapping[str, str] = os.environ) -> ServerSettings:
+    hints = typing.get_type_hints(EngineConfig)
+    engine_args = {}
+    for field in dataclasses.fields(EngineConfig):
+        value = environ.get(PREFIX + field.name.upper())
+        if value not in (None, ""):
+            try:
+                engine_args[field.name] = _converter(hints[field.name])(value)
+            except ValueError:
+                raise ValueError(f"{PREFIX}{field.name.upper()}={value!r}: expected {hints[field.name]}") from None
+    names = tuple(n.strip() for n in environ.get(PREFIX + "SERVED_MODEL_NAME", "").split(",") if n.strip())
+    fault = environ.get(PREFIX + "FAULT_TOKEN_ID")
+    return ServerSettings(engine=EngineConfig(**engine_args), served_model_names=names,
+                          api_key=environ.get(PREFIX + "API_KEY") or None,
+                          fault_token_id=int(fault) if fault else None)
+
+
+app = create_app(settings_from_env())

@@ -1,0 +1,26 @@
+"""The OpenAI-compatible HTTP server: starlette routes on uvicorn's event loop, the engine on its
+own thread (AsyncLLM), tokenizing and chat templates in worker threads.
+
+    client ──HTTP──> uvicorn event loop (main thread)
+                       parse + validate (pydantic) ── 400/401/404/503 answered here
+                       prepare: chat template, tokenize, check length ──> worker thread (to_thread)
+                       AsyncLLM.generate ── command queue ──> engine thread: schedule, step, detokenize
+                       <── per-request asyncio.Queue (call_soon_threadsafe) <── RequestOutputs
+                       responses/stream chunks (jaxserve.api.responses) ──SSE──> client
+
+The event loop only moves small Python objects and JSON; the engine thread never touches a socket.
+A disconnected client cancels its handler, which aborts its engine requests (pages freed).
+
+    settings.py  ServerSettings: what the entry points decide (no environment reads below them)
+    app.py       create_app(settings): routes, lifespan (engine built and shut down), error shape
+    routes.py    the endpoints
+    serving.py   Serving: admission (queue limit), prepare off the loop, merged streams, metrics hooks
+    metrics.py   Prometheus metrics with vLLM's names under the jaxserve: prefix
+    http.py      request body -> pydantic, SSE response, auth middleware, cancel on disconnect
+    faults.py    test-only fault injection (off unless an entry point turns it on)
+"""
+
+from jaxserve.server.app import create_app
+from jaxserve.server.settings import ServerSettings
+
+__all__ = ["ServerSettings", "create_app"]

@@ -1,0 +1,28 @@
+"""ServerSettings: everything the entry points (jaxserve.app, `jaxserve serve`) decide."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from jaxserve.config import EngineConfig
+from jaxserve.default_model import DEFAULT_MODEL_NAME
+
+DEFAULT_MAX_WAITING_REQUESTS = 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerSettings:
+    engine: EngineConfig = EngineConfig()
+    served_model_names: tuple[str, ...] = ()  # empty: the model argument (or the default model's name)
+    api_key: str | None = None  # when set, /v1/* needs "Authorization: Bearer <key>"
+    retry_after_s: int = 1  # the Retry-After of a 503 when the waiting queue is full
+    fault_token_id: int | None = None  # test-only: a step scheduling a prompt with this token fails
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        return self.served_model_names or (self.engine.model or DEFAULT_MODEL_NAME,)
+
+    @property
+    def max_waiting_requests(self) -> int:
+        w = self.engine.max_waiting_requests
+        return DEFAULT_MAX_WAITING_REQUESTS if w is None else w
