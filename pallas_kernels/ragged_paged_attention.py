@@ -89,12 +89,14 @@ def default_config(num_tokens: int, num_rows: int) -> RaggedPagedAttentionConfig
 
 def default_splits(num_tokens: int, num_rows: int, num_kv_heads: int, max_kv_blocks: int) -> int:
     """KV splits for a batch shape: enough (tile, kv head, split) programs to cover the SMs once
-    when the batch is decode-shaped (one tile per sequence), none for prefill-shaped batches or
-    when a sequence has too few KV blocks to share."""
+    when the batch is decode-shaped (one tile per sequence), at least two KV blocks per split (of
+    the longest sequence the page table can hold), none for prefill-shaped batches. Swept on an
+    H200 (docs/benchmarks.md): 1 x 8192 best at 16, 1 x 2048 at 4-8, 8 x 512 at 2, 8 x 2048 and
+    8 x 8192 flat from 2 to 8, 64 x 2048 flat from 1 to 2."""
     if num_tokens > 2 * num_rows:
         return 1
     programs = num_rows * num_kv_heads
-    return max(1, min(MAX_AUTO_SPLITS, -(-_NUM_SMS // programs), max_kv_blocks))
+    return max(1, min(MAX_AUTO_SPLITS, -(-_NUM_SMS // programs), max_kv_blocks // 2))
 
 
 def _smem_transforms(dtype, head_dim):
