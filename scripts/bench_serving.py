@@ -11,7 +11,8 @@ temperature 1.0 and max_tokens = --output-len, so the two figures compare the sa
 request warms the server first; the clock starts at the first send and stops at the last byte.
 
 Prints requests/s, output and total tokens/s, TTFT, TPOT (time per output token after the
-first) and ITL (time between streamed chunks) as mean, p50, p99.
+first), ITL (time between streamed chunks) and the latency of GET /health probes sent during the
+run (the event loop's responsiveness), as mean, p50, p99.
 """
 
 from __future__ import annotations
@@ -76,6 +77,16 @@ async def run(args) -> dict:
             async with gate:
                 return await one_request(client, url, model, p, args.output_len)
 
+        probe_latencies, done = [], asyncio.Event()
+
+        async def probe():  # the event loop's responsiveness under load: /health round trips
+            while not done.is_set():
+                t = time.perf_counter()
+                await client.get("/health")
+                probe_latencies.append(time.perf_counter() - t)
+                await asyncio.sleep(args.probe_interval)
+
+        prober = asyncio.create_task(probe()) if args.probe_interval > 0 else None
         t0 = time.perf_counter()
         tasks = []
         for p in prompts:
@@ -84,10 +95,13 @@ async def run(args) -> dict:
                 await asyncio.sleep(rng.exponential(1.0 / args.request_rate))
         results = await asyncio.gather(*tasks)
         elapsed = time.perf_counter() - t0
-    return dict(model=model, elapsed=elapsed, results=results)
+        done.set()
+        if prober is not None:
+            await prober
+    return dict(model=model, elapsed=elapsed, results=results, probe=probe_latencies)
 
 
-def summarize(args, elapsed: float, results: list[dict]) -> dict:
+def summarize(args, elapsed: float, results: list[dict], probe: list[float]) -> dict:
     ok = [r for r in results if not r.get("error")]
     failed = len(results) - len(ok)
     out_tokens = sum(r["output_tokens"] for r in ok)
@@ -102,7 +116,8 @@ def summarize(args, elapsed: float, results: list[dict]) -> dict:
     return dict(completed=len(ok), failed=failed, elapsed_s=elapsed, requests_per_second=len(ok) / elapsed,
                 output_tokens_per_second=out_tokens / elapsed, total_tokens_per_second=(in_tokens + out_tokens) / elapsed,
                 output_tokens=out_tokens, ttft_ms=stats(r["ttft"] for r in ok), tpot_ms=stats(r["tpot"] for r in ok),
-                itl_ms=stats(v for r in ok for v in r["itl"]), e2e_ms=stats(r["e2e"] for r in ok))
+                itl_ms=stats(v for r in ok for v in r["itl"]), e2e_ms=stats(r["e2e"] for r in ok),
+                health_ms=stats(probe))
 
 
 def main() -> None:
@@ -117,14 +132,17 @@ def main() -> None:
     p.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (Poisson); inf: all at once")
     p.add_argument("--max-concurrency", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--probe-interval", type=float, default=0.1,
+                   help="seconds between GET /health probes during the run (0: none); their latency shows "
+                        "whether the event loop stays responsive under load")
     p.add_argument("--output-json", default=None)
     args = p.parse_args()
     run_result = asyncio.run(run(args))
-    s = summarize(args, run_result["elapsed"], run_result["results"])
+    s = summarize(args, run_result["elapsed"], run_result["results"], run_result["probe"])
     print(f"Completed {s['completed']} requests ({s['failed']} failed) in {s['elapsed_s']:.2f} s")
     print(f"Throughput: {s['requests_per_second']:.2f} requests/s, {s['total_tokens_per_second']:.2f} total tokens/s, "
           f"{s['output_tokens_per_second']:.2f} output tokens/s")
-    for name in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"):
+    for name in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms", "health_ms"):
         v = s[name]
         print(f"{name[:-3].upper():>5} ms: mean {v['mean']:.1f}, p50 {v['p50']:.1f}, p99 {v['p99']:.1f}")
     if args.output_json:

@@ -36,7 +36,8 @@ def from_validation_error(e: ValidationError) -> APIError:
     """pydantic's first complaint, with the field's dotted path as param."""
     err = e.errors(include_url=False)[0]
     loc = ".".join(str(p) for p in err["loc"])
-    return bad_request(f"{loc}: {err['msg']}" if loc else err["msg"], param=loc or None)
+    msg = err["msg"].removeprefix("Value error, ")  # our own validators' messages read better bare
+    return bad_request(f"{loc}: {msg}" if loc else msg, param=loc or None)
 
 
 def model_not_found(name: str) -> APIError:
