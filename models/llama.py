@@ -11,6 +11,8 @@ gate/up [D, F], down [F, D], lm_head [D, V]. Every parameter carries `logical_ax
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -18,6 +20,7 @@ from flax import nnx
 from models.attention import KVCache, RaggedBatch, paged_attention
 from models.config import ModelConfig
 from models.rope import apply_rope, inverse_frequencies
+from sharding import shard_over_heads
 
 
 def _param(rngs: nnx.Rngs, shape, dtype, axes, *, std: float | None = 0.02, in_axes: int | None = None) -> nnx.Param:
@@ -60,10 +63,11 @@ class RMSNorm(nnx.Module):
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, attention_impl: str, dtype, rngs):
+    def __init__(self, cfg: ModelConfig, *, attention_impl: str, mesh, dtype, rngs):
         D, N, K, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.attention_impl = attention_impl
-        self.sm_scale = H**-0.5
+        attend = functools.partial(paged_attention, sm_scale=H**-0.5, impl=attention_impl)
+        # On a mesh, each device attends with its own heads (sharding.heads lays them out).
+        self.attend = attend if mesh is None or mesh.size == 1 else shard_over_heads(attend, mesh)
         self.rope = (H, cfg.rope_theta, cfg.rope_scaling)  # static: frequencies become a compile-time constant
         proj = lambda out, axes, bias: Projection((D,), out, ("embed",), axes, bias=bias, dtype=dtype, rngs=rngs)  # noqa: E731
         self.q_proj = proj((N, H), ("heads", "head_dim"), cfg.qkv_bias)
@@ -76,7 +80,7 @@ class Attention(nnx.Module):
         q = apply_rope(self.q_proj(x), batch.positions, inv_freq)  # [T, N, H]
         k = apply_rope(self.k_proj(x), batch.positions, inv_freq)  # [T, K, H]
         v = self.v_proj(x)  # [T, K, H]
-        out, cache = paged_attention(q, k, v, cache, batch, sm_scale=self.sm_scale, impl=self.attention_impl)
+        out, cache = self.attend(q, k, v, cache, batch)
         return self.o_proj(out), cache
 
 
@@ -92,9 +96,9 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, attention_impl: str, dtype, rngs):
+    def __init__(self, cfg: ModelConfig, *, attention_impl: str, mesh, dtype, rngs):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, rngs=rngs)
-        self.self_attn = Attention(cfg, attention_impl=attention_impl, dtype=dtype, rngs=rngs)
+        self.self_attn = Attention(cfg, attention_impl=attention_impl, mesh=mesh, dtype=dtype, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, rngs=rngs)
         self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
 
@@ -119,11 +123,12 @@ class LMHead(nnx.Module):
 
 
 class LlamaModel(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, attention_impl: str, dtype, rngs):
+    def __init__(self, cfg: ModelConfig, *, attention_impl: str, mesh, dtype, rngs):
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs)
-        self.layers = nnx.List(
-            [DecoderLayer(cfg, attention_impl=attention_impl, dtype=dtype, rngs=rngs) for _ in range(cfg.num_layers)]
-        )
+        self.layers = nnx.List([
+            DecoderLayer(cfg, attention_impl=attention_impl, mesh=mesh, dtype=dtype, rngs=rngs)
+            for _ in range(cfg.num_layers)
+        ])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, rngs=rngs)
 
     def __call__(self, tokens, kv_cache: KVCache, batch: RaggedBatch):
@@ -140,9 +145,11 @@ class LlamaModel(nnx.Module):
 class LlamaForCausalLM(nnx.Module):
     """Also MistralForCausalLM and Qwen2ForCausalLM: their differences are config options."""
 
-    def __init__(self, cfg: ModelConfig, *, attention_impl: str = "reference", dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, attention_impl: str = "reference", mesh=None, dtype=jnp.float32,
+                 rngs: nnx.Rngs):
         self.config = cfg
-        self.model = LlamaModel(cfg, attention_impl=attention_impl, dtype=dtype, rngs=rngs)
+        self.mesh = mesh
+        self.model = LlamaModel(cfg, attention_impl=attention_impl, mesh=mesh, dtype=dtype, rngs=rngs)
         self.lm_head = None if cfg.tie_word_embeddings else LMHead(cfg.hidden_size, cfg.vocab_size, dtype=dtype, rngs=rngs)
 
     def __call__(self, tokens: jax.Array, kv_cache: KVCache, batch: RaggedBatch) -> tuple[jax.Array, KVCache]:
@@ -161,12 +168,13 @@ class LlamaForCausalLM(nnx.Module):
         return jnp.einsum("rd,dv->rv", hidden, self.lm_head.weight[...], preferred_element_type=jnp.float32)
 
 
-def create_model(cfg: ModelConfig, *, dtype=jnp.float32, attention_impl: str = "reference", seed: int = 0):
-    """A model with random weights (tests, dummy loads under jit)."""
-    return LlamaForCausalLM(cfg, attention_impl=attention_impl, dtype=dtype, rngs=nnx.Rngs(seed))
+def create_model(cfg: ModelConfig, *, dtype=jnp.float32, attention_impl: str = "reference", mesh=None, seed: int = 0):
+    """A model with random weights (tests, dummy loads under jit). With a mesh, cfg's head counts
+    must already follow sharding.head_layout."""
+    return LlamaForCausalLM(cfg, attention_impl=attention_impl, mesh=mesh, dtype=dtype, rngs=nnx.Rngs(seed))
 
 
-def abstract_model(cfg: ModelConfig, *, dtype=jnp.float32, attention_impl: str = "reference"):
+def abstract_model(cfg: ModelConfig, *, dtype=jnp.float32, attention_impl: str = "reference", mesh=None):
     """The model's structure with ShapeDtypeStruct leaves: no memory allocated anywhere."""
-    return nnx.eval_shape(lambda: create_model(cfg, dtype=dtype, attention_impl=attention_impl))
+    return nnx.eval_shape(lambda: create_model(cfg, dtype=dtype, attention_impl=attention_impl, mesh=mesh))
 

@@ -1,7 +1,8 @@
 """Building a model with weights: from a Hugging Face safetensors folder, or random ("dummy").
 
     folder | preset -> ModelConfig -> abstract model (no memory) -> for each parameter, in order:
-        safetensors slice (mmap) -> our layout and dtype on the host -> device_put -> host copy freed
+        safetensors slice (mmap) -> our layout and dtype on the host -> heads laid out for the mesh
+        -> device_put (split over the mesh) -> host copy freed
     dummy: the whole init runs under jit, so the weights are born on the device(s).
 
 At most one tensor is on the host at a time, so peak host memory stays near the largest tensor.
@@ -11,25 +12,26 @@ A missing, mis-shaped or unexpected tensor raises CheckpointError naming it and 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import json
 from pathlib import Path
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from models.config import ModelConfig, ModelConfigError, preset_path
 from models.llama import LlamaForCausalLM, abstract_model, create_model
+from sharding import TP_AXIS, HeadLayout, head_layout, logical_sharding
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints saved; recomputed here
-
-ShardingFor = Callable[[tuple[str, ...], tuple[int, ...]], jax.sharding.Sharding]  # (logical axes, shape) -> placement
 
 
 class CheckpointError(ValueError):
@@ -58,26 +60,34 @@ def load_model(
     load_format: str = "auto",
     attention_impl: str = "reference",
     seed: int = 0,
-    sharding_for: ShardingFor | None = None,
+    mesh: Mesh | None = None,
     progress: bool = True,
 ) -> LlamaForCausalLM:
-    """The model of a folder or preset, weights on the device(s). load_format: "auto" | "safetensors" | "dummy"."""
+    """The model of a folder or preset, weights on the device(s). load_format: "auto" | "safetensors" | "dummy".
+    With a mesh, weights are split over its "tp" axis and heads laid out by sharding.head_layout
+    (the returned model's config holds the served head counts)."""
     cfg = resolve_config(model)
     jdtype = resolve_dtype(dtype, cfg)
+    tp = 1 if mesh is None else mesh.shape[TP_AXIS]
+    layout = head_layout(cfg.num_heads, cfg.num_kv_heads, tp)
+    served = dataclasses.replace(cfg, num_heads=len(layout.q_index), num_kv_heads=len(layout.kv_index))
+    place = (lambda axes, shape: None) if mesh is None else functools.partial(logical_sharding, mesh)  # noqa: E731
     if load_format == "dummy":
-        return _dummy_model(cfg, jdtype, attention_impl, seed, sharding_for)
+        return _dummy_model(served, jdtype, attention_impl, seed, mesh, place)
     if load_format not in ("auto", "safetensors"):
         raise ValueError(f"unknown load_format {load_format!r}; choose 'auto', 'safetensors' or 'dummy'")
     if preset_path(str(model)) is not None and not Path(model).exists():
         raise ValueError(f"{model!r} is a random-weight preset: load it with load_format='dummy'")
-    graphdef, abstract_state = nnx.split(abstract_model(cfg, dtype=jdtype, attention_impl=attention_impl))
-    flat = nnx.to_flat_state(abstract_state)
+    graphdef, abstract_state = nnx.split(abstract_model(served, dtype=jdtype, attention_impl=attention_impl, mesh=mesh))
+    checkpoint_shapes = dict(nnx.to_flat_state(nnx.state(abstract_model(cfg, dtype=jdtype))))
     with CheckpointReader(Path(model)) as reader:
         loaded = []
-        for path, variable in tqdm(list(flat), desc="Loading weights", unit="tensor", disable=not progress):
+        for path, variable in tqdm(list(nnx.to_flat_state(abstract_state)), desc="Loading weights", unit="tensor",
+                                   disable=not progress):
             name = ".".join(str(p) for p in path)
-            host = reader.read_as(name, variable, jdtype)
-            device = jax.device_put(host, None if sharding_for is None else sharding_for(variable.logical_axes, host.shape))
+            host = reader.read_as(name, checkpoint_shapes[path], jdtype)
+            host = lay_out_heads(host, variable.logical_axes, layout)
+            device = jax.device_put(host, place(variable.logical_axes, host.shape))
             loaded.append((path, variable.replace(device)))
             del host
         unused = reader.unused(tied_lm_head=cfg.tie_word_embeddings)
@@ -86,16 +96,30 @@ def load_model(
     return nnx.merge(graphdef, nnx.from_flat_state(loaded))
 
 
-def _dummy_model(cfg, jdtype, attention_impl, seed, sharding_for) -> LlamaForCausalLM:
-    graphdef, abstract_state = nnx.split(abstract_model(cfg, dtype=jdtype, attention_impl=attention_impl))
+def lay_out_heads(array: np.ndarray, logical_axes: tuple[str, ...], layout: HeadLayout) -> np.ndarray:
+    """Reorders, repeats or zero-pads the head axes of one weight to the served head layout."""
+    if layout.is_identity:
+        return array
+    for axis, name in enumerate(logical_axes):
+        index = {"heads": layout.q_index, "kv_heads": layout.kv_index}.get(name)
+        if index is not None:
+            idx = np.asarray(index)
+            taken = np.take(array, np.maximum(idx, 0), axis=axis)
+            keep = (idx >= 0).reshape([-1 if a == axis else 1 for a in range(array.ndim)])
+            array = np.where(keep, taken, np.zeros((), array.dtype))
+    return array
+
+
+def _dummy_model(cfg, jdtype, attention_impl, seed, mesh, place) -> LlamaForCausalLM:
+    graphdef, abstract_state = nnx.split(abstract_model(cfg, dtype=jdtype, attention_impl=attention_impl, mesh=mesh))
     jit_kwargs = {}
-    if sharding_for is not None:
+    if mesh is not None:
         jit_kwargs["out_shardings"] = jax.tree.map(
-            lambda v: sharding_for(v.logical_axes, v.shape), abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable)
+            lambda v: place(v.logical_axes, v.shape), abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable)
         )
 
     def init():
-        return nnx.state(create_model(cfg, dtype=jdtype, attention_impl=attention_impl, seed=seed))
+        return nnx.state(create_model(cfg, dtype=jdtype, attention_impl=attention_impl, mesh=mesh, seed=seed))
 
     return nnx.merge(graphdef, jax.jit(init, **jit_kwargs)())
 

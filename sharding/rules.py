@@ -28,3 +28,8 @@ def logical_sharding(mesh: Mesh, logical_axes: tuple[str, ...], shape: tuple[int
             axis = None
         spec.append(axis)
     return NamedSharding(mesh, PartitionSpec(*spec))
+
+
+def kv_cache_sharding(mesh: Mesh) -> NamedSharding:
+    """KV pages [P, S, K, H] split by kv head."""
+    return NamedSharding(mesh, PartitionSpec(None, None, LOGICAL_RULES["kv_heads"], None))

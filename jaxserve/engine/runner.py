@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from jaxserve.engine.buckets import BucketPlan
@@ -26,6 +27,7 @@ from jaxserve.engine.step import StepInput, make_prompt_logprobs, make_step
 from jaxserve.sampling_params import MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS
 from jaxserve.scheduler.scheduler import ScheduledChunk, SchedulerOutput
 from models import allocate_kv_cache
+from sharding import kv_cache_sharding
 
 MAX_EOS_IDS = 16
 BIAS_WIDTH = MAX_LOGIT_BIAS + MAX_STOP_TOKEN_IDS + MAX_EOS_IDS  # user biases + eos/stop suppression before min_tokens
@@ -83,8 +85,9 @@ class ModelRunner:
         self.processor_names = [name for name, _ in processors]
         self.graphdef, self.state = nnx.split(model)
         self.dtype = model.dtype
+        self.mesh = getattr(model, "mesh", None)
         self.reset_device_state()
-        self._step = make_step(self.graphdef, [fn for _, fn in processors])
+        self._step = make_step(self.graphdef, [fn for _, fn in processors], self.mesh)
         self._prompt_logprobs = make_prompt_logprobs(self.graphdef)
 
     def reset_device_state(self) -> None:
@@ -92,8 +95,10 @@ class ModelRunner:
         consumed the donated buffers)."""
         cfg = self.config
         self.kv_cache = allocate_kv_cache(cfg.num_layers, self.num_pages, self.page_size, cfg.num_kv_heads, cfg.head_dim,
-                                          self.dtype)
+                                          self.dtype, None if self.mesh is None else kv_cache_sharding(self.mesh))
         self.penalties = new_penalty_state(self.num_slots, cfg.vocab_size)
+        if self.mesh is not None:
+            self.penalties = jax.device_put(self.penalties, NamedSharding(self.mesh, PartitionSpec()))
         self._free_slots = list(range(self.num_slots))
         self._slots = {}
 
@@ -105,8 +110,8 @@ class ModelRunner:
         for t, r in tqdm(shapes, desc="Compiling step shapes", unit="shape", disable=not progress):
             self._run(self._stage([], t, r))
         for t in tqdm(self.plan.token_buckets, desc="Compiling prompt logprobs", unit="shape", disable=not progress):
-            self._prompt_logprobs(self.state, jnp.zeros((t, self.config.hidden_size), self.dtype),
-                                  np.zeros(t, np.int32), np.zeros(t, np.int32))
+            _, hidden = self._run(self._stage([], t, self.plan.row_buckets[t][0]))  # hidden as steps place it
+            self._prompt_logprobs(self.state, hidden, np.zeros(t, np.int32), np.zeros(t, np.int32))
         jax.block_until_ready(self.kv_cache)
         return time.perf_counter() - t0
 

@@ -12,11 +12,13 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
 from jaxserve.config import EngineConfig
 from jaxserve.default_model import default_cache_dir, resolve_model
 from jaxserve.tokenizer import load_tokenizer
 from models.loading import load_model
+from sharding import make_mesh
 
 
 def enable_compilation_cache(cache_dir: str | Path | None) -> None:
@@ -25,9 +27,17 @@ def enable_compilation_cache(cache_dir: str | Path | None) -> None:
         jax.config.update("jax_compilation_cache_dir", str(Path(cache_dir or default_cache_dir()) / "xla"))
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
 def resolve_attention_impl(name: str) -> str:
     """"auto": the plain-XLA paged attention, which runs everywhere."""
     return "xla" if name == "auto" else name
+
+
+def build_mesh(config: EngineConfig) -> Mesh | None:
+    """The tensor-parallel mesh over the first tensor_parallel_size devices (None: one device)."""
+    return None if config.tensor_parallel_size == 1 else make_mesh(config.tensor_parallel_size)
 
 
 def build_model_and_tokenizer(config: EngineConfig, model=None, tokenizer=None, *, progress: bool = True):
@@ -35,15 +45,19 @@ def build_model_and_tokenizer(config: EngineConfig, model=None, tokenizer=None, 
     if model is None:
         folder = resolve_model(config.model, config.cache_dir)
         model = load_model(folder, dtype=config.dtype, load_format=config.load_format,
-                           attention_impl=resolve_attention_impl(config.attention_impl), seed=config.seed, progress=progress)
+                           attention_impl=resolve_attention_impl(config.attention_impl), seed=config.seed,
+                           mesh=build_mesh(config), progress=progress)
         if tokenizer is None:
-            tok_folder = config.tokenizer or folder
-            if Path(tok_folder).is_dir():
+            tok_folder = Path(config.tokenizer or folder)
+            # A folder without tokenizer files (random-weight presets, bare checkpoints) serves
+            # token ids only; one whose tokenizer files fail to load is an error.
+            if config.tokenizer or any((tok_folder / f).is_file() for f in TOKENIZER_FILES):
                 tokenizer = load_tokenizer(tok_folder)
     return model, tokenizer
 
 
 def page_bytes(model, page_size: int) -> int:
+    """Bytes of one page across all layers and all devices (kv heads as served)."""
     cfg = model.config
     itemsize = jnp.dtype(model.dtype).itemsize
     return 2 * cfg.num_layers * page_size * cfg.num_kv_heads * cfg.head_dim * itemsize

@@ -13,6 +13,7 @@ from typing import Sequence
 
 import jax
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxserve.engine.sampler import (
     LogitsProcessor,
@@ -23,6 +24,7 @@ from jaxserve.engine.sampler import (
     update_penalty_state,
 )
 from models import LlamaForCausalLM, RaggedBatch
+from sharding import kv_cache_sharding
 
 
 @jax.tree_util.register_dataclass
@@ -34,7 +36,7 @@ class StepInput:
     sampling: SamplingBatch
 
 
-def make_step(graphdef: nnx.GraphDef, processors: Sequence[LogitsProcessor] = ()):
+def make_step(graphdef: nnx.GraphDef, processors: Sequence[LogitsProcessor] = (), mesh: Mesh | None = None):
     """step(state, kv_cache, penalties, inputs) -> (kv_cache, penalties, SamplerOutput, hidden [T, D])."""
 
     def step(state, kv_cache, penalties: PenaltyState, inputs: StepInput):
@@ -42,6 +44,13 @@ def make_step(graphdef: nnx.GraphDef, processors: Sequence[LogitsProcessor] = ()
         hidden, kv_cache = model(inputs.tokens, kv_cache, inputs.attention)
         penalties = update_penalty_state(penalties, inputs.tokens, inputs.sampling)
         logits = model.logits(hidden[inputs.logits_rows])
+        if mesh is not None:
+            # Pin every carried-over array to one placement, so that step n's outputs are step
+            # n+1's inputs exactly (a new placement would recompile); lm_head is split by
+            # vocabulary, and sampling must see it whole.
+            replicated = NamedSharding(mesh, PartitionSpec())
+            kv_cache = jax.lax.with_sharding_constraint(kv_cache, kv_cache_sharding(mesh))
+            penalties, hidden, logits = jax.lax.with_sharding_constraint((penalties, hidden, logits), replicated)
         out = sample(logits, inputs.sampling, penalties, processors)
         return kv_cache, penalties, out, hidden
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import numpy as np
 import pytest
@@ -30,7 +28,7 @@ def test_rules_megatron_and_replicate_when_indivisible():
 def test_model_sharded_over_two_devices_gives_same_logits():
     folder = FIXTURES / "tiny" / "llama_gqa_llama3rope"
     mesh = make_mesh(2)
-    sharded = load_model(folder, progress=False, sharding_for=functools.partial(logical_sharding, mesh))
+    sharded = load_model(folder, progress=False, mesh=mesh)
     q = sharded.model.layers[0].self_attn.q_proj.weight[...]
     assert q.sharding.spec == PartitionSpec(None, "tp", None) and len(q.devices()) == 2
     prompt = [np.arange(2, 40).tolist()]

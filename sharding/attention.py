@@ -1,0 +1,27 @@
+"""Attention per shard: each device attends with its own query heads and the kv heads they read.
+
+    q, k, v [T, heads, H]      split on heads          -> fn on each device's slice
+    KV pages [P, S, K, H]      split on kv heads
+    ragged batch metadata      replicated
+
+The head layout (sharding.heads) guarantees every device holds whole GQA groups, so the
+attention function (reference, XLA or a Pallas kernel) runs unchanged on its shard.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+from jax.sharding import Mesh, PartitionSpec
+
+from sharding.mesh import TP_AXIS
+
+
+def shard_over_heads(fn: Callable, mesh: Mesh) -> Callable:
+    """fn(q, k, v, cache, batch) -> (out, cache), run per shard over the mesh's "tp" axis."""
+    heads = PartitionSpec(None, TP_AXIS, None)
+    pages = PartitionSpec(None, None, TP_AXIS, None)
+    return jax.shard_map(
+        fn, mesh=mesh, in_specs=(heads, heads, heads, pages, PartitionSpec()), out_specs=(heads, pages), check_vma=False
+    )

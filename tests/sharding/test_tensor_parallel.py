@@ -1,0 +1,60 @@
+"""Tensor parallelism on 8 CPU devices: the same greedy tokens at tp = 1, 2, 4 and 8, for a tiny
+GQA config (kv heads repeated past tp = 2) and for SmolLM2 (9 query / 3 kv heads: zero heads
+appended), through the model and through the whole engine."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec
+
+from jaxserve import LLM, SamplingParams
+from jaxserve.engine.greedy import greedy_generate
+from models.loading import lay_out_heads, load_model
+from sharding import head_layout, make_mesh
+from tests.conftest import FIXTURES, load_reference
+
+pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs XLA_FLAGS=--xla_force_host_platform_device_count=8")
+TINY = FIXTURES / "tiny" / "llama_gqa_llama3rope"
+
+
+@pytest.mark.parametrize("tp", [2, 4, 8])
+def test_tiny_greedy_same_at_every_tp(tp):
+    ref = load_reference("llama_gqa_llama3rope")
+    prompts = [p.tolist() for p in ref["prompts"]]
+    model = load_model(TINY, dtype="float32", attention_impl="xla", mesh=make_mesh(tp), progress=False)
+    k_proj = model.model.layers[0].self_attn.k_proj.weight[...]
+    assert tuple(k_proj.sharding.spec)[:2] == (None, "tp") and len(k_proj.devices()) == tp
+    assert greedy_generate(model, prompts, 32) == ref["greedy"].tolist()
+
+
+@pytest.mark.parametrize("tp", [2, 4, 8])
+def test_smollm2_greedy_same_at_every_tp(tp, smollm2_folder):
+    ref = load_reference("smollm2")
+    prompts = [p.tolist() for p in ref["prompts"][:6]]
+    model = load_model(smollm2_folder, dtype="float32", attention_impl="xla", mesh=make_mesh(tp), progress=False)
+    assert (model.config.num_heads, model.config.num_kv_heads) == {2: (12, 4), 4: (12, 4), 8: (24, 8)}[tp]
+    assert greedy_generate(model, prompts, 32) == ref["greedy"][:6].tolist()
+
+
+def test_engine_at_tp4_serves_the_same_tokens():
+    ref = load_reference("llama_gqa_llama3rope")
+    llm = LLM(str(TINY), dtype="float32", tensor_parallel_size=4, max_num_seqs=8, max_num_batched_tokens=64,
+              max_model_len=256, num_kv_pages=64, progress=False)
+    cache = llm.engine.runner.kv_cache[0].k
+    assert tuple(cache.sharding.spec)[:3] == (None, None, "tp") and len(cache.devices()) == 4
+    outs = llm.generate([{"prompt_token_ids": p.tolist()} for p in ref["prompts"]],
+                        SamplingParams(temperature=0, max_tokens=32, ignore_eos=True), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == ref["greedy"].tolist()
+    assert llm.engine.num_compilations_since_warmup == 0
+
+
+def test_head_layout_keeps_groups_whole():
+    layout = head_layout(9, 3, 4)  # 3 query heads per kv head; pad to 4 kv heads, 12 query heads
+    assert layout.q_index == tuple(range(9)) + (-1, -1, -1) and layout.kv_index == (0, 1, 2, -1)
+    w = np.arange(2 * 9 * 2).reshape(2, 9, 2).astype(np.float32)
+    out = lay_out_heads(w, ("embed", "heads", "head_dim"), layout)
+    assert out.shape == (2, 12, 2) and np.all(out[:, 9:] == 0) and np.array_equal(out[:, :9], w)
+    repeat = head_layout(32, 8, 16)
+    assert repeat.kv_index == tuple(k // 2 for k in range(16))
