@@ -1,8 +1,9 @@
 """Building a model with weights: from a Hugging Face safetensors folder, or random ("dummy").
 
     folder | preset -> ModelConfig -> abstract model (no memory) -> for each parameter, in order:
-        safetensors slice (mmap) -> our layout and dtype on the host -> heads laid out for the mesh
-        -> device_put (split over the mesh) -> host copy freed
+        safetensors slice (mmap) -> our layout and dtype on the host    | orbax checkpoint: restored
+        -> heads laid out for the mesh -> device_put (split over it)    | onto its devices directly
+        -> host copy freed
     dummy: the whole init runs under jit, so the weights are born on the device(s).
 
 At most one tensor is on the host at a time, so peak host memory stays near the largest tensor.
@@ -29,6 +30,7 @@ from tqdm.auto import tqdm
 from models.config import ModelConfig, ModelConfigError, preset_path
 from models.llama import LlamaForCausalLM, abstract_model, create_model
 from sharding import TP_AXIS, HeadLayout, head_layout, logical_sharding
+from sharding.checkpoint import CheckpointRestorer, is_checkpoint
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints saved; recomputed here
@@ -80,17 +82,20 @@ def load_model(
         raise ValueError(f"{model!r} is a random-weight preset: load it with load_format='dummy'")
     graphdef, abstract_state = nnx.split(abstract_model(served, dtype=jdtype, attention_impl=attention_impl, mesh=mesh))
     checkpoint_shapes = dict(nnx.to_flat_state(nnx.state(abstract_model(cfg, dtype=jdtype))))
-    with CheckpointReader(Path(model)) as reader:
+    source = OrbaxSource(Path(model)) if is_checkpoint(model) else CheckpointReader(Path(model))
+    with source:
         loaded = []
         for path, variable in tqdm(list(nnx.to_flat_state(abstract_state)), desc="Loading weights", unit="tensor",
                                    disable=not progress):
             name = ".".join(str(p) for p in path)
-            host = reader.read_as(name, checkpoint_shapes[path], jdtype)
-            host = lay_out_heads(host, variable.logical_axes, layout)
-            device = jax.device_put(host, place(variable.logical_axes, host.shape))
+            stored = checkpoint_shapes[path]  # the checkpoint's own head layout
+            array = source.read_as(name, stored, jdtype, place(variable.logical_axes, tuple(stored.shape)))
+            if not layout.is_identity:  # heads change: one tensor through the host
+                array = lay_out_heads(np.asarray(jax.device_get(array)), variable.logical_axes, layout)
+            device = jax.device_put(array, place(variable.logical_axes, tuple(variable.shape)))
             loaded.append((path, variable.replace(device)))
-            del host
-        unused = reader.unused(tied_lm_head=cfg.tie_word_embeddings)
+            del array
+        unused = source.unused(tied_lm_head=cfg.tie_word_embeddings)
         if unused:
             raise CheckpointError(f"{model}: tensors not used by {cfg.architecture}: {', '.join(unused[:10])}")
     return nnx.merge(graphdef, nnx.from_flat_state(loaded))
@@ -158,9 +163,9 @@ class CheckpointReader:
             self._handles[file] = self._stack.enter_context(safe_open(file, framework="numpy"))
         return self._handles[file]
 
-    def read_as(self, name: str, variable: nnx.Variable, dtype) -> np.ndarray:
+    def read_as(self, name: str, variable: nnx.Variable, dtype, sharding=None) -> np.ndarray:
         """Reads `name` and returns it in the variable's layout and `dtype` (Hugging Face keeps
-        projections as [out, in]; ours are [*in_dims, *out_dims])."""
+        projections as [out, in]; ours are [*in_dims, *out_dims]). Placement is the caller's."""
         if name not in self.file_of:
             raise CheckpointError(f"{self.folder}: tensor {name!r} is missing from the checkpoint")
         file = self.file_of[name]
@@ -182,6 +187,32 @@ class CheckpointReader:
             return name.endswith(IGNORED_SUFFIXES) or (tied_lm_head and name == "lm_head.weight")
 
         return sorted(n for n in self.file_of if n not in self.used and not ignorable(n))
+
+
+class OrbaxSource:
+    """The tensors of a jaxserve orbax checkpoint (sharding.checkpoint), restored straight onto
+    their devices."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.restorer = CheckpointRestorer(folder)
+        self.used: set[str] = set()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.restorer.close()
+
+    def read_as(self, name: str, variable: nnx.Variable, dtype, sharding=None) -> jax.Array:
+        if name not in self.restorer:
+            raise CheckpointError(f"{self.folder}: tensor {name!r} is missing from the checkpoint")
+        sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        self.used.add(name)
+        return self.restorer.restore(name, jax.ShapeDtypeStruct(tuple(variable.shape), dtype, sharding=sharding))
+
+    def unused(self, *, tied_lm_head: bool) -> list[str]:
+        return sorted(n for n in self.restorer.meta["tensors"] if n not in self.used)
 
 
 def _numpy_dtype(dtype):
