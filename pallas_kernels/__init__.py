@@ -7,7 +7,7 @@ the semantics every kernel is tested against. Kernels are Mosaic GPU (Hopper, sm
 run the same kernel bodies in Pallas GPU interpret mode on the CPU.
 """
 
-from pallas_kernels.kv_cache_update import write_kv_pages_reference
+from pallas_kernels.kv_cache_update import write_kv_pages, write_kv_pages_reference
 from pallas_kernels.ragged_paged_attention import (
     RaggedPagedAttentionConfig,
     ragged_paged_attention,
@@ -18,5 +18,6 @@ __all__ = [
     "RaggedPagedAttentionConfig",
     "ragged_paged_attention",
     "ragged_paged_attention_reference",
+    "write_kv_pages",
     "write_kv_pages_reference",
 ]

@@ -62,9 +62,10 @@ def _write_block(slot_ref, k_new_ref, v_new_ref, k_out, v_out, k_smem, v_smem, l
 
 
 @functools.partial(jax.jit, static_argnames=("tokens_per_block", "interpret"))
-def write_kv_pages(k_pages, v_pages, k_new, v_new, slot_mapping, *, tokens_per_block: int = 8, interpret: bool = False):
+def write_kv_pages(k_pages, v_pages, k_new, v_new, slot_mapping, *, tokens_per_block: int = 32, interpret: bool = False):
     """The Mosaic GPU writer (Hopper; `interpret=True` runs it on the CPU). tokens_per_block is
-    reduced to a divisor of T. -> (k_pages, v_pages)."""
+    reduced to a divisor of T (32 was faster than 8 at 256 and 2048 tokens on an H200,
+    docs/benchmarks.md). -> (k_pages, v_pages)."""
     check_inputs(k_pages, v_pages, k_new, v_new, slot_mapping)
     if k_new.dtype != k_pages.dtype or v_new.dtype != v_pages.dtype:
         k_new, v_new = k_new.astype(k_pages.dtype), v_new.astype(v_pages.dtype)

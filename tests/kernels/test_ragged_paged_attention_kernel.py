@@ -4,7 +4,8 @@ buffer, outputs included, filled with NaN, so an element the kernel forgets to w
 
 Random ragged batches: decode and prefill rows mixed, kv lengths 1..2048 crossing page
 boundaries, pages scattered, GQA 1/4/8, head_dim 64/128, page sizes 16..128, padding rows and
-padding tokens. fp32 within 1e-5 relative, bf16 within 1e-2."""
+padding tokens; split-KV (shares combined by log-sum-exp, empty shares included). fp32 within
+1e-5 relative, bf16 within 1e-2."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import RaggedPagedAttentionConfig, ragged_paged_attention, ragged_paged_attention_reference
+from pallas_kernels.ragged_paged_attention import default_splits
 from pallas_kernels.ragged_tiles import max_tiles, plan_tiles
 from tests.kernels.test_ragged_paged_attention_reference import random_batch
 
@@ -60,6 +62,26 @@ def test_bfloat16_matches_reference(head_dim, page_size, config):
     assert err <= 1e-2
 
 
+@pytest.mark.parametrize("q_lens,kv_lens,group,config", [
+    # decode rows only, 4 splits: long rows spread over all, a 1-key row leaves 3 shares empty
+    ([1, 1, 1, 1], [700, 1, 129, 2048], 8, RaggedPagedAttentionConfig(block_kv=64, compute_warpgroups=1, num_stages=2,
+                                                                       kv_splits=4)),
+    # prefill rows too, 3 splits of a 128-row tile: early rows see no key in the later shares
+    ([1, 90, 5, 1], [300, 400, 5, 64], 4, RaggedPagedAttentionConfig(block_kv=64, compute_warpgroups=2, num_stages=3,
+                                                                      kv_splits=3)),
+])
+def test_split_kv_matches_reference(q_lens, kv_lens, group, config):
+    assert run_case(11, q_lens, kv_lens, group, 64, 16, config) <= 1e-5
+
+
+def test_default_splits():
+    assert default_splits(1, 1, 8, max_kv_blocks=64) == 16  # one long sequence: fill the SMs
+    assert default_splits(8, 8, 8, max_kv_blocks=4) == 2  # at least two KV blocks per split
+    assert default_splits(8, 8, 8, max_kv_blocks=64) == 3  # 64 programs -> 3 x 64 >= 132 SMs
+    assert default_splits(64, 64, 8, max_kv_blocks=64) == 1  # 512 programs already
+    assert default_splits(2048, 1, 8, max_kv_blocks=64) == 1  # prefill-shaped: no split
+
+
 def test_group_not_a_power_of_two():
     # SmolLM2-135M has 9 query heads over 3 kv heads: a token's rows straddle 64-row chunks.
     assert run_case(3, [1, 30, 1], [77, 30, 500], 3, 64, 16, WIDE, num_kv_heads=1) <= 1e-5
@@ -97,10 +119,11 @@ def test_bad_inputs_are_named():
         RaggedPagedAttentionConfig(block_kv=96)
 
 
-@pytest.mark.parametrize("config", [None, WIDE, SMALL])
+@pytest.mark.parametrize("config", [None, WIDE, SMALL, RaggedPagedAttentionConfig(kv_splits=4)])
 def test_lowers_for_hopper(config):
     """The compiled path's Mosaic GPU lowering (layout inference, shared-memory budget) runs on the
-    CPU: lower for the cuda platform without compiling; p_from_registers is only taken here."""
+    CPU: lower for the cuda platform without compiling; p_from_registers, the in-place accumulator
+    (run_state) and the register split are only taken here. None: decode-shaped, auto splits."""
     import functools
 
     import jax
