@@ -18,7 +18,8 @@ to an implementation:
                  portable path (CPU)
     "pallas"     the Mosaic GPU kernel on a GPU; elsewhere the same kernel body in Pallas GPU
                  interpret mode, for tests
-All write the new K/V with the XLA scatter `write_kv_pages_reference` (in place when donated).
+"reference" and "xla" write the new K/V with the XLA scatter `write_kv_pages_reference`, "pallas" with the
+Mosaic GPU writer `write_kv_pages` (both in place when donated).
 KV cache layout: per layer, k and v pages [P, S, K, H]; the kernel reads one head's [S, H] slice of
 a page per TMA copy.
 """
@@ -31,7 +32,12 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import ragged_paged_attention, ragged_paged_attention_reference, write_kv_pages_reference
+from pallas_kernels import (
+    ragged_paged_attention,
+    ragged_paged_attention_reference,
+    write_kv_pages,
+    write_kv_pages_reference,
+)
 from pallas_kernels.ragged_paged_attention_xla import ragged_paged_attention_xla
 
 
@@ -89,10 +95,11 @@ def _xla(q, k, v, cache: LayerKVCache, batch: RaggedBatch, *, sm_scale: float):
 
 
 def _pallas(q, k, v, cache: LayerKVCache, batch: RaggedBatch, *, sm_scale: float):
-    k_pages, v_pages = write_kv_pages_reference(cache.k, cache.v, k, v, batch.slot_mapping)
+    interpret = jax.default_backend() != "gpu"
+    k_pages, v_pages = write_kv_pages(cache.k, cache.v, k, v, batch.slot_mapping, interpret=interpret)
     out = ragged_paged_attention(
         q, k_pages, v_pages, batch.kv_lens, batch.page_table, batch.cu_q_lens, batch.num_seqs,
-        sm_scale=sm_scale, interpret=jax.default_backend() != "gpu",
+        sm_scale=sm_scale, interpret=interpret,
     )
     return out, LayerKVCache(k_pages, v_pages)
 
