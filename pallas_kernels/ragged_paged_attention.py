@@ -16,7 +16,10 @@ Rows of q past cu_q_lens[num_seqs] are padding: their output is zero.
 The file reads: Mosaic GPU kernel -> `_attention_call` (the pallas call) -> `ragged_paged_attention`
 (validated, jitted) -> `ragged_paged_attention_reference` (pure jnp, the semantics).
 
-Kernel data flow, one program per (work tile, kv head); `ragged_tiles` says what a tile is:
+Kernel data flow, one program per (work tile, kv head[, kv split]); `ragged_tiles` says what a tile
+is. With kv_splits > 1 (flash-decoding; `default_splits` picks it for small decode batches) program
+s takes the s-th share of the tile's KV blocks and stores its normalised output and its base-2
+log-sum-exp; the wrapper combines the shares. Otherwise:
 
     q rows of the tile (G query heads x tokens of one sequence; gathered into 8-aligned slots
     by the wrapper) --TMA--> smem, once
