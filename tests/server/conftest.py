@@ -5,7 +5,8 @@ SmolLM2's tokenizer and chat template (vocab 49152): warm-up in seconds, real te
     server           one `uvicorn jaxserve.app:app` (JAXSERVE_* environment) for the whole session
     ServerProcess    start/stop helper (the SIGTERM test starts its own with `jaxserve serve`)
 
-Every server test module is in the xdist group "server" so that one worker owns the shared server.
+Under pytest-xdist each worker that runs server tests starts its own shared server (tests never
+depend on another test's requests, only on their own).
 """
 
 from __future__ import annotations

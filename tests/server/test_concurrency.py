@@ -12,7 +12,6 @@ from openai import AsyncOpenAI
 
 from tests.server.conftest import API_KEY, MODEL_NAME, metric_values, wait_idle
 
-pytestmark = pytest.mark.xdist_group("server")
 
 PROMPTS = ["The quick brown fox", "In a hole in the ground", "It was a bright cold day", "Call me Ishmael"]
 MAX_TOKENS = 24
@@ -71,7 +70,7 @@ def test_non_streaming_client_that_hangs_up_is_aborted(server, http):
 
 
 def test_metrics_have_vllm_names_and_count(client, http):
-    before = metric_values(http)
+    before = wait_idle(http)  # aborts of earlier tests' requests are settled
     r = client.completions.create(model=MODEL_NAME, prompt="count me", **GREEDY)
     after = metric_values(http)
     for name in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "num_preemptions_total",

@@ -10,9 +10,8 @@ import httpx
 import openai
 import pytest
 
-from tests.server.conftest import API_KEY, FAULT_TOKEN, MAX_MODEL_LEN, MAX_NUM_SEQS, MAX_WAITING, MODEL_NAME
+from tests.server.conftest import API_KEY, FAULT_TOKEN, MAX_MODEL_LEN, MAX_NUM_SEQS, MAX_WAITING, MODEL_NAME, wait_idle
 
-pytestmark = pytest.mark.xdist_group("server")
 
 COMPLETIONS = "/v1/completions"
 CHAT = "/v1/chat/completions"
@@ -98,6 +97,7 @@ def test_missing_or_wrong_api_key_is_401(server):
 
 def test_full_queue_is_503_with_retry_after(server, http):
     """Fill the queue (max_num_seqs + max_waiting_requests sequences) with long streams; the next is 503."""
+    wait_idle(http)
     capacity = MAX_NUM_SEQS + MAX_WAITING
     n = 20
     holders, started = [], threading.Barrier(capacity // n + 1)
@@ -125,6 +125,7 @@ def test_full_queue_is_503_with_retry_after(server, http):
         stop.set()
         for t in holders:
             t.join(timeout=60)
+    assert wait_idle(http)["jaxserve:kv_cache_usage_perc"] == 0  # the holders' requests were aborted
 
 
 def test_engine_failure_is_500_for_that_request_and_the_server_serves_on(http, client):

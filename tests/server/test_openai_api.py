@@ -9,7 +9,6 @@ import pytest
 
 from tests.server.conftest import MAX_MODEL_LEN, MODEL_NAME
 
-pytestmark = pytest.mark.xdist_group("server")
 
 GREEDY = dict(temperature=0, extra_body={"ignore_eos": True})
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]

@@ -12,7 +12,6 @@ import pytest
 
 from tests.server.conftest import ENGINE_ENV, ServerProcess, free_port
 
-pytestmark = pytest.mark.xdist_group("server")
 
 
 def test_sigterm_finishes_in_flight_requests_then_exits_0(tiny_chat_model):
