@@ -44,7 +44,7 @@ def main() -> None:
     llm = LLM(args.model, attention_impl=args.attention_impl, gpu_memory_utilization=0.9, **common)
     report["startup_seconds"] = time.perf_counter() - t0
     engine = llm.engine
-    stats = jax.devices()[0].memory_stats() or {}
+    stats = jax.local_devices()[0].memory_stats() or {}
     weights = sum(a.nbytes for a in jax.tree.leaves(engine.runner.state))
     per_token = page_bytes(_ModelView(engine), 1)
     capacity = engine.scheduler.kv.num_pages * engine.config.page_size

@@ -94,7 +94,7 @@ class LLMEngine:
         log(self.plan.describe())
         processors = list((logits_processors or {}).items())
         workspace = 0
-        if config.num_kv_pages is None and "bytes_limit" in (jax.devices()[0].memory_stats() or {}):
+        if config.num_kv_pages is None and "bytes_limit" in (jax.local_devices()[0].memory_stats() or {}):
             probe = ModelRunner(model, num_pages=4, page_size=config.page_size, max_model_len=config.page_size,
                                 plan=self.plan, max_num_seqs=config.max_num_seqs, processors=processors)
             workspace = probe.step_workspace_bytes() + probe.state_bytes()

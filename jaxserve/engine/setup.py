@@ -69,7 +69,7 @@ def plan_kv_cache(config: EngineConfig, model, *, workspace_bytes: int = 0, log:
     (the CPU), cpu_kv_cache_bytes."""
     cfg = model.config
     per_page = page_bytes(model, config.page_size)
-    stats = jax.devices()[0].memory_stats() or {}
+    stats = jax.local_devices()[0].memory_stats() or {}
     if config.num_kv_pages is not None:
         num_pages = config.num_kv_pages
     elif "bytes_limit" in stats:
