@@ -17,7 +17,7 @@ from jax.sharding import Mesh
 from jaxserve.config import EngineConfig
 from jaxserve.default_model import default_cache_dir, resolve_model
 from jaxserve.tokenizer import load_tokenizer
-from models.loading import load_model
+from models.loading import load_model, resolve_config
 from sharding import make_mesh
 
 
@@ -30,9 +30,12 @@ def enable_compilation_cache(cache_dir: str | Path | None) -> None:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
-def resolve_attention_impl(name: str) -> str:
-    """"auto": the plain-XLA paged attention, which runs everywhere."""
-    return "xla" if name == "auto" else name
+def resolve_attention_impl(name: str, head_dim: int) -> str:
+    """"auto": the Pallas Mosaic GPU kernel on a GPU (it needs head_dim a multiple of 64), the
+    plain-XLA paged attention elsewhere."""
+    if name != "auto":
+        return name
+    return "pallas" if jax.default_backend() == "gpu" and head_dim % 64 == 0 else "xla"
 
 
 def build_mesh(config: EngineConfig) -> Mesh | None:
@@ -44,8 +47,8 @@ def build_model_and_tokenizer(config: EngineConfig, model=None, tokenizer=None, 
     enable_compilation_cache(config.cache_dir)
     if model is None:
         folder = resolve_model(config.model, config.cache_dir)
-        model = load_model(folder, dtype=config.dtype, load_format=config.load_format,
-                           attention_impl=resolve_attention_impl(config.attention_impl), seed=config.seed,
+        impl = resolve_attention_impl(config.attention_impl, resolve_config(folder).head_dim)
+        model = load_model(folder, dtype=config.dtype, load_format=config.load_format, attention_impl=impl, seed=config.seed,
                            mesh=build_mesh(config), progress=progress)
         if tokenizer is None:
             tok_folder = Path(config.tokenizer or folder)
