@@ -23,6 +23,7 @@ class EngineConfig:
     num_kv_pages: int | None = None  # override the memory-derived page count
     cpu_kv_cache_bytes: int = 1 << 30  # KV budget where the device reports no memory (CPU)
     min_token_bucket: int = 16
+    row_bucket_growth: int = 4  # factor between request-count buckets; 0: one per token bucket
     cache_dir: str | Path | None = None  # converted default model + XLA compilation cache
     max_waiting_requests: int | None = None
 

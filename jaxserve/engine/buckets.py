@@ -1,7 +1,7 @@
 """The fixed plan of compiled shapes: token-count buckets x request-count buckets.
 
     tokens T: powers of two from min_tokens up to max_num_batched_tokens (and that maximum)
-    rows   R: powers of four up to min(T, max_num_seqs) (and that maximum), for each T
+    rows   R: powers of four (row_growth) up to min(T, max_num_seqs) (and that maximum), for each T
 
 A step with t tokens from r requests runs at the smallest (T >= t, R >= r) of the plan.
 """
@@ -26,9 +26,12 @@ class BucketPlan:
     row_buckets: dict[int, tuple[int, ...]]  # T -> the R buckets compiled for it
 
     @classmethod
-    def make(cls, max_num_batched_tokens: int, max_num_seqs: int, min_tokens: int = 16) -> "BucketPlan":
+    def make(cls, max_num_batched_tokens: int, max_num_seqs: int, min_tokens: int = 16, row_growth: int = 4) -> "BucketPlan":
+        """row_growth: the factor between row buckets; 0 compiles one row bucket per T (its
+        maximum), trading padded rows for fewer compiled shapes (faster start-up)."""
         tokens = tuple(_ladder(min(min_tokens, max_num_batched_tokens), 2, max_num_batched_tokens))
-        rows = {t: tuple(_ladder(1, 4, min(t, max_num_seqs))) for t in tokens}
+        top = {t: min(t, max_num_seqs) for t in tokens}
+        rows = {t: (top[t],) if row_growth == 0 else tuple(_ladder(1, row_growth, top[t])) for t in tokens}
         return cls(tokens, rows)
 
     def pick(self, num_tokens: int, num_rows: int) -> tuple[int, int]:

@@ -90,7 +90,8 @@ class LLMEngine:
         self.log = log
         model, self.tokenizer = build_model_and_tokenizer(config, model, tokenizer, progress=progress)
         self.model_config = cfg = model.config
-        self.plan = BucketPlan.make(config.max_num_batched_tokens, config.max_num_seqs, config.min_token_bucket)
+        self.plan = BucketPlan.make(config.max_num_batched_tokens, config.max_num_seqs, config.min_token_bucket,
+                                    config.row_bucket_growth)
         log(self.plan.describe())
         processors = list((logits_processors or {}).items())
         workspace = 0
