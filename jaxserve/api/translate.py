@@ -9,7 +9,7 @@ Range checks live in SamplingParams (its ValueError becomes a 400); this module 
 
 from __future__ import annotations
 
-from jaxserve.api.errors import APIError, bad_request, from_value_error, model_not_found
+from jaxserve.api.errors import bad_request, from_value_error, model_not_found
 from jaxserve.api.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
 from jaxserve.sampling_params import SamplingParams
 
@@ -107,6 +107,3 @@ def check_model(requested: str | None, served: list[str]) -> str:
         raise model_not_found(requested)
     return requested
 
-
-__all__ = ["APIError", "chat_params", "chat_prompt", "check_model", "completion_params", "completion_prompts",
-           "template_messages"]

@@ -17,7 +17,7 @@ import asyncio
 import time
 from typing import AsyncIterator
 
-from jaxserve.api.errors import from_value_error, overloaded
+from jaxserve.api.errors import bad_request, from_value_error, overloaded
 from jaxserve.engine.async_engine import AsyncLLM
 from jaxserve.engine.llm_engine import PreparedRequest
 from jaxserve.outputs import RequestOutput
@@ -38,6 +38,9 @@ class Serving:
     async def open(self, request_id: str, prompts: list, params: SamplingParams, arrival: float) -> "OpenRequest":
         """Admits (or 503) and prepares (or 400) a request; the caller must close() what it gets."""
         sequences = len(prompts) * params.n
+        if sequences > self.capacity:  # would never fit: the request's fault, not a busy server
+            raise bad_request(f"{len(prompts)} prompt(s) x n={params.n} = {sequences} sequences exceed the server's "
+                              f"queue of {self.capacity}", param="n")
         if self.admitted + sequences > self.capacity:
             raise overloaded(self.settings.retry_after_s)
         self.admitted += sequences

@@ -137,3 +137,8 @@ def test_engine_failure_is_500_for_that_request_and_the_server_serves_on(http, c
     ok = client.completions.create(model=MODEL_NAME, prompt="still here?", max_tokens=3, temperature=0)
     assert ok.choices[0].finish_reason in ("length", "stop")
     assert http.get("/health").status_code == 200
+
+
+def test_more_sequences_than_the_queue_holds_is_400_not_503(http):
+    e = error_of(http.post(COMPLETIONS, json={"prompt": ["a", "b"], "n": MAX_NUM_SEQS + MAX_WAITING}), 400)
+    assert e["param"] == "n"
