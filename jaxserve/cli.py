@@ -43,7 +43,8 @@ def _add_serve_parser(sub) -> None:
     serve.add_argument("--model", default=None, help="HF folder or preset; default: the embedded SmolLM2-135M-Instruct")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all interfaces)")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--served-model-name", nargs="+", default=None, help="names the API answers to (first: reported)")
+    serve.add_argument("--served-model-name", nargs="+", default=None,
+                       help="names the API answers to (first: reported)")
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
     serve.add_argument("--tokenizer", default=None)
     serve.add_argument("--load-format", default=d.load_format, choices=["auto", "safetensors", "dummy"])
@@ -55,7 +56,8 @@ def _add_serve_parser(sub) -> None:
     serve.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization)
     serve.add_argument("--seed", type=int, default=d.seed)
     serve.add_argument("--block-size", type=int, default=d.page_size, help="tokens per KV cache page")
-    serve.add_argument("--num-gpu-blocks-override", type=int, default=None, help="KV cache pages (default: from memory)")
+    serve.add_argument("--num-gpu-blocks-override", type=int, default=None,
+                       help="KV cache pages (default: from memory)")
     serve.add_argument("--attention-impl", default=d.attention_impl, choices=["auto", "xla", "pallas", "reference"])
     serve.add_argument("--max-waiting-requests", type=int, default=None,
                        help="sequences allowed to wait beyond --max-num-seqs before answering 503 (default 1024)")

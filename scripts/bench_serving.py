@@ -111,10 +111,12 @@ def summarize(args, elapsed: float, results: list[dict], probe: list[float]) -> 
         values = np.asarray([v for v in values if v is not None], dtype=float) * scale
         if values.size == 0:
             return dict(mean=float("nan"), p50=float("nan"), p99=float("nan"))
-        return dict(mean=float(values.mean()), p50=float(np.percentile(values, 50)), p99=float(np.percentile(values, 99)))
+        p50, p99 = np.percentile(values, [50, 99])
+        return dict(mean=float(values.mean()), p50=float(p50), p99=float(p99))
 
     return dict(completed=len(ok), failed=failed, elapsed_s=elapsed, requests_per_second=len(ok) / elapsed,
-                output_tokens_per_second=out_tokens / elapsed, total_tokens_per_second=(in_tokens + out_tokens) / elapsed,
+                output_tokens_per_second=out_tokens / elapsed,
+                total_tokens_per_second=(in_tokens + out_tokens) / elapsed,
                 output_tokens=out_tokens, ttft_ms=stats(r["ttft"] for r in ok), tpot_ms=stats(r["tpot"] for r in ok),
                 itl_ms=stats(v for r in ok for v in r["itl"]), e2e_ms=stats(r["e2e"] for r in ok),
                 health_ms=stats(probe))

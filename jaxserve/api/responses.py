@@ -106,7 +106,8 @@ class CompletionBuilder:
             offset = base + len(c.text[:start_chars])
             lp = completion_logprobs(c.token_ids[start_tokens:], (c.logprobs or [])[start_tokens:], offset)
             if echo_lp is not None:
-                lp = CompletionLogprobs(**{k: getattr(echo_lp, k) + getattr(lp, k) for k in CompletionLogprobs.model_fields})
+                fields = CompletionLogprobs.model_fields
+                lp = CompletionLogprobs(**{k: getattr(echo_lp, k) + getattr(lp, k) for k in fields})
         return CompletionChoice(index=p * self.n + c.index, text=text, logprobs=lp, finish_reason=c.finish_reason,
                                 stop_reason=c.stop_reason)
 

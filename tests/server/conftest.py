@@ -142,7 +142,8 @@ def metric_values(http_client) -> dict[str, float]:
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             extra = {k: v for k, v in sample.labels.items() if k != "model_name"}
-            key = sample.name + ("" if not extra else "{" + ",".join(f"{k}={v}" for k, v in sorted(extra.items())) + "}")
+            labels = ",".join(f"{k}={v}" for k, v in sorted(extra.items()))
+            key = sample.name + (f"{{{labels}}}" if labels else "")
             values[key] = sample.value
     return values
 

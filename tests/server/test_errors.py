@@ -32,7 +32,8 @@ def test_malformed_json_is_400(http, body):
 
 
 def test_invalid_utf8_is_400(http):
-    e = error_of(http.post(COMPLETIONS, content=b'{"prompt": "\xff\xfe"}', headers={"Content-Type": "application/json"}), 400)
+    body = b'{"prompt": "\xff\xfe"}'
+    e = error_of(http.post(COMPLETIONS, content=body, headers={"Content-Type": "application/json"}), 400)
     assert "UTF-8" in e["message"]
 
 
