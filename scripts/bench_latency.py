@@ -21,14 +21,16 @@ def copy_bandwidth(nbytes: int = 2 << 30) -> float:
     import jax.numpy as jnp
 
     x = jnp.ones(nbytes // 2, jnp.bfloat16)
-    copy = jax.jit(lambda a: a + 1)
-    copy(x).block_until_ready()
+    # Donated, so the result reuses the input's buffer: no allocation inside the timing.
+    # (Without donation this read 2.07 TB/s on an H200 whose copy engine does ~4.3.)
+    copy = jax.jit(lambda a: a + 1, donate_argnums=0)
+    x = copy(x).block_until_ready()
     times = []
     for _ in range(10):
         t0 = time.perf_counter()
-        copy(x).block_until_ready()
+        x = copy(x).block_until_ready()
         times.append(time.perf_counter() - t0)
-    return 2 * x.nbytes / float(np.median(times))
+    return 2 * nbytes / float(np.median(times))
 
 
 def main() -> None:
