@@ -178,12 +178,13 @@ class ModelRunner:
             temperature[i], top_p[i], min_p[i] = p.temperature, p.top_p, p.min_p
             top_k[i] = vocab if p.top_k == -1 else min(p.top_k, vocab)
             rep[i], presence[i], frequency[i] = p.repetition_penalty, p.presence_penalty, p.frequency_penalty
-            bias = dict(p.logit_bias)
-            if len(req.output_token_ids) < p.min_tokens:
-                banned = set(p.stop_token_ids) | (set() if p.ignore_eos else set(req.eos_token_ids))
-                bias.update({tok: -np.inf for tok in banned})
-            bias_ids[i, : len(bias)] = list(bias.keys())
-            bias_values[i, : len(bias)] = list(bias.values())
+            if p.logit_bias or len(req.output_token_ids) < p.min_tokens:
+                bias = dict(p.logit_bias)
+                if len(req.output_token_ids) < p.min_tokens:
+                    banned = set(p.stop_token_ids) | (set() if p.ignore_eos else set(req.eos_token_ids))
+                    bias.update({tok: -np.inf for tok in banned})
+                bias_ids[i, : len(bias)] = list(bias.keys())
+                bias_values[i, : len(bias)] = list(bias.values())
             seeds[i], counters[i] = req.seed, len(req.output_token_ids)
             wants_logprobs[i] = p.logprobs is not None
             for j, name in enumerate(self.processor_names):
