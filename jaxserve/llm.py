@@ -72,7 +72,7 @@ class LLM:
         wanted = set(ids)
         with tqdm(total=len(ids), desc="Generating", unit="req", disable=not use_tqdm) as bar:
             while len(final) < len(ids):
-                for out in engine.step():
+                for out in engine.step(only_finished=True):
                     if out.finished and out.request_id in wanted and out.request_id not in final:
                         final[out.request_id] = out
                         bar.update(1)

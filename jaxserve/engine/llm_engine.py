@@ -201,14 +201,15 @@ class LLMEngine:
         self._pending_outputs.append(self._output(family))
 
     # -- one step ---------------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
+    def step(self, only_finished: bool = False) -> list[RequestOutput]:
         """One engine step, pipelined so that host work overlaps the device:
 
             schedule n -> dispatch n (device starts) -> emit n-1 (detokenize, stop strings,
             outputs) -> wait for n -> update n (tokens appended, finished requests freed)
 
         so outputs trail the device by one step. A stop string found while emitting n-1 finishes
-        its request; the token it got in step n is dropped by update."""
+        its request; the token it got in step n is dropped by update. only_finished: return just
+        the requests that finished (offline callers), skipping the snapshots of the others."""
         t0 = time.perf_counter()
         outputs, self._pending_outputs = self._pending_outputs, []
         sched = self.scheduler.schedule()
@@ -217,7 +218,7 @@ class LLMEngine:
         in_flight = self.runner.dispatch(sched) if sched.chunks else None
         t1 = time.perf_counter()
         if self._unemitted is not None:
-            outputs += self._emit(*self._unemitted)
+            outputs += self._emit(*self._unemitted, only_finished=only_finished)
             self._unemitted = None
         emit_seconds = time.perf_counter() - t1
         if in_flight is not None:
@@ -231,9 +232,9 @@ class LLMEngine:
             self.stats.add(self.last_step)
         return outputs
 
-    def _emit(self, advanced: list[Request], result: StepResult) -> list[RequestOutput]:
+    def _emit(self, advanced: list[Request], result: StepResult, only_finished: bool = False) -> list[RequestOutput]:
         touched = self._record(advanced, result)
-        outputs = [self._output(f) for f in touched]
+        outputs = [self._output(f) for f in touched if not only_finished or all(c.status.finished for c in f.children)]
         for f in touched:
             if all(c.status.finished for c in f.children):
                 self._families.pop(f.request_id, None)
