@@ -71,9 +71,15 @@ class LLM:
         final: dict[str, RequestOutput] = {}
         wanted = set(ids)
         with tqdm(total=len(ids), desc="Generating", unit="req", disable=not use_tqdm) as bar:
-            while len(final) < len(ids):
-                for out in engine.step(only_finished=True):
-                    if out.finished and out.request_id in wanted and out.request_id not in final:
-                        final[out.request_id] = out
-                        bar.update(1)
+            try:
+                while len(final) < len(ids):
+                    for out in engine.step(only_finished=True):
+                        if out.finished and out.request_id in wanted and out.request_id not in final:
+                            final[out.request_id] = out
+                            bar.update(1)
+            except Exception:  # a request failed for good: give back everything this call queued
+                for rid in ids:
+                    engine.abort_request(rid)
+                engine.step()
+                raise
         return [final[rid] for rid in ids]

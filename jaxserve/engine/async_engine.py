@@ -7,8 +7,8 @@
     cancelled / disconnected -> ("abort", id) ───┘
 
 The event loop never waits on the model, and the engine loop never waits on a client: outputs
-are handed over through per-request asyncio queues. An exception inside a step fails the
-requests of that step and the engine keeps serving the rest.
+are handed over through per-request asyncio queues. A step that raises is retried with its
+requests isolated (LLMEngine._recover); only a request that fails alone gets the error.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import queue
 import threading
 from typing import AsyncIterator
 
-from jaxserve.engine.llm_engine import LLMEngine, Prompt
+from jaxserve.engine.llm_engine import LLMEngine, Prompt, StepFailed
 from jaxserve.outputs import RequestOutput
 from jaxserve.sampling_params import SamplingParams
 
@@ -103,7 +103,11 @@ class AsyncLLM:
                 continue
             try:
                 outputs = engine.step()
-            except Exception as e:  # the step's requests fail; the engine serves on
+            except StepFailed as e:  # only the request that failed alone fails; the rest is retried
+                for request_id in e.failed:
+                    self._deliver(request_id, e.cause)
+                continue
+            except Exception as e:  # an unexpected failure: the requests in flight fail; the engine serves on
                 for request_id in engine.fail_running(e):
                     self._deliver(request_id, e)
                 continue

@@ -28,6 +28,16 @@ from jaxserve.scheduler import KVPageManager, Request, RequestStatus, Scheduler,
 Prompt = str | list[int] | dict
 
 
+class StepFailed(RuntimeError):
+    """A step raised. `failed` holds the request ids given up on (each failed again while running
+    alone); every other request of that step is recomputed, its family first tried alone."""
+
+    def __init__(self, failed: list[str], cause: BaseException):
+        super().__init__(f"step failed ({type(cause).__name__}: {cause}); failed requests: {failed}")
+        self.failed = failed
+        self.cause = cause
+
+
 class PreparedRequest(NamedTuple):
     prompt: str | None
     prompt_token_ids: list[int]
@@ -215,14 +225,22 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         for req in sched.preempted:
             self.runner.release(req.request_id)
-        in_flight = self.runner.dispatch(sched) if sched.chunks else None
+        try:
+            in_flight = self.runner.dispatch(sched) if sched.chunks else None
+        except Exception as e:
+            self._pending_outputs = outputs
+            raise StepFailed(self._recover(sched, e), e) from e
         t1 = time.perf_counter()
         if self._unemitted is not None:
             outputs += self._emit(*self._unemitted, only_finished=only_finished)
             self._unemitted = None
         emit_seconds = time.perf_counter() - t1
         if in_flight is not None:
-            result = in_flight.result()
+            try:
+                result = in_flight.result()
+            except Exception as e:
+                self._pending_outputs = outputs
+                raise StepFailed(self._recover(sched, e), e) from e
             t2 = time.perf_counter()
             self._unemitted = (self.scheduler.update(sched, result.tokens), result)
             self.last_step = StepStats(sched.num_tokens, result.num_tokens,
@@ -298,6 +316,28 @@ class LLMEngine:
         return RequestOutput(family.request_id, family.prompt, family.prompt_token_ids,
                              list(family.prompt_logprobs) if family.prompt_logprobs is not None else None,
                              outs, all(o.finish_reason is not None for o in outs))
+
+    def _recover(self, sched, error: BaseException) -> list[str]:
+        """After step `sched` raised: requests whose family already ran alone are failed; the rest
+        of the step is recomputed, each family alone first. If the device consumed the donated
+        cache, every running request is recomputed."""
+        families = list(dict.fromkeys(c.request.family_id for c in sched.chunks))
+        failed = [f for f in families if f in self.scheduler.quarantine]
+        for family_id in failed:
+            self._families.pop(family_id, None)
+            for req in self.scheduler.abort(family_id):
+                self.runner.release(req.request_id)
+        if any(leaf.is_deleted() for leaf in jax.tree.leaves(self.runner.kv_cache)):
+            self.runner.reset_device_state()
+            victims = list(self.scheduler.running)
+        else:
+            victims = [c.request for c in sched.chunks]
+        for req in victims:
+            self.runner.release(req.request_id)
+        self.scheduler.retry(victims)
+        self.scheduler.quarantine.update(f for f in families if f not in failed)
+        self.log(f"step failed ({type(error).__name__}: {error}); failed {failed}, retrying {len(victims)} requests")
+        return failed
 
     def fail_running(self, error: BaseException) -> list[str]:
         """After a failed step: aborts every request in flight (their cache pages may be lost) and

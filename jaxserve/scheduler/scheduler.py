@@ -65,6 +65,8 @@ class Scheduler:
         self.requests: dict[str, Request] = {}  # every live request, children and prefixes included
         self._forks: dict[str, list[Request]] = {}  # prefix request id -> children waiting for it
         self.num_preemptions = 0
+        # Families under suspicion after a failed step: each runs alone until a step succeeds.
+        self.quarantine: set[str] = set()
 
     # -- requests in -----------------------------------------------------------------------
     def add_request(self, req: Request) -> list[Request]:
@@ -101,6 +103,8 @@ class Scheduler:
 
     # -- one step ----------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
+        if self.quarantine:
+            return self._schedule_quarantined()
         budget = self.config.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
         preempted: list[Request] = []
@@ -131,6 +135,32 @@ class Scheduler:
             budget -= n
         return SchedulerOutput(chunks, preempted)
 
+    def _schedule_quarantined(self) -> SchedulerOutput:
+        """One request of a suspected family, alone in the step, so that a failure names it."""
+        req = next((r for r in [*self.running, *self.waiting] if r.family_id in self.quarantine), None)
+        if req is None:  # the suspects finished or were aborted
+            self.quarantine.clear()
+            return self.schedule()
+        n = min(req.target_tokens - req.num_computed_tokens, self.config.max_num_batched_tokens)
+        preempted = []
+        while not self.kv.allocate(req.request_id, req.num_computed_tokens + n):
+            victim = next(r for r in reversed(self.running) if r is not req)  # alone it always fits
+            self.running.remove(victim)
+            self._preempt(victim)
+            preempted.append(victim)
+        if req in self.waiting:
+            self.waiting.remove(req)
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+        return SchedulerOutput([self._chunk(req, n)], preempted)
+
+    def retry(self, requests: list[Request]) -> None:
+        """After a failed step: these requests lose their pages and wait to be recomputed."""
+        for req in requests:
+            if req.status is RequestStatus.RUNNING:
+                self.running.remove(req)
+                self._preempt(req)
+
     def _chunk(self, req: Request, n: int) -> ScheduledChunk:
         return ScheduledChunk(req, req.num_computed_tokens, n, tuple(self.kv.table(req.request_id)))
 
@@ -148,6 +178,7 @@ class Scheduler:
         advanced = []
         for chunk in output.chunks:
             req = chunk.request
+            self.quarantine.discard(req.family_id)  # its step succeeded
             if req.status is not RequestStatus.RUNNING:  # aborted or finished meanwhile
                 continue
             req.num_computed_tokens += chunk.num_tokens

@@ -140,3 +140,35 @@ def test_bad_input_raises_before_queueing(small):
 def test_sampling_params_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SamplingParams(**kwargs)
+
+
+def test_a_failing_request_fails_alone_and_the_rest_is_served():
+    from jaxserve.engine.llm_engine import StepFailed
+
+    e = engine(num_pages=64, page_size=4, budget=32, seqs=4)
+    dispatch = e.runner.dispatch
+
+    def failing_dispatch(sched):  # as a device error would, for any step holding token 77
+        if any(77 in c.request.prompt_token_ids for c in sched.chunks):
+            raise RuntimeError("injected")
+        return dispatch(sched)
+
+    e.runner.dispatch = failing_dispatch
+    good = [[1, 2, 3], [5] * 9]
+    for i, p in enumerate(good):
+        e.add_request(f"good{i}", p, SamplingParams(max_tokens=8, **GREEDY))
+    e.add_request("bad", [4, 77, 4], SamplingParams(max_tokens=8, **GREEDY))
+    final, failures = {}, []
+    for _ in range(200):
+        if not e.has_unfinished_requests():
+            break
+        try:
+            for out in e.step():
+                if out.finished:
+                    final[out.request_id] = out
+        except StepFailed as err:
+            failures += err.failed
+    assert failures == ["bad"] and "bad" not in final
+    for i, p in enumerate(good):
+        assert final[f"good{i}"].outputs[0].token_ids == next_tokens(p, 8, V)
+    assert e.scheduler.kv.num_free_pages == e.scheduler.kv.num_pages and not e.scheduler.quarantine
