@@ -78,20 +78,16 @@ def allocate_kv_cache(
 AttentionImpl = Callable[..., tuple[jax.Array, LayerKVCache]]
 
 
-def _reference(q, k, v, cache: LayerKVCache, batch: RaggedBatch, *, sm_scale: float):
-    k_pages, v_pages = write_kv_pages_reference(cache.k, cache.v, k, v, batch.slot_mapping)
-    out = ragged_paged_attention_reference(
-        q, k_pages, v_pages, batch.kv_lens, batch.page_table, batch.cu_q_lens, batch.num_seqs, sm_scale=sm_scale
-    )
-    return out, LayerKVCache(k_pages, v_pages)
+def _after_scatter(attend) -> AttentionImpl:
+    """An implementation that writes the new K/V with the XLA scatter, then calls `attend`."""
 
+    def impl(q, k, v, cache: LayerKVCache, batch: RaggedBatch, *, sm_scale: float):
+        k_pages, v_pages = write_kv_pages_reference(cache.k, cache.v, k, v, batch.slot_mapping)
+        out = attend(q, k_pages, v_pages, batch.kv_lens, batch.page_table, batch.cu_q_lens, batch.num_seqs,
+                     sm_scale=sm_scale)
+        return out, LayerKVCache(k_pages, v_pages)
 
-def _xla(q, k, v, cache: LayerKVCache, batch: RaggedBatch, *, sm_scale: float):
-    k_pages, v_pages = write_kv_pages_reference(cache.k, cache.v, k, v, batch.slot_mapping)
-    out = ragged_paged_attention_xla(
-        q, k_pages, v_pages, batch.kv_lens, batch.page_table, batch.cu_q_lens, batch.num_seqs, sm_scale=sm_scale
-    )
-    return out, LayerKVCache(k_pages, v_pages)
+    return impl
 
 
 def _pallas(q, k, v, cache: LayerKVCache, batch: RaggedBatch, *, sm_scale: float):
@@ -104,7 +100,11 @@ def _pallas(q, k, v, cache: LayerKVCache, batch: RaggedBatch, *, sm_scale: float
     return out, LayerKVCache(k_pages, v_pages)
 
 
-ATTENTION_IMPLS: dict[str, AttentionImpl] = {"reference": _reference, "xla": _xla, "pallas": _pallas}
+ATTENTION_IMPLS: dict[str, AttentionImpl] = {
+    "reference": _after_scatter(ragged_paged_attention_reference),
+    "xla": _after_scatter(ragged_paged_attention_xla),
+    "pallas": _pallas,
+}
 
 
 def paged_attention(

@@ -424,6 +424,18 @@ def check_inputs(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs) 
             raise ValueError(f"{name} must be int32, got {a.dtype}")
 
 
+def query_rows(cu_q_lens, kv_lens, num_seqs, num_tokens: int):
+    """For each of the T query rows: its sequence, whether it is live (not padding), and its cache
+    position kv_lens[r] - q_len[r] + i (the last position it may see)."""
+    num_rows = kv_lens.shape[0]
+    token = jnp.arange(num_tokens, dtype=jnp.int32)
+    seq = jnp.clip(jnp.searchsorted(cu_q_lens, token, side="right") - 1, 0, num_rows - 1)
+    valid = token < cu_q_lens[num_seqs[0]]
+    q_len = cu_q_lens[seq + 1] - cu_q_lens[seq]
+    q_pos = kv_lens[seq] - q_len + (token - cu_q_lens[seq])
+    return seq, valid, q_pos
+
+
 def ragged_paged_attention_reference(
     q: jax.Array,  # [T, N, H]
     k_pages: jax.Array,  # [P, S, K, H]
@@ -443,15 +455,10 @@ def ragged_paged_attention_reference(
     )
     num_tokens, num_heads, head_dim = q.shape
     _, page_size, num_kv_heads, _ = k_pages.shape
-    num_rows, pages_per_seq = page_table.shape
+    pages_per_seq = page_table.shape[1]
     group = num_heads // num_kv_heads
     max_kv = pages_per_seq * page_size
-
-    token = jnp.arange(num_tokens, dtype=jnp.int32)
-    seq = jnp.clip(jnp.searchsorted(cu_q_lens, token, side="right") - 1, 0, num_rows - 1)
-    valid = token < cu_q_lens[num_seqs[0]]
-    q_len = cu_q_lens[seq + 1] - cu_q_lens[seq]
-    q_pos = kv_lens[seq] - q_len + (token - cu_q_lens[seq])  # cache position of each query token
+    seq, valid, q_pos = query_rows(cu_q_lens, kv_lens, num_seqs, num_tokens)
 
     def attend_one(args):
         q_t, r, pos = args  # [N, H], [], []

@@ -15,7 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.ragged_paged_attention import check_inputs
+from pallas_kernels.ragged_paged_attention import check_inputs, query_rows
 
 
 def ragged_paged_attention_xla(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, *, sm_scale: float):
@@ -25,14 +25,10 @@ def ragged_paged_attention_xla(q, k_pages, v_pages, kv_lens, page_table, cu_q_le
     )
     num_tokens, num_heads, head_dim = q.shape
     _, page_size, num_kv_heads, _ = k_pages.shape
-    num_rows = page_table.shape[0]
     group = num_heads // num_kv_heads
 
-    token = jnp.arange(num_tokens, dtype=jnp.int32)
-    seq = jnp.clip(jnp.searchsorted(cu_q_lens, token, side="right") - 1, 0, num_rows - 1)
-    valid = token < cu_q_lens[num_seqs[0]]
-    q_len = cu_q_lens[seq + 1] - cu_q_lens[seq]
-    q_pos = jnp.where(valid, kv_lens[seq] - q_len + (token - cu_q_lens[seq]), -1)  # cache position, -1: padding
+    seq, valid, q_pos = query_rows(cu_q_lens, kv_lens, num_seqs, num_tokens)
+    q_pos = jnp.where(valid, q_pos, -1)  # padding sees nothing
     num_pages = jnp.max(q_pos) // page_size + 1
 
     qf = q.astype(jnp.float32).reshape(num_tokens, num_kv_heads, group, head_dim) * sm_scale

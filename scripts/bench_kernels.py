@@ -36,7 +36,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pallas_kernels.ragged_paged_attention import DECODE_CONFIG, PREFILL_CONFIG, default_splits  # noqa: E402
 from pallas_kernels import (  # noqa: E402
-    RaggedPagedAttentionConfig,
     ragged_paged_attention,
     ragged_paged_attention_reference,
     write_kv_pages_reference,

@@ -28,6 +28,10 @@ def random_prompts(num: int, length: int, vocab: int, seed: int) -> list[list[in
 
 
 def run_jaxserve(args) -> dict:
+    import dataclasses
+
+    import jax
+
     from jaxserve import LLM, SamplingParams
 
     t0 = time.perf_counter()
@@ -39,7 +43,7 @@ def run_jaxserve(args) -> dict:
     prompts = random_prompts(args.num_prompts, args.input_len, llm.engine.model_config.vocab_size, args.seed)
     params = SamplingParams(temperature=1.0, top_p=1.0, ignore_eos=True, max_tokens=args.output_len)
     engine = llm.engine
-    stats_before = dataclass_copy(engine.stats)
+    stats_before = dataclasses.replace(engine.stats)
     t0 = time.perf_counter()
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
     elapsed = time.perf_counter() - t0
@@ -49,13 +53,7 @@ def run_jaxserve(args) -> dict:
     print(f"engine: {engine.stats.summary()}")
     return dict(elapsed=elapsed, startup_seconds=startup, steps=steps, host_ms_per_step=1e3 * host / max(steps, 1),
                 compilations_after_warmup=engine.num_compilations_since_warmup,
-                device=str(__import__("jax").devices()[0].device_kind))
-
-
-def dataclass_copy(obj):
-    import dataclasses
-
-    return dataclasses.replace(obj)
+                device=str(jax.devices()[0].device_kind))
 
 
 def run_transformers(args) -> dict:

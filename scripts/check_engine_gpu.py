@@ -46,7 +46,7 @@ def main() -> None:
     engine = llm.engine
     stats = jax.local_devices()[0].memory_stats() or {}
     weights = sum(a.nbytes for a in jax.tree.leaves(engine.runner.state))
-    per_token = page_bytes(_ModelView(engine), 1)
+    per_token = page_bytes(engine.runner, 1)  # the runner has the model's config and dtype
     capacity = engine.scheduler.kv.num_pages * engine.config.page_size
     if "bytes_limit" in stats:  # a GPU
         ideal = (0.9 * stats["bytes_limit"] - weights) / per_token
@@ -98,14 +98,6 @@ def main() -> None:
         report["greedy_tokens_equal_prefix_vs_xla"] = same
         print(f"greedy tokens identical to plain-XLA attention for the first {same} of 32")
     Path(args.out, "engine_check.json").write_text(json.dumps(report, indent=2) + "\n")
-
-
-class _ModelView:
-    """What page_bytes reads from a model: its config and dtype."""
-
-    def __init__(self, engine):
-        self.config = engine.model_config
-        self.dtype = engine.runner.dtype
 
 
 if __name__ == "__main__":

@@ -278,12 +278,9 @@ class LLMEngine:
                 family.logprobs[i].append(self._position_logprobs(lp, family.params.logprobs))
                 family.cumulative[i] += lp.logprob
             detok = family.detoks[i]
-            if detok is not None and not req.status.finished:
-                stop = detok.push(token)
-                if stop is not None:
-                    self.scheduler.finish(req.request_id, RequestStatus.FINISHED_STOPPED, stop_reason=stop)
-            elif detok is not None:
-                detok.push(token)
+            stop = None if detok is None else detok.push(token)
+            if stop is not None:  # a no-op if eos or length already finished it
+                self.scheduler.finish(req.request_id, RequestStatus.FINISHED_STOPPED, stop_reason=stop)
             if req.status.finished:
                 self.runner.release(req.request_id)
             touched[family.request_id] = family

@@ -233,7 +233,7 @@ class Scheduler:
         return [r for r in members if r.prefix_len is None]
 
     def _remove(self, req: Request) -> None:
-        if req.status is not RequestStatus.FINISHED_ABORTED and not req.status.finished:
+        if not req.status.finished:  # a prefix request, done once its children forked
             req.status = RequestStatus.FINISHED_STOPPED
         self.kv.free(req.request_id)
         self.requests.pop(req.request_id, None)

@@ -148,13 +148,18 @@ async def chat_completions(request: Request) -> Response:
     return SSEResponse(events(), on_close=req.close)
 
 
+def _tokenizer_for(request: Request, model: str | None):
+    """The app state and the tokenizer of the model a /tokenize or /detokenize body names."""
+    st = _state(request)
+    check_model(model, st.model_names)
+    if st.engine.tokenizer is None:
+        raise bad_request("this model has no tokenizer")
+    return st, st.engine.tokenizer
+
+
 async def tokenize(request: Request) -> Response:
     body = await read_model(request, TokenizeRequest)
-    st = _state(request)
-    check_model(body.model, st.model_names)
-    tokenizer = st.engine.tokenizer
-    if tokenizer is None:
-        raise bad_request("this model has no tokenizer")
+    st, tokenizer = _tokenizer_for(request, body.model)
 
     def work():
         if body.messages is not None:
@@ -167,11 +172,7 @@ async def tokenize(request: Request) -> Response:
 
 async def detokenize(request: Request) -> Response:
     body = await read_model(request, DetokenizeRequest)
-    st = _state(request)
-    check_model(body.model, st.model_names)
-    tokenizer = st.engine.tokenizer
-    if tokenizer is None:
-        raise bad_request("this model has no tokenizer")
+    st, tokenizer = _tokenizer_for(request, body.model)
     vocab = st.engine.model_config.vocab_size
     outside = [t for t in body.tokens if not 0 <= t < vocab]
     if outside:

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxserve.config import EngineConfig
 from jaxserve.engine.detokenizer import IncrementalDetokenizer
 from jaxserve.engine.llm_engine import LLMEngine
 from jaxserve.llm import LLM

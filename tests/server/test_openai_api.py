@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 
-import pytest
 
 from tests.server.conftest import MAX_MODEL_LEN, MODEL_NAME
 

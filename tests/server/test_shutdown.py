@@ -8,7 +8,6 @@ import signal
 import threading
 
 import httpx
-import pytest
 
 from tests.server.conftest import ENGINE_ENV, ServerProcess, free_port
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec
 
 from jaxserve import LLM, SamplingParams
 from jaxserve.engine.greedy import greedy_generate
