@@ -26,6 +26,7 @@ class EngineConfig:
     row_bucket_growth: int = 4  # factor between request-count buckets; 0: one per token bucket
     cache_dir: str | Path | None = None  # converted default model + XLA compilation cache
     max_waiting_requests: int | None = None
+    async_scheduling: bool = True  # schedule step n+1 while step n runs; False: one step at a time
 
     def __post_init__(self):
         if self.tensor_parallel_size < 1:

@@ -63,10 +63,9 @@ class _Family:
 class StepStats:
     num_tokens: int  # scheduled tokens
     bucket_tokens: int  # the compiled T they ran at
-    host_seconds: float  # Python work of the step: schedule, stage, emit, unpack, update
-    overlapped_seconds: float  # the part of host_seconds done while the device computed (emit)
-    wait_seconds: float  # blocked on the device
-    step_seconds: float  # the whole step() call
+    host_seconds: float  # Python work for the step: schedule, stage, launch, unpack, update, emit
+    wait_seconds: float  # blocked on the device, waiting for its tokens
+    step_seconds: float  # since the previous step's tokens were applied: the engine's period
 
 
 @dataclasses.dataclass
@@ -74,7 +73,6 @@ class EngineStats:
     steps: int = 0
     tokens: int = 0
     host_seconds: float = 0.0
-    overlapped_seconds: float = 0.0
     wait_seconds: float = 0.0
     step_seconds: float = 0.0
 
@@ -82,15 +80,14 @@ class EngineStats:
         self.steps += 1
         self.tokens += s.num_tokens
         self.host_seconds += s.host_seconds
-        self.overlapped_seconds += s.overlapped_seconds
         self.wait_seconds += s.wait_seconds
         self.step_seconds += s.step_seconds
 
     def summary(self) -> str:
         n = max(self.steps, 1)
-        return (f"{self.steps} steps, {self.tokens} tokens: per step {1e3 * self.step_seconds / n:.2f} ms, of which host "
-                f"{1e3 * self.host_seconds / n:.2f} ms ({1e3 * self.overlapped_seconds / n:.2f} ms overlapped with the "
-                f"device), blocked on the device {1e3 * self.wait_seconds / n:.2f} ms")
+        return (f"{self.steps} steps, {self.tokens} tokens: per step {1e3 * self.step_seconds / n:.2f} ms, host work "
+                f"{1e3 * self.host_seconds / n:.2f} ms (overlapping the device's step), blocked on the device "
+                f"{1e3 * self.wait_seconds / n:.2f} ms")
 
 
 class LLMEngine:
@@ -126,7 +123,9 @@ class LLMEngine:
         self.eos_token_ids = frozenset(sorted(eos)[:MAX_EOS_IDS])
         self._families: dict[str, _Family] = {}
         self._pending_outputs: list[RequestOutput] = []
-        self._unemitted: tuple[list[Request], StepResult] | None = None
+        self._in_flight = None  # (SchedulerOutput, InFlightStep) of the step launched last
+        self._launch_seconds = 0.0
+        self._last_finish: float | None = None
         self.stats = EngineStats()
         self._rng = np.random.default_rng(config.seed)
         self._next_id = 0
@@ -206,48 +205,80 @@ class LLMEngine:
         family = self._families.pop(request_id, None)
         if family is None:
             return
-        for req in self.scheduler.abort(request_id):
-            self.runner.release(req.request_id)
+        self.scheduler.abort(request_id)
+        self._release_removed()
         self._pending_outputs.append(self._output(family))
+
+    def _release_removed(self) -> None:
+        """Frees the device rows (slots) of the requests the scheduler let go."""
+        for request_id in self.scheduler.take_removed():
+            self.runner.release(request_id)
 
     # -- one step ---------------------------------------------------------------------------------
     def step(self, only_finished: bool = False) -> list[RequestOutput]:
-        """One engine step, pipelined so that host work overlaps the device:
+        """One engine step, with async scheduling so that the host works while the device does:
 
-            schedule n -> dispatch n (device starts) -> emit n-1 (detokenize, stop strings,
-            outputs) -> wait for n -> update n (tokens appended, finished requests freed)
+            schedule n+1 -> launch n+1 (queued behind n on the device) -> wait for n -> update n
+            (tokens appended, finished requests freed) -> emit n (detokenize, stop strings, outputs)
 
-        so outputs trail the device by one step. A stop string found while emitting n-1 finishes
-        its request; the token it got in step n is dropped by update. only_finished: return just
-        the requests that finished (offline callers), skipping the snapshots of the others."""
+        Step n+1 is scheduled before step n's tokens are known: its decode tokens are read on the
+        device. Outputs trail the device by one step. A request that finishes in step n (eos, a
+        stop string) has also run in step n+1: that token is dropped. Requests under quarantine
+        after a failure run one step at a time. only_finished: return just the requests that
+        finished (offline callers), skipping the snapshots of the others."""
         t0 = time.perf_counter()
         outputs, self._pending_outputs = self._pending_outputs, []
+        if self.scheduler.quarantine or not self.config.async_scheduling:
+            outputs += self._finish_in_flight(only_finished)
         sched = self.scheduler.schedule()
         for req in sched.preempted:
             self.runner.release(req.request_id)
         try:
-            in_flight = self.runner.dispatch(sched) if sched.chunks else None
-        except Exception as e:
-            self._pending_outputs = outputs
-            raise StepFailed(self._recover(sched, e), e) from e
-        t1 = time.perf_counter()
-        if self._unemitted is not None:
-            outputs += self._emit(*self._unemitted, only_finished=only_finished)
-            self._unemitted = None
-        emit_seconds = time.perf_counter() - t1
-        if in_flight is not None:
+            launched = (sched, self.runner.dispatch(sched)) if sched.chunks else None
+        except Exception as e:  # nothing of it ran; the step in flight still counts
             try:
-                result = in_flight.result()
-            except Exception as e:
+                outputs += self._finish_in_flight(only_finished, (sched, None))
+            finally:
                 self._pending_outputs = outputs
-                raise StepFailed(self._recover(sched, e), e) from e
-            t2 = time.perf_counter()
-            self._unemitted = (self.scheduler.update(sched, result.tokens), result)
-            self.last_step = StepStats(sched.num_tokens, result.num_tokens,
-                                       host_seconds=(t1 - t0) + emit_seconds + result.host_seconds + (time.perf_counter() - t2),
-                                       overlapped_seconds=emit_seconds, wait_seconds=result.wait_seconds,
-                                       step_seconds=time.perf_counter() - t0)
-            self.stats.add(self.last_step)
+            raise StepFailed(self._recover(sched, [], e), e) from e
+        self._launch_seconds = time.perf_counter() - t0
+        try:
+            outputs += self._finish_in_flight(only_finished, launched)
+        except StepFailed:
+            self._pending_outputs = outputs
+            raise
+        self._in_flight = launched
+        return outputs
+
+    def _finish_in_flight(self, only_finished: bool, launched=None) -> list[RequestOutput]:
+        """Waits for the step in flight, applies its tokens and emits its outputs. If it failed,
+        the step launched behind it (which read its cache) is thrown away too."""
+        if self._in_flight is None:
+            return []
+        (sched, in_flight), self._in_flight = self._in_flight, None
+        try:
+            result = in_flight.result()
+        except Exception as e:
+            lost = []
+            if launched is not None:
+                lost = [launched[0]]
+                try:  # let it end before anything is rebuilt
+                    if launched[1] is not None:
+                        jax.block_until_ready(launched[1].sampled)
+                except Exception:
+                    pass
+            raise StepFailed(self._recover(sched, lost, e), e) from e
+        t0 = time.perf_counter()
+        advanced = self.scheduler.update(sched, result.tokens)
+        outputs = self._emit(advanced, result, only_finished)
+        self._release_removed()
+        now = time.perf_counter()
+        self.last_step = StepStats(sched.num_tokens, result.num_tokens,
+                                   host_seconds=self._launch_seconds + result.host_seconds + (now - t0),
+                                   wait_seconds=result.wait_seconds,
+                                   step_seconds=now - (self._last_finish or now - result.wait_seconds))
+        self._last_finish = now
+        self.stats.add(self.last_step)
         return outputs
 
     def _emit(self, advanced: list[Request], result: StepResult, only_finished: bool = False) -> list[RequestOutput]:
@@ -281,8 +312,6 @@ class LLMEngine:
             stop = None if detok is None else detok.push(token)
             if stop is not None:  # a no-op if eos or length already finished it
                 self.scheduler.finish(req.request_id, RequestStatus.FINISHED_STOPPED, stop_reason=stop)
-            if req.status.finished:
-                self.runner.release(req.request_id)
             touched[family.request_id] = family
         return list(touched.values())
 
@@ -314,21 +343,22 @@ class LLMEngine:
                              list(family.prompt_logprobs) if family.prompt_logprobs is not None else None,
                              outs, all(o.finish_reason is not None for o in outs))
 
-    def _recover(self, sched, error: BaseException) -> list[str]:
+    def _recover(self, sched, lost, error: BaseException) -> list[str]:
         """After step `sched` raised: requests whose family already ran alone are failed; the rest
-        of the step is recomputed, each family alone first. If the device consumed the donated
-        cache, every running request is recomputed."""
+        of the step, and of the steps `lost` with it, is recomputed, each family of `sched` alone
+        first. If the device consumed the donated cache, every running request is recomputed."""
+        self._last_finish = None
         families = list(dict.fromkeys(c.request.family_id for c in sched.chunks))
         failed = [f for f in families if f in self.scheduler.quarantine]
         for family_id in failed:
             self._families.pop(family_id, None)
-            for req in self.scheduler.abort(family_id):
-                self.runner.release(req.request_id)
+            self.scheduler.abort(family_id)
+        self._release_removed()
         if any(leaf.is_deleted() for leaf in jax.tree.leaves(self.runner.kv_cache)):
             self.runner.reset_device_state()
-            victims = list(self.scheduler.running)
+            victims = list(dict.fromkeys([*self.scheduler.running, *(c.request for c in sched.chunks)]))
         else:
-            victims = [c.request for c in sched.chunks]
+            victims = list(dict.fromkeys(c.request for s in (sched, *lost) for c in s.chunks))
         for req in victims:
             self.runner.release(req.request_id)
         self.scheduler.retry(victims)
@@ -343,7 +373,7 @@ class LLMEngine:
         for request_id in ids:
             self.abort_request(request_id)
         self._pending_outputs.clear()
-        self._unemitted = None
+        self._in_flight = None
         self.runner.reset_device_state()
         self.log(f"step failed ({type(error).__name__}: {error}); aborted {len(ids)} requests")
         return ids

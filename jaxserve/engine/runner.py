@@ -1,10 +1,13 @@
 """The model runner: device state plus the host staging of each step.
 
-    SchedulerOutput --stage (numpy, padded to a bucket)--> StepInput --step (jit)--> SamplerOutput
-        --device_get--> StepResult: per request, the sampled token with its logprobs
+    SchedulerOutput --stage (numpy views into one buffer, padded to a bucket)--> StepInput
+        --step (jit)--> packed SamplerOutput --one copy to the host--> StepResult: per request,
+        the sampled token with its logprobs
 
-It owns the weights, the KV pages, the penalty slots and the compiled functions of the bucket
-plan; warm_up() compiles every shape so that serving compiles nothing.
+It owns the weights, the KV pages, the device state (penalty counts, a page table row per
+request slot, the last sampled tokens) and the compiled functions of the bucket plan; warm_up()
+compiles every shape so that serving compiles nothing. A decode token sampled by the step still
+running is not waited for: the next step reads it on the device (prev_rows).
 """
 
 from __future__ import annotations
@@ -21,9 +24,18 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from jaxserve.engine.buckets import BucketPlan
-from jaxserve.engine.sampler import LogitsProcessor, SamplingBatch, new_penalty_state
-from jaxserve.engine.staging import SequenceChunk, stage_batch
-from jaxserve.engine.step import StepInput, make_prompt_logprobs, make_step
+from jaxserve.engine.sampler import LogitsProcessor, new_penalty_state
+from jaxserve.engine.slots import RequestSlots
+from jaxserve.engine.staging import SequenceChunk, fill_ragged
+from jaxserve.engine.step import (
+    DeviceState,
+    make_prompt_logprobs,
+    make_step,
+    make_write_table_row,
+    sampler_output_spec,
+    step_input_spec,
+)
+from jaxserve.engine.wire import Packing
 from jaxserve.sampling_params import MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS
 from jaxserve.scheduler.scheduler import ScheduledChunk, SchedulerOutput
 from models import allocate_kv_cache
@@ -56,7 +68,8 @@ class StepResult:
 class InFlightStep:
     runner: "ModelRunner"
     output: SchedulerOutput
-    sampled: object  # SamplerOutput of device arrays
+    sampled: jax.Array  # the packed SamplerOutput, on its way to the host
+    output_packing: Packing
     hidden: jax.Array
     num_tokens: int
     stage_seconds: float
@@ -64,7 +77,7 @@ class InFlightStep:
     def result(self) -> StepResult:
         """Waits for the device, then unpacks the sampled tokens on the host."""
         t0 = time.perf_counter()
-        sampled = jax.device_get(self.sampled)
+        sampled = self.output_packing.views(np.asarray(self.sampled))
         waited = time.perf_counter() - t0
         result = self.runner._unpack(self.output.chunks, sampled, self.hidden, self.num_tokens)
         result.host_seconds += self.stage_seconds
@@ -82,25 +95,31 @@ class ModelRunner:
         self.pages_per_seq = -(-max_model_len // page_size)
         self.plan = plan
         self.num_slots = max_num_seqs
+        self.max_rows = max(r for _, r in plan.shapes)
         self.processor_names = [name for name, _ in processors]
         self.graphdef, self.state = nnx.split(model)
+        self.weights, treedef = jax.tree.flatten(self.state)
         self.dtype = model.dtype
         self.mesh = getattr(model, "mesh", None)
+        self._replicated = None if self.mesh is None else NamedSharding(self.mesh, PartitionSpec())
+        self._packings: dict[tuple[int, int], tuple[Packing, Packing]] = {}
         self.reset_device_state()
-        self._step = make_step(self.graphdef, [fn for _, fn in processors], self.mesh)
+        self._step = make_step(self.graphdef, treedef, [fn for _, fn in processors], self.mesh)
+        self._write_table_row = make_write_table_row(self._replicated)
         self._prompt_logprobs = make_prompt_logprobs(self.graphdef)
 
     def reset_device_state(self) -> None:
-        """Fresh KV pages and penalty slots (at start, and after a failed step that may have
-        consumed the donated buffers)."""
+        """Fresh KV pages, penalty slots and page table (at start, and after a failed step that may
+        have consumed the donated buffers)."""
         cfg = self.config
         self.kv_cache = allocate_kv_cache(cfg.num_layers, self.num_pages, self.page_size, cfg.num_kv_heads, cfg.head_dim,
                                           self.dtype, None if self.mesh is None else kv_cache_sharding(self.mesh))
-        self.penalties = new_penalty_state(self.num_slots, cfg.vocab_size)
-        if self.mesh is not None:
-            self.penalties = jax.device_put(self.penalties, NamedSharding(self.mesh, PartitionSpec()))
-        self._free_slots = list(range(self.num_slots))
-        self._slots = {}
+        state = DeviceState(penalties=new_penalty_state(self.num_slots, cfg.vocab_size),
+                            page_table=jnp.zeros((self.num_slots + 1, self.pages_per_seq), jnp.int32),
+                            last_tokens=jnp.zeros(self.max_rows, jnp.int32))
+        self.device_state = state if self.mesh is None else jax.device_put(state, self._replicated)
+        self.slots = RequestSlots(self.num_slots)
+        self._last_rows: dict[str, int] = {}  # request id -> its row in the last step launched
 
     # -- warm-up ------------------------------------------------------------------------------
     def warm_up(self, progress: bool = True) -> float:
@@ -108,10 +127,13 @@ class ModelRunner:
         t0 = time.perf_counter()
         shapes = self.plan.shapes
         for t, r in tqdm(shapes, desc="Compiling step shapes", unit="shape", disable=not progress):
-            self._run(self._stage([], t, r))
+            self._run(self._stage([], t, r), t, r)
         for t in tqdm(self.plan.token_buckets, desc="Compiling prompt logprobs", unit="shape", disable=not progress):
-            _, hidden = self._run(self._stage([], t, self.plan.row_buckets[t][0]))  # hidden as steps place it
+            r = self.plan.row_buckets[t][0]
+            _, hidden = self._run(self._stage([], t, r), t, r)  # hidden as steps place it
             self._prompt_logprobs(self.state, hidden, np.zeros(t, np.int32), np.zeros(t, np.int32))
+        # The padding row (slot num_slots) is all zeros and stays so.
+        self._write_row(self.num_slots, [])
         jax.block_until_ready(self.kv_cache)
         return time.perf_counter() - t0
 
@@ -120,93 +142,123 @@ class ModelRunner:
         """Stages the step and launches it; returns at once while the device works."""
         t0 = time.perf_counter()
         t, r = self.plan.pick(output.num_tokens, len(output.chunks))
-        inputs = self._stage(output.chunks, t, r)
+        packed = self._stage(output.chunks, t, r)
         staged = time.perf_counter()
-        sampled, hidden = self._run(inputs)  # returns once launched (async dispatch)
-        return InFlightStep(self, output, sampled, hidden, t, staged - t0)
+        sampled, hidden = self._run(packed, t, r)  # returns once launched (async dispatch)
+        sampled.copy_to_host_async()
+        self._last_rows = {c.request.request_id: i for i, c in enumerate(output.chunks) if c.samples}
+        return InFlightStep(self, output, sampled, self._packing(t, r)[1], hidden, t, staged - t0)
 
     def execute(self, output: SchedulerOutput) -> StepResult:
         return self.dispatch(output).result()
 
-    def _run(self, inputs: StepInput):
-        self.kv_cache, self.penalties, sampled, hidden = self._step(self.state, self.kv_cache, self.penalties, inputs)
+    def _run(self, packed: np.ndarray, t: int, r: int):
+        inputs, outputs = self._packing(t, r)
+        self.kv_cache, self.device_state, sampled, hidden = self._step(
+            self.weights, self.kv_cache, self.device_state, packed, input_packing=inputs, output_packing=outputs)
         return sampled, hidden
+
+    def _packing(self, t: int, r: int) -> tuple[Packing, Packing]:
+        """The (input, output) buffer layouts of step shape (t, r); the same objects every step,
+        as jit keys its cache on them."""
+        if (t, r) not in self._packings:
+            self._packings[t, r] = (Packing(step_input_spec(t, r, self._max_page_updates(t, r),
+                                                            len(self.processor_names), BIAS_WIDTH)),
+                                    Packing(sampler_output_spec(r)))
+        return self._packings[t, r]
+
+    def _max_page_updates(self, t: int, r: int) -> int:
+        # A row of q tokens starts at most ceil(q / S) pages: the sum is <= T // S + R + 1.
+        return t // self.page_size + r + 1
+
+    def _write_row(self, slot: int, pages) -> None:
+        row = np.zeros(self.pages_per_seq, np.int32)
+        row[: len(pages)] = pages
+        table = self._write_table_row(self.device_state.page_table, np.int32(slot), row)
+        self.device_state = dataclasses.replace(self.device_state, page_table=table)
 
     def step_workspace_bytes(self) -> int:
         """Device memory the largest step needs beyond its inputs (XLA's temporaries plus the
         hidden-state output), from the compiled executable's memory analysis."""
         t = self.plan.token_buckets[-1]
         r = self.plan.row_buckets[t][-1]
-        compiled = self._step.lower(self.state, self.kv_cache, self.penalties, self._stage([], t, r)).compile()
+        inputs, outputs = self._packing(t, r)
+        compiled = self._step.lower(self.weights, self.kv_cache, self.device_state, self._stage([], t, r),
+                                    input_packing=inputs, output_packing=outputs).compile()
         analysis = compiled.memory_analysis()
         return int(analysis.temp_size_in_bytes) + t * self.config.hidden_size * jnp.dtype(self.dtype).itemsize
 
     def state_bytes(self) -> int:
-        """Device memory of the per-slot penalty statistics (allocated beside the KV cache)."""
-        return sum(a.nbytes for a in jax.tree.leaves(self.penalties))
+        """Device memory of the state carried between steps (penalty counts, page table)."""
+        return sum(a.nbytes for a in jax.tree.leaves(self.device_state))
 
     def release(self, request_id: str) -> None:
-        """Frees the penalty slot of a finished, aborted or preempted request."""
-        slot = self._slots.pop(request_id, None)
-        if slot is not None:
-            self._free_slots.append(slot)
+        """Frees the slot of a finished, aborted or preempted request."""
+        self.slots.release(request_id)
 
-    def _stage(self, chunks: Sequence[ScheduledChunk], t: int, r: int) -> StepInput:
-        vocab = self.config.vocab_size
-        seq_chunks = [SequenceChunk(c.request.token_ids(c.start, c.start + c.num_tokens), c.start, c.page_ids)
-                      for c in chunks]
-        tokens, attention, logits_rows = stage_batch(seq_chunks, num_tokens=t, num_rows=r, pages_per_seq=self.pages_per_seq,
-                                                     page_size=self.page_size, num_pages=self.num_pages)
+    def _stage(self, chunks: Sequence[ScheduledChunk], t: int, r: int) -> np.ndarray:
+        packing, _ = self._packing(t, r)
+        buffer, x = packing.new()
+        vocab, page_size = self.config.vocab_size, self.page_size
+        seq_chunks = []
+        for i, c in enumerate(chunks):
+            req = c.request
+            end, known = c.start + c.num_tokens, req.num_known_tokens
+            ids = req.token_ids(c.start, min(end, known))
+            if end > known:  # the last token was sampled by the step before, still on the device
+                ids = [*ids, 0]  # a placeholder: prev_rows points the device at it
+            seq_chunks.append(SequenceChunk(ids, c.start, c.page_ids))
+        fill_ragged(seq_chunks, x, page_size=page_size, num_pages=self.num_pages, pages_per_seq=self.pages_per_seq)
+        x.prev_rows[:] = -1
+        sb = x.sampling
+        sb.temperature[:], sb.top_p[:], sb.min_p[:] = 0, 1, 0
+        sb.repetition_penalty[:], sb.presence_penalty[:], sb.frequency_penalty[:] = 1, 0, 0
+        sb.top_k[:] = vocab
+        sb.bias_ids[:] = vocab
         no_slot = self.num_slots
-        f32 = lambda v: np.full(r, v, np.float32)  # noqa: E731
-        temperature, top_p, min_p = f32(0), f32(1), f32(0)
-        rep, presence, frequency = f32(1), f32(0), f32(0)
-        top_k = np.full(r, vocab, np.int32)
-        bias_ids = np.full((r, BIAS_WIDTH), vocab, np.int32)
-        bias_values = np.zeros((r, BIAS_WIDTH), np.float32)
-        seeds = np.zeros(r, np.uint32)
-        counters = np.zeros(r, np.int32)
-        wants_logprobs = np.zeros(r, bool)
-        processor_mask = np.zeros((len(self.processor_names), r), bool)
-        row_slot = np.full(r, no_slot, np.int32)
-        reset_slots = np.full(r, no_slot, np.int32)
-        token_slot = np.full(t, no_slot, np.int32)
-        token_is_output = np.zeros(t, bool)
-        offset = 0
+        sb.row_slot[:], sb.reset_slots[:], sb.token_slot[:] = no_slot, no_slot, no_slot
+        x.table_rows[:] = no_slot
+        x.page_update_index[:] = -1  # dropped (flat indices are >= 0)
+        updates = 0
         for i, c in enumerate(chunks):
             req, p = c.request, c.request.sampling_params
-            temperature[i], top_p[i], min_p[i] = p.temperature, p.top_p, p.min_p
-            top_k[i] = vocab if p.top_k == -1 else min(p.top_k, vocab)
-            rep[i], presence[i], frequency[i] = p.repetition_penalty, p.presence_penalty, p.frequency_penalty
-            if p.logit_bias or len(req.output_token_ids) < p.min_tokens:
+            first, end = x.cu_q_lens[i], x.cu_q_lens[i + 1]
+            if c.start + c.num_tokens > req.num_known_tokens:
+                x.prev_rows[end - 1] = self._last_rows[req.request_id]
+            slot, synced = self.slots.acquire(req.request_id)
+            x.table_rows[i] = slot
+            new_pages = c.page_ids[synced : len(c.page_ids)]
+            if new_pages:
+                if updates + len(new_pages) <= x.page_update_index.shape[0]:
+                    base = slot * self.pages_per_seq + synced
+                    x.page_update_index[updates : updates + len(new_pages)] = np.arange(base, base + len(new_pages))
+                    x.page_update_value[updates : updates + len(new_pages)] = new_pages
+                    updates += len(new_pages)
+                else:  # more than a step carries (an n > 1 child starting on a shared prompt)
+                    self._write_row(slot, c.page_ids)
+                self.slots.synced[req.request_id] = len(c.page_ids)
+            sb.temperature[i], sb.top_p[i], sb.min_p[i] = p.temperature, p.top_p, p.min_p
+            sb.top_k[i] = vocab if p.top_k == -1 else min(p.top_k, vocab)
+            sb.repetition_penalty[i], sb.presence_penalty[i], sb.frequency_penalty[i] = (
+                p.repetition_penalty, p.presence_penalty, p.frequency_penalty)
+            if p.logit_bias or c.sample_index < p.min_tokens:
                 bias = dict(p.logit_bias)
-                if len(req.output_token_ids) < p.min_tokens:
+                if c.sample_index < p.min_tokens:
                     banned = set(p.stop_token_ids) | (set() if p.ignore_eos else set(req.eos_token_ids))
                     bias.update({tok: -np.inf for tok in banned})
-                bias_ids[i, : len(bias)] = list(bias.keys())
-                bias_values[i, : len(bias)] = list(bias.values())
-            seeds[i], counters[i] = req.seed, len(req.output_token_ids)
-            wants_logprobs[i] = p.logprobs is not None
+                sb.bias_ids[i, : len(bias)] = list(bias.keys())
+                sb.bias_values[i, : len(bias)] = list(bias.values())
+            sb.seeds[i], sb.counters[i] = req.seed, c.sample_index
+            sb.wants_logprobs[i] = p.logprobs is not None
             for j, name in enumerate(self.processor_names):
-                processor_mask[j, i] = name in p.logits_processors
+                sb.processor_mask[j, i] = name in p.logits_processors
             if p.has_penalties:
-                slot = self._slots.get(req.request_id)
-                if slot is None:
-                    slot = self._slots[req.request_id] = self._free_slots.pop()
                 if c.start == 0:
-                    reset_slots[i] = slot
-                row_slot[i] = slot
-                token_slot[offset : offset + c.num_tokens] = slot
-            positions = np.arange(c.start, c.start + c.num_tokens)
-            token_is_output[offset : offset + c.num_tokens] = positions >= req.num_prompt_tokens
-            offset += c.num_tokens
-        sampling = SamplingBatch(
-            temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=rep,
-            presence_penalty=presence, frequency_penalty=frequency, bias_ids=bias_ids, bias_values=bias_values,
-            seeds=seeds, counters=counters, wants_logprobs=wants_logprobs, processor_mask=processor_mask,
-            row_slot=row_slot, reset_slots=reset_slots, token_slot=token_slot, token_is_output=token_is_output,
-        )
-        return StepInput(tokens=tokens, attention=attention, logits_rows=logits_rows, sampling=sampling)
+                    sb.reset_slots[i] = slot
+                sb.row_slot[i] = slot
+                sb.token_slot[first:end] = slot
+            sb.token_is_output[first:end] = np.arange(c.start, c.start + c.num_tokens) >= req.num_prompt_tokens
+        return buffer
 
     def _unpack(self, chunks, sampled, hidden, t: int) -> StepResult:
         t0 = time.perf_counter()
@@ -218,7 +270,7 @@ class ModelRunner:
             tokens[rid] = int(sampled.tokens[i])
             if c.request.sampling_params.logprobs is not None:
                 logprobs[rid] = TokenLogprobs(tokens[rid], float(sampled.logprobs[i]), int(sampled.ranks[i]),
-                                              sampled.top_ids[i], sampled.top_logprobs[i])
+                                              sampled.top_ids[i].copy(), sampled.top_logprobs[i].copy())
         prompt_lp = self._prompt_logprobs_of(chunks, hidden, t)
         return StepResult(tokens, logprobs, prompt_lp, time.perf_counter() - t0, t)
 

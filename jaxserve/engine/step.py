@@ -1,9 +1,10 @@
-"""The compiled step: (weights, KV cache, penalty state, staged inputs) -> (KV cache, penalty
-state, sampled tokens, hidden states). One jit per bucket shape; the caches are donated, so XLA
-writes this step's K/V and token counts in place.
+"""The compiled step: (weights, KV cache, device state, one packed input buffer) -> (KV cache,
+device state, one packed output buffer, hidden states). One jit per bucket shape; the KV cache
+and the device state (penalty counts, page table, last sampled tokens) are donated, so XLA
+updates them in place.
 
-The NNX model is split once into a static graph and plain array leaves; the jitted function
-merges them inside the trace, so no per-step NNX flattening happens on the host.
+The NNX model is split once into a static graph and a flat list of weight arrays; the jitted
+function merges them inside the trace, so no per-step pytree walking of NNX state on the host.
 """
 
 from __future__ import annotations
@@ -12,17 +13,20 @@ import dataclasses
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxserve.engine.sampler import (
     LogitsProcessor,
     PenaltyState,
+    SamplerOutput,
     SamplingBatch,
     sample,
     top_logprobs,
     update_penalty_state,
 )
+from jaxserve.sampling_params import MAX_LOGPROBS
 from models import LlamaForCausalLM, RaggedBatch
 from sharding import kv_cache_sharding
 
@@ -30,19 +34,51 @@ from sharding import kv_cache_sharding
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class StepInput:
+    """What the host stages per step (one packed buffer, see wire.py). The page table is not sent
+    whole: it lives on the device, one row per request slot, and each step carries only the
+    pages allocated since (page_update_*)."""
+
     tokens: jax.Array  # [T] i32
-    attention: RaggedBatch
+    prev_rows: jax.Array  # [T] i32: -1, or the previous step's row whose sampled token this is
+    positions: jax.Array  # [T] i32
+    slot_mapping: jax.Array  # [T] i32
+    cu_q_lens: jax.Array  # [R+1] i32
+    kv_lens: jax.Array  # [R] i32
+    num_seqs: jax.Array  # [1] i32
+    table_rows: jax.Array  # [R] i32: each row's slot in the device page table
+    page_update_index: jax.Array  # [U] i32: flat index into the page table, out of range = none
+    page_update_value: jax.Array  # [U] i32: the page id to write there
     logits_rows: jax.Array  # [R] i32: the flat index of each row's last token
     sampling: SamplingBatch
 
 
-def make_step(graphdef: nnx.GraphDef, processors: Sequence[LogitsProcessor] = (), mesh: Mesh | None = None):
-    """step(state, kv_cache, penalties, inputs) -> (kv_cache, penalties, SamplerOutput, hidden [T, D])."""
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DeviceState:
+    """Carried from step to step on the device (donated, updated in place)."""
 
-    def step(state, kv_cache, penalties: PenaltyState, inputs: StepInput):
-        model: LlamaForCausalLM = nnx.merge(graphdef, state)
-        hidden, kv_cache = model(inputs.tokens, kv_cache, inputs.attention)
-        penalties = update_penalty_state(penalties, inputs.tokens, inputs.sampling)
+    penalties: PenaltyState
+    page_table: jax.Array  # [slots + 1, P_max] i32; the last row stays zero (padding rows)
+    last_tokens: jax.Array  # [R_max] i32: the previous step's sampled token per row
+
+
+def make_step(graphdef: nnx.GraphDef, treedef, processors: Sequence[LogitsProcessor] = (), mesh: Mesh | None = None):
+    """step(weights (flat leaves), kv_cache, DeviceState, packed inputs, *, input_packing,
+    output_packing) -> (kv_cache, DeviceState, packed SamplerOutput, hidden [T, D]).
+
+    A decode token still unknown to the host (async scheduling: step n+1 is staged before step
+    n's tokens are read back) is taken from last_tokens on the device."""
+
+    def step(weights, kv_cache, state: DeviceState, packed, *, input_packing, output_packing):
+        model: LlamaForCausalLM = nnx.merge(graphdef, jax.tree.unflatten(treedef, weights))
+        inputs: StepInput = input_packing.unpack(packed)
+        tokens = jnp.where(inputs.prev_rows >= 0, state.last_tokens[jnp.maximum(inputs.prev_rows, 0)], inputs.tokens)
+        table = state.page_table.reshape(-1).at[inputs.page_update_index].set(inputs.page_update_value, mode="drop")
+        table = table.reshape(state.page_table.shape)
+        batch = RaggedBatch(positions=inputs.positions, slot_mapping=inputs.slot_mapping, cu_q_lens=inputs.cu_q_lens,
+                            kv_lens=inputs.kv_lens, page_table=table[inputs.table_rows], num_seqs=inputs.num_seqs)
+        hidden, kv_cache = model(tokens, kv_cache, batch)
+        penalties = update_penalty_state(state.penalties, tokens, inputs.sampling)
         logits = model.logits(hidden[inputs.logits_rows])
         if mesh is not None:
             # Pin every carried-over array to one placement, so that step n's outputs are step
@@ -50,11 +86,44 @@ def make_step(graphdef: nnx.GraphDef, processors: Sequence[LogitsProcessor] = ()
             # vocabulary, and sampling must see it whole.
             replicated = NamedSharding(mesh, PartitionSpec())
             kv_cache = jax.lax.with_sharding_constraint(kv_cache, kv_cache_sharding(mesh))
-            penalties, hidden, logits = jax.lax.with_sharding_constraint((penalties, hidden, logits), replicated)
+            penalties, table, hidden, logits = jax.lax.with_sharding_constraint((penalties, table, hidden, logits), replicated)
         out = sample(logits, inputs.sampling, penalties, processors)
-        return kv_cache, penalties, out, hidden
+        last_tokens = jnp.zeros_like(state.last_tokens).at[: out.tokens.shape[0]].set(out.tokens)
+        if mesh is not None:
+            last_tokens = jax.lax.with_sharding_constraint(last_tokens, NamedSharding(mesh, PartitionSpec()))
+        return kv_cache, DeviceState(penalties, table, last_tokens), output_packing.pack(out), hidden
 
-    return jax.jit(step, donate_argnames=("kv_cache", "penalties"))
+    return jax.jit(step, donate_argnames=("kv_cache", "state"), static_argnames=("input_packing", "output_packing"))
+
+
+def make_write_table_row(sharding: NamedSharding | None = None):
+    """(page_table, slot, row [P_max]) -> page_table with that slot's row replaced: for a request
+    whose pages outnumber what a step's page updates carry (an n > 1 child sharing a long prompt)."""
+    return jax.jit(lambda table, slot, row: table.at[slot].set(row), donate_argnums=0, out_shardings=sharding)
+
+
+def step_input_spec(t: int, r: int, num_page_updates: int, num_processors: int, bias_width: int) -> StepInput:
+    """The shapes and dtypes of a (t, r) step's inputs: the template of its packed buffer."""
+    i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
+    f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
+    b = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bool_)  # noqa: E731
+    sampling = SamplingBatch(
+        temperature=f32(r), top_k=i32(r), top_p=f32(r), min_p=f32(r), repetition_penalty=f32(r),
+        presence_penalty=f32(r), frequency_penalty=f32(r), bias_ids=i32(r, bias_width), bias_values=f32(r, bias_width),
+        seeds=jax.ShapeDtypeStruct((r,), jnp.uint32), counters=i32(r), wants_logprobs=b(r),
+        processor_mask=b(num_processors, r), row_slot=i32(r), reset_slots=i32(r), token_slot=i32(t),
+        token_is_output=b(t),
+    )
+    return StepInput(tokens=i32(t), prev_rows=i32(t), positions=i32(t), slot_mapping=i32(t), cu_q_lens=i32(r + 1),
+                     kv_lens=i32(r), num_seqs=i32(1), table_rows=i32(r), page_update_index=i32(num_page_updates),
+                     page_update_value=i32(num_page_updates), logits_rows=i32(r), sampling=sampling)
+
+
+def sampler_output_spec(r: int) -> SamplerOutput:
+    return SamplerOutput(tokens=jax.ShapeDtypeStruct((r,), jnp.int32), logprobs=jax.ShapeDtypeStruct((r,), jnp.float32),
+                         ranks=jax.ShapeDtypeStruct((r,), jnp.int32),
+                         top_ids=jax.ShapeDtypeStruct((r, MAX_LOGPROBS), jnp.int32),
+                         top_logprobs=jax.ShapeDtypeStruct((r, MAX_LOGPROBS), jnp.float32))
 
 
 def make_prompt_logprobs(graphdef: nnx.GraphDef):

@@ -28,7 +28,8 @@ class Request:
     eos_token_ids: frozenset[int] = frozenset()
     max_model_len: int = 1 << 30
     output_token_ids: list[int] = dataclasses.field(default_factory=list)
-    num_computed_tokens: int = 0
+    num_computed_tokens: int = 0  # tokens in the cache, counting those of steps already launched
+    num_pending: int = 0  # tokens sampled by launched steps, not yet read back (async scheduling)
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: int | str | None = None
     num_preemptions: int = 0
@@ -41,7 +42,16 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
+        """Prompt and output tokens, the pending ones (ids still on the device) included."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending
+
+    @property
+    def num_known_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids) + self.num_pending
 
     @property
     def num_prompt_tokens(self) -> int:

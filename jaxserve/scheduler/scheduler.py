@@ -5,11 +5,17 @@ Each step, every request's num_computed_tokens catches up with the tokens it has
     schedule(): running requests first, in admission order, each granted
                 min(tokens it still lacks, budget left)  -> decode is a grant of 1, a long prompt
                 gets chunks; then waiting requests, first come first served, while the budget,
-                max_num_seqs and free pages allow.
+                max_num_seqs and free pages allow. Grants advance num_computed_tokens at once,
+                and a chunk that samples adds a pending token.
                 Out of pages: preempt the most recently admitted running request (free its pages,
                 recompute it later from the head of the queue). The oldest always progresses.
-    update():   advance num_computed_tokens; a request whose cache caught up takes its sampled
-                token, then may finish (eos, stop token, length) and free its pages.
+    update():   a chunk that sampled turns its pending token into a known one; the request may
+                then finish (eos, stop token, length) and free its pages.
+
+Async scheduling: step n+1 may be scheduled before step n's tokens are known. A decode grant on a
+pending token is staged with the token left on the device, a request whose pending token will
+reach its length limit is not granted more, and one that turns out to have stopped (eos) only
+wastes that one row, whose token update() drops.
 
 n > 1: a prompt is computed once. A prefix request computes the prompt's full pages (all but the
 page holding its last token); then n children share those pages and each computes the rest
@@ -37,13 +43,9 @@ class ScheduledChunk:
     request: Request
     start: int  # first position computed this step
     num_tokens: int  # q_len
-    page_ids: tuple[int, ...]
-
-    @property
-    def samples(self) -> bool:
-        """Whether this chunk ends at the request's last token, so its logits pick the next one."""
-        req = self.request
-        return req.prefix_len is None and self.start + self.num_tokens == req.num_tokens
+    page_ids: list[int]  # the request's live page list: read it when staging, right after schedule()
+    samples: bool  # ends at the request's last token, so its logits pick the next one
+    sample_index: int  # the output index of the token it samples (the sampling key's counter)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +67,7 @@ class Scheduler:
         self.requests: dict[str, Request] = {}  # every live request, children and prefixes included
         self._forks: dict[str, list[Request]] = {}  # prefix request id -> children waiting for it
         self.num_preemptions = 0
+        self._removed: list[str] = []  # ids of requests removed since take_removed()
         # Families under suspicion after a failed step: each runs alone until a step succeeds.
         self.quarantine: set[str] = set()
 
@@ -112,6 +115,9 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             n = min(req.target_tokens - req.num_computed_tokens, budget)
+            if n <= 0 or req.num_output_tokens >= req.max_output_tokens:
+                i += 1  # waiting for its launched steps: a prefix about to fork, or a last token
+                continue
             while not self.kv.allocate(req.request_id, req.num_computed_tokens + n):
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -155,14 +161,21 @@ class Scheduler:
         return SchedulerOutput([self._chunk(req, n)], preempted)
 
     def retry(self, requests: list[Request]) -> None:
-        """After a failed step: these requests lose their pages and wait to be recomputed."""
+        """After a failed step (and with no other step in flight): these requests lose their pages
+        and pending tokens and wait to be recomputed."""
         for req in requests:
+            req.num_pending = 0
             if req.status is RequestStatus.RUNNING:
                 self.running.remove(req)
                 self._preempt(req)
 
     def _chunk(self, req: Request, n: int) -> ScheduledChunk:
-        return ScheduledChunk(req, req.num_computed_tokens, n, tuple(self.kv.table(req.request_id)))
+        start = req.num_computed_tokens
+        samples = req.prefix_len is None and start + n == req.num_tokens
+        chunk = ScheduledChunk(req, start, n, self.kv.table(req.request_id), samples, req.num_output_tokens)
+        req.num_computed_tokens += n
+        req.num_pending += samples
+        return chunk
 
     def _preempt(self, req: Request) -> None:
         self.kv.free(req.request_id)
@@ -179,15 +192,16 @@ class Scheduler:
         for chunk in output.chunks:
             req = chunk.request
             self.quarantine.discard(req.family_id)  # its step succeeded
-            if req.status is not RequestStatus.RUNNING:  # aborted or finished meanwhile
+            if req.status.finished:  # aborted or finished meanwhile: its token is dropped
                 continue
-            req.num_computed_tokens += chunk.num_tokens
             if req.prefix_len is not None:
-                if req.num_computed_tokens == req.prefix_len:
+                if req.status is RequestStatus.RUNNING and req.num_computed_tokens == req.prefix_len:
                     self._fork(req)
                 continue
             if not chunk.samples:
                 continue
+            # A request preempted since keeps its token: it is recomputed with it.
+            req.num_pending -= 1
             token = sampled[req.request_id]
             req.output_token_ids.append(token)
             advanced.append(req)
@@ -232,7 +246,13 @@ class Scheduler:
             self._remove(req)
         return [r for r in members if r.prefix_len is None]
 
+    def take_removed(self) -> list[str]:
+        """The requests finished, aborted or forked since the last call (their device rows can go)."""
+        removed, self._removed = self._removed, []
+        return removed
+
     def _remove(self, req: Request) -> None:
+        self._removed.append(req.request_id)
         if not req.status.finished:  # a prefix request, done once its children forked
             req.status = RequestStatus.FINISHED_STOPPED
         self.kv.free(req.request_id)

@@ -34,6 +34,7 @@ def no_leaks(request):
             e = request.getfixturevalue(name)
             assert not e.has_unfinished_requests()
             assert e.scheduler.kv.num_free_pages == e.scheduler.kv.num_pages, "pages leaked"
+            assert e.runner.slots.num_free == e.runner.num_slots, "request slots leaked"
 
 
 def run(e, arrivals: dict[int, list[tuple[str, list[int], SamplingParams]]], max_steps=1000):
@@ -106,6 +107,43 @@ def test_n_samples_share_the_prompt(small):
     for c in out.outputs:
         assert c.token_ids == next_tokens(prompt, 4, V)
     assert small.stats.tokens - tokens_before == 20 + 3 * 2 + 3 * 3  # prefix once, tails, then decodes
+
+
+def test_n_samples_sharing_more_pages_than_a_step_sends():
+    # 14 shared pages: more than a (16-token, 4-row) step's 9 page updates, so each child's page
+    # table row is written whole before its first step.
+    e = engine(num_pages=128, budget=16, seqs=4)
+    prompt = [(7 * i) % V for i in range(60)]
+    e.add_request("fam", prompt, SamplingParams(n=2, max_tokens=6, **GREEDY))
+    out = run(e, {})["fam"]
+    assert [c.token_ids for c in out.outputs] == [next_tokens(prompt, 6, V)] * 2
+    assert e.runner.slots.num_free == e.runner.num_slots
+
+
+def test_async_scheduling_matches_one_step_at_a_time():
+    # Page pressure (preemption), chunked prefill, stop tokens, sampling with seeds and penalties:
+    # the same tokens whether step n+1 is scheduled before step n's tokens are read or after.
+    rng = np.random.default_rng(3)
+    arrivals = {}
+    for i in range(10):
+        params = (SamplingParams(max_tokens=12, **GREEDY) if i % 3 == 0 else
+                  SamplingParams(max_tokens=10, temperature=0.8, seed=i, presence_penalty=0.5) if i % 3 == 1 else
+                  SamplingParams(max_tokens=15, temperature=0, stop_token_ids=[int(rng.integers(V))]))
+        arrivals.setdefault(i // 3, []).append((f"r{i}", rng.integers(0, V, int(rng.integers(1, 30))).tolist(), params))
+    results = []
+    for async_scheduling in (True, False):
+        config = EngineConfig(max_num_seqs=4, max_num_batched_tokens=16, page_size=4, num_kv_pages=24, max_model_len=96,
+                              min_token_bucket=8, async_scheduling=async_scheduling)
+        e = LLMEngine(config, model=SumModel(V), progress=False, log=lambda *_: None)
+        final = run(e, arrivals)
+        results.append({rid: (out.outputs[0].token_ids, out.outputs[0].finish_reason) for rid, out in final.items()})
+        assert e.scheduler.num_preemptions > 0
+        assert e.scheduler.kv.num_free_pages == e.scheduler.kv.num_pages
+        assert e.runner.slots.num_free == e.runner.num_slots
+    for rid, prompt, params in (a for group in arrivals.values() for a in group):
+        if params.temperature == 0 and params.ignore_eos:
+            assert results[0][rid][0] == next_tokens(prompt, 12, V)
+    assert results[0] == results[1]
 
 
 def test_seeded_sampling_is_reproducible(small):
