@@ -7,9 +7,15 @@
 The HTTP server, the continuous-batching scheduler and the `LLM` API build on this.
 """
 
-from jaxserve.llm import LLM
-from jaxserve.outputs import CompletionOutput, RequestOutput
-from jaxserve.sampling_params import SamplingParams
+import os
+
+# JAX preallocates 75% of GPU memory by default; a server wants nearly all of it (the KV cache
+# takes gpu_memory_utilization of what JAX manages). Set before JAX starts its GPU client.
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
+
+from jaxserve.llm import LLM  # noqa: E402
+from jaxserve.outputs import CompletionOutput, RequestOutput  # noqa: E402
+from jaxserve.sampling_params import SamplingParams  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["LLM", "CompletionOutput", "RequestOutput", "SamplingParams"]

@@ -59,6 +59,11 @@ def _add_serve_parser(sub) -> None:
     serve.add_argument("--num-gpu-blocks-override", type=int, default=None,
                        help="KV cache pages (default: from memory)")
     serve.add_argument("--attention-impl", default=d.attention_impl, choices=["auto", "xla", "pallas", "reference"])
+    serve.add_argument("--row-bucket-growth", type=int, default=d.row_bucket_growth,
+                       help="factor between compiled request-count buckets; 0: one per token bucket (fewer "
+                            "shapes to compile: faster start-up)")
+    serve.add_argument("--no-async-scheduling", action="store_true",
+                       help="wait for each step's tokens before scheduling the next")
     serve.add_argument("--max-waiting-requests", type=int, default=None,
                        help="sequences allowed to wait beyond --max-num-seqs before answering 503 (default 1024)")
     serve.add_argument("--uvicorn-log-level", default="info")
@@ -79,7 +84,8 @@ def _serve(args, cache_dir) -> int:
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed, page_size=args.block_size,
         num_kv_pages=args.num_gpu_blocks_override, attention_impl=args.attention_impl, cache_dir=cache_dir,
-        max_waiting_requests=args.max_waiting_requests)
+        max_waiting_requests=args.max_waiting_requests, row_bucket_growth=args.row_bucket_growth,
+        async_scheduling=not args.no_async_scheduling)
     settings = ServerSettings(engine=engine, served_model_names=tuple(args.served_model_name or ()),
                               api_key=args.api_key or os.environ.get("JAXSERVE_API_KEY") or None,
                               fault_token_id=args.fault_token_id)

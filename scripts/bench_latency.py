@@ -14,43 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-def copy_bandwidth(nbytes: int = 2 << 30) -> float:
-    """Bytes read + written per second by a device-to-device copy (median of 10). PyTorch's copy_
-    when torch is there (the GPU machine): XLA's elementwise copy reads only ~2 TB/s on an H200
-    whose memory does ~4.3, which would flatter every fraction of it."""
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda")
-            dst = torch.empty_like(src)
-            dst.copy_(src)
-            times = []
-            for _ in range(10):
-                start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                dst.copy_(src)
-                stop.record()
-                stop.synchronize()
-                times.append(start.elapsed_time(stop) / 1e3)
-            del src, dst
-            torch.cuda.empty_cache()
-            return 2 * nbytes / float(np.median(times))
-    except ImportError:
-        pass
-    import jax
-    import jax.numpy as jnp
-
-    x = jnp.ones(nbytes // 2, jnp.bfloat16)
-    copy = jax.jit(lambda a: a + 1, donate_argnums=0)
-    x = copy(x).block_until_ready()
-    times = []
-    for _ in range(10):
-        t0 = time.perf_counter()
-        x = copy(x).block_until_ready()
-        times.append(time.perf_counter() - t0)
-    return 2 * nbytes / float(np.median(times))
+from device_limits import copy_bandwidth  # scripts/device_limits.py
 
 
 def main() -> None:
@@ -65,6 +29,8 @@ def main() -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=1024)
     p.add_argument("--row-bucket-growth", type=int, default=0)
     p.add_argument("--attention-impl", default="auto")
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--async-scheduling", type=int, default=1, help="0: one step at a time")
     p.add_argument("--throughput-prompts", type=int, default=0,
                    help="then also time N prompts of --throughput-len in / out, all at once (offline throughput)")
     p.add_argument("--throughput-len", type=int, default=1024)
@@ -80,8 +46,8 @@ def main() -> None:
     llm = LLM(args.model, load_format=args.load_format, dtype=args.dtype, tensor_parallel_size=args.tensor_parallel_size,
               max_num_seqs=max(batches), max_num_batched_tokens=args.max_num_batched_tokens,
               max_model_len=max(args.input_len + args.output_len, 2 * args.throughput_len) + 16,
-              row_bucket_growth=args.row_bucket_growth,
-              attention_impl=args.attention_impl)
+              row_bucket_growth=args.row_bucket_growth, page_size=args.page_size,
+              async_scheduling=bool(args.async_scheduling), attention_impl=args.attention_impl)
     startup = time.perf_counter() - t0
     engine = llm.engine
     weight_bytes = sum(a.nbytes for a in jax.tree.leaves(engine.runner.state))
@@ -108,9 +74,11 @@ def main() -> None:
         total = time.perf_counter() - t_all
         ms = 1e3 * float(np.median(step_times))
         host = engine.stats.host_seconds / max(engine.stats.steps, 1) * 1e3
-        record["results"].append(dict(batch=b, ms_per_token=ms, x_floor=ms / floor_ms, total_seconds=total))
+        record["results"].append(dict(batch=b, ms_per_token=ms, x_floor=ms / floor_ms, total_seconds=total,
+                                      ms_per_token_whole_request=1e3 * total / args.output_len, host_ms_per_step=host))
         print(f"batch {b:>4}: {ms:.2f} ms per output token (median decode step), {ms / floor_ms:.2f}x the floor; "
-              f"whole request {total:.2f} s; host {host:.2f} ms/step so far")
+              f"whole request {total:.2f} s ({1e3 * total / args.output_len:.2f} ms per output token, prefill "
+              f"included); host work {host:.2f} ms/step so far")
     print(engine.stats.summary())
     if args.throughput_prompts:
         n, length = args.throughput_prompts, args.throughput_len

@@ -1,0 +1,78 @@
+"""The ceilings a benchmark reports its figures against, measured in the same run:
+
+    copy_bandwidth(): bytes read + written per second by a device-to-device copy
+    matmul_rate():    bf16 FLOP/s of a large square matrix product
+
+Both through PyTorch when it sees a GPU (the GPU machine has it): XLA's elementwise copy reads
+only ~2 TB/s on an H200 whose memory does ~4.3, which would flatter every fraction of it.
+Elsewhere through JAX. Medians of 10 timed runs after a warm-up.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+
+def _torch_cuda():
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch if torch.cuda.is_available() else None
+
+
+def _time_torch(torch, fn, repeats: int = 10) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop) / 1e3)
+    return float(np.median(times))
+
+
+def _time_jax(fn, x, repeats: int = 10) -> float:
+    fn(x).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn(x).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def copy_bandwidth(nbytes: int = 2 << 30) -> float:
+    torch = _torch_cuda()
+    if torch is not None:
+        src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda")
+        dst = torch.empty_like(src)
+        seconds = _time_torch(torch, lambda: dst.copy_(src))
+        del src, dst
+        torch.cuda.empty_cache()
+        return 2 * nbytes / seconds
+    import jax
+    import jax.numpy as jnp
+
+    return 2 * nbytes / _time_jax(jax.jit(lambda a: a + 1), jnp.ones(nbytes // 2, jnp.bfloat16))
+
+
+def matmul_rate(n: int = 8192) -> float:
+    torch = _torch_cuda()
+    if torch is not None:
+        a = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
+        b = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
+        seconds = _time_torch(torch, lambda: a @ b)
+        del a, b
+        torch.cuda.empty_cache()
+        return 2 * n**3 / seconds
+    import jax
+    import jax.numpy as jnp
+
+    n = min(n, 2048)  # a CPU
+    a = jnp.ones((n, n), jnp.bfloat16)
+    return 2 * n**3 / _time_jax(jax.jit(lambda x: x @ x), a)
