@@ -16,19 +16,26 @@ Rows of q past cu_q_lens[num_seqs] are padding: their output is zero.
 The file reads: Mosaic GPU kernel -> `_attention_call` (the pallas call) -> `ragged_paged_attention`
 (validated, jitted) -> `ragged_paged_attention_reference` (pure jnp, the semantics).
 
-Kernel data flow, one program per (work tile, kv head[, kv split]); `ragged_tiles` says what a tile
-is. With kv_splits > 1 (flash-decoding; `default_splits` picks it for small decode batches) program
-s takes the s-th share of the tile's KV blocks and stores its normalised output and its base-2
-log-sum-exp; the wrapper combines the shares. Otherwise:
+Kernel data flow. The work items are (work tile, kv head[, kv split]); `ragged_tiles` says what a
+tile is. With a persistent grid (`num_programs`; prefill's default) one program per SM takes items
+round-robin, heaviest tiles first, and keeps its K/V ring and its two q buffers filling across
+items, so an item's start costs no pipeline fill; decode's default runs one program per item, which
+the hardware schedules as SMs free up. With kv_splits > 1 (flash-decoding; `default_splits` picks it
+for small decode batches) item s takes the s-th share of the tile's KV blocks and stores its
+normalised output and its base-2 log-sum-exp; the wrapper combines the shares. Per item:
 
     q rows of the tile (G query heads x tokens of one sequence; gathered into 8-aligned slots
-    by the wrapper) --TMA--> smem, once
+    by the wrapper) --TMA--> q buffer r % 2 (r: the program's item count), by the memory warpgroup
     memory warpgroup:  for each block of block_kv cache tokens: page ids from page_table,
-                       one TMA copy per page --> k/v smem slot (num_stages slots, a ring)
+                       one TMA copy per page --> k/v smem slot (num_stages slots, a ring whose
+                       position counts on over items)
     compute warpgroups (64 rows each):  S = q K^T (wgmma) -> causal mask on the last blocks ->
                        online softmax (exp2, f32) -> O += P V (wgmma) -> free the slot
-    O / l --> smem --> TMA store of the first 8/16/32/64 rows covering the valid ones, into the
-                       tile's own slots; the wrapper gathers rows back
+                       (with `pingpong`, two warpgroups alternate: one's softmax under the
+                       other's matmuls)
+    O / l --> the item's q buffer --> TMA store of the first 8/16/32/64 rows covering the valid
+                       ones, into the tile's own slots; the wrapper gathers rows back. The buffer
+                       goes back to the memory warpgroup once that store has read it.
 """
 
 from __future__ import annotations
@@ -63,6 +70,12 @@ class RaggedPagedAttentionConfig:
     # output and its log-sum-exp, and the wrapper combines them. None picks by shape
     # (`default_splits`): small decode batches otherwise leave most SMs idle.
     kv_splits: int | None = None
+    # Persistent grid: this many programs (None: one per SM) walk the work items, each keeping its
+    # K/V ring and its q buffers filled across items. 0: one program per item (no persistence).
+    num_programs: int | None = None
+    # With two compute warpgroups: they take turns on the tensor cores (FA3's ping-pong), one's
+    # softmax under the other's matmuls.
+    pingpong: bool = False
 
     def __post_init__(self):
         if self.block_kv % 64 or self.block_kv <= 0:
@@ -73,33 +86,57 @@ class RaggedPagedAttentionConfig:
             raise ValueError(f"num_stages must be at least 2, got {self.num_stages}")
         if self.kv_splits is not None and not 1 <= self.kv_splits <= 64:
             raise ValueError(f"kv_splits must be None or 1..64, got {self.kv_splits}")
+        if self.num_programs is not None and self.num_programs < 0:
+            raise ValueError(f"num_programs must be None or >= 0, got {self.num_programs}")
 
 
 # Picked by the batch's static shape when no config is given (measured on an H200, docs/benchmarks.md):
 # decode-shaped batches run best with one compute warpgroup and a deeper ring, prefill with two
-# warpgroups sharing each K/V block. Shared memory (H = 128): ring 2 x 64 KiB per stage + q + P.
-DECODE_CONFIG = RaggedPagedAttentionConfig(block_kv=128, compute_warpgroups=1, num_stages=3)
-PREFILL_CONFIG = RaggedPagedAttentionConfig(block_kv=128, compute_warpgroups=2, num_stages=2)
+# warpgroups sharing each K/V block and taking turns. Shared memory (H = 128): ring 2 x 32 KiB per
+# stage and block of 128, plus two q buffers of 16 KiB per compute warpgroup. Decode runs one
+# program per item (the hardware's block scheduler balances them; the persistent grid measured no
+# better there), prefill the persistent grid (heaviest tiles first: 8 x 512 ran 10-30% faster).
+DECODE_CONFIG = RaggedPagedAttentionConfig(block_kv=128, compute_warpgroups=1, num_stages=3, num_programs=0)
+PREFILL_CONFIG = RaggedPagedAttentionConfig(block_kv=128, compute_warpgroups=2, num_stages=2, pingpong=True)
 
 
 _NUM_SMS = 132  # H100 / H200 SXM
 MAX_AUTO_SPLITS = 16
 
 
+def _num_sms(interpret: bool) -> int:
+    device = jax.devices()[0]
+    return device.core_count if device.platform == "gpu" and not interpret else _NUM_SMS
+
+
 def default_config(num_tokens: int, num_rows: int) -> RaggedPagedAttentionConfig:
     return DECODE_CONFIG if num_tokens <= 2 * num_rows else PREFILL_CONFIG
 
 
-def default_splits(num_tokens: int, num_rows: int, num_kv_heads: int, max_kv_blocks: int) -> int:
-    """KV splits for a batch shape: enough (tile, kv head, split) programs to cover the SMs once
-    when the batch is decode-shaped (one tile per sequence), at least two KV blocks per split (of
-    the longest sequence the page table can hold), none for prefill-shaped batches. Swept on an
-    H200 (docs/benchmarks.md): 1 x 8192 best at 16, 1 x 2048 at 4-8, 8 x 512 at 2, 8 x 2048 and
-    8 x 8192 flat from 2 to 8, 64 x 2048 flat from 1 to 2."""
+def default_splits(num_tokens: int, num_rows: int, num_kv_heads: int, max_kv_blocks: int,
+                   num_programs: int = _NUM_SMS) -> int:
+    """KV splits for a batch shape. Prefill-shaped batches: none. Decode-shaped ones (one tile per
+    sequence): the fewest splits (at most 16, at least two KV blocks each, of the longest sequence
+    the page table can hold) whose (sequence, kv head, split) items fill >= 90% of the rounds of
+    num_programs SMs (one resident program each), else the best filling: 64 items on 132 SMs leave
+    half of them idle, 128 fill 97%."""
     if num_tokens > 2 * num_rows:
         return 1
-    programs = num_rows * num_kv_heads
-    return max(1, min(MAX_AUTO_SPLITS, -(-_NUM_SMS // programs), max_kv_blocks // 2))
+    items = num_rows * num_kv_heads
+
+    def fill(splits):
+        return items * splits / (-(-items * splits // num_programs) * num_programs)
+
+    best = 1
+    for splits in range(1, max(1, min(MAX_AUTO_SPLITS, max_kv_blocks // 2)) + 1):
+        per_split = -(-max_kv_blocks // splits)
+        if -(-max_kv_blocks // per_split) != splits:  # some shares would be empty
+            continue
+        if fill(splits) >= 0.9:
+            return splits
+        if fill(splits) > fill(best):
+            best = splits
+    return best
 
 
 def _smem_transforms(dtype, head_dim):
@@ -111,29 +148,44 @@ def _smem_transforms(dtype, head_dim):
 
 
 def _kernel(
-    tile_seq_ref, tile_row0_ref, tile_row_end_ref, tile_base_ref, live_tiles_ref,  # [W] x 4, [1]
+    tile_seq_ref, tile_row0_ref, tile_row_end_ref, tile_base_ref, tile_order_ref, live_tiles_ref,  # [W] x 5, [1]
     kv_lens_ref, page_table_ref, cu_q_lens_ref,  # [R], [R, P_max], [R+1]
     q_ref, k_ref, v_ref,  # [K, slots, H], [P, S, K, H], [P, S, K, H]
     *refs,  # out [K, slots, H]; or, split: out [splits, K, slots, H], lse [splits, K, slots]; scratch
-    group, page_size, pages_per_block, block_kv, num_wgs, num_stages, num_tiles, scale_log2, p_from_registers,
-    num_splits, acc_in_place,
+    group, page_size, pages_per_block, block_kv, num_wgs, num_stages, num_programs, num_kv_heads, scale_log2,
+    p_from_registers, num_splits, acc_in_place, pingpong,
 ):
     if num_splits > 1:
-        out_ref, lse_ref, q_smem, k_smem, v_smem, p_smem, lse_smem, k_full, v_full, q_full, k_free, v_free = refs
-        split = lax.axis_index("s")
-        out_ref, lse_ref = out_ref.at[split], lse_ref.at[split]
+        out_ref, lse_ref, q_smem, k_smem, v_smem, p_smem, lse_smem, *barriers = refs
     else:
-        out_ref, q_smem, k_smem, v_smem, p_smem, k_full, v_full, q_full, k_free, v_free = refs
+        out_ref, q_smem, k_smem, v_smem, p_smem, *barriers = refs
         lse_ref = lse_smem = None
+    k_full, v_full, q_full, k_free, v_free, q_free, sched = barriers
     dtype = q_ref.dtype
     head_dim = q_ref.shape[-1]
     tile_rows = num_wgs * _WG_ROWS
-    kv_head = lax.axis_index("k")
-    w = num_tiles - 1 - lax.axis_index("w")  # last tiles of a sequence see the most keys: start them first
     wg = lax.axis_index("wg")
+    program = lax.axis_index("p")
 
-    @pl.when(w < live_tiles_ref[0])
-    def _tile():
+    # Work items (tile, kv head, split), tiles in tile_order (heaviest first), handed out round-robin
+    # to the programs, every other round backwards (a snake: heavy and light items even out).
+    items_per_tile = num_kv_heads * num_splits
+    live_items = live_tiles_ref[0] * items_per_tile
+    full_rounds = lax.div(live_items, num_programs)
+
+    def round_pos(r):
+        return jnp.where(lax.rem(r, 2) == 0, program, num_programs - 1 - program)
+
+    num_items = full_rounds + (round_pos(full_rounds) < live_items - full_rounds * num_programs).astype(jnp.int32)
+
+    def item(r):
+        """The r-th item of this program: what both kinds of warpgroup need to know of it."""
+        j = r * num_programs + round_pos(r)
+        x = lax.div(j, items_per_tile)
+        rest = j - x * items_per_tile
+        kv_head = lax.div(rest, num_splits)
+        split = rest - kv_head * num_splits
+        w = tile_order_ref[x]
         seq = tile_seq_ref[w]
         row0, row_end = tile_row0_ref[w], tile_row_end_ref[w]
         offset = kv_lens_ref[seq] - cu_q_lens_ref[seq + 1]  # cache position of token t is offset + t
@@ -142,68 +194,111 @@ def _kernel(
         kv_stop = offset + t_last + 1  # keys visible to the tile's last row
         num_steps = lax.div(kv_stop + block_kv - 1, block_kv)
         unmasked_steps = jnp.minimum(lax.div(offset + t_first + 1, block_kv), num_steps)
-        if num_splits > 1:  # this program's share of the tile's KV blocks; the last shares may be empty
+        if num_splits > 1:  # this item's share of the tile's KV blocks; the last shares may be empty
             per_split = lax.div(num_steps + num_splits - 1, num_splits)
             first_step = jnp.minimum(split * per_split, num_steps)
             end_step = jnp.minimum(first_step + per_split, num_steps)
         else:
-            first_step, end_step = 0, num_steps
+            first_step, end_step = jnp.int32(0), num_steps
+        return {"kv_head": kv_head, "split": split, "seq": seq, "row0": row0, "row_end": row_end,
+                "offset": offset, "t_last": t_last, "kv_stop": kv_stop, "unmasked_steps": unmasked_steps,
+                "first_step": first_step, "end_step": end_step, "q_base": tile_base_ref[w]}
 
-        @pl.when(wg == num_wgs)
-        def _memory_warpgroup():
-            if acc_in_place and num_wgs > 1:
-                plgpu.set_max_registers(40, action="decrease")
-            last_page = lax.div(kv_stop - 1, page_size)  # pages past it would be masked: reload it instead
+    # Ring slots count on across items: the c-th K/V block of this program goes to slot c % stages.
+    # q has two buffers: item r's q (and then its output) in buffer r % 2.
+    @pl.when(wg == num_wgs)
+    def _memory_warpgroup():
+        if acc_in_place and num_wgs > 1:
+            plgpu.set_max_registers(40, action="decrease")
+
+        def item_body(r, count):
+            it = item(r)
+            buf = lax.rem(r, 2)
+
+            @pl.when(r >= 2)
+            def _():
+                plgpu.barrier_wait(q_free.at[buf])  # item r - 2 is done with this buffer
+
+            for i in range(num_wgs):
+                rows = pl.ds(pl.multiple_of(it["q_base"] + i * _WG_ROWS, 8), _WG_ROWS)
+                plgpu.copy_gmem_to_smem(q_ref.at[it["kv_head"], rows], q_smem.at[buf, i], q_full.at[buf])
+            last_page = lax.div(it["kv_stop"] - 1, page_size)  # pages past it would be masked: reload it instead
 
             def fetch(src_ref, dst_smem, full, step, slot):
                 for i in range(pages_per_block):
-                    page = page_table_ref[seq, jnp.minimum(step * pages_per_block + i, last_page)]
-                    plgpu.copy_gmem_to_smem(
-                        src_ref.at[page, :, kv_head], dst_smem.at[slot, pl.ds(i * page_size, page_size)], full.at[slot]
-                    )
+                    page = page_table_ref[it["seq"], jnp.minimum(step * pages_per_block + i, last_page)]
+                    plgpu.copy_gmem_to_smem(src_ref.at[page, :, it["kv_head"]],
+                                            dst_smem.at[slot, pl.ds(i * page_size, page_size)], full.at[slot])
 
-            @pl.loop(first_step, end_step)
+            @pl.loop(it["first_step"], it["end_step"])
             def _step(step):
-                i = step - first_step
-                slot = lax.rem(i, num_stages)
+                c = count + step - it["first_step"]
+                slot = lax.rem(c, num_stages)
 
-                @pl.when(i >= num_stages)
+                @pl.when(c >= num_stages)
                 def _():
                     plgpu.barrier_wait(k_free.at[slot])
 
                 fetch(k_ref, k_smem, k_full, step, slot)
 
-                @pl.when(i >= num_stages)
+                @pl.when(c >= num_stages)
                 def _():
                     plgpu.barrier_wait(v_free.at[slot])
 
                 fetch(v_ref, v_smem, v_full, step, slot)
 
-            @pl.loop(jnp.maximum(end_step - num_stages, first_step), end_step)
-            def _drain(step):  # observe the last frees too: every barrier phase is waited on
-                plgpu.barrier_wait(k_free.at[lax.rem(step - first_step, num_stages)])
-                plgpu.barrier_wait(v_free.at[lax.rem(step - first_step, num_stages)])
+            return count + it["end_step"] - it["first_step"]
 
-        @pl.when(wg < num_wgs)
-        def _compute_warpgroup():
-            if acc_in_place and num_wgs > 1:
-                plgpu.set_max_registers(232, action="increase")
-            q_row = row0 + wg * _WG_ROWS  # logical row: decides the causal mask
-            q_slot = pl.multiple_of(tile_base_ref[w] + wg * _WG_ROWS, 8)  # where its q and out rows live
-            plgpu.copy_gmem_to_smem(q_ref.at[kv_head, pl.ds(q_slot, _WG_ROWS)], q_smem.at[wg], q_full.at[wg])
-            plgpu.barrier_wait(q_full.at[wg])
-            layout = plgpu.Layout.WGMMA
+        count = lax.fori_loop(0, num_items, item_body, jnp.int32(0))
+
+        @pl.loop(jnp.maximum(count - num_stages, 0), count)
+        def _drain(c):  # observe the last frees too: every barrier phase is waited on
+            plgpu.barrier_wait(k_free.at[lax.rem(c, num_stages)])
+            plgpu.barrier_wait(v_free.at[lax.rem(c, num_stages)])
+
+        @pl.when(num_items >= 2)
+        def _():  # and the last q buffer release (the last item's, at its start)
+            plgpu.barrier_wait(q_free.at[lax.rem(num_items, 2)])
+
+    def sched_sync():  # ping-pong: the two compute warpgroups take turns on the tensor cores
+        plgpu.barrier_arrive(sched)
+        plgpu.barrier_wait(sched)
+
+    @pl.when(wg < num_wgs)
+    def _compute_warpgroup():
+        if acc_in_place and num_wgs > 1:
+            plgpu.set_max_registers(232, action="increase")
+        layout = plgpu.Layout.WGMMA
+
+        def item_body(r, count):
+            it = item(r)
+            buf = lax.rem(r, 2)
+            q_view = q_smem.at[buf, wg]  # this warpgroup's q rows; then its output rows
+            first_step, end_step, t_last, offset = it["first_step"], it["end_step"], it["t_last"], it["offset"]
+            q_row = it["row0"] + wg * _WG_ROWS  # logical row: decides the causal mask
+            q_slot = pl.multiple_of(it["q_base"] + wg * _WG_ROWS, 8)  # where its q and out rows live
+            plgpu.barrier_wait(q_full.at[buf])
+
+            @pl.when(r >= 1)
+            def _():  # the last item's output has left the other buffer: the memory warpgroup may refill it
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                plgpu.barrier_arrive(q_free.at[1 - buf])
+
+            if pingpong:
+                pl.when(wg == 1)(sched_sync)
             m = plgpu.layout_cast(jnp.full((_WG_ROWS,), -jnp.inf, jnp.float32), layout.reduce(1))
             l = plgpu.layout_cast(jnp.full((_WG_ROWS,), 0.0, jnp.float32), layout.reduce(1))
             acc = plgpu.layout_cast(jnp.full((_WG_ROWS, head_dim), 0.0, jnp.float32), layout)
 
             def step_fn(step, carry, *, masked):
                 acc, m, l = carry
-                slot = lax.rem(step - first_step, num_stages)
+                slot = lax.rem(count + step - first_step, num_stages)
                 plgpu.barrier_wait(k_full.at[slot])
 
                 def qk(acc_ref):
-                    plgpu.wgmma(acc_ref, q_smem.at[wg], k_smem.at[slot].T)
+                    plgpu.wgmma(acc_ref, q_view, k_smem.at[slot].T)
+                    if pingpong:
+                        sched_sync()
                     return acc_ref[...]
 
                 s = pl.run_scoped(qk, plgpu.ACC((_WG_ROWS, block_kv), jnp.float32))
@@ -223,13 +318,20 @@ def _kernel(
                 p = jnp.exp2(s - lax.broadcast_in_dim(m_use, s.shape, [0]))
                 l = l * alpha + p.sum(axis=1)
                 acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-                plgpu.barrier_wait(v_full.at[slot])
+                p16 = p.astype(dtype)
+                if pingpong:  # softmax done: let the other warpgroup's matmuls go, then take ours
+                    acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
+                    plgpu.barrier_arrive(sched)
+                    plgpu.barrier_wait(v_full.at[slot])
+                    plgpu.barrier_wait(sched)
+                else:
+                    plgpu.barrier_wait(v_full.at[slot])
 
                 if p_from_registers:
-                    p_operand = p.astype(dtype)
+                    p_operand = p16
                 else:
                     p_operand = p_smem.at[wg]
-                    p_operand[...] = p.astype(dtype)
+                    p_operand[...] = p16
                     plgpu.commit_smem()  # make the stores visible to the tensor cores' async proxy
 
                 if acc_in_place:  # compiled path: wgmma accumulates into the registers it is given
@@ -247,31 +349,37 @@ def _kernel(
                 return acc, m_new, l
 
             carry = (acc, m, l)
-            mid = jnp.clip(unmasked_steps, first_step, end_step)
+            mid = jnp.clip(it["unmasked_steps"], first_step, end_step)
             carry = lax.fori_loop(first_step, mid, functools.partial(step_fn, masked=False), carry)
             acc, m, l = lax.fori_loop(mid, end_step, functools.partial(step_fn, masked=True), carry)
+            if pingpong:
+                pl.when(wg == 0)(sched_sync)
             if num_splits > 1:  # an empty share (l = 0) stores 0 with log-sum-exp -inf
                 l_safe = jnp.where(l == 0.0, 1.0, l)
                 lse_smem.at[wg][...] = jnp.where(l == 0.0, -jnp.inf, m + jnp.log(l_safe) * _RCP_LN2)
             else:
                 l_safe = l
             acc = acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])
-            o_smem = q_smem  # q is read no more: its buffer takes the output
-            o_smem.at[wg][...] = acc.astype(dtype)
+            q_view[...] = acc.astype(dtype)  # q is read no more: its buffer takes the output
             plgpu.commit_smem()
+            out_view = out_ref.at[it["split"]] if num_splits > 1 else out_ref
             # TMA boxes are static: store the smallest of 8/16/32/64 leading rows that covers the
             # valid ones (a decode tile has only G), nothing when the warpgroup has none.
-            num_valid = jnp.clip(row_end - q_row, 0, _WG_ROWS)
+            num_valid = jnp.clip(it["row_end"] - q_row, 0, _WG_ROWS)
             size, lower = _WG_ROWS, _WG_ROWS // 2
             while size >= 8:
                 @pl.when((num_valid > (lower if size > 8 else 0)) & (num_valid <= size))
                 def _store(size=size):
-                    plgpu.copy_smem_to_gmem(o_smem.at[wg, pl.ds(0, size)], out_ref.at[kv_head, pl.ds(q_slot, size)])
+                    plgpu.copy_smem_to_gmem(q_view.at[pl.ds(0, size)], out_view.at[it["kv_head"], pl.ds(q_slot, size)])
                     if lse_ref is not None:
-                        plgpu.copy_smem_to_gmem(lse_smem.at[wg, pl.ds(0, size)], lse_ref.at[kv_head, pl.ds(q_slot, size)])
+                        plgpu.copy_smem_to_gmem(lse_smem.at[wg, pl.ds(0, size)],
+                                                lse_ref.at[it["split"], it["kv_head"], pl.ds(q_slot, size)])
 
                 size, lower = size // 2, lower // 2
-            plgpu.wait_smem_to_gmem(0)
+            return count + end_step - first_step
+
+        lax.fori_loop(0, num_items, item_body, jnp.int32(0))
+        plgpu.wait_smem_to_gmem(0)
 
 
 def _combine_splits(parts, lse):
@@ -296,10 +404,12 @@ def _attention_call(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seq
     num_splits = config.kv_splits
     if num_splits is None:
         max_kv_blocks = -(-page_table.shape[1] * page_size // block_kv)
-        num_splits = default_splits(num_tokens, num_rows, num_kv_heads, max_kv_blocks)
+        num_splits = default_splits(num_tokens, num_rows, num_kv_heads, max_kv_blocks, _num_sms(interpret))
     num_tiles = max_tiles(num_tokens, num_rows, group, tile_rows)
-    tile_seq, tile_row0, tile_row_end, tile_base, live_tiles, slot_src, row_slot = plan_tiles(
-        cu_q_lens, num_seqs, group=group, rows_per_tile=tile_rows, num_tiles=num_tiles, num_tokens=num_tokens
+    prefill_shaped = num_tokens > 2 * num_rows  # tiles differ in work: hand out the heaviest first
+    tile_seq, tile_row0, tile_row_end, tile_base, tile_order, live_tiles, slot_src, row_slot = plan_tiles(
+        cu_q_lens, num_seqs, group=group, rows_per_tile=tile_rows, num_tiles=num_tiles, num_tokens=num_tokens,
+        kv_lens=kv_lens if prefill_shaped else None,
     )
     # Rows of kv head k: its G query heads per token, token-major; then gathered into tile slots.
     rows = num_tokens * group
@@ -312,17 +422,23 @@ def _attention_call(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seq
     kv_block = (num_stages, block_kv, head_dim)
     pages_per_block = block_kv // page_size
     p_from_registers = config.p_from_registers and not interpret
-    # P's buffer: a token one (no swizzle transforms needed) when P stays in registers.
-    p_scratch = (plgpu.SMEM((1, 8), q.dtype) if p_from_registers
-                 else plgpu.SMEM((num_wgs, _WG_ROWS, block_kv), q.dtype, transforms=transforms))
+    max_items = num_tiles * num_kv_heads * num_splits
+    num_programs = config.num_programs
+    if num_programs is None:  # one resident program per SM: shared memory allows no more at head_dim 128
+        num_programs = _num_sms(interpret)
+    num_programs = min(num_programs, max_items) if num_programs else max_items
+    # P's buffer: none when P stays in registers (every allocation takes whole KiB: with H = 128 the
+    # decode config's q buffers and ring leave ~3 KiB of the 227).
+    p_scratch = None if p_from_registers else plgpu.SMEM((num_wgs, _WG_ROWS, block_kv), q.dtype, transforms=transforms)
     kernel = functools.partial(
         _kernel, group=group, page_size=page_size, pages_per_block=pages_per_block, block_kv=block_kv,
-        num_wgs=num_wgs, num_stages=num_stages, num_tiles=num_tiles, scale_log2=sm_scale * math.log2(math.e),
-        p_from_registers=p_from_registers, num_splits=num_splits, acc_in_place=not interpret,
+        num_wgs=num_wgs, num_stages=num_stages, num_programs=num_programs, num_kv_heads=num_kv_heads,
+        scale_log2=sm_scale * math.log2(math.e), p_from_registers=p_from_registers, num_splits=num_splits,
+        acc_in_place=not interpret, pingpong=config.pingpong and num_wgs == 2,
     )
     out_shape = jax.ShapeDtypeStruct((num_kv_heads, slots, head_dim), q.dtype)
     scratch = [
-        plgpu.SMEM((num_wgs, _WG_ROWS, head_dim), q.dtype, transforms=transforms),
+        plgpu.SMEM((2, num_wgs, _WG_ROWS, head_dim), q.dtype, transforms=transforms),  # q / out, two items
         plgpu.SMEM(kv_block, k_pages.dtype, transforms=transforms),
         plgpu.SMEM(kv_block, v_pages.dtype, transforms=transforms),
         p_scratch,
@@ -330,28 +446,30 @@ def _attention_call(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seq
     barriers = [
         plgpu.Barrier(num_arrivals=pages_per_block, num_barriers=num_stages),  # k_full
         plgpu.Barrier(num_arrivals=pages_per_block, num_barriers=num_stages),  # v_full
-        plgpu.Barrier(num_barriers=num_wgs),  # q_full
+        plgpu.Barrier(num_arrivals=num_wgs, num_barriers=2),  # q_full
         plgpu.Barrier(num_arrivals=num_wgs, num_barriers=num_stages),  # k_free
         plgpu.Barrier(num_arrivals=num_wgs, num_barriers=num_stages),  # v_free
+        plgpu.Barrier(num_arrivals=num_wgs, num_barriers=2),  # q_free
+        plgpu.Barrier(num_arrivals=num_wgs),  # sched (ping-pong)
     ]
-    grid, grid_names = (num_tiles, num_kv_heads), ("w", "k")
     if num_splits > 1:
         out_shape = (jax.ShapeDtypeStruct((num_splits, *out_shape.shape), q.dtype),
                      jax.ShapeDtypeStruct((num_splits, num_kv_heads, slots), jnp.float32))
         scratch.append(plgpu.SMEM((num_wgs, _WG_ROWS), jnp.float32))
-        grid, grid_names = grid + (num_splits,), grid_names + ("s",)
     call = plgpu.kernel(
         kernel,
         out_type=out_shape,
         scratch_types=scratch + barriers,
-        grid=grid,
-        grid_names=grid_names,
+        grid=(num_programs,),
+        grid_names=("p",),
         num_threads=num_wgs + 1,
         thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
+        # Row reductions of the WGMMA layout stay inside a warp: no shared-memory scratch for them.
+        compiler_params=plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0),
         interpret=plgpu.InterpretGPUParams() if interpret else None,
     )
-    out = call(tile_seq, tile_row0, tile_row_end, tile_base, live_tiles, kv_lens, page_table, cu_q_lens, qg, k_pages, v_pages)
+    out = call(tile_seq, tile_row0, tile_row_end, tile_base, tile_order, live_tiles, kv_lens, page_table, cu_q_lens,
+               qg, k_pages, v_pages)
     if num_splits > 1:
         parts, lse = out
         out = _combine_splits(parts[:, :, row_slot], lse[:, :, row_slot]).astype(q.dtype)

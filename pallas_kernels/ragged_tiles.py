@@ -8,7 +8,12 @@ sequence, so a sequence with q_len tokens owns ceil(q_len * G / rows_per_tile) t
     tiles:           [ t0 (G rows used)  ][ t1 (full)    ][ t2 (full) ][ t3 (tail) ][ t4      ]
 
 Padding sequences (r >= num_seqs) own no tile. The number of tiles is bounded statically by
-ceil(T * G / rows_per_tile) + R, the grid size; programs past the live count return at once.
+ceil(T * G / rows_per_tile) + R; only the first live_tiles are real. `tile_order` lists the live
+tiles in the order the kernel's persistent programs take them: heaviest first (most KV blocks), so
+that the round-robin hand-out ends with the light ones and the programs finish together.
+
+Binary searches use jnp.searchsorted's unrolled method: its default is a while loop, which XLA on
+the GPU runs as a loop of tiny kernels.
 """
 
 from __future__ import annotations
@@ -32,11 +37,20 @@ def _pow2_rows(n):
     return jnp.where(n == 0, 0, jnp.where(n <= 8, 8, jnp.where(n <= 16, 16, jnp.where(n <= 32, 32, 64))))
 
 
-def plan_tiles(cu_q_lens, num_seqs, *, group: int, rows_per_tile: int, num_tiles: int, num_tokens: int):
+def _search(sorted_values, queries):
+    return jnp.searchsorted(sorted_values, queries, side="right", method="scan_unrolled").astype(jnp.int32)
+
+
+def plan_tiles(cu_q_lens, num_seqs, *, group: int, rows_per_tile: int, num_tiles: int, num_tokens: int,
+               kv_lens=None):
     """The tiles of a batch and the gathers that move rows into and out of their slots.
 
-    -> tile_seq, tile_row0, tile_row_end, tile_base [W], live_tiles [1], slot_src [num_slots],
-       row_slot [T*G]; all int32.
+    -> tile_seq, tile_row0, tile_row_end, tile_base, tile_order [W], live_tiles [1],
+       slot_src [num_slots], row_slot [T*G]; all int32.
+
+    tile_order: with kv_lens given, the live tiles sorted by the keys their last row sees, most
+    first (an argsort); without, the live tiles backwards (the last tiles of a sequence see the most
+    keys). Entries past live_tiles are 0 and never read.
 
     Tile w covers rows tile_row0[w] : min(tile_row0[w] + rows_per_tile, tile_row_end[w]) of
     sequence tile_seq[w] (tile_row_end is that sequence's end row). Tiles w >= live_tiles are
@@ -50,7 +64,7 @@ def plan_tiles(cu_q_lens, num_seqs, *, group: int, rows_per_tile: int, num_tiles
     tiles = -(-rows // rows_per_tile)
     ends = jnp.cumsum(tiles, dtype=jnp.int32)  # tiles of sequences 0..r
     w = jnp.arange(num_tiles, dtype=jnp.int32)
-    seq = jnp.minimum(jnp.searchsorted(ends, w, side="right").astype(jnp.int32), num_rows - 1)
+    seq = jnp.minimum(_search(ends, w), num_rows - 1)
     first = ends[seq] - tiles[seq]
     row0 = cu_q_lens[seq] * group + (w - first) * rows_per_tile
     row_end = cu_q_lens[seq + 1] * group
@@ -61,12 +75,18 @@ def plan_tiles(cu_q_lens, num_seqs, *, group: int, rows_per_tile: int, num_tiles
     base = base_end - size
 
     slot = jnp.arange(num_slots(num_tokens, group, num_tiles, rows_per_tile), dtype=jnp.int32)
-    slot_tile = jnp.minimum(jnp.searchsorted(base_end, slot, side="right").astype(jnp.int32), num_tiles - 1)
+    slot_tile = jnp.minimum(_search(base_end, slot), num_tiles - 1)
     slot_src = jnp.clip(row0[slot_tile] + slot - base[slot_tile], 0, num_tokens * group - 1)
 
     row = jnp.arange(num_tokens * group, dtype=jnp.int32)
-    row_seq = jnp.clip(jnp.searchsorted(cu_q_lens, row // group, side="right").astype(jnp.int32) - 1, 0, num_rows - 1)
+    row_seq = jnp.clip(_search(cu_q_lens, row // group) - 1, 0, num_rows - 1)
     j = row - cu_q_lens[row_seq] * group
     row_tile = jnp.clip(ends[row_seq] - tiles[row_seq] + j // rows_per_tile, 0, num_tiles - 1)
     row_slot = base[row_tile] + j % rows_per_tile  # rows of padding tokens land anywhere: masked later
-    return seq, row0, row_end, base, live_tiles[None], slot_src, row_slot
+    if kv_lens is None:
+        order = jnp.maximum(live_tiles - 1 - w, 0)
+    else:  # keys seen by the tile's last row: kv_len - (rows after the tile) / group
+        last_row = jnp.minimum(row0 + rows_per_tile, row_end)
+        work = jnp.where(w < live_tiles, kv_lens[seq] - (row_end - last_row) // group, -1)
+        order = jnp.argsort(-work, stable=True).astype(jnp.int32)
+    return seq, row0, row_end, base, order, live_tiles[None], slot_src, row_slot

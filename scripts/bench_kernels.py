@@ -6,7 +6,7 @@
 2. correctness on the device: random ragged batches (decode and prefill rows mixed, GQA 1/4/8,
    head_dim 64/128, page sizes 16..128), each kernel variant against the f32 reference;
 3. greedy tokens of a small random model with attention_impl "reference" and "pallas";
-4. decode (Llama-3.1-8B heads, bf16): ours (split-KV picked by shape, and unsplit), JAX's
+4. decode (Llama-3.1-8B heads, bf16): ours (split-KV picked by shape; persistent; unsplit), JAX's
    deprecated Triton paged_attention and (unless skipped) the jnp reference at batch x kv_len ->
    achieved bandwidth / copy bandwidth; then a sweep of kv_splits on the small batches;
 5. causal prefill: TFLOP/s / matmul rate; 6. the K/V page write: the Mosaic GPU writer against
@@ -41,17 +41,23 @@ from pallas_kernels import (  # noqa: E402
     write_kv_pages_reference,
 )
 from pallas_kernels.kv_cache_update import write_kv_pages  # noqa: E402
+from pallas_kernels.ragged_tiles import max_tiles, plan_tiles  # noqa: E402
 
 N, K, H = 32, 8, 128  # Llama-3.1-8B attention heads
 DT = jnp.bfloat16
 VARIANTS = {  # the two configs the public function picks between by shape (DECODE_CONFIG for decode)
-    "decode_cfg": DECODE_CONFIG,  # 1 compute warpgroup (64 rows), block_kv 128, 3 stages, P in registers, auto splits
+    "decode_cfg": DECODE_CONFIG,  # 1 compute warpgroup (64 rows), block_kv 128, 3 stages, a program per item, auto splits
+    "decode_persist": dataclasses.replace(DECODE_CONFIG, num_programs=None),  # persistent: one program per SM
     "no_split": dataclasses.replace(DECODE_CONFIG, kv_splits=1),  # the same without splitting the KV length
-    "prefill_cfg": PREFILL_CONFIG,  # 2 compute warpgroups (128 rows), block_kv 128, 2 stages, P in registers
+    "decode_64x6": dataclasses.replace(DECODE_CONFIG, block_kv=64, num_stages=6),  # same bytes in flight, finer
+    # 2 compute warpgroups (128 rows) taking turns on the tensor cores, block_kv 128, 2 stages, persistent
+    "prefill_cfg": PREFILL_CONFIG,
+    "prefill_nopp": dataclasses.replace(PREFILL_CONFIG, pingpong=False),  # both warpgroups free-running
+    "prefill_np": dataclasses.replace(PREFILL_CONFIG, num_programs=0),  # one program per item
     "prefill_64x4": dataclasses.replace(PREFILL_CONFIG, block_kv=64, num_stages=4),  # deeper, shorter ring
 }
-DECODE_VARIANTS = "decode_cfg,no_split"
-PREFILL_VARIANTS = "prefill_cfg,prefill_64x4,decode_cfg"
+DECODE_VARIANTS = "decode_cfg,decode_persist,no_split"
+PREFILL_VARIANTS = "prefill_cfg,prefill_nopp,prefill_np,prefill_64x4"
 
 
 def log(*a):
@@ -171,7 +177,7 @@ def rel_err(out, ref):
     return float(np.linalg.norm(out - ref) / np.linalg.norm(ref)) if np.all(np.isfinite(out)) else float("nan")
 
 
-def check_correctness(results):
+def check_correctness(results, check_variants):
     cases = [  # (q_lens, kv_lens, group, head_dim, page_size)
         ([1, 1, 37, 5, 1, 128], [1, 300, 37, 2048, 17, 640], 4, 128, 16),
         ([1] * 9 + [200], [513, 1, 64, 65, 127, 128, 129, 1000, 2000, 400], 8, 128, 64),
@@ -184,7 +190,9 @@ def check_correctness(results):
                           head_dim=head_dim, page_size=page_size, dtype=DT, pad_tokens=5)
         f32 = {k: (v.astype(jnp.float32) if v.dtype == DT else v) for k, v in args.items()}
         ref = ragged_paged_attention_reference(**f32, sm_scale=head_dim**-0.5)
-        for name, cfg in list(VARIANTS.items()) + [("split5", dataclasses.replace(PREFILL_CONFIG, kv_splits=5))]:
+        extra = [("split5", dataclasses.replace(PREFILL_CONFIG, kv_splits=5)),
+                 ("split5_pp_3prog", dataclasses.replace(PREFILL_CONFIG, kv_splits=5, pingpong=True, num_programs=3))]
+        for name, cfg in [(n, c) for n, c in VARIANTS.items() if n in check_variants] + extra:
             try:
                 out = ragged_paged_attention(**args, sm_scale=head_dim**-0.5, config=cfg)
                 err = rel_err(out, ref)
@@ -239,6 +247,24 @@ def deprecated_paged_attention():
     return paged_attention.paged_attention
 
 
+def xla_ops_only(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs):
+    """The XLA ops the public function runs around the kernel for a decode-shaped batch (tile plan,
+    q gather into slots, output gather back), without the kernel: the floor they set per call."""
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads, num_rows = k_pages.shape[2], kv_lens.shape[0]
+    group, rows_per_tile = num_heads // num_kv_heads, 64 * DECODE_CONFIG.compute_warpgroups
+    tiles = max_tiles(num_tokens, num_rows, group, rows_per_tile)
+    *plan, slot_src, row_slot = plan_tiles(cu_q_lens, num_seqs, group=group, rows_per_tile=rows_per_tile,
+                                           num_tiles=tiles, num_tokens=num_tokens)
+    qg = q.reshape(num_tokens, num_kv_heads, group, head_dim).transpose(1, 0, 2, 3)
+    qg = qg.reshape(num_kv_heads, num_tokens * group, head_dim)[:, slot_src]
+    used = sum(x.sum() for x in plan) + kv_lens.sum() + page_table[0, 0]  # keep every plan output live
+    out = jnp.where(used == -12345, 0, qg)[:, row_slot]
+    out = out.reshape(num_kv_heads, num_tokens, group, head_dim).transpose(1, 0, 2, 3).reshape(q.shape)
+    valid = jnp.arange(num_tokens) < cu_q_lens[num_seqs[0]]
+    return jnp.where(valid[:, None, None], out, jnp.zeros((), q.dtype))
+
+
 def bench_decode(results, copy_bw, batches, kv_lens_list, page_size, variants, with_peers, with_reference):
     old = deprecated_paged_attention() if with_peers else None
     for b in batches:
@@ -258,6 +284,11 @@ def bench_decode(results, copy_bw, batches, kv_lens_list, page_size, variants, w
                     row[vname] = t
                 except Exception as e:  # noqa: BLE001
                     log(f"  decode {b}x{kv} {vname}: FAILED {type(e).__name__}: {str(e)[:300]}")
+            try:
+                row["xla_ops"], _ = timeit(chain_on_lens(xla_ops_only, lens_index), [args[n] for n in names],
+                                           calls=calls)
+            except Exception as e:  # noqa: BLE001
+                log(f"  decode {b}x{kv} xla_ops: FAILED {type(e).__name__}: {str(e)[:300]}")
             if with_peers and with_reference:
                 ref = lambda *a: ragged_paged_attention_reference(*a, sm_scale=H**-0.5)  # noqa: E731
                 try:
@@ -286,6 +317,7 @@ def bench_decode(results, copy_bw, batches, kv_lens_list, page_size, variants, w
             del args
             msg = " ".join(f"{k}={v * 1e6:.1f}us({nbytes / v / copy_bw:.0%})" for k, v in row.items()
                            if k in VARIANTS or k in ("reference", "deprecated"))
+            msg += f" xla_ops_only={row.get('xla_ops', float('nan')) * 1e6:.1f}us"
             log(f"  decode B={b} kv={kv} S={page_size}: {msg}")
             results["decode"].append(row)
 
@@ -388,7 +420,8 @@ def markdown(results):
              f"{results.get('xla_copy_bw', 0) / 1e12:.2f} and torch {(results.get('torch_copy_bw') or 0) / 1e12:.2f}), "
              f"bf16 matmul {mm / 1e12:.0f} TFLOP/s, this run.", ""]
     variants = [v for v in VARIANTS if any(v in r for r in results["decode"])]
-    head = ["batch", "kv_len", "S"] + [f"{v} us (% copy)" for v in variants] + ["deprecated us (%)", "reference us (%)", "best / deprecated"]
+    head = (["batch", "kv_len", "S"] + [f"{v} us (% copy)" for v in variants]
+            + ["deprecated us (%)", "reference us (%)", "best / deprecated", "XLA ops alone us"])
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results["decode"]:
         cells = [str(r["batch"]), str(r["kv_len"]), str(r["page_size"])]
@@ -397,6 +430,7 @@ def markdown(results):
             cells.append(f"{t * 1e6:.1f} ({r['bytes'] / t / copy_bw:.0%})" if t else "-")
         best = min((r[v] for v in variants if v in r), default=None)
         cells.append(f"{r['deprecated'] / best:.2f}x" if best and r.get("deprecated") else "-")
+        cells.append(f"{r['xla_ops'] * 1e6:.1f}" if r.get("xla_ops") else "-")
         lines.append("| " + " | ".join(cells) + " |")
     pvariants = [v for v in VARIANTS if any(v in r for r in results["prefill"])]
     lines += ["", "| prefill | " + " | ".join(f"{v} us (TFLOP/s, % matmul)" for v in pvariants + ["reference"]) + " |",
@@ -431,6 +465,7 @@ def main():
     ap.add_argument("--skip", default="", help="comma list of: check,greedy,decode,sweep,prefill,kvwrite,peers,reference")
     ap.add_argument("--variants", default=DECODE_VARIANTS, help="decode variants")
     ap.add_argument("--prefill-variants", default=PREFILL_VARIANTS)
+    ap.add_argument("--check-variants", default=",".join(VARIANTS), help="variants checked against the reference")
     ap.add_argument("--sweep", default="1x2048,1x8192,8x512,8x2048,8x8192,64x2048", help="batch x kv_len for the split sweep")
     ap.add_argument("--splits", default="1,2,4,8,16,32")
     ap.add_argument("--batches", default="1,8,64,256")
@@ -453,9 +488,12 @@ def main():
     try:
         if "check" not in skip:
             log("correctness (bf16 on the device vs the f32 reference):")
-            results["worst_rel_err"] = check_correctness(results)
+            results["worst_rel_err"] = check_correctness(results, set(args.check_variants.split(",")))
         if "greedy" not in skip:
             check_greedy(results)
+        if "prefill" not in skip:
+            log("prefill:")
+            bench_prefill(results, mm, args.prefill_variants.split(","))
         if "decode" not in skip:
             log("decode:")
             for s in map(int, args.page_sizes.split(",")):
@@ -469,9 +507,6 @@ def main():
         if "kvwrite" not in skip:
             log("K/V page write:")
             bench_kv_write(results, copy_bw)
-        if "prefill" not in skip:
-            log("prefill:")
-            bench_prefill(results, mm, args.prefill_variants.split(","))
     finally:
         (out / "bench.json").write_text(json.dumps(results, indent=1, default=str))
         table = markdown(results)

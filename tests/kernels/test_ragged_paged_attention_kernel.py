@@ -9,12 +9,14 @@ padding tokens; split-KV (shares combined by log-sum-exp, empty shares included)
 
 from __future__ import annotations
 
+import dataclasses
+
 import ml_dtypes
 import numpy as np
 import pytest
 
 from pallas_kernels import RaggedPagedAttentionConfig, ragged_paged_attention, ragged_paged_attention_reference
-from pallas_kernels.ragged_paged_attention import default_splits
+from pallas_kernels.ragged_paged_attention import DECODE_CONFIG, default_splits
 from pallas_kernels.ragged_tiles import max_tiles, plan_tiles
 from tests.kernels.test_ragged_paged_attention_reference import random_batch
 
@@ -74,10 +76,25 @@ def test_split_kv_matches_reference(q_lens, kv_lens, group, config):
     assert run_case(11, q_lens, kv_lens, group, 64, 16, config) <= 1e-5
 
 
+@pytest.mark.parametrize("config", [
+    # persistent: 3 programs walk all items, the K/V ring and the two q buffers carry over items
+    RaggedPagedAttentionConfig(block_kv=64, compute_warpgroups=1, num_stages=3, num_programs=3),
+    # two warpgroups taking turns (ping-pong), 2 programs, a 2-deep ring reused across items
+    RaggedPagedAttentionConfig(block_kv=64, compute_warpgroups=2, num_stages=2, num_programs=2, pingpong=True),
+    # persistent and split: empty shares are items too
+    RaggedPagedAttentionConfig(block_kv=64, compute_warpgroups=1, num_stages=2, num_programs=5, kv_splits=3),
+    # no persistence: one program per item
+    RaggedPagedAttentionConfig(block_kv=64, compute_warpgroups=2, num_stages=2, num_programs=0, pingpong=True),
+])
+def test_persistent_programs_match_reference(config):
+    assert run_case(5, [1, 40, 1, 7, 1], [300, 40, 1, 200, 65], 4, 64, 16, config) <= 1e-5
+
+
 def test_default_splits():
     assert default_splits(1, 1, 8, max_kv_blocks=64) == 16  # one long sequence: fill the SMs
     assert default_splits(8, 8, 8, max_kv_blocks=4) == 2  # at least two KV blocks per split
-    assert default_splits(8, 8, 8, max_kv_blocks=64) == 3  # 64 programs -> 3 x 64 >= 132 SMs
+    assert default_splits(8, 8, 8, max_kv_blocks=64) == 2  # 64 items -> 128 fill 97% of 132 programs
+    assert default_splits(4, 4, 8, max_kv_blocks=64) == 4  # 32 items -> 128
     assert default_splits(64, 64, 8, max_kv_blocks=64) == 1  # 512 programs already
     assert default_splits(2048, 1, 8, max_kv_blocks=64) == 1  # prefill-shaped: no split
 
@@ -92,12 +109,21 @@ def test_plan_maps_rows_to_slots_and_back():
     for group, rows_per_tile in ((4, 128), (1, 64), (8, 64)):
         tokens = 280
         tiles = max_tiles(tokens, 6, group, rows_per_tile)
-        seq, row0, row_end, base, live, src, row_slot = map(np.asarray, plan_tiles(
-            cu, np.array([4], np.int32), group=group, rows_per_tile=rows_per_tile, num_tiles=tiles, num_tokens=tokens))
-        rows = 276 * group
-        np.testing.assert_array_equal(src[row_slot[:rows]], np.arange(rows))
-        assert np.all(base % 8 == 0) and live[0] <= tiles
-        assert np.all(np.diff(base[: live[0]]) >= 8)
+        kv_lens = np.array([9, 75, 1000, 1, 0, 0], np.int32)
+        for lens in (None, kv_lens):
+            seq, row0, row_end, base, order, live, src, row_slot = map(np.asarray, plan_tiles(
+                cu, np.array([4], np.int32), group=group, rows_per_tile=rows_per_tile, num_tiles=tiles,
+                num_tokens=tokens, kv_lens=lens))
+            rows = 276 * group
+            np.testing.assert_array_equal(src[row_slot[:rows]], np.arange(rows))
+            assert np.all(base % 8 == 0) and live[0] <= tiles
+            assert np.all(np.diff(base[: live[0]]) >= 8)
+            n = live[0]
+            assert sorted(order[:n]) == list(range(n))  # every live tile once
+            if lens is not None:  # heaviest first: keys seen by each tile's last row, descending
+                last = np.minimum(row0 + rows_per_tile, row_end)
+                work = kv_lens[seq] - (row_end - last) // group
+                assert np.all(np.diff(work[order[:n]]) <= 0)
 
 
 def test_bad_inputs_are_named():
@@ -119,18 +145,23 @@ def test_bad_inputs_are_named():
         RaggedPagedAttentionConfig(block_kv=96)
 
 
-@pytest.mark.parametrize("config", [None, WIDE, SMALL, RaggedPagedAttentionConfig(kv_splits=4)])
-def test_lowers_for_hopper(config):
+@pytest.mark.parametrize("config,rows", [
+    (None, 4), (WIDE, 4), (SMALL, 4), (RaggedPagedAttentionConfig(kv_splits=4), 4),
+    (RaggedPagedAttentionConfig(pingpong=True), 4),
+    # decode-shaped: DECODE_CONFIG, whose q buffers and 3-deep ring fill the 227 KiB at head_dim 128
+    (None, 64), (dataclasses.replace(DECODE_CONFIG, kv_splits=4), 64),
+])
+def test_lowers_for_hopper(config, rows):
     """The compiled path's Mosaic GPU lowering (layout inference, shared-memory budget) runs on the
     CPU: lower for the cuda platform without compiling; p_from_registers, the in-place accumulator
-    (run_state) and the register split are only taken here. None: decode-shaped, auto splits."""
+    (run_state) and the register split are only taken here. None: picked by shape, auto splits."""
     import functools
 
     import jax
     import jax.numpy as jnp
 
     sd = jax.ShapeDtypeStruct
-    t, n, k, h, pages, s, rows = 64, 32, 8, 128, 64, 16, 4
+    t, n, k, h, pages, s = 64, 32, 8, 128, 64, 16
     args = (sd((t, n, h), jnp.bfloat16), sd((pages, s, k, h), jnp.bfloat16), sd((pages, s, k, h), jnp.bfloat16),
             sd((rows,), jnp.int32), sd((rows, 16), jnp.int32), sd((rows + 1,), jnp.int32), sd((1,), jnp.int32))
     fn = functools.partial(ragged_paged_attention, sm_scale=0.1, config=config)
