@@ -126,12 +126,7 @@ def _dummy_model(cfg, jdtype, attention_impl, seed, mesh, place) -> LlamaForCaus
     def init():
         return nnx.state(create_model(cfg, dtype=jdtype, attention_impl=attention_impl, mesh=mesh, seed=seed))
 
-    state = jax.jit(init, **jit_kwargs)()
-    # Constant outputs (the norms' ones) come back in XLA's constant memory, which is not aligned
-    # the way a GPU executable wants its inputs ("Input buffer N is not 256-byte aligned"): give
-    # each small tensor a buffer of its own.
-    state = jax.tree.map(lambda a: jnp.copy(a) if a.ndim <= 1 else a, state)
-    return nnx.merge(graphdef, state)
+    return nnx.merge(graphdef, jax.jit(init, **jit_kwargs)())
 
 
 class CheckpointReader:

@@ -8,7 +8,9 @@ device->host transfer, instead of one per field (each costs tens of microseconds
     device: Packing(template).pack(tree) -> buffer;  host: Packing.views(np.asarray(buffer))
 
 Fields are 4-byte dtypes (int32, uint32, float32) or bool; a bool takes one int32 word (host
-views of bool fields are int32: write True/False or 0/1).
+views of bool fields are int32: write True/False or 0/1). Each field starts on a 256-byte
+boundary: XLA hands a field's slice to a kernel as a pointer into the buffer, and GPU kernels
+(Mosaic GPU's among them) refuse inputs that are not 256-byte aligned.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+
+ALIGN_WORDS = 64  # 256 bytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +50,7 @@ class Packing:
                 raise ValueError(f"only 4-byte dtypes and bool can be packed, got {dtype}")
             field = _Field(offset, tuple(leaf.shape), dtype)
             self.fields.append(field)
-            offset += field.size
+            offset += -(-field.size // ALIGN_WORDS) * ALIGN_WORDS
         self.num_words = offset
 
     def new(self) -> tuple[np.ndarray, Any]:
@@ -78,10 +83,9 @@ class Packing:
         words = []
         for f, leaf in zip(self.fields, jax.tree.leaves(tree), strict=True):
             leaf = jnp.asarray(leaf).reshape(-1)
-            if f.dtype == np.bool_:
-                words.append(leaf.astype(jnp.int32))
-            elif f.dtype == np.int32:
-                words.append(leaf.astype(jnp.int32))
+            if f.dtype in (np.bool_, np.int32):
+                leaf = leaf.astype(jnp.int32)
             else:
-                words.append(jax.lax.bitcast_convert_type(leaf.astype(f.dtype), jnp.int32))
+                leaf = jax.lax.bitcast_convert_type(leaf.astype(f.dtype), jnp.int32)
+            words.append(jnp.pad(leaf, (0, -(-f.size // ALIGN_WORDS) * ALIGN_WORDS - f.size)))
         return jnp.concatenate(words)
