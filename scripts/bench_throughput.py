@@ -159,10 +159,10 @@ def run_transformers(args) -> list[dict]:
         prompts = random_prompts(args.num_prompts, input_len, model.config.vocab_size, args.seed)
         gen = GenerationConfig(max_new_tokens=output_len, min_new_tokens=output_len, do_sample=True,
                                temperature=1.0, top_p=1.0, top_k=0, eos_token_id=None, pad_token_id=0)
-        if on_gpu:  # its own memory sizing; CUDA graphs for both its paths
+        if on_gpu:  # its own memory sizing; CUDA graphs as it decides unless told
+            graphs = None if args.hf_cuda_graphs < 0 else bool(args.hf_cuda_graphs)
             cb = ContinuousBatchingConfig(max_requests_per_batch=args.max_num_seqs,
-                                          max_batch_tokens=args.max_num_batched_tokens,
-                                          use_cuda_graph=bool(args.hf_cuda_graphs))
+                                          max_batch_tokens=args.max_num_batched_tokens, use_cuda_graph=graphs)
         else:  # its memory auto-sizing reads GPU memory: on the CPU, give it room for every sequence
             per_seq = -(-(input_len + output_len) // args.hf_block_size)
             cb = ContinuousBatchingConfig(max_requests_per_batch=args.max_num_seqs,
@@ -205,7 +205,7 @@ def main() -> None:
     p.add_argument("--row-bucket-growth", type=int, default=4)
     p.add_argument("--attention-impl", default="auto", choices=["auto", "xla", "pallas", "reference"])
     p.add_argument("--hf-block-size", type=int, default=256, help="transformers' KV block size (CPU)")
-    p.add_argument("--hf-cuda-graphs", type=int, default=1, help="transformers on a GPU: use CUDA graphs")
+    p.add_argument("--hf-cuda-graphs", type=int, default=-1, help="transformers on a GPU: 1/0 CUDA graphs on/off; -1 its choice")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-json", default=None)
     args = p.parse_args()
