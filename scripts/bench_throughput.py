@@ -34,10 +34,16 @@ def random_prompts(num: int, length: int, vocab: int, seed: int) -> list[list[in
     return rng.integers(100, vocab - 100, size=(num, length)).tolist()  # clear of special ids at either end
 
 
-def parse_workloads(args) -> list[tuple[int, int]]:
-    if args.workloads:
-        return [tuple(int(x) for x in w.split(":")) for w in args.workloads.split(",")]
-    return [(args.input_len, args.output_len)]
+def parse_workloads(args) -> list[tuple[int, int, int]]:
+    """(input_len, output_len, num_prompts) of each workload: --workloads in:out[:n],... or the
+    single --input-len/--output-len; n defaults to --num-prompts."""
+    if not args.workloads:
+        return [(args.input_len, args.output_len, args.num_prompts)]
+    out = []
+    for w in args.workloads.split(","):
+        parts = [int(x) for x in w.split(":")]
+        out.append((parts[0], parts[1], parts[2] if len(parts) > 2 else args.num_prompts))
+    return out
 
 
 def roofline(cfg, *, num_prompts: int, input_len: int, output_len: int, concurrency: int, weight_bytes: int,
@@ -91,8 +97,8 @@ def run_jaxserve(args) -> list[dict]:
     weight_bytes = sum(a.nbytes for a in jax.tree.leaves(engine.runner.weights))
     capacity = engine.runner.num_pages * engine.runner.page_size
     results = []
-    for input_len, output_len in parse_workloads(args):
-        prompts = random_prompts(args.num_prompts, input_len, engine.model_config.vocab_size, args.seed)
+    for input_len, output_len, num_prompts in parse_workloads(args):
+        prompts = random_prompts(num_prompts, input_len, engine.model_config.vocab_size, args.seed)
         params = SamplingParams(temperature=1.0, top_p=1.0, ignore_eos=True, max_tokens=output_len)
         before = dataclasses.replace(engine.stats)
         t0 = time.perf_counter()
@@ -100,16 +106,16 @@ def run_jaxserve(args) -> list[dict]:
         elapsed = time.perf_counter() - t0
         assert all(len(o.outputs[0].token_ids) == output_len for o in outs)
         steps = engine.stats.steps - before.steps
-        record = dict(input_len=input_len, output_len=output_len, num_prompts=args.num_prompts, elapsed=elapsed,
-                      output_tokens_per_second=args.num_prompts * output_len / elapsed, startup_seconds=startup,
+        record = dict(input_len=input_len, output_len=output_len, num_prompts=num_prompts, elapsed=elapsed,
+                      output_tokens_per_second=num_prompts * output_len / elapsed, startup_seconds=startup,
                       steps=steps, host_ms_per_step=1e3 * (engine.stats.host_seconds - before.host_seconds) / max(steps, 1),
                       wait_ms_per_step=1e3 * (engine.stats.wait_seconds - before.wait_seconds) / max(steps, 1),
                       compilations_after_warmup=engine.num_compilations_since_warmup,
                       preemptions=engine.scheduler.num_preemptions, device=str(jax.devices()[0].device_kind))
-        line = f"{input_len}:{output_len} x {args.num_prompts}: {record['output_tokens_per_second']:.0f} output tokens/s"
+        line = f"{input_len}:{output_len} x {num_prompts}: {record['output_tokens_per_second']:.0f} output tokens/s"
         if limits:
-            concurrency = min(args.max_num_seqs, args.num_prompts, capacity // (input_len + output_len))
-            bound = roofline(engine.model_config, num_prompts=args.num_prompts, input_len=input_len,
+            concurrency = min(args.max_num_seqs, num_prompts, capacity // (input_len + output_len))
+            bound = roofline(engine.model_config, num_prompts=num_prompts, input_len=input_len,
                              output_len=output_len, concurrency=concurrency, weight_bytes=weight_bytes, **limits)
             record.update(limits, roofline=bound, fraction_of_roofline=bound["seconds"] / elapsed)
             line += (f"; roofline {bound['output_tokens_per_second']:.0f} (compute {bound['compute_seconds']:.1f} s, "
@@ -155,8 +161,8 @@ def run_transformers(args) -> list[dict]:
     startup = time.perf_counter() - t0
     on_gpu = torch.cuda.is_available()
     results = []
-    for input_len, output_len in parse_workloads(args):
-        prompts = random_prompts(args.num_prompts, input_len, model.config.vocab_size, args.seed)
+    for input_len, output_len, num_prompts in parse_workloads(args):
+        prompts = random_prompts(num_prompts, input_len, model.config.vocab_size, args.seed)
         gen = GenerationConfig(max_new_tokens=output_len, min_new_tokens=output_len, do_sample=True,
                                temperature=1.0, top_p=1.0, top_k=0, eos_token_id=None, pad_token_id=0)
         if on_gpu:  # its own memory sizing; CUDA graphs as it decides unless told
@@ -167,7 +173,7 @@ def run_transformers(args) -> list[dict]:
             per_seq = -(-(input_len + output_len) // args.hf_block_size)
             cb = ContinuousBatchingConfig(max_requests_per_batch=args.max_num_seqs,
                                           max_batch_tokens=args.max_num_batched_tokens, block_size=args.hf_block_size,
-                                          num_blocks=per_seq * args.num_prompts + 1)
+                                          num_blocks=per_seq * num_prompts + 1)
         # (not under torch.inference_mode: generate_batch runs its loop on another thread)
         model.generate_batch(inputs=prompts[:2], generation_config=gen, continuous_batching_config=cb)  # warm-up
         t0 = time.perf_counter()
@@ -176,11 +182,11 @@ def run_transformers(args) -> list[dict]:
         lengths = [len(o.generated_tokens) for o in outs.values()]
         errors = [o.error for o in outs.values() if o.error]
         assert len(outs) == len(prompts) and all(n == output_len for n in lengths), (lengths[:8], errors[:2])
-        record = dict(input_len=input_len, output_len=output_len, num_prompts=args.num_prompts, elapsed=elapsed,
-                      output_tokens_per_second=args.num_prompts * output_len / elapsed, startup_seconds=startup,
+        record = dict(input_len=input_len, output_len=output_len, num_prompts=num_prompts, elapsed=elapsed,
+                      output_tokens_per_second=num_prompts * output_len / elapsed, startup_seconds=startup,
                       torch_threads=torch.get_num_threads(),
                       device=torch.cuda.get_device_name() if on_gpu else "cpu")
-        print(f"transformers {input_len}:{output_len} x {args.num_prompts}: "
+        print(f"transformers {input_len}:{output_len} x {num_prompts}: "
               f"{record['output_tokens_per_second']:.0f} output tokens/s")
         results.append(record)
     return results
