@@ -64,6 +64,7 @@ class StepStats:
     num_tokens: int  # scheduled tokens
     bucket_tokens: int  # the compiled T they ran at
     host_seconds: float  # Python work for the step: schedule, stage, launch, unpack, update, emit
+    stage_seconds: float  # of which staging (numpy) and launching (jit dispatch)
     wait_seconds: float  # blocked on the device, waiting for its tokens
     step_seconds: float  # since the previous step's tokens were applied: the engine's period
 
@@ -73,6 +74,7 @@ class EngineStats:
     steps: int = 0
     tokens: int = 0
     host_seconds: float = 0.0
+    stage_seconds: float = 0.0
     wait_seconds: float = 0.0
     step_seconds: float = 0.0
 
@@ -80,13 +82,15 @@ class EngineStats:
         self.steps += 1
         self.tokens += s.num_tokens
         self.host_seconds += s.host_seconds
+        self.stage_seconds += s.stage_seconds
         self.wait_seconds += s.wait_seconds
         self.step_seconds += s.step_seconds
 
     def summary(self) -> str:
         n = max(self.steps, 1)
         return (f"{self.steps} steps, {self.tokens} tokens: per step {1e3 * self.step_seconds / n:.2f} ms, host work "
-                f"{1e3 * self.host_seconds / n:.2f} ms (overlapping the device's step), blocked on the device "
+                f"{1e3 * self.host_seconds / n:.2f} ms (staging and launch {1e3 * self.stage_seconds / n:.2f} ms; overlapping "
+                f"the device's step), blocked on the device "
                 f"{1e3 * self.wait_seconds / n:.2f} ms")
 
 
@@ -275,6 +279,7 @@ class LLMEngine:
         now = time.perf_counter()
         self.last_step = StepStats(sched.num_tokens, result.num_tokens,
                                    host_seconds=self._launch_seconds + result.host_seconds + (now - t0),
+                                   stage_seconds=in_flight.stage_seconds,
                                    wait_seconds=result.wait_seconds,
                                    step_seconds=now - (self._last_finish or now - result.wait_seconds))
         self._last_finish = now

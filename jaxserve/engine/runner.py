@@ -72,7 +72,7 @@ class InFlightStep:
     output_packing: Packing
     hidden: jax.Array
     num_tokens: int
-    stage_seconds: float
+    stage_seconds: float  # staging and launching it
 
     def result(self) -> StepResult:
         """Waits for the device, then unpacks the sampled tokens on the host."""
@@ -80,7 +80,6 @@ class InFlightStep:
         sampled = self.output_packing.views(np.asarray(self.sampled))
         waited = time.perf_counter() - t0
         result = self.runner._unpack(self.output.chunks, sampled, self.hidden, self.num_tokens)
-        result.host_seconds += self.stage_seconds
         result.wait_seconds = waited
         return result
 
@@ -118,7 +117,7 @@ class ModelRunner:
                             page_table=jnp.zeros((self.num_slots + 1, self.pages_per_seq), jnp.int32),
                             last_tokens=jnp.zeros(self.max_rows, jnp.int32))
         self.device_state = state if self.mesh is None else jax.device_put(state, self._replicated)
-        self.slots = RequestSlots(self.num_slots)
+        self.slots = RequestSlots(self.num_slots, cfg.vocab_size, self.processor_names)
         self._last_rows: dict[str, int] = {}  # request id -> its row in the last step launched
 
     # -- warm-up ------------------------------------------------------------------------------
@@ -143,11 +142,10 @@ class ModelRunner:
         t0 = time.perf_counter()
         t, r = self.plan.pick(output.num_tokens, len(output.chunks))
         packed = self._stage(output.chunks, t, r)
-        staged = time.perf_counter()
         sampled, hidden = self._run(packed, t, r)  # returns once launched (async dispatch)
         sampled.copy_to_host_async()
         self._last_rows = {c.request.request_id: i for i, c in enumerate(output.chunks) if c.samples}
-        return InFlightStep(self, output, sampled, self._packing(t, r)[1], hidden, t, staged - t0)
+        return InFlightStep(self, output, sampled, self._packing(t, r)[1], hidden, t, time.perf_counter() - t0)
 
     def execute(self, output: SchedulerOutput) -> StepResult:
         return self.dispatch(output).result()
@@ -197,68 +195,87 @@ class ModelRunner:
         self.slots.release(request_id)
 
     def _stage(self, chunks: Sequence[ScheduledChunk], t: int, r: int) -> np.ndarray:
+        """The step's packed input buffer. Per-request values come from the slots' host records
+        by gathering, so the Python work per row is a few lookups."""
         packing, _ = self._packing(t, r)
         buffer, x = packing.new()
-        vocab, page_size = self.config.vocab_size, self.page_size
-        seq_chunks = []
+        n, no_slot = len(chunks), self.num_slots
+        seq_chunks, pending = [], []
         for i, c in enumerate(chunks):
             req = c.request
             end, known = c.start + c.num_tokens, req.num_known_tokens
             ids = req.token_ids(c.start, min(end, known))
             if end > known:  # the last token was sampled by the step before, still on the device
                 ids = [*ids, 0]  # a placeholder: prev_rows points the device at it
+                pending.append(i)
             seq_chunks.append(SequenceChunk(ids, c.start, c.page_ids))
-        fill_ragged(seq_chunks, x, page_size=page_size, num_pages=self.num_pages, pages_per_seq=self.pages_per_seq)
+        row_of_token = fill_ragged(seq_chunks, x, page_size=self.page_size, num_pages=self.num_pages,
+                                   pages_per_seq=self.pages_per_seq)
+        total = row_of_token.shape[0]
         x.prev_rows[:] = -1
-        sb = x.sampling
-        sb.temperature[:], sb.top_p[:], sb.min_p[:] = 0, 1, 0
-        sb.repetition_penalty[:], sb.presence_penalty[:], sb.frequency_penalty[:] = 1, 0, 0
-        sb.top_k[:] = vocab
-        sb.bias_ids[:] = vocab
-        no_slot = self.num_slots
-        sb.row_slot[:], sb.reset_slots[:], sb.token_slot[:] = no_slot, no_slot, no_slot
+        if pending:
+            x.prev_rows[x.cu_q_lens[np.asarray(pending) + 1] - 1] = [
+                self._last_rows[chunks[i].request.request_id] for i in pending]
+        slots = np.fromiter((self.slots.acquire(c.request) for c in chunks), np.int32, n)
         x.table_rows[:] = no_slot
-        x.page_update_index[:] = -1  # dropped (flat indices are >= 0)
-        updates = 0
-        for i, c in enumerate(chunks):
-            req, p = c.request, c.request.sampling_params
-            first, end = x.cu_q_lens[i], x.cu_q_lens[i + 1]
-            if c.start + c.num_tokens > req.num_known_tokens:
-                x.prev_rows[end - 1] = self._last_rows[req.request_id]
-            slot, synced = self.slots.acquire(req.request_id)
-            x.table_rows[i] = slot
-            new_pages = c.page_ids[synced : len(c.page_ids)]
-            if new_pages:
-                if updates + len(new_pages) <= x.page_update_index.shape[0]:
-                    base = slot * self.pages_per_seq + synced
-                    x.page_update_index[updates : updates + len(new_pages)] = np.arange(base, base + len(new_pages))
-                    x.page_update_value[updates : updates + len(new_pages)] = new_pages
-                    updates += len(new_pages)
-                else:  # more than a step carries (an n > 1 child starting on a shared prompt)
-                    self._write_row(slot, c.page_ids)
-                self.slots.synced[req.request_id] = len(c.page_ids)
-            sb.temperature[i], sb.top_p[i], sb.min_p[i] = p.temperature, p.top_p, p.min_p
-            sb.top_k[i] = vocab if p.top_k == -1 else min(p.top_k, vocab)
-            sb.repetition_penalty[i], sb.presence_penalty[i], sb.frequency_penalty[i] = (
-                p.repetition_penalty, p.presence_penalty, p.frequency_penalty)
-            if p.logit_bias or c.sample_index < p.min_tokens:
-                bias = dict(p.logit_bias)
-                if c.sample_index < p.min_tokens:
-                    banned = set(p.stop_token_ids) | (set() if p.ignore_eos else set(req.eos_token_ids))
-                    bias.update({tok: -np.inf for tok in banned})
-                sb.bias_ids[i, : len(bias)] = list(bias.keys())
-                sb.bias_values[i, : len(bias)] = list(bias.values())
-            sb.seeds[i], sb.counters[i] = req.seed, c.sample_index
-            sb.wants_logprobs[i] = p.logprobs is not None
-            for j, name in enumerate(self.processor_names):
-                sb.processor_mask[j, i] = name in p.logits_processors
-            if p.has_penalties:
-                if c.start == 0:
-                    sb.reset_slots[i] = slot
-                sb.row_slot[i] = slot
-                sb.token_slot[first:end] = slot
-            sb.token_is_output[first:end] = np.arange(c.start, c.start + c.num_tokens) >= req.num_prompt_tokens
+        x.table_rows[:n] = slots
+        self._stage_page_updates(chunks, slots, x)
+        # Sampling: gathered from the slots; padding rows greedy with nothing to apply.
+        s, sb = self.slots.params, x.sampling
+        sb.temperature[:n], sb.top_p[:n], sb.min_p[:n] = s.temperature[slots], s.top_p[slots], s.min_p[slots]
+        sb.top_p[n:] = 1
+        sb.top_k[:] = self.config.vocab_size
+        sb.top_k[:n] = s.top_k[slots]
+        sb.repetition_penalty[:] = 1
+        sb.repetition_penalty[:n] = s.repetition_penalty[slots]
+        sb.presence_penalty[:n], sb.frequency_penalty[:n] = s.presence_penalty[slots], s.frequency_penalty[slots]
+        sb.seeds[:n] = s.seed[slots]
+        sb.counters[:n] = np.fromiter((c.sample_index for c in chunks), np.int32, n)
+        sb.wants_logprobs[:n] = s.wants_logprobs[slots]
+        sb.processor_mask[:, :n] = s.processor_mask[:, slots]
+        penalized = s.has_penalties[slots]
+        starts = x.kv_lens[:n] - np.diff(x.cu_q_lens[: n + 1])
+        sb.row_slot[:] = no_slot
+        sb.row_slot[:n] = np.where(penalized, slots, no_slot)
+        sb.reset_slots[:] = no_slot
+        sb.reset_slots[:n] = np.where(penalized & (starts == 0), slots, no_slot)
+        sb.token_slot[:] = no_slot
+        sb.token_slot[:total] = np.where(penalized[row_of_token], slots[row_of_token], no_slot)
+        sb.token_is_output[:total] = x.positions[:total] >= s.num_prompt_tokens[slots][row_of_token]
+        sb.bias_ids[:] = self.config.vocab_size
+        for i in np.flatnonzero(s.needs_bias[slots]):
+            self._stage_bias(chunks[i], sb.bias_ids[i], sb.bias_values[i])
         return buffer
+
+    def _stage_page_updates(self, chunks, slots: np.ndarray, x) -> None:
+        """Sends the pages each request got since its page-table row was last written."""
+        synced = self.slots.params.synced_pages
+        x.page_update_index[:] = -1  # dropped (flat indices are >= 0)
+        counts = np.fromiter((len(c.page_ids) for c in chunks), np.int32, len(chunks))
+        updates, capacity = 0, x.page_update_index.shape[0]
+        for i in np.flatnonzero(counts > synced[slots]):
+            slot, page_ids = slots[i], chunks[i].page_ids
+            first = synced[slot]
+            new = len(page_ids) - first
+            if updates + new <= capacity:
+                base = slot * self.pages_per_seq + first
+                x.page_update_index[updates : updates + new] = np.arange(base, base + new)
+                x.page_update_value[updates : updates + new] = page_ids[first:]
+                updates += new
+            else:  # more than a step carries (an n > 1 child starting on a shared prompt)
+                self._write_row(slot, page_ids)
+            synced[slot] = len(page_ids)
+
+    @staticmethod
+    def _stage_bias(chunk: ScheduledChunk, bias_ids: np.ndarray, bias_values: np.ndarray) -> None:
+        """logit_bias, plus -inf on eos and stop ids while fewer than min_tokens are out."""
+        req, p = chunk.request, chunk.request.sampling_params
+        bias = dict(p.logit_bias)
+        if chunk.sample_index < p.min_tokens:
+            banned = set(p.stop_token_ids) | (set() if p.ignore_eos else set(req.eos_token_ids))
+            bias.update({tok: -np.inf for tok in banned})
+        bias_ids[: len(bias)] = list(bias.keys())
+        bias_values[: len(bias)] = list(bias.values())
 
     def _unpack(self, chunks, sampled, hidden, t: int) -> StepResult:
         t0 = time.perf_counter()

@@ -29,9 +29,11 @@ class SequenceChunk:
     page_ids: Sequence[int]  # the sequence's pages, enough for start + q_len tokens
 
 
-def fill_ragged(chunks: Sequence[SequenceChunk], out, *, page_size: int, num_pages: int, pages_per_seq: int) -> None:
+def fill_ragged(chunks: Sequence[SequenceChunk], out, *, page_size: int, num_pages: int,
+                pages_per_seq: int) -> np.ndarray:
     """Writes the step's layout into out.tokens, .positions, .slot_mapping [T] and .cu_q_lens,
-    .kv_lens, .num_seqs, .logits_rows [R]: int32 arrays, zeroed, their shapes the bucket's."""
+    .kv_lens, .num_seqs, .logits_rows [R]: int32 arrays, zeroed, their shapes the bucket's.
+    Returns the row of each real token ([total] int32)."""
     num_tokens, num_rows = out.tokens.shape[0], out.kv_lens.shape[0]
     n = len(chunks)
     q_lens = np.fromiter((len(c.token_ids) for c in chunks), np.int32, n)
@@ -64,6 +66,7 @@ def fill_ragged(chunks: Sequence[SequenceChunk], out, *, page_size: int, num_pag
     out.kv_lens[:n] = starts + q_lens
     out.logits_rows[:n] = cu_q_lens[1 : n + 1] - 1
     out.num_seqs[0] = n
+    return row
 
 
 def stage_batch(
