@@ -8,6 +8,7 @@ token (per step) beside the floor measured in the same run: weight bytes / copy 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -63,6 +64,7 @@ def main() -> None:
     for b in batches:
         prompts = [{"prompt_token_ids": rng.integers(100, vocab - 100, args.input_len).tolist()} for _ in range(b)]
         llm.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+        before = dataclasses.replace(engine.stats)
         for rid in range(b):
             engine.add_request(f"b{b}-{rid}", prompts[rid], params)
         step_times, t_all = [], time.perf_counter()
@@ -73,12 +75,12 @@ def main() -> None:
                 step_times.append(time.perf_counter() - t)
         total = time.perf_counter() - t_all
         ms = 1e3 * float(np.median(step_times))
-        host = engine.stats.host_seconds / max(engine.stats.steps, 1) * 1e3
+        host = 1e3 * (engine.stats.host_seconds - before.host_seconds) / max(engine.stats.steps - before.steps, 1)
         record["results"].append(dict(batch=b, ms_per_token=ms, x_floor=ms / floor_ms, total_seconds=total,
                                       ms_per_token_whole_request=1e3 * total / args.output_len, host_ms_per_step=host))
         print(f"batch {b:>4}: {ms:.2f} ms per output token (median decode step), {ms / floor_ms:.2f}x the floor; "
               f"whole request {total:.2f} s ({1e3 * total / args.output_len:.2f} ms per output token, prefill "
-              f"included); host work {host:.2f} ms/step so far")
+              f"included); host work {host:.2f} ms/step (this batch's steps)")
     print(engine.stats.summary())
     if args.throughput_prompts:
         n, length = args.throughput_prompts, args.throughput_len

@@ -49,7 +49,8 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: l
                 error = data["error"]["message"]
             elif data.get("usage"):
                 usage = data["usage"]
-            elif data["choices"] and data["choices"][0]["text"]:
+            elif data["choices"] and (data["choices"][0]["text"] or data["choices"][0]["finish_reason"] is None):
+                # a token arrived (a server without a tokenizer streams tokens with empty text)
                 now = time.perf_counter()
                 ttft = ttft if ttft is not None else now - start
                 chunk_times.append(now)

@@ -84,8 +84,11 @@ class EchoPrompt:
 
 class CompletionBuilder:
     def __init__(self, request_id: str, model: str, n: int, num_prompts: int, *, logprobs: int | None = None,
-                 echo: list[EchoPrompt] | None = None, include_usage: bool = False):
+                 echo: list[EchoPrompt] | None = None, include_usage: bool = False, stream_each_token: bool = False):
+        """stream_each_token: a chunk for every new token even without new text (a model served
+        without a tokenizer has no text until the end; clients still see tokens arrive)."""
         self.id, self.model, self.n, self.logprobs, self.echo = request_id, model, n, logprobs, echo
+        self.stream_each_token = stream_each_token
         self.created = int(time.time())
         self.include_usage = include_usage
         self._sent = [_Sent() for _ in range(n * num_prompts)]
@@ -123,7 +126,8 @@ class CompletionBuilder:
             first = not sent.started
             # tokens whose text is still held back (a partial character, a possible stop string)
             # wait: their logprobs go out with the text that follows them
-            if sent.done or not (len(c.text) > sent.chars or c.finish_reason or (first and self.echo)):
+            new_token = self.stream_each_token and len(c.token_ids) > sent.tokens
+            if sent.done or not (len(c.text) > sent.chars or new_token or c.finish_reason or (first and self.echo)):
                 continue
             chunks.append(self._chunk([self._choice(p, out, c, sent.chars, sent.tokens, first)]))
             sent.chars, sent.tokens, sent.started = len(c.text), len(c.token_ids), True

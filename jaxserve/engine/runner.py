@@ -13,7 +13,9 @@ running is not waited for: the next step reads it on the device (prev_rows).
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Sequence
 
 import jax
@@ -102,6 +104,7 @@ class ModelRunner:
         self.mesh = getattr(model, "mesh", None)
         self._replicated = None if self.mesh is None else NamedSharding(self.mesh, PartitionSpec())
         self._packings: dict[tuple[int, int], tuple[Packing, Packing]] = {}
+        self._compiled: dict[tuple[int, int], object] = {}  # (t, r) -> compiled step, filled by warm_up
         self.reset_device_state()
         self._step = make_step(self.graphdef, treedef, [fn for _, fn in processors], self.mesh)
         self._write_table_row = make_write_table_row(self._replicated)
@@ -121,11 +124,23 @@ class ModelRunner:
         self._last_rows: dict[str, int] = {}  # request id -> its row in the last step launched
 
     # -- warm-up ------------------------------------------------------------------------------
-    def warm_up(self, progress: bool = True) -> float:
-        """Compiles (and runs once, on empty inputs) every shape of the plan; returns seconds."""
+    def warm_up(self, progress: bool = True, threads: int | None = None) -> float:
+        """Compiles every shape of the plan, then runs each once on empty inputs; returns seconds.
+        Shapes are lowered one by one (Python) and compiled on `threads` threads at once (XLA
+        releases the GIL), or loaded from the persistent compilation cache the same way; steps
+        then call the compiled executables directly."""
         t0 = time.perf_counter()
         shapes = self.plan.shapes
-        for t, r in tqdm(shapes, desc="Compiling step shapes", unit="shape", disable=not progress):
+        threads = threads or max(1, min(len(shapes), (os.cpu_count() or 2) // 2, 8))  # XLA compiles with threads of its own too
+        with ThreadPoolExecutor(threads) as pool, tqdm(total=len(shapes), desc="Compiling step shapes", unit="shape",
+                                                       disable=not progress) as bar:
+            pending = {}
+            for t, r in shapes:
+                pending[pool.submit(self._lower(t, r).compile)] = (t, r)
+            for future in as_completed(pending):
+                self._compiled[pending[future]] = future.result()
+                bar.update()
+        for t, r in shapes:
             self._run(self._stage([], t, r), t, r)
         for t in tqdm(self.plan.token_buckets, desc="Compiling prompt logprobs", unit="shape", disable=not progress):
             r = self.plan.row_buckets[t][0]
@@ -151,10 +166,14 @@ class ModelRunner:
         return self.dispatch(output).result()
 
     def _run(self, packed: np.ndarray, t: int, r: int):
-        inputs, outputs = self._packing(t, r)
-        self.kv_cache, self.device_state, sampled, hidden = self._step(
-            self.weights, self.kv_cache, self.device_state, packed, input_packing=inputs, output_packing=outputs)
+        step = self._compiled[t, r]
+        self.kv_cache, self.device_state, sampled, hidden = step(self.weights, self.kv_cache, self.device_state, packed)
         return sampled, hidden
+
+    def _lower(self, t: int, r: int):
+        inputs, outputs = self._packing(t, r)
+        return self._step.lower(self.weights, self.kv_cache, self.device_state, self._stage([], t, r),
+                                input_packing=inputs, output_packing=outputs)
 
     def _packing(self, t: int, r: int) -> tuple[Packing, Packing]:
         """The (input, output) buffer layouts of step shape (t, r); the same objects every step,
@@ -180,10 +199,7 @@ class ModelRunner:
         hidden-state output), from the compiled executable's memory analysis."""
         t = self.plan.token_buckets[-1]
         r = self.plan.row_buckets[t][-1]
-        inputs, outputs = self._packing(t, r)
-        compiled = self._step.lower(self.weights, self.kv_cache, self.device_state, self._stage([], t, r),
-                                    input_packing=inputs, output_packing=outputs).compile()
-        analysis = compiled.memory_analysis()
+        analysis = self._lower(t, r).compile().memory_analysis()
         return int(analysis.temp_size_in_bytes) + t * self.config.hidden_size * jnp.dtype(self.dtype).itemsize
 
     def state_bytes(self) -> int:

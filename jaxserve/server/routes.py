@@ -92,7 +92,7 @@ async def completions(request: Request) -> Response:
         raise
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     builder = CompletionBuilder(rid, model, params.n, len(prompts), logprobs=body.logprobs, echo=echo,
-                                include_usage=include_usage)
+                                include_usage=include_usage, stream_each_token=st.engine.tokenizer is None)
     if not body.stream:
         return await _respond(request, req, builder.response)
 

@@ -68,6 +68,15 @@ def test_stream_deltas_add_up_to_the_whole_response():
         assert "".join(c.delta.content for c in chat_chunks if c.index == i) == "Hello world"
 
 
+def test_a_model_without_tokenizer_streams_every_token():
+    outs = _outputs(["", "", "", ""], finished_at=4)  # no text until the end, as with no tokenizer
+    held = CompletionBuilder("cmpl-1", "m", 2, 1)
+    assert len([c for out in outs for c in held.chunks(0, out)]) == 2  # only the final chunk of each sample
+    each = CompletionBuilder("cmpl-1", "m", 2, 1, stream_each_token=True)
+    chunks = [c.choices[0] for out in outs for c in each.chunks(0, out)]
+    assert len(chunks) == 2 * 4 and [c.finish_reason for c in chunks[-2:]] == ["length", "length"]
+
+
 def test_settings_from_env():
     from jaxserve.app import settings_from_env
 
