@@ -233,7 +233,11 @@ class LLMEngine:
         t0 = time.perf_counter()
         outputs, self._pending_outputs = self._pending_outputs, []
         if self.scheduler.quarantine or not self.config.async_scheduling:
-            outputs += self._finish_in_flight(only_finished)
+            try:
+                outputs += self._finish_in_flight(only_finished)
+            except StepFailed:
+                self._pending_outputs = outputs
+                raise
         sched = self.scheduler.schedule()
         for req in sched.preempted:
             self.runner.release(req.request_id)
@@ -244,7 +248,7 @@ class LLMEngine:
                 outputs += self._finish_in_flight(only_finished, (sched, None))
             finally:
                 self._pending_outputs = outputs
-            raise StepFailed(self._recover(sched, [], e), e) from e
+            raise StepFailed(self._recover(sched, [], e, launched=False), e) from e
         self._launch_seconds = time.perf_counter() - t0
         try:
             outputs += self._finish_in_flight(only_finished, launched)
@@ -271,7 +275,7 @@ class LLMEngine:
                         jax.block_until_ready(launched[1].sampled)
                 except Exception:
                     pass
-            raise StepFailed(self._recover(sched, lost, e), e) from e
+            raise StepFailed(self._recover(sched, lost, e, launched=True), e) from e
         t0 = time.perf_counter()
         advanced = self.scheduler.update(sched, result.tokens)
         outputs = self._emit(advanced, result, only_finished)
@@ -296,10 +300,10 @@ class LLMEngine:
 
     def _record(self, advanced: list[Request], result: StepResult) -> list[_Family]:
         touched: dict[str, _Family] = {}
-        for rid, entries in result.prompt_logprobs.items():
-            req = self.scheduler.requests.get(rid)
-            family = self._families.get(req.family_id) if req else None
-            if family is None or family.prompt_logprobs is None or req.index != 0:
+        for req, entries in result.prompt_logprobs.items():
+            family = self._families.get(req.family_id)
+            # (the request itself, not its id: it may have finished, or its id been reused)
+            if family is None or family.prompt_logprobs is None or family.children[0] is not req:
                 continue
             k = family.params.prompt_logprobs
             for pos, lp in entries:
@@ -348,10 +352,12 @@ class LLMEngine:
                              list(family.prompt_logprobs) if family.prompt_logprobs is not None else None,
                              outs, all(o.finish_reason is not None for o in outs))
 
-    def _recover(self, sched, lost, error: BaseException) -> list[str]:
+    def _recover(self, sched, lost, error: BaseException, *, launched: bool) -> list[str]:
         """After step `sched` raised: requests whose family already ran alone are failed; the rest
         of the step, and of the steps `lost` with it, is recomputed, each family of `sched` alone
-        first. If the device consumed the donated cache, every running request is recomputed."""
+        first. If the step had been launched (the device failed: the cache and device state after
+        it derive from the failure) or the device consumed the donated cache, the device state is
+        rebuilt and every live request is recomputed."""
         self._last_finish = None
         families = list(dict.fromkeys(c.request.family_id for c in sched.chunks))
         failed = [f for f in families if f in self.scheduler.quarantine]
@@ -359,9 +365,9 @@ class LLMEngine:
             self._families.pop(family_id, None)
             self.scheduler.abort(family_id)
         self._release_removed()
-        if any(leaf.is_deleted() for leaf in jax.tree.leaves(self.runner.kv_cache)):
+        if launched or any(leaf.is_deleted() for leaf in jax.tree.leaves(self.runner.kv_cache)):
             self.runner.reset_device_state()
-            victims = list(dict.fromkeys([*self.scheduler.running, *(c.request for c in sched.chunks)]))
+            victims = list(self.scheduler.requests.values())  # forked children waiting hold pages too
         else:
             victims = list(dict.fromkeys(c.request for s in (sched, *lost) for c in s.chunks))
         for req in victims:

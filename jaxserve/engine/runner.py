@@ -39,6 +39,7 @@ from jaxserve.engine.step import (
 )
 from jaxserve.engine.wire import Packing
 from jaxserve.sampling_params import MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS
+from jaxserve.scheduler.request import Request
 from jaxserve.scheduler.scheduler import ScheduledChunk, SchedulerOutput
 from models import allocate_kv_cache
 from sharding import kv_cache_sharding
@@ -60,7 +61,7 @@ class TokenLogprobs:
 class StepResult:
     tokens: dict[str, int]  # request id -> sampled token (chunks that sample)
     logprobs: dict[str, TokenLogprobs]  # for requests that asked
-    prompt_logprobs: dict[str, list[tuple[int, TokenLogprobs]]]  # request id -> (position, logprobs)
+    prompt_logprobs: dict[Request, list[tuple[int, TokenLogprobs]]]  # request -> (position, logprobs)
     host_seconds: float  # staging + unpacking, not waiting on the device
     num_tokens: int  # the bucket's T
     wait_seconds: float = 0.0  # blocked on the device
@@ -316,15 +317,15 @@ class ModelRunner:
                 for pos in range(c.start, min(c.start + c.num_tokens, req.num_prompt_tokens - 1)):
                     rows.append(offset + pos - c.start)
                     targets.append(req.prompt_token_ids[pos + 1])
-                    owners.append((req.request_id, pos + 1))
+                    owners.append((req, pos + 1))
             offset += c.num_tokens
         if not rows:
             return {}
         n = len(rows)
         pad = lambda a: np.pad(np.asarray(a, np.int32), (0, t - n))  # noqa: E731
         chosen, ranks, top_ids, top_vals = jax.device_get(self._prompt_logprobs(self.state, hidden, pad(rows), pad(targets)))
-        out: dict[str, list[tuple[int, TokenLogprobs]]] = {}
-        for k, (rid, pos) in enumerate(owners):
-            out.setdefault(rid, []).append(
+        out: dict[Request, list[tuple[int, TokenLogprobs]]] = {}
+        for k, (req, pos) in enumerate(owners):
+            out.setdefault(req, []).append(
                 (pos, TokenLogprobs(targets[k], float(chosen[k]), int(ranks[k]), top_ids[k], top_vals[k])))
         return out

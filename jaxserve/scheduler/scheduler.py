@@ -162,12 +162,16 @@ class Scheduler:
 
     def retry(self, requests: list[Request]) -> None:
         """After a failed step (and with no other step in flight): these requests lose their pages
-        and pending tokens and wait to be recomputed."""
+        and pending tokens and wait to be recomputed (a waiting one, e.g. an n > 1 child that
+        forked onto shared pages, starts over too)."""
         for req in requests:
             req.num_pending = 0
             if req.status is RequestStatus.RUNNING:
                 self.running.remove(req)
                 self._preempt(req)
+            elif not req.status.finished:
+                self.kv.free(req.request_id)
+                req.num_computed_tokens = 0
 
     def _chunk(self, req: Request, n: int) -> ScheduledChunk:
         start = req.num_computed_tokens
@@ -195,7 +199,9 @@ class Scheduler:
             if req.status.finished:  # aborted or finished meanwhile: its token is dropped
                 continue
             if req.prefix_len is not None:
-                if req.status is RequestStatus.RUNNING and req.num_computed_tokens == req.prefix_len:
+                # Fork once the chunk that completes the prompt's shared pages has run (its
+                # computed count got there when it was scheduled, possibly a step earlier).
+                if req.status is RequestStatus.RUNNING and chunk.start + chunk.num_tokens == req.prefix_len:
                     self._fork(req)
                 continue
             if not chunk.samples:

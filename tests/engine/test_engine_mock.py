@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jaxserve.config import EngineConfig
-from jaxserve.engine.llm_engine import LLMEngine
+from jaxserve.engine.llm_engine import LLMEngine, StepFailed
 from jaxserve.sampling_params import SamplingParams
 from tests.engine.mock_model import SumModel, next_tokens
 
@@ -181,8 +181,6 @@ def test_sampling_params_validation(kwargs, match):
 
 
 def test_a_failing_request_fails_alone_and_the_rest_is_served():
-    from jaxserve.engine.llm_engine import StepFailed
-
     e = engine(num_pages=64, page_size=4, budget=32, seqs=4)
     dispatch = e.runner.dispatch
 
@@ -210,3 +208,99 @@ def test_a_failing_request_fails_alone_and_the_rest_is_served():
     for i, p in enumerate(good):
         assert final[f"good{i}"].outputs[0].token_ids == next_tokens(p, 8, V)
     assert e.scheduler.kv.num_free_pages == e.scheduler.kv.num_pages and not e.scheduler.quarantine
+
+
+def _drive(e, max_steps=500):
+    final, failures = {}, []
+    for _ in range(max_steps):
+        if not e.has_unfinished_requests():
+            break
+        try:
+            for out in e.step():
+                if out.finished:
+                    final[out.request_id] = out
+        except StepFailed as err:
+            failures += err.failed
+    return final, failures
+
+
+def _no_leaks(e):
+    assert not e.has_unfinished_requests()
+    assert e.scheduler.kv.num_free_pages == e.scheduler.kv.num_pages
+    assert e.runner.slots.num_free == e.runner.num_slots
+
+
+def test_a_prefix_forks_only_after_its_last_chunk_ran():
+    # With async scheduling the prefix's computed count reaches the prompt's shared length when
+    # its last chunk is scheduled; if that step then fails, the children must not fork yet.
+    e = engine(budget=8)
+    dispatch, fired = e.runner.dispatch, []
+
+    def failing(sched):
+        last = [c for c in sched.chunks if c.request.prefix_len and c.start + c.num_tokens == c.request.prefix_len]
+        if last and not fired:
+            fired.append(1)
+            raise RuntimeError("injected")
+        return dispatch(sched)
+
+    e.runner.dispatch = failing
+    prompt = list(range(1, 23))
+    e.add_request("fam", prompt, SamplingParams(n=2, max_tokens=4, **GREEDY))
+    final, failures = _drive(e)
+    assert fired and not failures
+    assert [c.token_ids for c in final["fam"].outputs] == [next_tokens(prompt, 4, V)] * 2
+    _no_leaks(e)
+
+
+def test_a_device_failure_after_launch_recomputes_every_live_request():
+    # The step runs (consuming the donated cache), then fails: forked children still waiting on
+    # shared pages must start over too.
+    e = engine(budget=16, seqs=2)
+    run, fired = e.runner._run, []
+
+    def failing_run(packed, t, r):
+        if not fired and any(req.request_id == "fam#0" and req.output_token_ids for req in list(e.scheduler.running)):
+            fired.append(1)
+            e.runner._compiled[t, r](e.runner.weights, e.runner.kv_cache, e.runner.device_state, packed)
+            raise RuntimeError("injected after the device consumed its inputs")
+        return run(packed, t, r)
+
+    e.runner._run = failing_run
+    prompt = list(range(1, 23))
+    e.add_request("fam", prompt, SamplingParams(n=3, max_tokens=6, **GREEDY))
+    final, failures = _drive(e)
+    assert fired and not failures
+    assert [c.token_ids for c in final["fam"].outputs] == [next_tokens(prompt, 6, V)] * 3
+    _no_leaks(e)
+
+
+def test_outputs_queued_before_a_failed_read_back_are_not_lost(monkeypatch):
+    from jaxserve.engine import runner
+
+    config = EngineConfig(max_num_seqs=4, max_num_batched_tokens=16, page_size=4, num_kv_pages=64, max_model_len=256,
+                          min_token_bucket=8, async_scheduling=False)
+    e = LLMEngine(config, model=SumModel(V), progress=False, log=lambda *_: None)
+    e.add_request("a", [1, 2, 3], SamplingParams(max_tokens=20, **GREEDY))
+    e.add_request("b", [4, 5], SamplingParams(max_tokens=20, **GREEDY))
+    for _ in range(3):
+        e.step()
+    result, failed_once = runner.InFlightStep.result, []
+
+    def failing_result(self):
+        if not failed_once:
+            failed_once.append(1)
+            raise RuntimeError("device error at read-back")
+        return result(self)
+
+    monkeypatch.setattr(runner.InFlightStep, "result", failing_result)
+    e.abort_request("b")  # its final output waits to be returned by the next step
+    final, _ = _drive(e)
+    assert final["b"].outputs[0].finish_reason == "abort"
+    assert final["a"].outputs[0].token_ids == next_tokens([1, 2, 3], 20, V)
+    _no_leaks(e)
+
+
+def test_prompt_logprobs_of_a_request_that_finishes_at_once(small):
+    small.add_request("p", [1, 2, 3, 4, 5], SamplingParams(max_tokens=1, prompt_logprobs=1, **GREEDY))
+    out = run(small, {})["p"]
+    assert out.prompt_logprobs[0] is None and all(p is not None for p in out.prompt_logprobs[1:])
