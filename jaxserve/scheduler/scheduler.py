@@ -149,6 +149,10 @@ class Scheduler:
             return self.schedule()
         n = min(req.target_tokens - req.num_computed_tokens, self.config.max_num_batched_tokens)
         preempted = []
+        while req not in self.running and len(self.running) >= self.config.max_num_seqs:  # room for it
+            victim = self.running.pop()
+            self._preempt(victim)
+            preempted.append(victim)
         while not self.kv.allocate(req.request_id, req.num_computed_tokens + n):
             victim = next(r for r in reversed(self.running) if r is not req)  # alone it always fits
             self.running.remove(victim)

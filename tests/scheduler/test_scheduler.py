@@ -155,3 +155,13 @@ def test_page_manager_all_or_nothing(pages, tokens, ok):
     kv = KVPageManager(pages, 4)
     assert kv.allocate("x", tokens) is ok
     assert kv.num_free_pages == (0 if ok else 2)
+
+
+def test_a_quarantined_request_waiting_behind_a_full_batch_stays_within_max_num_seqs():
+    s = make(seqs=2)
+    for rid in ("a", "b", "c"):
+        s.add_request(req(rid, 3, max_tokens=8))
+    step(s)  # a and b run, c waits
+    s.quarantine.add("c")
+    rows, out = step(s)
+    assert rows == [("c", 0, 3)] and len(s.running) <= 2 and out.preempted
