@@ -50,6 +50,27 @@ def run(e, arrivals: dict[int, list[tuple[str, list[int], SamplingParams]]], max
     return final
 
 
+def _drive(e, max_steps=500):
+    """Steps until done, collecting final outputs and the requests StepFailed gave up on."""
+    final, failures = {}, []
+    for _ in range(max_steps):
+        if not e.has_unfinished_requests():
+            break
+        try:
+            for out in e.step():
+                if out.finished:
+                    final[out.request_id] = out
+        except StepFailed as err:
+            failures += err.failed
+    return final, failures
+
+
+def _no_leaks(e):
+    assert not e.has_unfinished_requests()
+    assert e.scheduler.kv.num_free_pages == e.scheduler.kv.num_pages
+    assert e.runner.slots.num_free == e.runner.num_slots
+
+
 GREEDY = dict(temperature=0, ignore_eos=True)
 
 
@@ -194,40 +215,21 @@ def test_a_failing_request_fails_alone_and_the_rest_is_served():
     for i, p in enumerate(good):
         e.add_request(f"good{i}", p, SamplingParams(max_tokens=8, **GREEDY))
     e.add_request("bad", [4, 77, 4], SamplingParams(max_tokens=8, **GREEDY))
-    final, failures = {}, []
-    for _ in range(200):
-        if not e.has_unfinished_requests():
-            break
-        try:
-            for out in e.step():
-                if out.finished:
-                    final[out.request_id] = out
-        except StepFailed as err:
-            failures += err.failed
+    final, failures = _drive(e)
     assert failures == ["bad"] and "bad" not in final
     for i, p in enumerate(good):
         assert final[f"good{i}"].outputs[0].token_ids == next_tokens(p, 8, V)
     assert e.scheduler.kv.num_free_pages == e.scheduler.kv.num_pages and not e.scheduler.quarantine
 
 
-def _drive(e, max_steps=500):
-    final, failures = {}, []
-    for _ in range(max_steps):
-        if not e.has_unfinished_requests():
-            break
-        try:
-            for out in e.step():
-                if out.finished:
-                    final[out.request_id] = out
-        except StepFailed as err:
-            failures += err.failed
-    return final, failures
-
-
-def _no_leaks(e):
-    assert not e.has_unfinished_requests()
-    assert e.scheduler.kv.num_free_pages == e.scheduler.kv.num_pages
-    assert e.runner.slots.num_free == e.runner.num_slots
+def _family_gets_exact_tokens(e, n: int, max_tokens: int) -> None:
+    """An n-sample greedy family on a 22-token prompt (shared pages) ends exactly, failing nothing."""
+    prompt = list(range(1, 23))
+    e.add_request("fam", prompt, SamplingParams(n=n, max_tokens=max_tokens, **GREEDY))
+    final, failures = _drive(e)
+    assert not failures
+    assert [c.token_ids for c in final["fam"].outputs] == [next_tokens(prompt, max_tokens, V)] * n
+    _no_leaks(e)
 
 
 def test_a_prefix_forks_only_after_its_last_chunk_ran():
@@ -244,12 +246,8 @@ def test_a_prefix_forks_only_after_its_last_chunk_ran():
         return dispatch(sched)
 
     e.runner.dispatch = failing
-    prompt = list(range(1, 23))
-    e.add_request("fam", prompt, SamplingParams(n=2, max_tokens=4, **GREEDY))
-    final, failures = _drive(e)
-    assert fired and not failures
-    assert [c.token_ids for c in final["fam"].outputs] == [next_tokens(prompt, 4, V)] * 2
-    _no_leaks(e)
+    _family_gets_exact_tokens(e, n=2, max_tokens=4)
+    assert fired
 
 
 def test_a_device_failure_after_launch_recomputes_every_live_request():
@@ -266,12 +264,8 @@ def test_a_device_failure_after_launch_recomputes_every_live_request():
         return run(packed, t, r)
 
     e.runner._run = failing_run
-    prompt = list(range(1, 23))
-    e.add_request("fam", prompt, SamplingParams(n=3, max_tokens=6, **GREEDY))
-    final, failures = _drive(e)
-    assert fired and not failures
-    assert [c.token_ids for c in final["fam"].outputs] == [next_tokens(prompt, 6, V)] * 3
-    _no_leaks(e)
+    _family_gets_exact_tokens(e, n=3, max_tokens=6)
+    assert fired
 
 
 def test_outputs_queued_before_a_failed_read_back_are_not_lost(monkeypatch):
