@@ -119,6 +119,8 @@ class Scheduler:
                 i += 1  # waiting for its launched steps: a prefix about to fork, or a last token
                 continue
             while not self.kv.allocate(req.request_id, req.num_computed_tokens + n):
+                if self._evict_waiting_pages():
+                    continue
                 victim = self.running.pop()
                 self._preempt(victim)
                 preempted.append(victim)
@@ -184,6 +186,18 @@ class Scheduler:
         req.num_computed_tokens += n
         req.num_pending += samples
         return chunk
+
+    def _evict_waiting_pages(self) -> bool:
+        """Frees the pages of the newest waiting request that holds some (an n > 1 child that
+        forked onto the prompt's shared pages and has not run yet): it will compute its prompt
+        itself. Pages held by requests that cannot run would otherwise starve running ones.
+        Returns whether any were freed."""
+        for req in reversed(self.waiting):
+            if self.kv.table(req.request_id):
+                self.kv.free(req.request_id)
+                req.num_computed_tokens = 0
+                return True
+        return False
 
     def _preempt(self, req: Request) -> None:
         self.kv.free(req.request_id)

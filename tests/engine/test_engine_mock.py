@@ -298,3 +298,30 @@ def test_prompt_logprobs_of_a_request_that_finishes_at_once(small):
     small.add_request("p", [1, 2, 3, 4, 5], SamplingParams(max_tokens=1, prompt_logprobs=1, **GREEDY))
     out = run(small, {})["p"]
     assert out.prompt_logprobs[0] is None and all(p is not None for p in out.prompt_logprobs[1:])
+
+
+
+def test_children_waiting_on_shared_pages_do_not_starve_a_running_request():
+    # 20 pages of 4 tokens, a replay of two fuzzed workloads that used to hang: a request needing
+    # most of the pages preempted itself forever while forked n > 1 children waiting behind it
+    # held the prompt's shared pages. Now those children give the pages up (and recompute).
+    config = EngineConfig(max_num_seqs=4, max_num_batched_tokens=16, page_size=4, num_kv_pages=20, max_model_len=64,
+                          min_token_bucket=8)
+    e = LLMEngine(config, model=SumModel(V, eos_token_id=7), progress=False, log=lambda *_: None)
+    for trial in (0, 1):
+        rng = np.random.default_rng(trial)
+        arrivals = {}
+        for i in range(int(rng.integers(3, 10))):
+            kind, plen = int(rng.integers(0, 6)), int(rng.integers(1, 30))
+            mt = int(rng.integers(1, 64 - plen)) if rng.random() < 0.8 else None
+            kw = {0: lambda: dict(temperature=0),
+                  1: lambda: dict(temperature=0.9, seed=i, presence_penalty=0.7, frequency_penalty=0.3),
+                  2: lambda: dict(temperature=0, stop_token_ids=[int(rng.integers(V))], min_tokens=min(3, mt or 3)),
+                  3: lambda: dict(temperature=1.0, seed=i, n=int(rng.integers(2, 4))),
+                  4: lambda: dict(temperature=0, logit_bias={int(rng.integers(V)): 5.0}, min_tokens=min(2, mt or 2)),
+                  5: lambda: dict(temperature=0.5, seed=i, n=2, top_k=5)}[kind]()  # noqa: B023
+            arrivals.setdefault(int(rng.integers(0, 6)), []).append(
+                (f"{trial}-r{i}", rng.integers(0, V, plen).tolist(), SamplingParams(max_tokens=mt, **kw)))
+        final = run(e, arrivals, max_steps=2000)
+        assert sorted(final) == sorted(rid for group in arrivals.values() for rid, _, _ in group)
+    _no_leaks(e)
