@@ -43,6 +43,9 @@ from pallas_kernels import (  # noqa: E402
 from pallas_kernels.kv_cache_update import write_kv_pages  # noqa: E402
 from pallas_kernels.ragged_tiles import max_tiles, plan_tiles  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from device_limits import torch_copy_bandwidth  # noqa: E402  (scripts/device_limits.py)
+
 N, K, H = 32, 8, 128  # Llama-3.1-8B attention heads
 DT = jnp.bfloat16
 VARIANTS = {  # the two configs the public function picks between by shape (DECODE_CONFIG for decode)
@@ -95,30 +98,6 @@ def chain_on_lens(call, lens_index):
             return out
         return run
     return make
-
-
-def torch_copy_bandwidth():
-    """Device-to-device copy through PyTorch (the figure KINDS.md quotes), before JAX preallocates."""
-    try:
-        import torch
-    except ImportError:
-        return None
-    x = torch.randn(1 << 30, dtype=torch.bfloat16, device="cuda")  # 2 GiB
-    y = torch.empty_like(x)
-    for _ in range(3):
-        y.copy_(x)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    ts = []
-    for _ in range(10):
-        start.record()
-        y.copy_(x)
-        end.record()
-        torch.cuda.synchronize()
-        ts.append(start.elapsed_time(end) / 1e3)
-    bw = 2 * x.numel() * 2 / statistics.median(ts)
-    del x, y
-    torch.cuda.empty_cache()
-    return bw
 
 
 def ceilings():

@@ -46,15 +46,23 @@ def _time_jax(fn, x, repeats: int = 10) -> float:
     return float(np.median(times))
 
 
-def copy_bandwidth(nbytes: int = 2 << 30) -> float:
+def torch_copy_bandwidth(nbytes: int = 2 << 30) -> float | None:
+    """PyTorch's device-to-device copy_ rate (the figure KINDS.md quotes); None without a CUDA torch."""
     torch = _torch_cuda()
-    if torch is not None:
-        src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda")
-        dst = torch.empty_like(src)
-        seconds = _time_torch(torch, lambda: dst.copy_(src))
-        del src, dst
-        torch.cuda.empty_cache()
-        return 2 * nbytes / seconds
+    if torch is None:
+        return None
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda")
+    dst = torch.empty_like(src)
+    seconds = _time_torch(torch, lambda: dst.copy_(src))
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * nbytes / seconds
+
+
+def copy_bandwidth(nbytes: int = 2 << 30) -> float:
+    bandwidth = torch_copy_bandwidth(nbytes)
+    if bandwidth is not None:
+        return bandwidth
     import jax
     import jax.numpy as jnp
 

@@ -232,27 +232,20 @@ class LLMEngine:
         finished (offline callers), skipping the snapshots of the others."""
         t0 = time.perf_counter()
         outputs, self._pending_outputs = self._pending_outputs, []
-        if self.scheduler.quarantine or not self.config.async_scheduling:
-            try:
+        try:
+            if self.scheduler.quarantine or not self.config.async_scheduling:
                 outputs += self._finish_in_flight(only_finished)
-            except StepFailed:
-                self._pending_outputs = outputs
-                raise
-        sched = self.scheduler.schedule()
-        for req in sched.preempted:
-            self.runner.release(req.request_id)
-        try:
-            launched = (sched, self.runner.dispatch(sched)) if sched.chunks else None
-        except Exception as e:  # nothing of it ran; the step in flight still counts
+            sched = self.scheduler.schedule()
+            for req in sched.preempted:
+                self.runner.release(req.request_id)
             try:
+                launched = (sched, self.runner.dispatch(sched)) if sched.chunks else None
+            except Exception as e:  # nothing of it ran; the step in flight still counts
                 outputs += self._finish_in_flight(only_finished, (sched, None))
-            finally:
-                self._pending_outputs = outputs
-            raise StepFailed(self._recover(sched, [], e, launched=False), e) from e
-        self._launch_seconds = time.perf_counter() - t0
-        try:
+                raise StepFailed(self._recover(sched, [], e, launched=False), e) from e
+            self._launch_seconds = time.perf_counter() - t0
             outputs += self._finish_in_flight(only_finished, launched)
-        except StepFailed:
+        except BaseException:  # what was ready goes out with the next step
             self._pending_outputs = outputs
             raise
         self._in_flight = launched

@@ -62,7 +62,7 @@ class StepResult:
     tokens: dict[str, int]  # request id -> sampled token (chunks that sample)
     logprobs: dict[str, TokenLogprobs]  # for requests that asked
     prompt_logprobs: dict[Request, list[tuple[int, TokenLogprobs]]]  # request -> (position, logprobs)
-    host_seconds: float  # staging + unpacking, not waiting on the device
+    host_seconds: float  # unpacking the sampled tokens (staging is InFlightStep.stage_seconds)
     num_tokens: int  # the bucket's T
     wait_seconds: float = 0.0  # blocked on the device
 
@@ -162,9 +162,6 @@ class ModelRunner:
         sampled.copy_to_host_async()
         self._last_rows = {c.request.request_id: i for i, c in enumerate(output.chunks) if c.samples}
         return InFlightStep(self, output, sampled, self._packing(t, r)[1], hidden, t, time.perf_counter() - t0)
-
-    def execute(self, output: SchedulerOutput) -> StepResult:
-        return self.dispatch(output).result()
 
     def _run(self, packed: np.ndarray, t: int, r: int):
         step = self._compiled[t, r]

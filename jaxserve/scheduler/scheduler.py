@@ -176,8 +176,7 @@ class Scheduler:
                 self.running.remove(req)
                 self._preempt(req)
             elif not req.status.finished:
-                self.kv.free(req.request_id)
-                req.num_computed_tokens = 0
+                self._drop_pages(req)
 
     def _chunk(self, req: Request, n: int) -> ScheduledChunk:
         start = req.num_computed_tokens
@@ -194,14 +193,17 @@ class Scheduler:
         Returns whether any were freed."""
         for req in reversed(self.waiting):
             if self.kv.table(req.request_id):
-                self.kv.free(req.request_id)
-                req.num_computed_tokens = 0
+                self._drop_pages(req)
                 return True
         return False
 
-    def _preempt(self, req: Request) -> None:
+    def _drop_pages(self, req: Request) -> None:
+        """Frees the request's pages: its cache is gone, it recomputes from its first token."""
         self.kv.free(req.request_id)
         req.num_computed_tokens = 0
+
+    def _preempt(self, req: Request) -> None:
+        self._drop_pages(req)
         req.status = RequestStatus.PREEMPTED
         req.num_preemptions += 1
         self.num_preemptions += 1
