@@ -66,6 +66,7 @@ class StepStats:
     host_seconds: float  # Python work for the step: schedule, stage, launch, unpack, update, emit
     stage_seconds: float  # of which staging (numpy) and launching (jit dispatch)
     wait_seconds: float  # blocked on the device, waiting for its tokens
+    launch_seconds: float  # of staging and launch, the compiled call alone (blocks if the runtime does)
     step_seconds: float  # since the previous step's tokens were applied: the engine's period
 
 
@@ -278,6 +279,7 @@ class LLMEngine:
                                    host_seconds=self._launch_seconds + result.host_seconds + (now - t0),
                                    stage_seconds=in_flight.stage_seconds,
                                    wait_seconds=result.wait_seconds,
+                                   launch_seconds=in_flight.launch_seconds,
                                    step_seconds=now - (self._last_finish or now - result.wait_seconds))
         self._last_finish = now
         self.stats.add(self.last_step)

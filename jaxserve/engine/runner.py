@@ -32,6 +32,7 @@ from jaxserve.engine.staging import SequenceChunk, fill_ragged
 from jaxserve.engine.step import (
     DeviceState,
     make_prompt_logprobs,
+    make_sampler,
     make_step,
     make_write_table_row,
     sampler_output_spec,
@@ -67,6 +68,16 @@ class StepResult:
     wait_seconds: float = 0.0  # blocked on the device
 
 
+@dataclasses.dataclass(frozen=True)
+class CompiledStep:
+    """The executables of one bucket shape (t, r): the model, and the sampler with and without
+    the parts that sort the vocabulary."""
+
+    model: object
+    sampler: object
+    full_sampler: object
+
+
 @dataclasses.dataclass
 class InFlightStep:
     runner: "ModelRunner"
@@ -76,6 +87,7 @@ class InFlightStep:
     hidden: jax.Array
     num_tokens: int
     stage_seconds: float  # staging and launching it
+    launch_seconds: float  # of which launching (the compiled call and the read-back request)
 
     def result(self) -> StepResult:
         """Waits for the device, then unpacks the sampled tokens on the host."""
@@ -105,9 +117,10 @@ class ModelRunner:
         self.mesh = getattr(model, "mesh", None)
         self._replicated = None if self.mesh is None else NamedSharding(self.mesh, PartitionSpec())
         self._packings: dict[tuple[int, int], tuple[Packing, Packing]] = {}
-        self._compiled: dict[tuple[int, int], object] = {}  # (t, r) -> compiled step, filled by warm_up
+        self._compiled: dict[tuple[int, int], CompiledStep] = {}  # filled by warm_up
         self.reset_device_state()
-        self._step = make_step(self.graphdef, treedef, [fn for _, fn in processors], self.mesh)
+        self._step = make_step(self.graphdef, treedef, self.mesh)
+        self._sampler = make_sampler([fn for _, fn in processors], self.mesh)
         self._write_table_row = make_write_table_row(self._replicated)
         self._prompt_logprobs = make_prompt_logprobs(self.graphdef)
 
@@ -137,15 +150,16 @@ class ModelRunner:
                                                        disable=not progress) as bar:
             pending = {}
             for t, r in shapes:
-                pending[pool.submit(self._lower(t, r).compile)] = (t, r)
-            for future in as_completed(pending):
-                self._compiled[pending[future]] = future.result()
+                pending[t, r] = [pool.submit(lowered.compile) for lowered in self._lower(t, r)]
+            for (t, r), futures in pending.items():
+                self._compiled[t, r] = CompiledStep(*(f.result() for f in futures))
                 bar.update()
         for t, r in shapes:
-            self._run(self._stage([], t, r), t, r)
+            for full in (False, True):
+                self._run(self._stage([], t, r)[0], t, r, full)
         for t in tqdm(self.plan.token_buckets, desc="Compiling prompt logprobs", unit="shape", disable=not progress):
             r = self.plan.row_buckets[t][0]
-            _, hidden = self._run(self._stage([], t, r), t, r)  # hidden as steps place it
+            _, hidden = self._run(self._stage([], t, r)[0], t, r, False)  # hidden as steps place it
             self._prompt_logprobs(self.state, hidden, np.zeros(t, np.int32), np.zeros(t, np.int32))
         # The padding row (slot num_slots) is all zeros and stays so.
         self._write_row(self.num_slots, [])
@@ -157,21 +171,29 @@ class ModelRunner:
         """Stages the step and launches it; returns at once while the device works."""
         t0 = time.perf_counter()
         t, r = self.plan.pick(output.num_tokens, len(output.chunks))
-        packed = self._stage(output.chunks, t, r)
-        sampled, hidden = self._run(packed, t, r)  # returns once launched (async dispatch)
+        packed, full = self._stage(output.chunks, t, r)
+        t1 = time.perf_counter()
+        sampled, hidden = self._run(packed, t, r, full)  # returns once launched (async dispatch)
         sampled.copy_to_host_async()
+        t2 = time.perf_counter()
         self._last_rows = {c.request.request_id: i for i, c in enumerate(output.chunks) if c.samples}
-        return InFlightStep(self, output, sampled, self._packing(t, r)[1], hidden, t, time.perf_counter() - t0)
+        return InFlightStep(self, output, sampled, self._packing(t, r)[1], hidden, t, t2 - t0, t2 - t1)
 
-    def _run(self, packed: np.ndarray, t: int, r: int):
-        step = self._compiled[t, r]
-        self.kv_cache, self.device_state, sampled, hidden = step(self.weights, self.kv_cache, self.device_state, packed)
+    def _run(self, packed: np.ndarray, t: int, r: int, full: bool):
+        compiled = self._compiled[t, r]
+        packed = jax.device_put(packed, self._replicated)  # one transfer, read by both programs
+        self.kv_cache, state, logits, hidden = compiled.model(self.weights, self.kv_cache, self.device_state, packed)
+        self.device_state, sampled = (compiled.full_sampler if full else compiled.sampler)(logits, state, packed)
         return sampled, hidden
 
-    def _lower(self, t: int, r: int):
+    def _lower(self, t: int, r: int) -> list:
+        """The lowered model and sampler programs of shape (t, r), as CompiledStep orders them."""
         inputs, outputs = self._packing(t, r)
-        return self._step.lower(self.weights, self.kv_cache, self.device_state, self._stage([], t, r),
-                                input_packing=inputs, output_packing=outputs)
+        packed = self._stage([], t, r)[0]
+        model = self._step.lower(self.weights, self.kv_cache, self.device_state, packed, input_packing=inputs)
+        logits = jax.ShapeDtypeStruct((r, self.config.vocab_size), jnp.float32, sharding=self._replicated)
+        return [model] + [self._sampler.lower(logits, self.device_state, packed, input_packing=inputs,
+                                              output_packing=outputs, full=full) for full in (False, True)]
 
     def _packing(self, t: int, r: int) -> tuple[Packing, Packing]:
         """The (input, output) buffer layouts of step shape (t, r); the same objects every step,
@@ -197,8 +219,10 @@ class ModelRunner:
         hidden-state output), from the compiled executable's memory analysis."""
         t = self.plan.token_buckets[-1]
         r = self.plan.row_buckets[t][-1]
-        analysis = self._lower(t, r).compile().memory_analysis()
-        return int(analysis.temp_size_in_bytes) + t * self.config.hidden_size * jnp.dtype(self.dtype).itemsize
+        model, _, full_sampler = (lowered.compile().memory_analysis() for lowered in self._lower(t, r))
+        logits = r * self.config.vocab_size * 4
+        return (max(int(model.temp_size_in_bytes), int(full_sampler.temp_size_in_bytes) + logits)
+                + t * self.config.hidden_size * jnp.dtype(self.dtype).itemsize)
 
     def state_bytes(self) -> int:
         """Device memory of the state carried between steps (penalty counts, page table)."""
@@ -208,9 +232,10 @@ class ModelRunner:
         """Frees the slot of a finished, aborted or preempted request."""
         self.slots.release(request_id)
 
-    def _stage(self, chunks: Sequence[ScheduledChunk], t: int, r: int) -> np.ndarray:
-        """The step's packed input buffer. Per-request values come from the slots' host records
-        by gathering, so the Python work per row is a few lookups."""
+    def _stage(self, chunks: Sequence[ScheduledChunk], t: int, r: int) -> tuple[np.ndarray, bool]:
+        """The step's packed input buffer, and whether it needs the full sampler. Per-request
+        values come from the slots' host records by gathering, so the Python work per row is a
+        few lookups."""
         packing, _ = self._packing(t, r)
         buffer, x = packing.new()
         n, no_slot = len(chunks), self.num_slots
@@ -259,7 +284,7 @@ class ModelRunner:
         sb.bias_ids[:] = self.config.vocab_size
         for i in np.flatnonzero(s.needs_bias[slots]):
             self._stage_bias(chunks[i], sb.bias_ids[i], sb.bias_values[i])
-        return buffer
+        return buffer, bool(s.needs_sort[slots].any())
 
     def _stage_page_updates(self, chunks, slots: np.ndarray, x) -> None:
         """Sends the pages each request got since its page-table row was last written."""

@@ -5,8 +5,11 @@
                -> / temperature -> top_k / top_p / min_p cut -> inverse-CDF draw with the row's key
 
 Each request is one row with its own parameters, so one batch mixes greedy and sampled rows.
-Costly parts (processors, penalties, sorting for top-k/p, top logprobs) sit under lax.cond on
-"does any row need it", so a batch that needs none skips them at run time without recompiling.
+Every part runs for every row, with neutral parameters where a row asks for nothing: no
+lax.cond, because XLA on the GPU runs a conditional by copying its predicate to the host and
+waiting for it, which blocks the launch of a step until the device has reached its sampler.
+The parts that sort the vocabulary are left out at trace time (full=False) when the host knows
+no row of the step needs them.
 Keys come from (seed, counter): a seeded request draws the same numbers whatever its neighbours.
 
 Penalties read per-slot token statistics kept on the device across steps (PenaltyState): each
@@ -96,31 +99,43 @@ def _apply_penalties(logits, state: PenaltyState, sb: SamplingBatch):
 
 
 def _truncate(logits, sb: SamplingBatch):
-    """Masks tokens outside top_k, outside the top_p nucleus, or below min_p * max prob."""
+    """Masks tokens outside top_k, outside the top_p nucleus, or below min_p * max prob; rows that
+    set none of the three pass unchanged."""
     vocab = logits.shape[-1]
     ordered = jnp.sort(logits, axis=-1)[:, ::-1]  # descending
     kth = jnp.take_along_axis(ordered, jnp.clip(sb.top_k - 1, 0, vocab - 1)[:, None], axis=-1)
     probs = jax.nn.softmax(ordered, axis=-1)
     mass_before = jnp.cumsum(probs, axis=-1) - probs
-    kept = mass_before < sb.top_p[:, None]
+    kept = (mass_before < sb.top_p[:, None]) | (sb.top_p[:, None] >= 1)
     nucleus_min = jnp.min(jnp.where(kept, ordered, jnp.inf), axis=-1, keepdims=True)
     min_p_floor = ordered[:, :1] + jnp.log(jnp.maximum(sb.min_p, 1e-30))[:, None]
     threshold = jnp.maximum(jnp.maximum(kth, nucleus_min), jnp.where(sb.min_p[:, None] > 0, min_p_floor, -jnp.inf))
-    return jnp.where(logits < threshold, -jnp.inf, logits)
+    cuts = ((sb.top_k < vocab) | (sb.top_p < 1) | (sb.min_p > 0))[:, None]
+    return jnp.where(cuts & (logits < threshold), -jnp.inf, logits)
 
 
-def _draw(logits, sb: SamplingBatch):
+def _draw(logits, sb: SamplingBatch, block: int = 256):
     """Inverse-CDF sampling: one uniform per row (keyed by seed and counter) against the row's
-    cumulative probabilities. One random number per row instead of V (Gumbel-max draws V, which
-    costs more than the whole forward pass on a CPU)."""
+    cumulative probabilities; one random number per row instead of V (Gumbel-max draws V, which
+    costs more than the whole forward pass on a CPU). The CDF is taken in two levels, over blocks
+    of `block` tokens and then inside the chosen block, so no scan runs the length of V."""
 
     def uniform(seed, counter):
         return jax.random.uniform(jax.random.fold_in(jax.random.key(seed), counter), dtype=jnp.float32)
 
+    rows, vocab = logits.shape
     u = jax.vmap(uniform)(sb.seeds, sb.counters)  # [R]
-    cdf = jnp.cumsum(jax.nn.softmax(logits, axis=-1), axis=-1)  # [R, V]
-    tokens = jnp.sum(cdf < u[:, None] * cdf[:, -1:], axis=-1)
-    return jnp.minimum(tokens, logits.shape[-1] - 1).astype(jnp.int32)
+    probs = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))  # unnormalised; masked tokens 0
+    probs = jnp.pad(probs, ((0, 0), (0, -vocab % block))).reshape(rows, -1, block)
+    cum = jnp.cumsum(jnp.sum(probs, axis=-1), axis=-1)  # [R, V / block]
+    target = u * cum[:, -1]
+    chosen = jnp.minimum(jnp.sum(cum <= target[:, None], axis=-1), cum.shape[1] - 1)  # first block past target
+    inside = jnp.take_along_axis(probs, chosen[:, None, None], axis=1)[:, 0]  # [R, block]
+    before = jnp.where(chosen > 0, jnp.take_along_axis(cum, jnp.maximum(chosen - 1, 0)[:, None], axis=1)[:, 0], 0.0)
+    offset = jnp.sum(before[:, None] + jnp.cumsum(inside, axis=-1) <= target[:, None], axis=-1)
+    # Rounding may leave the target past the block's last token: take its last possible one.
+    last = jnp.max(jnp.where(inside > 0, jnp.arange(block), 0), axis=-1)
+    return (chosen * block + jnp.minimum(offset, last)).astype(jnp.int32)
 
 
 def top_logprobs(logprobs: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -136,36 +151,32 @@ def sample(
     sb: SamplingBatch,
     penalties: PenaltyState,
     processors: Sequence[LogitsProcessor] = (),
+    *,
+    full: bool = True,
 ) -> SamplerOutput:
+    """full=False leaves out what sorts the vocabulary: the top_k/top_p/min_p cut (the rows' own
+    parameters must not ask for it) and the top logprobs (returned as zeros)."""
     num_rows, vocab = logits.shape
     logprobs = jax.nn.log_softmax(logits, axis=-1)
     x = logits
     for i, proc in enumerate(processors):
-        mask = sb.processor_mask[i]
-        x = jax.lax.cond(jnp.any(mask), lambda x: jnp.where(mask[:, None], proc(x), x), lambda x: x, x)
-    needs_penalty = sb.row_slot < penalties.output_counts.shape[0]
-    x = jax.lax.cond(jnp.any(needs_penalty), lambda x: _apply_penalties(x, penalties, sb), lambda x: x, x)
+        x = jnp.where(sb.processor_mask[i][:, None], proc(x), x)
+    x = _apply_penalties(x, penalties, sb)  # neutral for rows without a penalty slot
     rows = jnp.broadcast_to(jnp.arange(num_rows)[:, None], sb.bias_ids.shape)
     x = x.at[rows, sb.bias_ids].add(sb.bias_values, mode="drop")
     greedy_tokens = jnp.argmax(x, axis=-1).astype(jnp.int32)
 
     is_sampled = sb.temperature > 0
     x = x / jnp.where(is_sampled, sb.temperature, 1.0)[:, None]
-    needs_cut = is_sampled & ((sb.top_k < vocab) | (sb.top_p < 1) | (sb.min_p > 0))
-    x = jax.lax.cond(jnp.any(needs_cut), lambda x: _truncate(x, sb), lambda x: x, x)
-    drawn = jax.lax.cond(jnp.any(is_sampled), lambda x: _draw(x, sb), lambda x: greedy_tokens, x)
-    tokens = jnp.where(is_sampled, drawn, greedy_tokens)
+    if full:
+        x = _truncate(x, sb)
+    tokens = jnp.where(is_sampled, _draw(x, sb), greedy_tokens)
 
     chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
-
-    def with_top(lp):
-        top_ids, top_vals = top_logprobs(lp)
-        ranks = 1 + jnp.sum(lp > chosen[:, None], axis=-1)
-        return ranks.astype(jnp.int32), top_ids, top_vals
-
-    def without_top(lp):
-        return (jnp.zeros(num_rows, jnp.int32), jnp.zeros((num_rows, MAX_LOGPROBS), jnp.int32),
-                jnp.zeros((num_rows, MAX_LOGPROBS), jnp.float32))
-
-    ranks, top_ids, top_vals = jax.lax.cond(jnp.any(sb.wants_logprobs), with_top, without_top, logprobs)
+    ranks = (1 + jnp.sum(logprobs > chosen[:, None], axis=-1)).astype(jnp.int32)
+    if full:
+        top_ids, top_vals = top_logprobs(logprobs)
+    else:
+        top_ids = jnp.zeros((num_rows, MAX_LOGPROBS), jnp.int32)
+        top_vals = jnp.zeros((num_rows, MAX_LOGPROBS), jnp.float32)
     return SamplerOutput(tokens, chosen, ranks, top_ids, top_vals)

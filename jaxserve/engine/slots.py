@@ -29,6 +29,7 @@ class SlotParams:
     wants_logprobs: np.ndarray
     has_penalties: np.ndarray
     needs_bias: np.ndarray  # logit_bias, or min_tokens suppressing eos/stop ids
+    needs_sort: np.ndarray  # top_k/top_p/min_p sampling or top logprobs: the full sampler
     num_prompt_tokens: np.ndarray
     processor_mask: np.ndarray  # [num_processors, num_slots]
     synced_pages: np.ndarray  # pages of its page-table row already written on the device
@@ -39,7 +40,7 @@ class SlotParams:
         b = lambda: np.zeros(num_slots, bool)  # noqa: E731
         return cls(temperature=f32(), top_k=i32(), top_p=f32(), min_p=f32(), repetition_penalty=f32(),
                    presence_penalty=f32(), frequency_penalty=f32(), seed=np.zeros(num_slots, np.uint32),
-                   wants_logprobs=b(), has_penalties=b(), needs_bias=b(), num_prompt_tokens=i32(),
+                   wants_logprobs=b(), has_penalties=b(), needs_bias=b(), needs_sort=b(), num_prompt_tokens=i32(),
                    processor_mask=np.zeros((num_processors, num_slots), bool), synced_pages=i32())
 
 
@@ -71,6 +72,8 @@ class RequestSlots:
         s.wants_logprobs[slot] = p.logprobs is not None
         s.has_penalties[slot] = p.has_penalties
         s.needs_bias[slot] = bool(p.logit_bias) or p.min_tokens > 0
+        cuts = -1 < p.top_k < self.vocab_size or p.top_p < 1 or p.min_p > 0
+        s.needs_sort[slot] = (p.temperature > 0 and cuts) or bool(p.logprobs)
         s.num_prompt_tokens[slot] = request.num_prompt_tokens
         for j, name in enumerate(self.processor_names):
             s.processor_mask[j, slot] = name in p.logits_processors

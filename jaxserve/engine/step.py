@@ -1,7 +1,13 @@
-"""The compiled step: (weights, KV cache, device state, one packed input buffer) -> (KV cache,
-device state, one packed output buffer, hidden states). One jit per bucket shape; the KV cache
-and the device state (penalty counts, page table, last sampled tokens) are donated, so XLA
-updates them in place.
+"""The compiled step, two programs per bucket shape that the host launches back to back:
+
+    model:   (weights, KV cache, device state, packed inputs) -> (KV cache, device state, logits, hidden)
+    sampler: (logits, device state, packed inputs) -> (device state, one packed output buffer)
+
+The KV cache and the device state (penalty counts, page table, last sampled tokens) are donated,
+so XLA updates them in place. The sampler comes in two variants, and the host, which knows every
+row's parameters, picks one per step: `full` sorts the vocabulary (top-k/top-p/min-p, top
+logprobs), the other skips that. The choice cannot be made on the device: XLA on the GPU runs a
+lax.cond by copying its predicate to the host and waiting, which would stall every launch.
 
 The NNX model is split once into a static graph and a flat list of weight arrays; the jitted
 function merges them inside the trace, so no per-step pytree walking of NNX state on the host.
@@ -62,14 +68,14 @@ class DeviceState:
     last_tokens: jax.Array  # [R_max] i32: the previous step's sampled token per row
 
 
-def make_step(graphdef: nnx.GraphDef, treedef, processors: Sequence[LogitsProcessor] = (), mesh: Mesh | None = None):
-    """step(weights (flat leaves), kv_cache, DeviceState, packed inputs, *, input_packing,
-    output_packing) -> (kv_cache, DeviceState, packed SamplerOutput, hidden [T, D]).
+def make_step(graphdef: nnx.GraphDef, treedef, mesh: Mesh | None = None):
+    """step(weights (flat leaves), kv_cache, DeviceState, packed inputs, *, input_packing)
+    -> (kv_cache, DeviceState, logits [R, V] f32, hidden [T, D]).
 
     A decode token still unknown to the host (async scheduling: step n+1 is staged before step
     n's tokens are read back) is taken from last_tokens on the device."""
 
-    def step(weights, kv_cache, state: DeviceState, packed, *, input_packing, output_packing):
+    def step(weights, kv_cache, state: DeviceState, packed, *, input_packing):
         model: LlamaForCausalLM = nnx.merge(graphdef, jax.tree.unflatten(treedef, weights))
         inputs: StepInput = input_packing.unpack(packed)
         tokens = jnp.where(inputs.prev_rows >= 0, state.last_tokens[jnp.maximum(inputs.prev_rows, 0)], inputs.tokens)
@@ -87,13 +93,24 @@ def make_step(graphdef: nnx.GraphDef, treedef, processors: Sequence[LogitsProces
             replicated = NamedSharding(mesh, PartitionSpec())
             kv_cache = jax.lax.with_sharding_constraint(kv_cache, kv_cache_sharding(mesh))
             penalties, table, hidden, logits = jax.lax.with_sharding_constraint((penalties, table, hidden, logits), replicated)
-        out = sample(logits, inputs.sampling, penalties, processors)
+        return kv_cache, DeviceState(penalties, table, state.last_tokens), logits, hidden
+
+    return jax.jit(step, donate_argnames=("kv_cache", "state"), static_argnames=("input_packing",))
+
+
+def make_sampler(processors: Sequence[LogitsProcessor] = (), mesh: Mesh | None = None):
+    """sampler(logits, DeviceState, packed inputs, *, input_packing, output_packing, full)
+    -> (DeviceState with this step's tokens as last_tokens, packed SamplerOutput)."""
+
+    def sampler(logits, state: DeviceState, packed, *, input_packing, output_packing, full):
+        inputs: StepInput = input_packing.unpack(packed)
+        out = sample(logits, inputs.sampling, state.penalties, processors, full=full)
         last_tokens = jnp.zeros_like(state.last_tokens).at[: out.tokens.shape[0]].set(out.tokens)
         if mesh is not None:
             last_tokens = jax.lax.with_sharding_constraint(last_tokens, NamedSharding(mesh, PartitionSpec()))
-        return kv_cache, DeviceState(penalties, table, last_tokens), output_packing.pack(out), hidden
+        return dataclasses.replace(state, last_tokens=last_tokens), output_packing.pack(out)
 
-    return jax.jit(step, donate_argnames=("kv_cache", "state"), static_argnames=("input_packing", "output_packing"))
+    return jax.jit(sampler, donate_argnames=("state",), static_argnames=("input_packing", "output_packing", "full"))
 
 
 def make_write_table_row(sharding: NamedSharding | None = None):

@@ -76,3 +76,38 @@ def test_penalties_from_counted_tokens():
     cleared = update_penalty_state(state, jnp.asarray([5], jnp.int32),
                                    batch(1, reset_slots=[0], token_slot=[0], token_is_output=[True]))
     assert np.asarray(cleared.output_counts)[0].tolist() == [0, 0, 0, 0, 0, 1, 0, 0]
+
+
+def test_draws_across_blocks_follow_softmax_and_skip_masked_tokens():
+    # A vocabulary of several draw blocks (256 tokens each, the last one partial): frequencies
+    # still follow the softmax, and a token masked to -inf is never drawn.
+    vocab, draws = 600, 6000
+    probs = np.zeros(vocab, np.float32)
+    probs[[3, 255, 256, 400, 599]] = [0.1, 0.3, 0.2, 0.25, 0.15]
+    logits = jnp.broadcast_to(jnp.log(jnp.asarray(probs)), (draws, vocab))
+    sb = batch(draws, temperature=np.ones(draws), seeds=np.full(draws, 5), counters=np.arange(draws),
+               bias_ids=np.full((draws, 2), vocab), top_k=np.full(draws, vocab))
+    tokens = np.asarray(sample(logits, sb, new_penalty_state(4, vocab), full=False).tokens)
+    assert set(tokens.tolist()) <= {3, 255, 256, 400, 599}
+    np.testing.assert_allclose(np.bincount(tokens, minlength=vocab)[[3, 255, 256, 400, 599]] / draws,
+                               probs[[3, 255, 256, 400, 599]], atol=0.03)
+
+
+def test_the_sampler_without_sorting_matches_the_full_one_where_no_row_cuts():
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.normal(size=(6, V)) * 2, jnp.float32)
+    sb = batch(6, temperature=[0, 0.7, 1.0, 1.3, 0, 1.0], seeds=np.arange(6) + 11, counters=[0, 1, 2, 3, 4, 5])
+    full, plain = (sample(logits, sb, new_penalty_state(4, V), full=f) for f in (True, False))
+    assert plain.tokens.tolist() == full.tokens.tolist()
+    np.testing.assert_array_equal(plain.ranks, full.ranks)
+    np.testing.assert_allclose(plain.logprobs, full.logprobs)
+    assert not np.asarray(plain.top_ids).any()  # left out
+
+
+def test_the_sampler_has_no_device_conditional():
+    # XLA on the GPU runs a conditional by waiting on the host for its predicate: one in the
+    # sampler would stall every step's launch until the device reached it.
+    sb = batch(3, temperature=[0, 1.0, 1.0], top_k=[V, 2, V])
+    for full in (False, True):
+        hlo = jax.jit(sample, static_argnames="full").lower(LOGITS, sb, new_penalty_state(4, V), full=full).as_text()
+        assert "case" not in hlo and "conditional" not in hlo, hlo

@@ -1,0 +1,150 @@
+"""Where a decode step's time goes, at several batch sizes, in one GPU-machine call:
+
+  1. engine: B requests decoding; per step its period, host work, staging, the compiled call
+     (launch) alone, and the wait for the device (medians over --steps steps);
+  2. device alone: the same staged step launched back to back with nothing else on the host, so
+     its period is the device's time for the step (and the launch time shows whether the runtime
+     blocks the caller);
+  3. trace: a JAX profiler trace of a few engine steps, summarised per plane and line (GPU stream
+     busy time, kernel count, the longest host events), written as JSON beside the raw trace.
+
+    python scripts/profile_step.py --model llama-3.1-8b --batches 1,32,128 --out $OUT
+
+Run it once per XLA_FLAGS variant to compare runtime settings (e.g. command buffers off).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+
+def summarise_trace(path: str, top: int = 12) -> list[dict]:
+    """Per plane and line of an .xplane.pb: events, their union busy time and the top names."""
+    from jax.profiler import ProfileData
+
+    lines = []
+    for plane in ProfileData.from_file(path).planes:
+        if plane.name.startswith("/host:metadata"):
+            continue
+        for line in plane.lines:
+            events = [(e.name, e.start_ns, e.duration_ns) for e in line.events]
+            if not events:
+                continue
+            by_name: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+            spans = sorted((s, s + d) for _, s, d in events)
+            busy, end = 0.0, -1.0
+            for s, e in spans:  # union of the events' intervals
+                if e > end:
+                    busy += e - max(s, end)
+                    end = e
+            for name, _, d in events:
+                if "profiler.py" in name or "contextlib.py" in name:  # the trace's own frames
+                    continue
+                by_name[name][0] += 1
+                by_name[name][1] += d
+            ranked = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]
+            lines.append(dict(plane=plane.name, line=line.name, events=len(events), busy_ms=busy / 1e6,
+                              span_ms=(spans[-1][1] - spans[0][0]) / 1e6,
+                              top=[dict(name=n[:120], count=c, ms=d / 1e6) for n, (c, d) in ranked]))
+    return lines
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="llama-3.1-8b")
+    p.add_argument("--batches", default="1,32,128")
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--steps", type=int, default=48)
+    p.add_argument("--trace-steps", type=int, default=6)
+    p.add_argument("--max-num-batched-tokens", type=int, default=1024)
+    p.add_argument("--label", default=os.environ.get("XLA_FLAGS", "") or "default")
+    p.add_argument("--out", default=".")
+    args = p.parse_args()
+
+    import jax
+
+    from jaxserve import LLM, SamplingParams
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    batches = [int(b) for b in args.batches.split(",")]
+    t0 = time.perf_counter()
+    llm = LLM(args.model, load_format="dummy", max_num_seqs=max(batches), max_num_batched_tokens=args.max_num_batched_tokens,
+              max_model_len=args.input_len + 2 * args.steps + args.trace_steps + 64, row_bucket_growth=0)
+    record = dict(label=args.label, device=jax.devices()[0].device_kind, date=time.strftime("%Y-%m-%d"),
+                  startup_seconds=time.perf_counter() - t0, args=vars(args), batches=[])
+    print(f"[{args.label}] start-up {record['startup_seconds']:.1f} s", flush=True)
+    engine, runner = llm.engine, llm.engine.runner
+    rng = np.random.default_rng(0)
+    vocab = engine.model_config.vocab_size
+    params = SamplingParams(temperature=0, max_tokens=2 * args.steps + args.trace_steps + 32, ignore_eos=True)
+    staged = []  # the last staged input buffer, to relaunch alone
+    stage = runner._stage
+
+    def keep_last(chunks, t, r):
+        packed, full = stage(chunks, t, r)
+        staged[:] = [(packed, t, r, full)]
+        return packed, full
+
+    runner._stage = keep_last
+    ms = lambda xs: round(1e3 * float(np.median(xs)), 3)  # noqa: E731
+    for b in batches:
+        for i in range(b):
+            engine.add_request(f"b{b}-{i}", {"prompt_token_ids": rng.integers(100, vocab - 100, args.input_len).tolist()},
+                               params)
+        while engine.last_step is None or engine.last_step.num_tokens != b:  # through the prefill
+            engine.step()
+        stats = []
+        for _ in range(args.steps):
+            engine.step()
+            stats.append(engine.last_step)
+        row = dict(batch=b, period_ms=ms([s.step_seconds for s in stats]), host_ms=ms([s.host_seconds for s in stats]),
+                   stage_and_launch_ms=ms([s.stage_seconds for s in stats]),
+                   launch_ms=ms([s.launch_seconds for s in stats]), wait_ms=ms([s.wait_seconds for s in stats]))
+
+        # The device alone: the last staged step relaunched back to back (it rewrites the same
+        # K/V positions; the tokens are random weights' anyway).
+        packed, t, r, full = staged[-1]
+        launches, sampled = [], None
+        jax.block_until_ready(runner._run(packed, t, r, full))
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            s0 = time.perf_counter()
+            sampled, _ = runner._run(packed, t, r, full)
+            launches.append(time.perf_counter() - s0)
+        jax.block_until_ready(sampled)
+        row.update(device_alone_ms=round(1e3 * (time.perf_counter() - start) / args.steps, 3),
+                   device_alone_launch_ms=ms(launches), bucket=[t, r])
+
+        trace_dir = out / f"trace_b{b}"
+        with jax.profiler.trace(str(trace_dir)):
+            for _ in range(args.trace_steps):
+                engine.step()
+        files = glob.glob(str(trace_dir / "**" / "*.xplane.pb"), recursive=True)
+        if files:
+            row["trace"] = summarise_trace(files[-1])
+        for i in range(b):
+            engine.abort_request(f"b{b}-{i}")
+        while engine.has_unfinished_requests():
+            engine.step()
+        record["batches"].append(row)
+        print(f"[{args.label}] batch {b}: " + ", ".join(f"{k} {v}" for k, v in row.items() if k.endswith("_ms")), flush=True)
+        for line in row.get("trace", []):
+            if line["plane"].startswith("/device") or line["line"] in ("python",) or "Execute" in json.dumps(line["top"][:3]):
+                print(f"   {line['plane']} | {line['line']}: {line['events']} events, busy {line['busy_ms']:.2f} of "
+                      f"{line['span_ms']:.2f} ms; top: " + "; ".join(f"{e['name'][:60]} x{e['count']} {e['ms']:.2f}"
+                                                             for e in line["top"][:6]), flush=True)
+    name = "".join(c if c.isalnum() else "_" for c in args.label)[:60]
+    (out / f"profile_{name}.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
