@@ -175,7 +175,9 @@ def run_transformers(args) -> list[dict]:
                                           max_batch_tokens=args.max_num_batched_tokens, block_size=args.hf_block_size,
                                           num_blocks=per_seq * num_prompts + 1)
         # (not under torch.inference_mode: generate_batch runs its loop on another thread)
-        model.generate_batch(inputs=prompts[:2], generation_config=gen, continuous_batching_config=cb)  # warm-up
+        warm = GenerationConfig(max_new_tokens=8, min_new_tokens=8, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+                                eos_token_id=None, pad_token_id=0)
+        model.generate_batch(inputs=prompts[:2], generation_config=warm, continuous_batching_config=cb)  # warm-up
         t0 = time.perf_counter()
         outs = model.generate_batch(inputs=prompts, generation_config=gen, continuous_batching_config=cb)
         elapsed = time.perf_counter() - t0

@@ -100,18 +100,21 @@ class LLMEngine:
                  logits_processors: dict[str, Callable] | None = None, progress: bool = True, log: Callable = print):
         self.config = config
         self.log = log
+        t0 = time.perf_counter()
         model, self.tokenizer = build_model_and_tokenizer(config, model, tokenizer, progress=progress)
+        log(f"model and tokenizer ready in {time.perf_counter() - t0:.1f} s")
         self.model_config = cfg = model.config
         self.plan = BucketPlan.make(config.max_num_batched_tokens, config.max_num_seqs, config.min_token_bucket,
                                     config.row_bucket_growth)
         log(self.plan.describe())
         processors = list((logits_processors or {}).items())
-        workspace = 0
+        workspace, t0 = 0, time.perf_counter()
         if config.num_kv_pages is None and "bytes_limit" in (jax.local_devices()[0].memory_stats() or {}):
             probe = ModelRunner(model, num_pages=4, page_size=config.page_size, max_model_len=config.page_size,
                                 plan=self.plan, max_num_seqs=config.max_num_seqs, processors=processors)
             workspace = probe.step_workspace_bytes() + probe.state_bytes()
             del probe
+            log(f"step workspace {workspace / 2**30:.2f} GiB (compiled the largest shape in {time.perf_counter() - t0:.1f} s)")
         self.max_model_len, num_pages = plan_kv_cache(config, model, workspace_bytes=workspace, log=log)
         self.runner = ModelRunner(model, num_pages=num_pages, page_size=config.page_size, max_model_len=self.max_model_len,
                                   plan=self.plan, max_num_seqs=config.max_num_seqs, processors=processors)

@@ -219,7 +219,8 @@ class ModelRunner:
         hidden-state output), from the compiled executable's memory analysis."""
         t = self.plan.token_buckets[-1]
         r = self.plan.row_buckets[t][-1]
-        model, _, full_sampler = (lowered.compile().memory_analysis() for lowered in self._lower(t, r))
+        lowered = self._lower(t, r)
+        model, full_sampler = (lowered[i].compile().memory_analysis() for i in (0, 2))
         logits = r * self.config.vocab_size * 4
         return (max(int(model.temp_size_in_bytes), int(full_sampler.temp_size_in_bytes) + logits)
                 + t * self.config.hidden_size * jnp.dtype(self.dtype).itemsize)
