@@ -116,17 +116,27 @@ def lay_out_heads(array: np.ndarray, logical_axes: tuple[str, ...], layout: Head
 
 
 def _dummy_model(cfg, jdtype, attention_impl, seed, mesh, place) -> LlamaForCausalLM:
+    """Random weights drawn on the device(s), tensor by tensor, like create_model's: norms ones,
+    biases zeros, the rest N(0, 0.02). One small jitted fill per distinct shape: a single jit of
+    the whole init took 66 s to compile for Llama-3.1-8B on an H200."""
     graphdef, abstract_state = nnx.split(abstract_model(cfg, dtype=jdtype, attention_impl=attention_impl, mesh=mesh))
-    jit_kwargs = {}
-    if mesh is not None:
-        jit_kwargs["out_shardings"] = jax.tree.map(
-            lambda v: place(v.logical_axes, v.shape), abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable)
-        )
+    key = jax.random.key(seed)
+    drawn = []
+    for i, (path, variable) in enumerate(nnx.to_flat_state(abstract_state)):
+        kind = "zeros" if path[-1] == "bias" else "ones" if "norm" in str(path[-2]) else "normal"
+        fill = _dummy_fill(tuple(variable.shape), jnp.dtype(jdtype), kind, place(variable.logical_axes, tuple(variable.shape)))
+        drawn.append((path, variable.replace(fill(jax.random.fold_in(key, i)))))
+    return nnx.merge(graphdef, nnx.from_flat_state(drawn))
 
-    def init():
-        return nnx.state(create_model(cfg, dtype=jdtype, attention_impl=attention_impl, mesh=mesh, seed=seed))
 
-    return nnx.merge(graphdef, jax.jit(init, **jit_kwargs)())
+@functools.lru_cache(maxsize=None)
+def _dummy_fill(shape: tuple[int, ...], dtype, kind: str, sharding):
+    def fill(key):
+        if kind == "normal":
+            return 0.02 * jax.random.normal(key, shape, dtype)
+        return (jnp.zeros if kind == "zeros" else jnp.ones)(shape, dtype)
+
+    return jax.jit(fill, out_shardings=sharding)
 
 
 class CheckpointReader:
