@@ -20,7 +20,7 @@ from jaxserve.engine import compile_counter
 from jaxserve.engine.buckets import BucketPlan
 from jaxserve.engine.detokenizer import IncrementalDetokenizer
 from jaxserve.engine.runner import MAX_EOS_IDS, ModelRunner, StepResult, TokenLogprobs
-from jaxserve.engine.setup import build_model_and_tokenizer, plan_kv_cache
+from jaxserve.engine.setup import build_model_and_tokenizer, plan_kv_cache, step_workspace
 from jaxserve.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.scheduler import KVPageManager, Request, RequestStatus, Scheduler, SchedulerConfig
@@ -110,16 +110,19 @@ class LLMEngine:
         processors = list((logits_processors or {}).items())
         workspace, t0 = 0, time.perf_counter()
         if config.num_kv_pages is None and "bytes_limit" in (jax.local_devices()[0].memory_stats() or {}):
-            probe = ModelRunner(model, num_pages=4, page_size=config.page_size, max_model_len=config.page_size,
-                                plan=self.plan, max_num_seqs=config.max_num_seqs, processors=processors)
-            workspace = probe.step_workspace_bytes() + probe.state_bytes()
-            del probe
-            log(f"step workspace {workspace / 2**30:.2f} GiB (compiled the largest shape in {time.perf_counter() - t0:.1f} s)")
+            def measure() -> int:
+                probe = ModelRunner(model, num_pages=4, page_size=config.page_size, max_model_len=config.page_size,
+                                    plan=self.plan, max_num_seqs=config.max_num_seqs, processors=processors)
+                return probe.step_workspace_bytes() + probe.state_bytes()
+
+            workspace = step_workspace(config, model, self.plan.shapes, [n for n, _ in processors], measure)
+            log(f"step workspace {workspace / 2**30:.2f} GiB ({time.perf_counter() - t0:.1f} s)")
         self.max_model_len, num_pages = plan_kv_cache(config, model, workspace_bytes=workspace, log=log)
         self.runner = ModelRunner(model, num_pages=num_pages, page_size=config.page_size, max_model_len=self.max_model_len,
                                   plan=self.plan, max_num_seqs=config.max_num_seqs, processors=processors)
         seconds = self.runner.warm_up(progress=progress)
-        log(f"warm-up compiled {len(self.plan.shapes)} step shapes in {seconds:.1f} s")
+        log(f"warm-up compiled {len(self.plan.shapes)} step shapes in {seconds['total']:.1f} s (lowering "
+            f"{seconds['lower']:.1f} s, compiling or loading {seconds['compile']:.1f} s, first runs {seconds['run']:.1f} s)")
         self.compilations_after_warmup = compile_counter.compilations()
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len),

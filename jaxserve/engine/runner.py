@@ -118,6 +118,7 @@ class ModelRunner:
         self._replicated = None if self.mesh is None else NamedSharding(self.mesh, PartitionSpec())
         self._packings: dict[tuple[int, int], tuple[Packing, Packing]] = {}
         self._compiled: dict[tuple[int, int], CompiledStep] = {}  # filled by warm_up
+        self._compiled_prompt_logprobs: dict[int, object] = {}  # token bucket -> executable
         self.reset_device_state()
         self._step = make_step(self.graphdef, treedef, self.mesh)
         self._sampler = make_sampler([fn for _, fn in processors], self.mesh)
@@ -138,33 +139,44 @@ class ModelRunner:
         self._last_rows: dict[str, int] = {}  # request id -> its row in the last step launched
 
     # -- warm-up ------------------------------------------------------------------------------
-    def warm_up(self, progress: bool = True, threads: int | None = None) -> float:
-        """Compiles every shape of the plan, then runs each once on empty inputs; returns seconds.
-        Shapes are lowered one by one (Python) and compiled on `threads` threads at once (XLA
-        releases the GIL), or loaded from the persistent compilation cache the same way; steps
-        then call the compiled executables directly."""
+    def warm_up(self, progress: bool = True, threads: int | None = None) -> dict[str, float]:
+        """Compiles every shape of the plan, then runs each once on empty inputs; returns the
+        seconds of each phase. Shapes are lowered one by one (Python) and compiled on `threads`
+        threads at once (XLA releases the GIL), or loaded from the persistent compilation cache
+        the same way; steps then call the compiled executables directly."""
         t0 = time.perf_counter()
-        shapes = self.plan.shapes
+        shapes, buckets = self.plan.shapes, self.plan.token_buckets
         threads = threads or max(1, min(len(shapes), (os.cpu_count() or 2) // 2, 8))  # XLA compiles with threads of its own too
+        seconds = {}
         with ThreadPoolExecutor(threads) as pool, tqdm(total=len(shapes), desc="Compiling step shapes", unit="shape",
                                                        disable=not progress) as bar:
-            pending = {}
-            for t, r in shapes:
-                pending[t, r] = [pool.submit(lowered.compile) for lowered in self._lower(t, r)]
+            pending = {(t, r): [pool.submit(lowered.compile) for lowered in self._lower(t, r)] for t, r in shapes}
+            prompt_lp = {t: pool.submit(self._lower_prompt_logprobs(t).compile) for t in buckets}
+            seconds["lower"] = time.perf_counter() - t0
             for (t, r), futures in pending.items():
                 self._compiled[t, r] = CompiledStep(*(f.result() for f in futures))
                 bar.update()
+            self._compiled_prompt_logprobs = {t: f.result() for t, f in prompt_lp.items()}
+        seconds["compile"] = time.perf_counter() - t0 - seconds["lower"]
+        t1 = time.perf_counter()
         for t, r in shapes:
             for full in (False, True):
                 self._run(self._stage([], t, r)[0], t, r, full)
-        for t in tqdm(self.plan.token_buckets, desc="Compiling prompt logprobs", unit="shape", disable=not progress):
+        for t in buckets:
             r = self.plan.row_buckets[t][0]
-            _, hidden = self._run(self._stage([], t, r)[0], t, r, False)  # hidden as steps place it
-            self._prompt_logprobs(self.state, hidden, np.zeros(t, np.int32), np.zeros(t, np.int32))
+            _, hidden = self._run(self._stage([], t, r)[0], t, r, False)
+            self._compiled_prompt_logprobs[t](self.state, hidden, np.zeros(t, np.int32), np.zeros(t, np.int32))
         # The padding row (slot num_slots) is all zeros and stays so.
         self._write_row(self.num_slots, [])
         jax.block_until_ready(self.kv_cache)
-        return time.perf_counter() - t0
+        seconds["run"] = time.perf_counter() - t1
+        seconds["total"] = time.perf_counter() - t0
+        return seconds
+
+    def _lower_prompt_logprobs(self, t: int):
+        hidden = jax.ShapeDtypeStruct((t, self.config.hidden_size), self.dtype, sharding=self._replicated)
+        rows = jax.ShapeDtypeStruct((t,), jnp.int32)
+        return self._prompt_logprobs.lower(self.state, hidden, rows, rows)
 
     # -- one step -----------------------------------------------------------------------------
     def dispatch(self, output: SchedulerOutput) -> "InFlightStep":
@@ -346,7 +358,8 @@ class ModelRunner:
             return {}
         n = len(rows)
         pad = lambda a: np.pad(np.asarray(a, np.int32), (0, t - n))  # noqa: E731
-        chosen, ranks, top_ids, top_vals = jax.device_get(self._prompt_logprobs(self.state, hidden, pad(rows), pad(targets)))
+        compiled = self._compiled_prompt_logprobs[t]
+        chosen, ranks, top_ids, top_vals = jax.device_get(compiled(self.state, hidden, pad(rows), pad(targets)))
         out: dict[Request, list[tuple[int, TokenLogprobs]]] = {}
         for k, (req, pos) in enumerate(owners):
             out.setdefault(req, []).append(

@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Callable
 
@@ -57,6 +59,30 @@ def build_model_and_tokenizer(config: EngineConfig, model=None, tokenizer=None, 
             if config.tokenizer or any((tok_folder / f).is_file() for f in TOKENIZER_FILES):
                 tokenizer = load_tokenizer(tok_folder)
     return model, tokenizer
+
+
+def step_workspace(config: EngineConfig, model, shapes, processor_names, measure: Callable[[], int]) -> int:
+    """The step's device workspace in bytes: measured by compiling the largest shape (`measure`),
+    once per model, plan, device and version of this code; later start-ups read it back from the
+    cache folder instead of compiling the probe again."""
+    import models
+    import pallas_kernels
+    import sharding
+
+    folders = (Path(__file__).parent, *(Path(m.__file__).parent for m in (models, pallas_kernels, sharding)))
+    sources = sorted(p for folder in folders for p in folder.rglob("*.py"))
+    key = hashlib.sha256(repr((model.config, str(model.dtype), shapes, config.max_num_seqs, config.page_size,
+                               config.tensor_parallel_size, list(processor_names), jax.__version__,
+                               jax.devices()[0].device_kind)).encode())
+    for path in sources:
+        key.update(path.read_bytes())
+    record = Path(config.cache_dir or default_cache_dir()) / "workspace" / f"{key.hexdigest()}.json"
+    if record.is_file():
+        return int(json.loads(record.read_text())["bytes"])
+    workspace = measure()
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"bytes": workspace}))
+    return workspace
 
 
 def page_bytes(model, page_size: int) -> int:

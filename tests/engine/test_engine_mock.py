@@ -325,3 +325,19 @@ def test_children_waiting_on_shared_pages_do_not_starve_a_running_request():
         final = run(e, arrivals, max_steps=2000)
         assert sorted(final) == sorted(rid for group in arrivals.values() for rid, _, _ in group)
     _no_leaks(e)
+
+
+def test_the_step_workspace_is_measured_once_per_model_and_plan(tmp_path):
+    from jaxserve.engine.setup import step_workspace
+
+    config = EngineConfig(cache_dir=tmp_path, max_num_seqs=4)
+    model, calls = SumModel(V), []
+
+    def measure():
+        calls.append(1)
+        return 1234 + len(calls)
+
+    assert step_workspace(config, model, [(16, 4)], [], measure) == 1235
+    assert step_workspace(config, model, [(16, 4)], [], measure) == 1235  # read back, not measured
+    assert step_workspace(config, model, [(16, 4), (32, 4)], [], measure) == 1236  # another plan
+    assert len(calls) == 2
