@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from pathlib import Path
 from typing import Callable, NamedTuple
 
 import jax
 import numpy as np
 
 from jaxserve.config import EngineConfig
+from jaxserve.default_model import default_cache_dir
 from jaxserve.engine import compile_counter
 from jaxserve.engine.buckets import BucketPlan
 from jaxserve.engine.detokenizer import IncrementalDetokenizer
+from jaxserve.engine.executable_cache import ExecutableCache
 from jaxserve.engine.runner import MAX_EOS_IDS, ModelRunner, StepResult, TokenLogprobs
 from jaxserve.engine.setup import build_model_and_tokenizer, plan_kv_cache, step_workspace
 from jaxserve.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
@@ -120,9 +123,15 @@ class LLMEngine:
         self.max_model_len, num_pages = plan_kv_cache(config, model, workspace_bytes=workspace, log=log)
         self.runner = ModelRunner(model, num_pages=num_pages, page_size=config.page_size, max_model_len=self.max_model_len,
                                   plan=self.plan, max_num_seqs=config.max_num_seqs, processors=processors)
-        seconds = self.runner.warm_up(progress=progress)
-        log(f"warm-up compiled {len(self.plan.shapes)} step shapes in {seconds['total']:.1f} s (lowering "
-            f"{seconds['lower']:.1f} s, compiling or loading {seconds['compile']:.1f} s, first runs {seconds['run']:.1f} s)")
+        use_cache = config.executable_cache if config.executable_cache is not None else jax.default_backend() == "gpu"
+        cache = None
+        if use_cache and not processors:  # (a logits processor's code is not part of the cache key)
+            cache = ExecutableCache(Path(config.cache_dir or default_cache_dir()) / "executables",
+                                    self.runner.devices, *self.runner.executable_cache_key())
+        seconds = self.runner.warm_up(progress=progress, cache=cache)
+        log(f"warm-up compiled {len(self.plan.shapes)} step shapes in {seconds['total']:.1f} s ({seconds['cached']} "
+            f"programs from the executable cache; lowering {seconds['lower']:.1f} s, compiling or loading "
+            f"{seconds['compile']:.1f} s, first runs {seconds['run']:.1f} s)")
         self.compilations_after_warmup = compile_counter.compilations()
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len),

@@ -26,6 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from jaxserve.engine.buckets import BucketPlan
+from jaxserve.engine.executable_cache import ExecutableCache
 from jaxserve.engine.sampler import LogitsProcessor, new_penalty_state
 from jaxserve.engine.slots import RequestSlots
 from jaxserve.engine.staging import SequenceChunk, fill_ragged
@@ -76,6 +77,9 @@ class CompiledStep:
     model: object
     sampler: object
     full_sampler: object
+
+
+PROGRAMS = [f.name for f in dataclasses.fields(CompiledStep)]
 
 
 @dataclasses.dataclass
@@ -139,24 +143,43 @@ class ModelRunner:
         self._last_rows: dict[str, int] = {}  # request id -> its row in the last step launched
 
     # -- warm-up ------------------------------------------------------------------------------
-    def warm_up(self, progress: bool = True, threads: int | None = None) -> dict[str, float]:
+    def warm_up(self, progress: bool = True, threads: int | None = None,
+                cache: ExecutableCache | None = None) -> dict[str, float]:
         """Compiles every shape of the plan, then runs each once on empty inputs; returns the
-        seconds of each phase. Shapes are lowered one by one (Python) and compiled on `threads`
-        threads at once (XLA releases the GIL), or loaded from the persistent compilation cache
-        the same way; steps then call the compiled executables directly."""
+        seconds of each phase. Programs come from `cache` when it holds them; the others are
+        lowered one by one (Python) and compiled on `threads` threads at once (XLA releases the
+        GIL), or loaded from JAX's persistent compilation cache the same way, then saved to
+        `cache`. Steps call the compiled executables directly."""
         t0 = time.perf_counter()
         shapes, buckets = self.plan.shapes, self.plan.token_buckets
         threads = threads or max(1, min(len(shapes), (os.cpu_count() or 2) // 2, 8))  # XLA compiles with threads of its own too
-        seconds = {}
+        programs = [(t, r, name) for t, r in shapes for name in PROGRAMS]
+        name_of = lambda t, r, name: f"{name}_t{t}_r{r}"  # noqa: E731
+        seconds = {"lower": 0.0}
+
+        def compile_and_save(lowered, key):
+            compiled = lowered.compile()
+            if cache is not None:
+                cache.save(name_of(*key), compiled)
+            return compiled
+
         with ThreadPoolExecutor(threads) as pool, tqdm(total=len(shapes), desc="Compiling step shapes", unit="shape",
                                                        disable=not progress) as bar:
-            pending = {(t, r): [pool.submit(lowered.compile) for lowered in self._lower(t, r)] for t, r in shapes}
+            loaded = dict(zip(programs, pool.map(lambda key: cache and cache.load(name_of(*key)), programs)))
+            futures = {}
+            for key in programs:
+                if loaded[key] is None:
+                    t1 = time.perf_counter()
+                    lowered = self._lower(*key)
+                    seconds["lower"] += time.perf_counter() - t1
+                    futures[key] = pool.submit(compile_and_save, lowered, key)
             prompt_lp = {t: pool.submit(self._lower_prompt_logprobs(t).compile) for t in buckets}
-            seconds["lower"] = time.perf_counter() - t0
-            for (t, r), futures in pending.items():
-                self._compiled[t, r] = CompiledStep(*(f.result() for f in futures))
+            for t, r in shapes:
+                self._compiled[t, r] = CompiledStep(**{name: loaded[t, r, name] or futures[t, r, name].result()
+                                                       for name in PROGRAMS})
                 bar.update()
             self._compiled_prompt_logprobs = {t: f.result() for t, f in prompt_lp.items()}
+        seconds["cached"] = sum(v is not None for v in loaded.values())
         seconds["compile"] = time.perf_counter() - t0 - seconds["lower"]
         t1 = time.perf_counter()
         for t, r in shapes:
@@ -172,6 +195,19 @@ class ModelRunner:
         seconds["run"] = time.perf_counter() - t1
         seconds["total"] = time.perf_counter() - t0
         return seconds
+
+    @property
+    def devices(self) -> list:
+        """The devices the step runs on."""
+        return [jax.devices()[0]] if self.mesh is None else list(self.mesh.devices.flat)
+
+    def executable_cache_key(self) -> tuple:
+        """What, beyond the code and the devices, shapes this runner's compiled programs."""
+        kv = jax.tree.map(lambda a: (a.shape, str(a.dtype), str(a.sharding)), self.kv_cache)
+        state = jax.tree.map(lambda a: (a.shape, str(a.dtype), str(a.sharding)), self.device_state)
+        weights = [(a.shape, str(a.dtype), str(a.sharding)) for a in self.weights]
+        return (self.config, str(self.dtype), self.graphdef, kv, state, weights, self.page_size, self.pages_per_seq,
+                self.num_slots, self.processor_names)
 
     def _lower_prompt_logprobs(self, t: int):
         hidden = jax.ShapeDtypeStruct((t, self.config.hidden_size), self.dtype, sharding=self._replicated)
@@ -198,14 +234,15 @@ class ModelRunner:
         self.device_state, sampled = (compiled.full_sampler if full else compiled.sampler)(logits, state, packed)
         return sampled, hidden
 
-    def _lower(self, t: int, r: int) -> list:
-        """The lowered model and sampler programs of shape (t, r), as CompiledStep orders them."""
+    def _lower(self, t: int, r: int, name: str):
+        """The lowered program `name` (one of PROGRAMS) of shape (t, r)."""
         inputs, outputs = self._packing(t, r)
         packed = self._stage([], t, r)[0]
-        model = self._step.lower(self.weights, self.kv_cache, self.device_state, packed, input_packing=inputs)
+        if name == "model":
+            return self._step.lower(self.weights, self.kv_cache, self.device_state, packed, input_packing=inputs)
         logits = jax.ShapeDtypeStruct((r, self.config.vocab_size), jnp.float32, sharding=self._replicated)
-        return [model] + [self._sampler.lower(logits, self.device_state, packed, input_packing=inputs,
-                                              output_packing=outputs, full=full) for full in (False, True)]
+        return self._sampler.lower(logits, self.device_state, packed, input_packing=inputs, output_packing=outputs,
+                                   full=name == "full_sampler")
 
     def _packing(self, t: int, r: int) -> tuple[Packing, Packing]:
         """The (input, output) buffer layouts of step shape (t, r); the same objects every step,
@@ -231,8 +268,7 @@ class ModelRunner:
         hidden-state output), from the compiled executable's memory analysis."""
         t = self.plan.token_buckets[-1]
         r = self.plan.row_buckets[t][-1]
-        lowered = self._lower(t, r)
-        model, full_sampler = (lowered[i].compile().memory_analysis() for i in (0, 2))
+        model, full_sampler = (self._lower(t, r, name).compile().memory_analysis() for name in ("model", "full_sampler"))
         logits = r * self.config.vocab_size * 4
         return (max(int(model.temp_size_in_bytes), int(full_sampler.temp_size_in_bytes) + logits)
                 + t * self.config.hidden_size * jnp.dtype(self.dtype).itemsize)

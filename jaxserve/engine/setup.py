@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Callable
@@ -18,6 +17,7 @@ from jax.sharding import Mesh
 
 from jaxserve.config import EngineConfig
 from jaxserve.default_model import default_cache_dir, resolve_model
+from jaxserve.engine.executable_cache import environment_key
 from jaxserve.tokenizer import load_tokenizer
 from models.loading import load_model, resolve_config
 from sharding import make_mesh
@@ -65,18 +65,9 @@ def step_workspace(config: EngineConfig, model, shapes, processor_names, measure
     """The step's device workspace in bytes: measured by compiling the largest shape (`measure`),
     once per model, plan, device and version of this code; later start-ups read it back from the
     cache folder instead of compiling the probe again."""
-    import models
-    import pallas_kernels
-    import sharding
-
-    folders = (Path(__file__).parent, *(Path(m.__file__).parent for m in (models, pallas_kernels, sharding)))
-    sources = sorted(p for folder in folders for p in folder.rglob("*.py"))
-    key = hashlib.sha256(repr((model.config, str(model.dtype), shapes, config.max_num_seqs, config.page_size,
-                               config.tensor_parallel_size, list(processor_names), jax.__version__,
-                               jax.devices()[0].device_kind)).encode())
-    for path in sources:
-        key.update(path.read_bytes())
-    record = Path(config.cache_dir or default_cache_dir()) / "workspace" / f"{key.hexdigest()}.json"
+    key = environment_key(model.config, str(model.dtype), shapes, config.max_num_seqs, config.page_size,
+                          config.tensor_parallel_size, list(processor_names))
+    record = Path(config.cache_dir or default_cache_dir()) / "workspace" / f"{key}.json"
     if record.is_file():
         return int(json.loads(record.read_text())["bytes"])
     workspace = measure()

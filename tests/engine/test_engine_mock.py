@@ -341,3 +341,30 @@ def test_the_step_workspace_is_measured_once_per_model_and_plan(tmp_path):
     assert step_workspace(config, model, [(16, 4)], [], measure) == 1235  # read back, not measured
     assert step_workspace(config, model, [(16, 4), (32, 4)], [], measure) == 1236  # another plan
     assert len(calls) == 2
+
+
+def test_a_second_start_loads_its_compiled_steps_instead_of_lowering_them(tmp_path, monkeypatch):
+    from jaxserve.engine.runner import ModelRunner
+
+    config = EngineConfig(max_num_seqs=4, max_num_batched_tokens=16, page_size=4, num_kv_pages=64, max_model_len=64,
+                          min_token_bucket=8, cache_dir=tmp_path, executable_cache=True)
+    first = LLMEngine(config, model=SumModel(V), progress=False, log=lambda *_: None)
+    lowered, lower = [], ModelRunner._lower
+    monkeypatch.setattr(ModelRunner, "_lower", lambda self, *key: lowered.append(key) or lower(self, *key))
+    second = LLMEngine(config, model=SumModel(V), progress=False, log=lambda *_: None)
+    shapes = second.plan.shapes
+    # The model and the plain sampler come from the cache. The full sampler sorts, and XLA on the
+    # CPU cannot serialize every sort comparator: that one may be lowered again.
+    assert shapes and not [key for key in lowered if key[2] != "full_sampler"]
+    for e in (first, second):
+        e.add_request("a", [1, 2, 3], SamplingParams(max_tokens=6, **GREEDY))
+    assert _run_to_end(first) == _run_to_end(second) == next_tokens([1, 2, 3], 6, V)
+
+
+def _run_to_end(e) -> list[int]:
+    tokens = []
+    while e.has_unfinished_requests():
+        for out in e.step():
+            if out.finished:
+                tokens = out.outputs[0].token_ids
+    return list(tokens)
