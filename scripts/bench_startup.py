@@ -64,7 +64,7 @@ def peak_rss_mib(pid: int) -> float | None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--runs", default="cold,warm")
+    p.add_argument("--runs", default="cold,warm", help="comma-separated: cold, warm, xla-only")
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--port", type=int, default=8100)
     p.add_argument("--timeout", type=float, default=400)
@@ -75,8 +75,10 @@ def main() -> None:
     cache_dir = Path(args.cache_dir or tempfile.mkdtemp(prefix="jaxserve-cache-"))
     results = []
     for i, kind in enumerate(args.runs.split(",")):
-        if kind == "cold":
-            shutil.rmtree(cache_dir / "xla", ignore_errors=True)
+        # cold: nothing compiled is kept; xla-only: JAX's compilation cache but not the engine's
+        # own records (compiled steps, step workspace); warm: all of them.
+        for folder in {"cold": ("xla", "executables", "workspace"), "xla-only": ("executables", "workspace")}.get(kind, ()):
+            shutil.rmtree(cache_dir / folder, ignore_errors=True)
         port = args.port + i
         env = dict(os.environ, JAXSERVE_CACHE_DIR=str(cache_dir), PYTHONUNBUFFERED="1")
         t0 = time.perf_counter()
