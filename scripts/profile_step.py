@@ -65,6 +65,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=48)
     p.add_argument("--trace-steps", type=int, default=6)
     p.add_argument("--max-num-batched-tokens", type=int, default=1024)
+    p.add_argument("--prefill-lens", default="", help="also time one idle request of each prompt length to its first token")
     p.add_argument("--label", default=os.environ.get("XLA_FLAGS", "") or "default")
     p.add_argument("--out", default=".")
     args = p.parse_args()
@@ -75,10 +76,12 @@ def main() -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    batches = [int(b) for b in args.batches.split(",")]
+    batches = [int(b) for b in args.batches.split(",") if b]
+    prefill_lens = [int(n) for n in args.prefill_lens.split(",") if n]
     t0 = time.perf_counter()
-    llm = LLM(args.model, load_format="dummy", max_num_seqs=max(batches), max_num_batched_tokens=args.max_num_batched_tokens,
-              max_model_len=args.input_len + 2 * args.steps + args.trace_steps + 64, row_bucket_growth=0)
+    llm = LLM(args.model, load_format="dummy", max_num_seqs=max(batches, default=1), max_num_batched_tokens=args.max_num_batched_tokens,
+              max_model_len=max([args.input_len + 2 * args.steps + args.trace_steps + 64, *(n + 16 for n in prefill_lens)]),
+              row_bucket_growth=0)
     record = dict(label=args.label, device=jax.devices()[0].device_kind, date=time.strftime("%Y-%m-%d"),
                   startup_seconds=time.perf_counter() - t0, args=vars(args), batches=[])
     print(f"[{args.label}] start-up {record['startup_seconds']:.1f} s", flush=True)
@@ -142,6 +145,30 @@ def main() -> None:
                 print(f"   {line['plane']} | {line['line']}: {line['events']} events, busy {line['busy_ms']:.2f} of "
                       f"{line['span_ms']:.2f} ms; top: " + "; ".join(f"{e['name'][:60]} x{e['count']} {e['ms']:.2f}"
                                                              for e in line["top"][:6]), flush=True)
+    record["prefill"] = []
+    for n in prefill_lens:  # an idle engine: one request, time to its first token
+        prompt = {"prompt_token_ids": rng.integers(100, vocab - 100, n).tolist()}
+        first = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+        times = []
+        for rep in range(6):
+            t0 = time.perf_counter()
+            engine.add_request(f"p{n}-{rep}", prompt, first)
+            while engine.has_unfinished_requests():
+                engine.step()
+            times.append(time.perf_counter() - t0)
+        trace_dir = out / f"trace_prefill{n}"
+        with jax.profiler.trace(str(trace_dir)):
+            engine.add_request(f"p{n}-trace", prompt, first)
+            while engine.has_unfinished_requests():
+                engine.step()
+        files = glob.glob(str(trace_dir / "**" / "*.xplane.pb"), recursive=True)
+        row = dict(prompt_len=n, first_token_ms=ms(times[1:]), trace=summarise_trace(files[-1]) if files else [])
+        record["prefill"].append(row)
+        print(f"[{args.label}] prompt {n}: first token after {row['first_token_ms']} ms (median, engine.step calls)")
+        for line in row["trace"]:
+            if line["plane"].startswith("/device") and line["events"] > 20:
+                print(f"   {line['line']}: {line['events']} kernels, busy {line['busy_ms']:.2f} ms; top: " +
+                      "; ".join(f"{e['name'][:50]} x{e['count']} {e['ms']:.2f}" for e in line["top"][:8]), flush=True)
     name = "".join(c if c.isalnum() else "_" for c in args.label)[:60]
     (out / f"profile_{name}.json").write_text(json.dumps(record, indent=2) + "\n")
 
