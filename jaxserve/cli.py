@@ -64,6 +64,8 @@ def _add_serve_parser(sub) -> None:
                             "shapes to compile: faster start-up)")
     serve.add_argument("--no-async-scheduling", action="store_true",
                        help="wait for each step's tokens before scheduling the next")
+    serve.add_argument("--no-executable-cache", action="store_true",
+                       help="do not keep compiled steps in the cache folder (a warm start then lowers them again)")
     serve.add_argument("--max-waiting-requests", type=int, default=None,
                        help="sequences allowed to wait beyond --max-num-seqs before answering 503 (default 1024)")
     serve.add_argument("--uvicorn-log-level", default="info")
@@ -85,7 +87,7 @@ def _serve(args, cache_dir) -> int:
         gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed, page_size=args.block_size,
         num_kv_pages=args.num_gpu_blocks_override, attention_impl=args.attention_impl, cache_dir=cache_dir,
         max_waiting_requests=args.max_waiting_requests, row_bucket_growth=args.row_bucket_growth,
-        async_scheduling=not args.no_async_scheduling)
+        async_scheduling=not args.no_async_scheduling, executable_cache=False if args.no_executable_cache else None)
     settings = ServerSettings(engine=engine, served_model_names=tuple(args.served_model_name or ()),
                               api_key=args.api_key or os.environ.get("JAXSERVE_API_KEY") or None,
                               fault_token_id=args.fault_token_id)

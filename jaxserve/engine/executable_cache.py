@@ -2,7 +2,8 @@
 lowering them (about 1.2 s per step shape for Llama-3.1-8B on an H200: most of a warm start).
 
     key = sha256(source of jaxserve, models, pallas_kernels, sharding; jax, jaxlib and flax
-                 versions; devices; XLA_FLAGS; what the caller adds: model, cache and state shapes)
+                 versions; devices and their runtime; XLA_* and JAX_* variables; what the caller
+                 adds: model, cache and state shapes)
     folder/<key>/<program name>.bin  <-  pickled output of jax's serialize_executable
 
 JAX's own persistent cache needs the lowered program to compute its key; this one does not, so
@@ -40,9 +41,11 @@ def source_digest() -> bytes:
 
 
 def environment_key(*parts) -> str:
-    """sha256 of the source, the versions, the devices, XLA_FLAGS and `parts` (their repr)."""
-    devices = [(d.platform, d.device_kind, d.id) for d in jax.devices()]
-    env = (jax.__version__, jaxlib.__version__, flax.__version__, devices, os.environ.get("XLA_FLAGS", ""), parts)
+    """sha256 of the source, the versions, the devices, XLA's and JAX's variables and `parts` (their repr)."""
+    devices = [(d.platform, d.device_kind, d.id, d.client.platform_version) for d in jax.devices()]
+    flags = sorted((k, v) for k, v in os.environ.items()  # XLA's and JAX's settings, less memory sizing
+                   if k.startswith(("XLA_", "JAX_")) and not k.startswith("XLA_PYTHON_CLIENT_"))
+    env = (jax.__version__, jaxlib.__version__, flax.__version__, devices, flags, parts)
     return hashlib.sha256(source_digest() + repr(env).encode()).hexdigest()
 
 
