@@ -26,7 +26,7 @@ class EngineConfig:
     row_bucket_growth: int = 4  # factor between request-count buckets; 0: one per token bucket
     cache_dir: str | Path | None = None  # converted default model, XLA compilation cache, compiled steps
     # Keep compiled steps in cache_dir, so a warm start skips lowering them. None: on a GPU only
-    # (XLA on the CPU cannot always reload an executable it serialized).
+    # (XLA on the CPU cannot always reload an executable it serialized). One device only, so far.
     executable_cache: bool | None = None
     max_waiting_requests: int | None = None
     async_scheduling: bool = True  # schedule step n+1 while step n runs; False: one step at a time

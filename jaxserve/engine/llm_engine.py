@@ -125,7 +125,9 @@ class LLMEngine:
                                   plan=self.plan, max_num_seqs=config.max_num_seqs, processors=processors)
         use_cache = config.executable_cache if config.executable_cache is not None else jax.default_backend() == "gpu"
         cache = None
-        if use_cache and not processors:  # (a logits processor's code is not part of the cache key)
+        # Not with logits processors (their code is not part of the key), and not yet on a mesh
+        # (reloading onto several devices is untested).
+        if use_cache and not processors and self.runner.mesh is None:
             cache = ExecutableCache(Path(config.cache_dir or default_cache_dir()) / "executables",
                                     self.runner.devices, *self.runner.executable_cache_key())
         seconds = self.runner.warm_up(progress=progress, cache=cache)
