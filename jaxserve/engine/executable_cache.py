@@ -75,8 +75,19 @@ class ExecutableCache:
             blob = pickle.dumps(serialize_executable.serialize(compiled))
         except Exception:  # not serializable on this backend
             return
-        self.folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.folder, suffix=".tmp")
+        write_atomically(self._path(name), blob)
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Writes `path` whole or not at all (a concurrent reader never sees half of it); a cache
+    that cannot be written (read-only folder, full disk) is only slower, so errors are dropped."""
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
-            f.write(blob)
-        os.replace(tmp, self._path(name))  # atomic: a concurrent reader sees all or nothing
+            f.write(data)
+        os.replace(tmp, path)
+    except OSError:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)

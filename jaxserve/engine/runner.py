@@ -230,8 +230,12 @@ class ModelRunner:
     def _run(self, packed: np.ndarray, t: int, r: int, full: bool):
         compiled = self._compiled[t, r]
         packed = jax.device_put(packed, self._replicated)  # one transfer, read by both programs
-        self.kv_cache, state, logits, hidden = compiled.model(self.weights, self.kv_cache, self.device_state, packed)
-        self.device_state, sampled = (compiled.full_sampler if full else compiled.sampler)(logits, state, packed)
+        # Each program's outputs are kept before the next launches: the inputs they replace were
+        # donated, so a failure in between must leave valid arrays behind.
+        self.kv_cache, self.device_state, logits, hidden = compiled.model(self.weights, self.kv_cache,
+                                                                          self.device_state, packed)
+        self.device_state, sampled = (compiled.full_sampler if full else compiled.sampler)(logits, self.device_state,
+                                                                                            packed)
         return sampled, hidden
 
     def _lower(self, t: int, r: int, name: str):
@@ -269,8 +273,8 @@ class ModelRunner:
         t = self.plan.token_buckets[-1]
         r = self.plan.row_buckets[t][-1]
         model, full_sampler = (self._lower(t, r, name).compile().memory_analysis() for name in ("model", "full_sampler"))
-        logits = r * self.config.vocab_size * 4
-        return (max(int(model.temp_size_in_bytes), int(full_sampler.temp_size_in_bytes) + logits)
+        logits = r * self.config.vocab_size * 4  # the model's output, the sampler's input
+        return (max(int(model.temp_size_in_bytes), int(full_sampler.temp_size_in_bytes)) + logits
                 + t * self.config.hidden_size * jnp.dtype(self.dtype).itemsize)
 
     def state_bytes(self) -> int:

@@ -13,11 +13,12 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 from jax.sharding import Mesh
 
 from jaxserve.config import EngineConfig
 from jaxserve.default_model import default_cache_dir, resolve_model
-from jaxserve.engine.executable_cache import environment_key
+from jaxserve.engine.executable_cache import environment_key, write_atomically
 from jaxserve.tokenizer import load_tokenizer
 from models.loading import load_model, resolve_config
 from sharding import make_mesh
@@ -65,14 +66,15 @@ def step_workspace(config: EngineConfig, model, shapes, processor_names, measure
     """The step's device workspace in bytes: measured by compiling the largest shape (`measure`),
     once per model, plan, device and version of this code; later start-ups read it back from the
     cache folder instead of compiling the probe again."""
-    key = environment_key(model.config, str(model.dtype), shapes, config.max_num_seqs, config.page_size,
-                          config.tensor_parallel_size, list(processor_names))
+    key = environment_key(type(model).__name__, nnx.graphdef(model), model.config, str(model.dtype), shapes,
+                          config.max_num_seqs, config.page_size, config.tensor_parallel_size, list(processor_names))
     record = Path(config.cache_dir or default_cache_dir()) / "workspace" / f"{key}.json"
-    if record.is_file():
+    try:
         return int(json.loads(record.read_text())["bytes"])
+    except (OSError, ValueError, KeyError, TypeError):  # absent or damaged: measure again
+        pass
     workspace = measure()
-    record.parent.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps({"bytes": workspace}))
+    write_atomically(record, json.dumps({"bytes": workspace}).encode())
     return workspace
 
 

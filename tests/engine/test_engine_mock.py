@@ -270,6 +270,25 @@ def test_a_device_failure_after_launch_recomputes_every_live_request():
     assert fired
 
 
+def test_a_sampler_failing_after_the_model_ran_leaves_a_working_engine():
+    # The model program consumed the donated cache and state; the sampler then fails to launch.
+    # The step's requests recompute, and later requests still run.
+    e = engine(budget=16, seqs=2)
+    fired = []
+    for (t, r), compiled in list(e.runner._compiled.items()):
+        def failing(*args, _sampler=compiled.sampler):
+            if not fired:
+                fired.append(1)
+                raise RuntimeError("injected: sampler launch failed")
+            return _sampler(*args)
+
+        e.runner._compiled[t, r] = dataclasses.replace(compiled, sampler=failing)
+    _family_gets_exact_tokens(e, n=2, max_tokens=5)
+    assert fired
+    e.add_request("later", [4, 5, 6], SamplingParams(max_tokens=4, **GREEDY))
+    assert _run_to_end(e) == next_tokens([4, 5, 6], 4, V)
+
+
 def test_outputs_queued_before_a_failed_read_back_are_not_lost(monkeypatch):
     from jaxserve.engine import runner
 
@@ -343,6 +362,9 @@ def test_the_step_workspace_is_measured_once_per_model_and_plan(tmp_path):
     assert step_workspace(config, model, [(16, 4)], [], measure) == 1235  # read back, not measured
     assert step_workspace(config, model, [(16, 4), (32, 4)], [], measure) == 1236  # another plan
     assert len(calls) == 2
+    for record in (tmp_path / "workspace").iterdir():
+        record.write_text("{")  # damaged (say, half-written by another process): measured again
+    assert step_workspace(config, model, [(16, 4)], [], measure) == 1237
 
 
 def test_a_second_start_loads_its_compiled_steps_instead_of_lowering_them(tmp_path, monkeypatch):
