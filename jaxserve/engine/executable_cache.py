@@ -8,7 +8,8 @@ lowering them (about 1.2 s per step shape for Llama-3.1-8B on an H200: most of a
 
 JAX's own persistent cache needs the lowered program to compute its key; this one does not, so
 its key must change whenever the program could: hence the hash of the source. A program that
-cannot be serialized (on the CPU, a sort's comparator) is compiled at every start-up.
+cannot be serialized (on the CPU, a sort's comparator) is compiled at every start-up. The files
+are unpickled: the cache folder must be as trusted as the code (as JAX's cache folder is).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -50,10 +52,22 @@ def environment_key(*parts) -> str:
 
 
 class ExecutableCache:
+    KEEP = 16  # key folders kept: each code change or new shape makes another; the oldest go
+
     def __init__(self, folder: str | Path, devices, *parts):
-        """devices: those the programs run on (loaded programs are placed on them)."""
+        """devices: those the programs run on (loaded programs are placed on them). Opening
+        the cache marks its folder as used and removes all but the KEEP most recently used."""
         self.devices = list(devices)
         self.folder = Path(folder) / environment_key([d.id for d in self.devices], *parts)[:32]
+        if self.folder.is_dir():
+            os.utime(self.folder)
+        try:
+            siblings = sorted((p for p in self.folder.parent.iterdir() if p.is_dir() and p != self.folder),
+                              key=lambda p: p.stat().st_mtime, reverse=True)
+        except OSError:  # no cache folder yet
+            return
+        for old in siblings[self.KEEP - 1:]:
+            shutil.rmtree(old, ignore_errors=True)
 
     def _path(self, name: str) -> Path:
         return self.folder / f"{name}.bin"

@@ -31,3 +31,18 @@ def test_an_unserializable_program_is_not_saved_and_a_damaged_file_is_not_loaded
     cache.folder.mkdir(parents=True)
     (cache.folder / "step.bin").write_bytes(b"not a pickle")
     assert cache.load("step") is None
+
+
+def test_only_the_most_recently_used_key_folders_are_kept(tmp_path):
+    import os
+
+    for i in range(ExecutableCache.KEEP + 3):
+        stale = tmp_path / f"old{i:02d}"
+        stale.mkdir()
+        os.utime(stale, (1000 + i, 1000 + i))
+    cache = ExecutableCache(tmp_path, jax.devices()[:1], "k")
+    kept = sorted(p.name for p in tmp_path.iterdir())
+    assert len(kept) == ExecutableCache.KEEP - 1 and kept[0] == "old04"  # the newest 15 of 19; its own comes when saved
+    cache.folder.mkdir()
+    ExecutableCache(tmp_path, jax.devices()[:1], "other")
+    assert cache.folder.is_dir()  # the newest stays
