@@ -403,3 +403,24 @@ def _run_to_end(e) -> list[int]:
             if out.finished:
                 tokens = out.outputs[0].token_ids
     return list(tokens)
+
+
+@pytest.mark.parametrize("params,full", [
+    (dict(temperature=0.0), False),
+    (dict(temperature=1.0), False),
+    (dict(temperature=1.0, top_k=V), False),  # no smaller than the vocabulary: no cut
+    (dict(temperature=0.0, top_p=0.5), False),  # greedy rows draw nothing
+    (dict(temperature=1.0, logprobs=0), False),  # the chosen token's logprob and rank only
+    (dict(temperature=1.0, top_k=5), True),
+    (dict(temperature=1.0, top_p=0.9), True),
+    (dict(temperature=1.0, min_p=0.1), True),
+    (dict(temperature=0.0, logprobs=3), True),  # top alternatives
+])
+def test_the_host_picks_the_sorting_sampler_only_for_rows_that_need_it(params, full):
+    e = engine()
+    stage, picked = e.runner._stage, []
+    e.runner._stage = lambda chunks, t, r: picked.append(stage(chunks, t, r)) or picked[-1]
+    e.add_request("x", [1, 2, 3], SamplingParams(max_tokens=2, ignore_eos=True, **params))
+    e.add_request("plain", [4, 5], SamplingParams(max_tokens=2, **GREEDY))
+    _run_to_end(e)
+    assert picked and all(p[1] is full for p in picked)
