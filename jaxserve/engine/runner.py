@@ -133,6 +133,7 @@ class ModelRunner:
         """Fresh KV pages, penalty slots and page table (at start, and after a failed step that may
         have consumed the donated buffers)."""
         cfg = self.config
+        self.kv_cache = self.device_state = None  # drop the old buffers before allocating new ones
         self.kv_cache = allocate_kv_cache(cfg.num_layers, self.num_pages, self.page_size, cfg.num_kv_heads, cfg.head_dim,
                                           self.dtype, None if self.mesh is None else kv_cache_sharding(self.mesh))
         state = DeviceState(penalties=new_penalty_state(self.num_slots, cfg.vocab_size),
@@ -183,8 +184,18 @@ class ModelRunner:
         seconds["compile"] = time.perf_counter() - t0 - seconds["lower"]
         t1 = time.perf_counter()
         for t, r in shapes:
-            for full in (False, True):
-                self._run(self._stage([], t, r)[0], t, r, full)
+            try:
+                self._run_once(t, r)
+            except Exception:
+                if not any(loaded[t, r, name] for name in PROGRAMS):
+                    raise
+                # A program from the executable cache does not run here: compile the shape afresh
+                # (over what it saved), on fresh device state, as the failed run may have
+                # consumed the donated buffers.
+                self.reset_device_state()
+                self._compiled[t, r] = CompiledStep(**{name: compile_and_save(self._lower(t, r, name), (t, r, name))
+                                                       for name in PROGRAMS})
+                self._run_once(t, r)
         for t in buckets:
             r = self.plan.row_buckets[t][0]
             _, hidden = self._run(self._stage([], t, r)[0], t, r, False)
@@ -208,6 +219,11 @@ class ModelRunner:
         weights = [(a.shape, str(a.dtype), str(a.sharding)) for a in self.weights]
         return (self.config, str(self.dtype), self.graphdef, kv, state, weights, self.page_size, self.pages_per_seq,
                 self.num_slots, self.processor_names)
+
+    def _run_once(self, t: int, r: int) -> None:
+        """Runs shape (t, r) on empty inputs with each sampler, and waits for it."""
+        for full in (False, True):
+            jax.block_until_ready(self._run(self._stage([], t, r)[0], t, r, full))
 
     def _lower_prompt_logprobs(self, t: int):
         hidden = jax.ShapeDtypeStruct((t, self.config.hidden_size), self.dtype, sharding=self._replicated)

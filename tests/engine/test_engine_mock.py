@@ -374,10 +374,16 @@ def test_a_second_start_loads_its_compiled_steps_instead_of_lowering_them(tmp_pa
     from jaxserve.engine import executable_cache
     from jaxserve.engine.runner import ModelRunner
 
-    kept = []
+    kept, broken = [], []
+
+    def deserialize(i, in_tree, out_tree, execution_devices):
+        if broken:  # loads, then fails when run (say, a runtime the key did not capture)
+            return lambda *args: (_ for _ in ()).throw(RuntimeError("injected: cached program fails"))
+        return kept[i]
+
     fake = type("FakeSerializer", (), {
         "serialize": staticmethod(lambda compiled: (kept.append(compiled) or len(kept) - 1, None, None)),
-        "deserialize_and_load": staticmethod(lambda i, in_tree, out_tree, execution_devices: kept[i]),
+        "deserialize_and_load": staticmethod(deserialize),
     })
     monkeypatch.setattr(executable_cache, "serialize_executable", fake)
     config = EngineConfig(max_num_seqs=4, max_num_batched_tokens=16, page_size=4, num_kv_pages=64, max_model_len=64,
@@ -391,9 +397,13 @@ def test_a_second_start_loads_its_compiled_steps_instead_of_lowering_them(tmp_pa
     other = dataclasses.replace(config, max_num_seqs=2)  # other shapes: another key, compiled afresh
     LLMEngine(other, model=SumModel(V), progress=False, log=lambda *_: None)
     assert lowered
-    for e in (first, second):
+    broken.append(1)
+    lowered.clear()
+    third = LLMEngine(config, model=SumModel(V), progress=False, log=lambda *_: None)  # compiles afresh
+    assert len(lowered) == 3 * len(third.plan.shapes)
+    for e in (first, second, third):
         e.add_request("a", [1, 2, 3], SamplingParams(max_tokens=6, **GREEDY))
-    assert _run_to_end(first) == _run_to_end(second) == next_tokens([1, 2, 3], 6, V)
+    assert _run_to_end(first) == _run_to_end(second) == _run_to_end(third) == next_tokens([1, 2, 3], 6, V)
 
 
 def _run_to_end(e) -> list[int]:
