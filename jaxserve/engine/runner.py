@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 import jax
@@ -214,10 +214,9 @@ class ModelRunner:
 
     def executable_cache_key(self) -> tuple:
         """What, beyond the code and the devices, shapes this runner's compiled programs."""
-        kv = jax.tree.map(lambda a: (a.shape, str(a.dtype), str(a.sharding)), self.kv_cache)
-        state = jax.tree.map(lambda a: (a.shape, str(a.dtype), str(a.sharding)), self.device_state)
-        weights = [(a.shape, str(a.dtype), str(a.sharding)) for a in self.weights]
-        return (self.config, str(self.dtype), self.graphdef, kv, state, weights, self.page_size, self.pages_per_seq,
+        arrays = jax.tree.map(lambda a: (a.shape, str(a.dtype), str(a.sharding)),
+                              (self.kv_cache, self.device_state, self.weights))
+        return (self.config, str(self.dtype), self.graphdef, arrays, self.page_size, self.pages_per_seq,
                 self.num_slots, self.processor_names)
 
     def _run_once(self, t: int, r: int) -> None:
