@@ -57,6 +57,23 @@ def summarise_trace(path: str, top: int = 12) -> list[dict]:
     return lines
 
 
+def traced(folder: Path, run) -> list[dict]:
+    """Runs run() under the JAX profiler, writing its trace to `folder`; the trace's summary."""
+    import jax
+
+    with jax.profiler.trace(str(folder)):
+        run()
+    files = glob.glob(str(folder / "**" / "*.xplane.pb"), recursive=True)
+    return summarise_trace(files[-1]) if files else []
+
+
+def print_trace(lines: list[dict], keep) -> None:
+    for line in filter(keep, lines):
+        print(f"   {line['plane']} | {line['line']}: {line['events']} events, busy {line['busy_ms']:.2f} of "
+              f"{line['span_ms']:.2f} ms; top: " + "; ".join(f"{e['name'][:60]} x{e['count']} {e['ms']:.2f}"
+                                                     for e in line["top"][:8]), flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="llama-3.1-8b")
@@ -99,6 +116,11 @@ def main() -> None:
 
     runner._stage = keep_last
     ms = lambda xs: round(1e3 * float(np.median(xs)), 3)  # noqa: E731
+
+    def drain() -> None:
+        while engine.has_unfinished_requests():
+            engine.step()
+
     for b in batches:
         for i in range(b):
             engine.add_request(f"b{b}-{i}", {"prompt_token_ids": rng.integers(100, vocab - 100, args.input_len).tolist()},
@@ -127,48 +149,33 @@ def main() -> None:
         row.update(device_alone_ms=round(1e3 * (time.perf_counter() - start) / args.steps, 3),
                    device_alone_launch_ms=ms(launches), bucket=[t, r])
 
-        trace_dir = out / f"trace_b{b}"
-        with jax.profiler.trace(str(trace_dir)):
-            for _ in range(args.trace_steps):
-                engine.step()
-        files = glob.glob(str(trace_dir / "**" / "*.xplane.pb"), recursive=True)
-        if files:
-            row["trace"] = summarise_trace(files[-1])
+        row["trace"] = traced(out / f"trace_b{b}", lambda: [engine.step() for _ in range(args.trace_steps)])
         for i in range(b):
             engine.abort_request(f"b{b}-{i}")
-        while engine.has_unfinished_requests():
-            engine.step()
+        drain()
         record["batches"].append(row)
         print(f"[{args.label}] batch {b}: " + ", ".join(f"{k} {v}" for k, v in row.items() if k.endswith("_ms")), flush=True)
-        for line in row.get("trace", []):
-            if line["plane"].startswith("/device") or line["line"] in ("python",) or "Execute" in json.dumps(line["top"][:3]):
-                print(f"   {line['plane']} | {line['line']}: {line['events']} events, busy {line['busy_ms']:.2f} of "
-                      f"{line['span_ms']:.2f} ms; top: " + "; ".join(f"{e['name'][:60]} x{e['count']} {e['ms']:.2f}"
-                                                             for e in line["top"][:6]), flush=True)
+        print_trace(row["trace"], lambda line: line["plane"].startswith("/device") or line["line"] == "python"
+                    or "Execute" in json.dumps(line["top"][:3]))
     record["prefill"] = []
     for n in prefill_lens:  # an idle engine: one request, time to its first token
         prompt = {"prompt_token_ids": rng.integers(100, vocab - 100, n).tolist()}
         first = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+
+        def first_token(rid: str) -> None:
+            engine.add_request(rid, prompt, first)
+            drain()
+
         times = []
         for rep in range(6):
             t0 = time.perf_counter()
-            engine.add_request(f"p{n}-{rep}", prompt, first)
-            while engine.has_unfinished_requests():
-                engine.step()
+            first_token(f"p{n}-{rep}")
             times.append(time.perf_counter() - t0)
-        trace_dir = out / f"trace_prefill{n}"
-        with jax.profiler.trace(str(trace_dir)):
-            engine.add_request(f"p{n}-trace", prompt, first)
-            while engine.has_unfinished_requests():
-                engine.step()
-        files = glob.glob(str(trace_dir / "**" / "*.xplane.pb"), recursive=True)
-        row = dict(prompt_len=n, first_token_ms=ms(times[1:]), trace=summarise_trace(files[-1]) if files else [])
+        row = dict(prompt_len=n, first_token_ms=ms(times[1:]),
+                   trace=traced(out / f"trace_prefill{n}", lambda: first_token(f"p{n}-trace")))
         record["prefill"].append(row)
         print(f"[{args.label}] prompt {n}: first token after {row['first_token_ms']} ms (median, engine.step calls)")
-        for line in row["trace"]:
-            if line["plane"].startswith("/device") and line["events"] > 20:
-                print(f"   {line['line']}: {line['events']} kernels, busy {line['busy_ms']:.2f} ms; top: " +
-                      "; ".join(f"{e['name'][:50]} x{e['count']} {e['ms']:.2f}" for e in line["top"][:8]), flush=True)
+        print_trace(row["trace"], lambda line: line["plane"].startswith("/device") and line["events"] > 20)
     name = "".join(c if c.isalnum() else "_" for c in args.label)[:60]
     (out / f"profile_{name}.json").write_text(json.dumps(record, indent=2) + "\n")
 

@@ -14,6 +14,7 @@ are unpickled: the cache folder must be as trusted as the code (as JAX's cache f
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import pickle
@@ -27,8 +28,9 @@ import jaxlib
 from jax.experimental import serialize_executable
 
 
+@functools.cache
 def source_digest() -> bytes:
-    """A digest of every Python file the compiled programs are traced from."""
+    """A digest of every Python file the compiled programs are traced from (read once a process)."""
     import models
     import pallas_kernels
     import sharding
