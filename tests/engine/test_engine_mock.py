@@ -286,7 +286,7 @@ def test_a_sampler_failing_after_the_model_ran_leaves_a_working_engine():
     _family_gets_exact_tokens(e, n=2, max_tokens=5)
     assert fired
     e.add_request("later", [4, 5, 6], SamplingParams(max_tokens=4, **GREEDY))
-    assert _run_to_end(e) == next_tokens([4, 5, 6], 4, V)
+    assert _tokens_of(e, "later") == next_tokens([4, 5, 6], 4, V)
 
 
 def test_outputs_queued_before_a_failed_read_back_are_not_lost(monkeypatch):
@@ -403,16 +403,14 @@ def test_a_second_start_loads_its_compiled_steps_instead_of_lowering_them(tmp_pa
     assert len(lowered) == 3 * len(third.plan.shapes)
     for e in (first, second, third):
         e.add_request("a", [1, 2, 3], SamplingParams(max_tokens=6, **GREEDY))
-    assert _run_to_end(first) == _run_to_end(second) == _run_to_end(third) == next_tokens([1, 2, 3], 6, V)
+    assert _tokens_of(first, "a") == _tokens_of(second, "a") == _tokens_of(third, "a") == next_tokens([1, 2, 3], 6, V)
 
 
-def _run_to_end(e) -> list[int]:
-    tokens = []
-    while e.has_unfinished_requests():
-        for out in e.step():
-            if out.finished:
-                tokens = out.outputs[0].token_ids
-    return list(tokens)
+def _tokens_of(e, request_id: str) -> list[int]:
+    """Runs the engine to the end (nothing may fail) and returns that request's tokens."""
+    final, failures = _drive(e)
+    assert not failures
+    return list(final[request_id].outputs[0].token_ids)
 
 
 @pytest.mark.parametrize("params,full", [
@@ -432,5 +430,5 @@ def test_the_host_picks_the_sorting_sampler_only_for_rows_that_need_it(params, f
     e.runner._stage = lambda chunks, t, r: picked.append(stage(chunks, t, r)) or picked[-1]
     e.add_request("x", [1, 2, 3], SamplingParams(max_tokens=2, ignore_eos=True, **params))
     e.add_request("plain", [4, 5], SamplingParams(max_tokens=2, **GREEDY))
-    _run_to_end(e)
+    assert _tokens_of(e, "plain") == next_tokens([4, 5], 2, V)
     assert picked and all(p[1] is full for p in picked)
