@@ -14,7 +14,8 @@ Query i of sequence r sits at cache position kv_lens[r] - q_len[r] + i and sees 
 Rows of q past cu_q_lens[num_seqs] are padding: their output is zero.
 
 The file reads: Mosaic GPU kernel -> `_attention_call` (the pallas call) -> `ragged_paged_attention`
-(validated, jitted) -> `ragged_paged_attention_reference` (pure jnp, the semantics).
+(validated, jitted) -> `ragged_paged_attention_reference` (pure jnp, the semantics). The tuning
+knobs, and their choice by shape, are in `ragged_paged_attention_config`.
 
 Kernel data flow. The work items are (work tile, kv head[, kv split]); `ragged_tiles` says what a
 tile is. With a persistent grid (`num_programs`; prefill's default) one program per SM takes items
@@ -40,7 +41,6 @@ normalised output and its base-2 log-sum-exp; the wrapper combines the shares. P
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 
@@ -50,93 +50,16 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.ragged_paged_attention_config import (
+    RaggedPagedAttentionConfig,
+    default_config,
+    default_splits,
+    num_sms,
+)
 from pallas_kernels.ragged_tiles import max_tiles, num_slots, plan_tiles
 
 _WG_ROWS = 64  # query rows per compute warpgroup: the M of one wgmma
 _RCP_LN2 = 1.4426950408889634  # log2(x) = ln(x) / ln(2)
-
-
-@dataclasses.dataclass(frozen=True)
-class RaggedPagedAttentionConfig:
-    """Tuning knobs of the Mosaic GPU kernel."""
-
-    block_kv: int = 128  # cache tokens per pipeline step; rounded up to a whole number of pages
-    compute_warpgroups: int = 2  # a work tile is 64 * this query rows sharing each K/V block
-    num_stages: int = 2  # K/V blocks in flight (shared-memory ring slots)
-    # The PV wgmma reads P from registers (True) or from shared memory (False). GPU interpret mode
-    # only simulates shared-memory operands, so interpret runs always take the shared-memory path.
-    p_from_registers: bool = True
-    # Split each tile's KV range over this many programs (flash-decoding): each writes a partial
-    # output and its log-sum-exp, and the wrapper combines them. None picks by shape
-    # (`default_splits`): small decode batches otherwise leave most SMs idle.
-    kv_splits: int | None = None
-    # Persistent grid: this many programs (None: one per SM) walk the work items, each keeping its
-    # K/V ring and its q buffers filled across items. 0: one program per item (no persistence).
-    num_programs: int | None = None
-    # With two compute warpgroups: they take turns on the tensor cores (FA3's ping-pong), one's
-    # softmax under the other's matmuls.
-    pingpong: bool = False
-
-    def __post_init__(self):
-        if self.block_kv % 64 or self.block_kv <= 0:
-            raise ValueError(f"block_kv must be a positive multiple of 64, got {self.block_kv}")
-        if self.compute_warpgroups not in (1, 2):
-            raise ValueError(f"compute_warpgroups must be 1 or 2, got {self.compute_warpgroups}")
-        if self.num_stages < 2:
-            raise ValueError(f"num_stages must be at least 2, got {self.num_stages}")
-        if self.kv_splits is not None and not 1 <= self.kv_splits <= 64:
-            raise ValueError(f"kv_splits must be None or 1..64, got {self.kv_splits}")
-        if self.num_programs is not None and self.num_programs < 0:
-            raise ValueError(f"num_programs must be None or >= 0, got {self.num_programs}")
-
-
-# Picked by the batch's static shape when no config is given (measured on an H200, docs/benchmarks.md):
-# decode-shaped batches run best with one compute warpgroup and a deeper ring, prefill with two
-# warpgroups sharing each K/V block and taking turns. Shared memory (H = 128): ring 2 x 32 KiB per
-# stage and block of 128, plus two q buffers of 16 KiB per compute warpgroup. Decode runs one
-# program per item (the hardware's block scheduler balances them; the persistent grid measured no
-# better there), prefill the persistent grid (heaviest tiles first: 8 x 512 ran 10-30% faster).
-DECODE_CONFIG = RaggedPagedAttentionConfig(block_kv=128, compute_warpgroups=1, num_stages=3, num_programs=0)
-PREFILL_CONFIG = RaggedPagedAttentionConfig(block_kv=128, compute_warpgroups=2, num_stages=2, pingpong=True)
-
-
-_NUM_SMS = 132  # H100 / H200 SXM
-MAX_AUTO_SPLITS = 16
-
-
-def _num_sms(interpret: bool) -> int:
-    device = jax.devices()[0]
-    return device.core_count if device.platform == "gpu" and not interpret else _NUM_SMS
-
-
-def default_config(num_tokens: int, num_rows: int) -> RaggedPagedAttentionConfig:
-    return DECODE_CONFIG if num_tokens <= 2 * num_rows else PREFILL_CONFIG
-
-
-def default_splits(num_tokens: int, num_rows: int, num_kv_heads: int, max_kv_blocks: int,
-                   num_programs: int = _NUM_SMS) -> int:
-    """KV splits for a batch shape. Prefill-shaped batches: none. Decode-shaped ones (one tile per
-    sequence): the fewest splits (at most 16, at least two KV blocks each, of the longest sequence
-    the page table can hold) whose (sequence, kv head, split) items fill >= 90% of the rounds of
-    num_programs SMs (one resident program each), else the best filling: 64 items on 132 SMs leave
-    half of them idle, 128 fill 97%."""
-    if num_tokens > 2 * num_rows:
-        return 1
-    items = num_rows * num_kv_heads
-
-    def fill(splits):
-        return items * splits / (-(-items * splits // num_programs) * num_programs)
-
-    best = 1
-    for splits in range(1, max(1, min(MAX_AUTO_SPLITS, max_kv_blocks // 2)) + 1):
-        per_split = -(-max_kv_blocks // splits)
-        if -(-max_kv_blocks // per_split) != splits:  # some shares would be empty
-            continue
-        if fill(splits) >= 0.9:
-            return splits
-        if fill(splits) > fill(best):
-            best = splits
-    return best
 
 
 def _smem_transforms(dtype, head_dim):
@@ -404,7 +327,7 @@ def _attention_call(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seq
     num_splits = config.kv_splits
     if num_splits is None:
         max_kv_blocks = -(-page_table.shape[1] * page_size // block_kv)
-        num_splits = default_splits(num_tokens, num_rows, num_kv_heads, max_kv_blocks, _num_sms(interpret))
+        num_splits = default_splits(num_tokens, num_rows, num_kv_heads, max_kv_blocks, num_sms(interpret))
     num_tiles = max_tiles(num_tokens, num_rows, group, tile_rows)
     prefill_shaped = num_tokens > 2 * num_rows  # tiles differ in work: hand out the heaviest first
     tile_seq, tile_row0, tile_row_end, tile_base, tile_order, live_tiles, slot_src, row_slot = plan_tiles(
@@ -425,7 +348,7 @@ def _attention_call(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seq
     max_items = num_tiles * num_kv_heads * num_splits
     num_programs = config.num_programs
     if num_programs is None:  # one resident program per SM: shared memory allows no more at head_dim 128
-        num_programs = _num_sms(interpret)
+        num_programs = num_sms(interpret)
     num_programs = min(num_programs, max_items) if num_programs else max_items
     # P's buffer: none when P stays in registers (every allocation takes whole KiB: with H = 128 the
     # decode config's q buffers and ring leave ~3 KiB of the 227).

@@ -34,7 +34,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pallas_kernels.ragged_paged_attention import DECODE_CONFIG, PREFILL_CONFIG, default_splits  # noqa: E402
+from pallas_kernels.ragged_paged_attention_config import DECODE_CONFIG, PREFILL_CONFIG, default_splits  # noqa: E402
 from pallas_kernels import (  # noqa: E402
     ragged_paged_attention,
     ragged_paged_attention_reference,

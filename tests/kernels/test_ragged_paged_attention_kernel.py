@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import RaggedPagedAttentionConfig, ragged_paged_attention, ragged_paged_attention_reference
-from pallas_kernels.ragged_paged_attention import DECODE_CONFIG, default_splits
+from pallas_kernels.ragged_paged_attention_config import DECODE_CONFIG, default_splits
 from pallas_kernels.ragged_tiles import max_tiles, plan_tiles
 from tests.kernels.test_ragged_paged_attention_reference import random_batch
 

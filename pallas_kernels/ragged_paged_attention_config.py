@@ -1,0 +1,95 @@
+"""Tuning knobs of the ragged paged attention kernel, and their choice by a batch's static shape.
+
+    RaggedPagedAttentionConfig (frozen; validated) <- default_config(T, R): DECODE_CONFIG or
+    PREFILL_CONFIG;  kv_splits None <- default_splits(...): flash-decoding splits that fill the SMs
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+
+
+@dataclasses.dataclass(frozen=True)
+class RaggedPagedAttentionConfig:
+    """Tuning knobs of the Mosaic GPU kernel."""
+
+    block_kv: int = 128  # cache tokens per pipeline step; rounded up to a whole number of pages
+    compute_warpgroups: int = 2  # a work tile is 64 * this query rows sharing each K/V block
+    num_stages: int = 2  # K/V blocks in flight (shared-memory ring slots)
+    # The PV wgmma reads P from registers (True) or from shared memory (False). GPU interpret mode
+    # only simulates shared-memory operands, so interpret runs always take the shared-memory path.
+    p_from_registers: bool = True
+    # Split each tile's KV range over this many programs (flash-decoding): each writes a partial
+    # output and its log-sum-exp, and the wrapper combines them. None picks by shape
+    # (`default_splits`): small decode batches otherwise leave most SMs idle.
+    kv_splits: int | None = None
+    # Persistent grid: this many programs (None: one per SM) walk the work items, each keeping its
+    # K/V ring and its q buffers filled across items. 0: one program per item (no persistence).
+    num_programs: int | None = None
+    # With two compute warpgroups: they take turns on the tensor cores (FA3's ping-pong), one's
+    # softmax under the other's matmuls.
+    pingpong: bool = False
+
+    def __post_init__(self):
+        if self.block_kv % 64 or self.block_kv <= 0:
+            raise ValueError(f"block_kv must be a positive multiple of 64, got {self.block_kv}")
+        if self.compute_warpgroups not in (1, 2):
+            raise ValueError(f"compute_warpgroups must be 1 or 2, got {self.compute_warpgroups}")
+        if self.num_stages < 2:
+            raise ValueError(f"num_stages must be at least 2, got {self.num_stages}")
+        if self.kv_splits is not None and not 1 <= self.kv_splits <= 64:
+            raise ValueError(f"kv_splits must be None or 1..64, got {self.kv_splits}")
+        if self.num_programs is not None and self.num_programs < 0:
+            raise ValueError(f"num_programs must be None or >= 0, got {self.num_programs}")
+
+
+# Picked by the batch's static shape when no config is given (measured on an H200, docs/benchmarks.md):
+# decode-shaped batches run best with one compute warpgroup and a deeper ring, prefill with two
+# warpgroups sharing each K/V block and taking turns. Shared memory (H = 128): ring 2 x 32 KiB per
+# stage and block of 128, plus two q buffers of 16 KiB per compute warpgroup. Decode runs one
+# program per item (the hardware's block scheduler balances them; the persistent grid measured no
+# better there), prefill the persistent grid (heaviest tiles first: 8 x 512 ran 10-30% faster).
+DECODE_CONFIG = RaggedPagedAttentionConfig(block_kv=128, compute_warpgroups=1, num_stages=3, num_programs=0)
+PREFILL_CONFIG = RaggedPagedAttentionConfig(block_kv=128, compute_warpgroups=2, num_stages=2, pingpong=True)
+
+
+_NUM_SMS = 132  # H100 / H200 SXM
+MAX_AUTO_SPLITS = 16
+
+
+def num_sms(interpret: bool) -> int:
+    """SMs of the device the kernel runs on (the H100/H200 count when interpreting)."""
+    device = jax.devices()[0]
+    return device.core_count if device.platform == "gpu" and not interpret else _NUM_SMS
+
+
+def default_config(num_tokens: int, num_rows: int) -> RaggedPagedAttentionConfig:
+    return DECODE_CONFIG if num_tokens <= 2 * num_rows else PREFILL_CONFIG
+
+
+def default_splits(num_tokens: int, num_rows: int, num_kv_heads: int, max_kv_blocks: int,
+                   num_programs: int = _NUM_SMS) -> int:
+    """KV splits for a batch shape. Prefill-shaped batches: none. Decode-shaped ones (one tile per
+    sequence): the fewest splits (at most 16, at least two KV blocks each, of the longest sequence
+    the page table can hold) whose (sequence, kv head, split) items fill >= 90% of the rounds of
+    num_programs SMs (one resident program each), else the best filling: 64 items on 132 SMs leave
+    half of them idle, 128 fill 97%."""
+    if num_tokens > 2 * num_rows:
+        return 1
+    items = num_rows * num_kv_heads
+
+    def fill(splits):
+        return items * splits / (-(-items * splits // num_programs) * num_programs)
+
+    best = 1
+    for splits in range(1, max(1, min(MAX_AUTO_SPLITS, max_kv_blocks // 2)) + 1):
+        per_split = -(-max_kv_blocks // splits)
+        if -(-max_kv_blocks // per_split) != splits:  # some shares would be empty
+            continue
+        if fill(splits) >= 0.9:
+            return splits
+        if fill(splits) > fill(best):
+            best = splits
+    return best
