@@ -5,10 +5,15 @@
      minus the weights could hold at best (the goal is >= 95% of it);
   3. a varied workload (ragged prompts, staggered arrivals, greedy and sampled rows, penalties,
      logprobs, n > 1): every request finishes, and nothing compiles after warm-up;
-  4. greedy tokens of the chosen attention against the plain-XLA attention, same weights;
+  4. greedy tokens of the chosen attention against the other implementations, same weights, and
+     where they part, the peer's margin between its top two tokens (a tie or a fault?);
   5. a short offline throughput figure.
 
     python scripts/check_engine_gpu.py --model llama-3.2-1b --out $OUT
+    python scripts/check_engine_gpu.py --model FOLDER --load-format auto --out $OUT  # real weights
+
+Real weights make step 4 meaningful (random ones give near-ties everywhere); scripts/shrink_gguf.py
+makes a checkpoint small enough to carry to the GPU machine.
 """
 
 from __future__ import annotations
@@ -21,11 +26,46 @@ from pathlib import Path
 import numpy as np
 
 
+def greedy_run(llm, prompts, steps: int = 32) -> list[tuple[list[int], list[float]]]:
+    """Each prompt's greedy tokens, and at each step the margin (nats) of the chosen token over the
+    runner-up: how far the step was from a tie."""
+    from jaxserve import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True, logprobs=2)
+    runs = []
+    for out in llm.generate(prompts, params, use_tqdm=False):
+        done = out.outputs[0]
+        margins = []
+        for chosen, top in zip(done.token_ids, done.logprobs):
+            rest = [lp.logprob for tok, lp in top.items() if tok != chosen]
+            margins.append(top[chosen].logprob - max(rest) if rest else float("inf"))
+        runs.append((list(done.token_ids), margins))
+    return runs
+
+
+def compare_greedy(ours, theirs, tie: float = 0.125) -> dict:
+    """Where two greedy runs of the same prompts part, and how close to a tie the peer was there.
+    A parting where the peer's top token led by more than `tie` nats would be a real fault; within
+    it, rounding picks either token: bf16 holds logits of magnitude 16 to 32 in steps of 0.125."""
+    equal, margins, before = [], [], []
+    for (a, _), (b, b_margins) in zip(ours, theirs):
+        k = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
+        equal.append(k)
+        before += b_margins[:k]
+        if k < len(a):
+            margins.append(round(b_margins[k], 4))
+    return dict(steps=len(ours[0][0]), equal_prefix=equal, peer_margin_where_parted=margins,
+                peer_margin_median_before=round(float(np.median(before)), 4) if before else None,
+                ok=all(m <= tie for m in margins), tie_nats=tie)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="llama-3.2-1b")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--attention-impl", default="pallas")
+    p.add_argument("--load-format", default="dummy", help="dummy (a preset's config) or auto (a checkpoint folder)")
+    p.add_argument("--compare-with", default="xla,reference", help="attention implementations to match greedy tokens against")
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
     p.add_argument("--max-model-len", type=int, default=4096)
@@ -38,7 +78,7 @@ def main() -> None:
     from jaxserve.engine.setup import page_bytes
 
     report: dict = {"device": jax.devices()[0].device_kind, "args": vars(args), "date": time.strftime("%Y-%m-%d")}
-    common = dict(load_format="dummy", dtype=args.dtype, max_num_seqs=args.max_num_seqs,
+    common = dict(load_format=args.load_format, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
                   max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len, seed=0)
     t0 = time.perf_counter()
     llm = LLM(args.model, attention_impl=args.attention_impl, gpu_memory_utilization=0.9, **common)
@@ -79,8 +119,7 @@ def main() -> None:
     print(engine.stats.summary())
 
     prompts = [{"prompt_token_ids": rng.integers(0, vocab, n).tolist()} for n in (7, 60, 300, 900)]
-    greedy = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
-    ours = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
+    ours = greedy_run(llm, prompts)
 
     num, inp, outl = 128, 256, 128
     tp_prompts = [{"prompt_token_ids": rng.integers(0, vocab, inp).tolist()} for _ in range(num)]
@@ -91,12 +130,12 @@ def main() -> None:
     print(f"throughput ({num} x {inp}/{outl}): {num * outl / elapsed:.0f} output tokens/s; {engine.stats.summary()}")
 
     del llm, engine
-    if args.attention_impl != "xla":
-        xla = LLM(args.model, attention_impl="xla", gpu_memory_utilization=0.5, progress=False, **common)
-        theirs = [o.outputs[0].token_ids for o in xla.generate(prompts, greedy, use_tqdm=False)]
-        same = [next((k for k, (a, b) in enumerate(zip(x, y)) if a != b), len(x)) for x, y in zip(ours, theirs)]
-        report["greedy_tokens_equal_prefix_vs_xla"] = same
-        print(f"greedy tokens identical to plain-XLA attention for the first {same} of 32")
+    for other in args.compare_with.split(","):
+        peer = LLM(args.model, attention_impl=other, gpu_memory_utilization=0.3, progress=False, **common)
+        result = compare_greedy(ours, greedy_run(peer, prompts))
+        del peer
+        report[f"greedy_vs_{other}"] = result
+        print(f"greedy tokens against {other} attention: {result}")
     Path(args.out, "engine_check.json").write_text(json.dumps(report, indent=2) + "\n")
 
 

@@ -97,7 +97,8 @@ def main() -> None:
     prefill_lens = [int(n) for n in args.prefill_lens.split(",") if n]
     t0 = time.perf_counter()
     llm = LLM(args.model, load_format="dummy", max_num_seqs=max(batches, default=1), max_num_batched_tokens=args.max_num_batched_tokens,
-              max_model_len=max([args.input_len + 2 * args.steps + args.trace_steps + 64, *(n + 16 for n in prefill_lens)]),
+              max_model_len=max([args.input_len + max(batches, default=1) * args.input_len // args.max_num_batched_tokens
+                                 + 2 * args.steps + args.trace_steps + 96, *(n + 16 for n in prefill_lens)]),
               row_bucket_growth=0)
     record = dict(label=args.label, device=jax.devices()[0].device_kind, date=time.strftime("%Y-%m-%d"),
                   startup_seconds=time.perf_counter() - t0, args=vars(args), batches=[])
@@ -105,7 +106,6 @@ def main() -> None:
     engine, runner = llm.engine, llm.engine.runner
     rng = np.random.default_rng(0)
     vocab = engine.model_config.vocab_size
-    params = SamplingParams(temperature=0, max_tokens=2 * args.steps + args.trace_steps + 32, ignore_eos=True)
     staged = []  # the last staged input buffer, to relaunch alone
     stage = runner._stage
 
@@ -122,10 +122,17 @@ def main() -> None:
             engine.step()
 
     for b in batches:
+        # Sequences prefilled first decode while the rest prefill: enough tokens that all still run
+        # together afterwards.
+        prefill_steps = -(-b * args.input_len // args.max_num_batched_tokens)
+        params = SamplingParams(temperature=0, max_tokens=prefill_steps + 2 * args.steps + args.trace_steps + 32,
+                                ignore_eos=True)
         for i in range(b):
             engine.add_request(f"b{b}-{i}", {"prompt_token_ids": rng.integers(100, vocab - 100, args.input_len).tolist()},
                                params)
         while engine.last_step is None or engine.last_step.num_tokens != b:  # through the prefill
+            if not engine.has_unfinished_requests():
+                raise RuntimeError(f"batch {b} never decoded all together")
             engine.step()
         stats = []
         for _ in range(args.steps):
