@@ -235,6 +235,7 @@ def xla_ops_only(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs):
     tiles = max_tiles(num_tokens, num_rows, group, rows_per_tile)
     *plan, slot_src, row_slot = plan_tiles(cu_q_lens, num_seqs, group=group, rows_per_tile=rows_per_tile,
                                            num_tiles=tiles, num_tokens=num_tokens)
+    slot_src, row_slot = jax.lax.optimization_barrier((slot_src, row_slot))
     qg = q.reshape(num_tokens, num_kv_heads, group, head_dim).transpose(1, 0, 2, 3)
     qg = qg.reshape(num_kv_heads, num_tokens * group, head_dim)[:, slot_src]
     used = sum(x.sum() for x in plan) + kv_lens.sum() + page_table[0, 0]  # keep every plan output live

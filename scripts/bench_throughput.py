@@ -53,22 +53,34 @@ def roofline(cfg, *, num_prompts: int, input_len: int, output_len: int, concurre
     is sampled) and causal attention (QK and PV). Bytes: the weights once per decode step (with
     `concurrency` sequences decoding together), every decode token reading its whole context's
     K/V, and every token's K/V written once. Prefill steps reading the weights are left out,
-    which flatters the bound."""
+    which flatters the bound.
+
+    serial_seconds: the least time when the linear layers and attention run one after the other,
+    as they do in one XLA step on one stream: each kind of kernel takes at least the larger of its
+    own FLOPs over the matmul rate and its own bytes over the copy bandwidth, and the two add up.
+    With bf16 K/V, attention is all reading and the linear layers all computing, so this bound is
+    the one that binds."""
     L, D, N, K, H, F, V = (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                            cfg.intermediate_size, cfg.vocab_size)
     linear = L * (2 * D * N * H + 2 * D * K * H + 3 * D * F)  # q, o; k, v; gate, up, down
     n, i, o = num_prompts, input_len, output_len
     tokens = n * (i + o)
     attended = n * (i * (i + 1) / 2 + o * i + o * (o + 1) / 2)  # sum of context lengths over tokens
-    flops = 2 * linear * tokens + 2 * D * V * n * o + 4 * L * N * H * attended
+    linear_flops = 2 * linear * tokens + 2 * D * V * n * o
+    attention_flops = 4 * L * N * H * attended
+    flops = linear_flops + attention_flops
     kv_per_token = 2 * L * K * H * dtype_bytes
     decode_steps = n * o / max(concurrency, 1)
     decode_context = n * (o * i + o * (o + 1) / 2)
-    nbytes = decode_steps * weight_bytes + decode_context * kv_per_token + tokens * kv_per_token
+    weight_reads, kv_bytes = decode_steps * weight_bytes, (decode_context + tokens) * kv_per_token
+    nbytes = weight_reads + kv_bytes
     compute_s, memory_s = flops / matmul_rate, nbytes / copy_bandwidth
     seconds = max(compute_s, memory_s)
+    serial = (max(linear_flops / matmul_rate, weight_reads / copy_bandwidth)
+              + max(attention_flops / matmul_rate, kv_bytes / copy_bandwidth))
     return dict(flops=flops, bytes=nbytes, compute_seconds=compute_s, memory_seconds=memory_s, seconds=seconds,
-                concurrency=concurrency, output_tokens_per_second=n * o / seconds)
+                concurrency=concurrency, output_tokens_per_second=n * o / seconds, serial_seconds=serial,
+                serial_output_tokens_per_second=n * o / serial)
 
 
 def run_jaxserve(args) -> list[dict]:
@@ -120,7 +132,8 @@ def run_jaxserve(args) -> list[dict]:
             record.update(limits, roofline=bound, fraction_of_roofline=bound["seconds"] / elapsed)
             line += (f"; roofline {bound['output_tokens_per_second']:.0f} (compute {bound['compute_seconds']:.1f} s, "
                      f"memory {bound['memory_seconds']:.1f} s at {concurrency} sequences at once): "
-                     f"{100 * record['fraction_of_roofline']:.0f}% of it")
+                     f"{100 * record['fraction_of_roofline']:.0f}% of it; serial bound "
+                     f"{bound['serial_output_tokens_per_second']:.0f}: {100 * bound['serial_seconds'] / elapsed:.0f}% of it")
         print(line + f"; {steps} steps, host work {record['host_ms_per_step']:.2f} ms/step, blocked on the device "
               f"{record['wait_ms_per_step']:.2f} ms/step")
         results.append(record)

@@ -5,7 +5,10 @@
 throughput_latency.png: output tokens/s against ms per output token of a request, for the decode
 batches of bench_latency, the request rates of bench_serving and the offline bench_throughput
 run, with the weight-read floor. step_breakdown.png: per decode batch, the measured step time
-beside the floor and the host's work per step.
+beside the floor and the host's work per step. step_kernels.png (when the folder holds
+profile_step's profile_h200.json): per decode batch and for an idle prompt's prefill, the device
+time of a step split into matmuls, attention and the other kernels, and the part of the period
+the device sat idle.
 """
 
 from __future__ import annotations
@@ -80,6 +83,47 @@ def main() -> None:
     fig.tight_layout()
     fig.savefig(args.out / "step_breakdown.png", dpi=130)
     print(f"wrote {args.out / 'throughput_latency.png'} and {args.out / 'step_breakdown.png'}")
+    profile = load(args.folder, "profile_h200.json")
+    if profile:
+        plot_step_kernels(profile, args.out / "step_kernels.png")
+
+
+def kernel_split(trace: list[dict], steps: int) -> dict[str, float]:
+    """ms per step of the compute stream: matmuls, attention (the Mosaic GPU kernels), the rest.
+    The trace summary keeps each stream's 12 costliest kernel names; the others count as rest."""
+    stream = max((line for line in trace if line["plane"].startswith("/device")), key=lambda line: line["busy_ms"])
+    matmul = sum(e["ms"] for e in stream["top"] if "gemm" in e["name"] or "nvjet" in e["name"])
+    attention = sum(e["ms"] for e in stream["top"] if "mosaic" in e["name"])
+    return dict(matmuls=matmul / steps, attention=attention / steps,
+                other=(stream["busy_ms"] - matmul - attention) / steps)
+
+
+def plot_step_kernels(profile: dict, path: Path) -> None:
+    bars = []
+    for row in profile["batches"]:
+        split = kernel_split(row["trace"], profile["args"]["trace_steps"])
+        bars.append((f"decode B={row['batch']}", split, row["period_ms"]))
+    for row in profile.get("prefill", []):  # one request: one step, then its first token
+        bars.append((f"prefill {row['prompt_len']}", kernel_split(row["trace"], 1), row["first_token_ms"]))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    xs = list(range(len(bars)))
+    bottom = [0.0] * len(bars)
+    for part, color in (("matmuls", "tab:blue"), ("attention", "tab:orange"), ("other", "tab:gray")):
+        heights = [split[part] for _, split, _ in bars]
+        ax.bar(xs, heights, 0.6, bottom=bottom, color=color, label=f"{part} (device)")
+        bottom = [b + h for b, h in zip(bottom, heights)]
+    idle = [max(period - b, 0.0) for (_, _, period), b in zip(bars, bottom)]
+    ax.bar(xs, idle, 0.6, bottom=bottom, color="white", edgecolor="black", hatch="//",
+           label="device idle (period, or time to first token, minus kernels)")
+    ax.set_xticks(xs, [label for label, _, _ in bars], fontsize=8)
+    ax.set_ylabel("ms per step")
+    ax.set_title(f"Where a step's time goes (JAX profiler trace), Llama-3.1-8B dummy bf16,\n"
+                 f"{profile['device']}, {profile['date']}, prompts of {profile['args']['input_len']} tokens",
+                 fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
