@@ -180,8 +180,10 @@ def run_transformers(args) -> list[dict]:
                                temperature=1.0, top_p=1.0, top_k=0, eos_token_id=None, pad_token_id=0)
         if on_gpu:  # its own memory sizing; CUDA graphs as it decides unless told
             graphs = None if args.hf_cuda_graphs < 0 else bool(args.hf_cuda_graphs)
+            async_batching = None if args.hf_async_batching < 0 else bool(args.hf_async_batching)
             cb = ContinuousBatchingConfig(max_requests_per_batch=args.max_num_seqs,
-                                          max_batch_tokens=args.max_num_batched_tokens, use_cuda_graph=graphs)
+                                          max_batch_tokens=args.max_num_batched_tokens, use_cuda_graph=graphs,
+                                          use_async_batching=async_batching, default_compile_level=args.hf_compile_level)
         else:  # its memory auto-sizing reads GPU memory: on the CPU, give it room for every sequence
             per_seq = -(-(input_len + output_len) // args.hf_block_size)
             cb = ContinuousBatchingConfig(max_requests_per_batch=args.max_num_seqs,
@@ -199,7 +201,8 @@ def run_transformers(args) -> list[dict]:
         assert len(outs) == len(prompts) and all(n == output_len for n in lengths), (lengths[:8], errors[:2])
         record = dict(input_len=input_len, output_len=output_len, num_prompts=num_prompts, elapsed=elapsed,
                       output_tokens_per_second=num_prompts * output_len / elapsed, startup_seconds=startup,
-                      torch_threads=torch.get_num_threads(),
+                      torch_threads=torch.get_num_threads(), cuda_graphs=args.hf_cuda_graphs,
+                      async_batching=args.hf_async_batching, compile_level=args.hf_compile_level,
                       device=torch.cuda.get_device_name() if on_gpu else "cpu")
         print(f"transformers {input_len}:{output_len} x {num_prompts}: "
               f"{record['output_tokens_per_second']:.0f} output tokens/s")
@@ -227,6 +230,8 @@ def main() -> None:
     p.add_argument("--attention-impl", default="auto", choices=["auto", "xla", "pallas", "reference"])
     p.add_argument("--hf-block-size", type=int, default=256, help="transformers' KV block size (CPU)")
     p.add_argument("--hf-cuda-graphs", type=int, default=-1, help="transformers on a GPU: 1/0 CUDA graphs on/off; -1 its choice")
+    p.add_argument("--hf-async-batching", type=int, default=-1, help="transformers on a GPU: 1/0 async double-buffering; -1 its choice")
+    p.add_argument("--hf-compile-level", type=int, default=0, help="transformers: torch.compile level of its steps (0-3)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-json", default=None)
     args = p.parse_args()
