@@ -1,4 +1,5 @@
 """GGUF (llama.cpp) -> a Hugging Face folder: config.json, tokenizer files, model.safetensors.
+Also `shrink_gguf`: a GGUF that keeps some of the layers.
 
     GGUF metadata -> config.json
     GGUF tensors  -> dequantize (gguf package) -> HF names, q/k rows un-permuted -> safetensors (fp32)
@@ -87,6 +88,42 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, progress: bool =
         json.dumps({"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}, indent=2) + "\n"
     )
     return out
+
+
+def shrink_gguf(source: str | Path, out: str | Path, layers: list[int]) -> Path:
+    """A copy of `source` that keeps the decoder layers listed, renumbered from 0, their tensors'
+    raw (quantized) blocks untouched; the block count follows. Real weights of a few layers are
+    small enough to carry where the whole file is not (scripts/shrink_gguf.py says where)."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(source))
+    arch = reader.fields["general.architecture"].contents()
+    count_key = f"{arch}.block_count"
+    total = reader.fields[count_key].contents()
+    if not layers or len(set(layers)) != len(layers) or min(layers) < 0 or max(layers) >= total:
+        raise ValueError(f"layers {layers} must be distinct and within the model's {total}")
+    writer = gguf.GGUFWriter(str(out), arch)
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":  # the writer sets these itself
+            continue
+        sub_type = field.types[1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, len(layers) if key == count_key else field.contents(), field.types[0],
+                             sub_type=sub_type)
+    renumber = {old: new for new, old in enumerate(layers)}
+    for tensor in reader.tensors:
+        name = tensor.name
+        if name.startswith("blk."):
+            _, index, rest = name.split(".", 2)
+            if int(index) not in renumber:
+                continue
+            name = f"blk.{renumber[int(index)]}.{rest}"
+        # tensor.data holds quantized tensors as rows of raw blocks; the writer derives the shape.
+        writer.add_tensor(name, tensor.data, raw_dtype=tensor.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return Path(out)
 
 
 def _hf_config(meta: dict, tensor_names: set[str]) -> dict:
