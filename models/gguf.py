@@ -92,8 +92,8 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, progress: bool =
 
 def shrink_gguf(source: str | Path, out: str | Path, layers: list[int]) -> Path:
     """A copy of `source` that keeps the decoder layers listed, renumbered from 0, their tensors'
-    raw (quantized) blocks untouched; the block count follows. Real weights of a few layers are
-    small enough to carry where the whole file is not (scripts/shrink_gguf.py says where)."""
+    raw (quantized) blocks untouched; the block count follows (per-layer metadata arrays, which
+    SmolLM2 and Llama 3 have none of, are not cut). For scripts/shrink_gguf.py."""
     import gguf
 
     reader = gguf.GGUFReader(str(source))
@@ -102,6 +102,8 @@ def shrink_gguf(source: str | Path, out: str | Path, layers: list[int]) -> Path:
     total = reader.fields[count_key].contents()
     if not layers or len(set(layers)) != len(layers) or min(layers) < 0 or max(layers) >= total:
         raise ValueError(f"layers {layers} must be distinct and within the model's {total}")
+    if "general.alignment" in reader.fields:  # the writer would lay the data out at its default
+        raise ValueError(f"{source}: a custom general.alignment is not handled")
     writer = gguf.GGUFWriter(str(out), arch)
     for key, field in reader.fields.items():
         if key.startswith("GGUF.") or key == "general.architecture":  # the writer sets these itself

@@ -129,11 +129,12 @@ def run_jaxserve(args) -> list[dict]:
             concurrency = min(args.max_num_seqs, num_prompts, capacity // (input_len + output_len))
             bound = roofline(engine.model_config, num_prompts=num_prompts, input_len=input_len,
                              output_len=output_len, concurrency=concurrency, weight_bytes=weight_bytes, **limits)
-            record.update(limits, roofline=bound, fraction_of_roofline=bound["seconds"] / elapsed)
+            record.update(limits, roofline=bound, fraction_of_roofline=bound["seconds"] / elapsed,
+                          fraction_of_serial_bound=bound["serial_seconds"] / elapsed)
             line += (f"; roofline {bound['output_tokens_per_second']:.0f} (compute {bound['compute_seconds']:.1f} s, "
                      f"memory {bound['memory_seconds']:.1f} s at {concurrency} sequences at once): "
                      f"{100 * record['fraction_of_roofline']:.0f}% of it; serial bound "
-                     f"{bound['serial_output_tokens_per_second']:.0f}: {100 * bound['serial_seconds'] / elapsed:.0f}% of it")
+                     f"{bound['serial_output_tokens_per_second']:.0f}: {100 * record['fraction_of_serial_bound']:.0f}% of it")
         print(line + f"; {steps} steps, host work {record['host_ms_per_step']:.2f} ms/step, blocked on the device "
               f"{record['wait_ms_per_step']:.2f} ms/step")
         results.append(record)

@@ -26,37 +26,42 @@ from pathlib import Path
 import numpy as np
 
 
-def greedy_run(llm, prompts, steps: int = 32) -> list[tuple[list[int], list[float]]]:
-    """Each prompt's greedy tokens, and at each step the margin (nats) of the chosen token over the
-    runner-up: how far the step was from a tie."""
+def greedy_run(llm, prompts, steps: int = 32) -> list[tuple[list[int], list[float], list[int]]]:
+    """Each prompt's greedy tokens, at each step the margin (nats) of the chosen token over the
+    runner-up (how far the step was from a tie), and the runner-up's id."""
     from jaxserve import SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True, logprobs=2)
     runs = []
     for out in llm.generate(prompts, params, use_tqdm=False):
         done = out.outputs[0]
-        margins = []
+        margins, second = [], []
         for chosen, top in zip(done.token_ids, done.logprobs):
-            rest = [lp.logprob for tok, lp in top.items() if tok != chosen]
-            margins.append(top[chosen].logprob - max(rest) if rest else float("inf"))
-        runs.append((list(done.token_ids), margins))
+            rest = {tok: lp.logprob for tok, lp in top.items() if tok != chosen}
+            runner_up = max(rest, key=rest.get) if rest else -1
+            margins.append(top[chosen].logprob - rest[runner_up] if rest else float("inf"))
+            second.append(runner_up)
+        runs.append((list(done.token_ids), margins, second))
     return runs
 
 
 def compare_greedy(ours, theirs, tie: float = 0.125) -> dict:
     """Where two greedy runs of the same prompts part, and how close to a tie the peer was there.
-    A parting where the peer's top token led by more than `tie` nats would be a real fault; within
-    it, rounding picks either token: bf16 holds logits of magnitude 16 to 32 in steps of 0.125."""
-    equal, margins, before = [], [], []
-    for (a, _), (b, b_margins) in zip(ours, theirs):
+    A parting is a tie when our token was the peer's runner-up and the peer's top token led it by
+    at most `tie` nats: bf16 holds logits of magnitude 16 to 32 in steps of 0.125. Anything else
+    would be a real fault."""
+    equal, margins, ours_was_runner_up, agreed = [], [], [], []
+    for (a, _, _), (b, b_margins, b_second) in zip(ours, theirs):
         k = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
         equal.append(k)
-        before += b_margins[:k]
+        agreed += b_margins[:k]
         if k < len(a):
             margins.append(round(b_margins[k], 4))
+            ours_was_runner_up.append(a[k] == b_second[k])
     return dict(steps=len(ours[0][0]), equal_prefix=equal, peer_margin_where_parted=margins,
-                peer_margin_median_before=round(float(np.median(before)), 4) if before else None,
-                ok=all(m <= tie for m in margins), tie_nats=tie)
+                ours_was_peer_runner_up=ours_was_runner_up,
+                peer_median_margin_before_parting=round(float(np.median(agreed)), 4) if agreed else None,
+                ok=all(m <= tie for m in margins) and all(ours_was_runner_up), tie_nats=tie)
 
 
 def main() -> None:
@@ -130,7 +135,7 @@ def main() -> None:
     print(f"throughput ({num} x {inp}/{outl}): {num * outl / elapsed:.0f} output tokens/s; {engine.stats.summary()}")
 
     del llm, engine
-    for other in args.compare_with.split(","):
+    for other in [o for o in args.compare_with.split(",") if o and o != args.attention_impl]:
         peer = LLM(args.model, attention_impl=other, gpu_memory_utilization=0.3, progress=False, **common)
         result = compare_greedy(ours, greedy_run(peer, prompts))
         del peer

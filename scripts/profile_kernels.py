@@ -4,7 +4,7 @@ Each shape is compiled and run twice; profile the second launch (the first one w
 shape per process:
 
     ncu --clock-control none -k regex:mosaic --launch-skip 1 --launch-count 1 --section SpeedOfLight \
-        --section MemoryWorkloadAnalysis --section WarpStateStats \
+        --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy \
         python3 scripts/profile_kernels.py --shapes decode:64x2048:64
 
 Shapes: kind:BATCHxLEN:PAGE_SIZE; decode is BATCH sequences of one new token after LEN cached ones,
@@ -40,6 +40,8 @@ def main() -> None:
     args = p.parse_args()
     for spec in args.shapes.split(","):
         kind, size, page = spec.split(":")
+        if kind not in ("decode", "prefill"):
+            raise SystemExit(f"{spec}: the kind is decode or prefill")
         batch, length = (int(x) for x in size.split("x"))
         q_lens = [1] * batch if kind == "decode" else [length] * batch
         inputs = make_batch(jax.random.key(0), q_lens, [length] * batch, num_heads=N, num_kv_heads=K, head_dim=H,

@@ -97,8 +97,9 @@ def main() -> None:
     prefill_lens = [int(n) for n in args.prefill_lens.split(",") if n]
     t0 = time.perf_counter()
     llm = LLM(args.model, load_format="dummy", max_num_seqs=max(batches, default=1), max_num_batched_tokens=args.max_num_batched_tokens,
-              max_model_len=max([args.input_len + max(batches, default=1) * args.input_len // args.max_num_batched_tokens
-                                 + 2 * args.steps + args.trace_steps + 96, *(n + 16 for n in prefill_lens)]),
+              max_model_len=max([args.input_len + 2 * args.steps + args.trace_steps + 96
+                                 + max((-(-b * args.input_len // max(args.max_num_batched_tokens - b, 1)) for b in batches),
+                                       default=0), *(n + 16 for n in prefill_lens)]),
               row_bucket_growth=0)
     record = dict(label=args.label, device=jax.devices()[0].device_kind, date=time.strftime("%Y-%m-%d"),
                   startup_seconds=time.perf_counter() - t0, args=vars(args), batches=[])
@@ -124,7 +125,7 @@ def main() -> None:
     for b in batches:
         # Sequences prefilled first decode while the rest prefill: enough tokens that all still run
         # together afterwards.
-        prefill_steps = -(-b * args.input_len // args.max_num_batched_tokens)
+        prefill_steps = -(-b * args.input_len // max(args.max_num_batched_tokens - b, 1))  # decode takes b a step
         params = SamplingParams(temperature=0, max_tokens=prefill_steps + 2 * args.steps + args.trace_steps + 32,
                                 ignore_eos=True)
         for i in range(b):
