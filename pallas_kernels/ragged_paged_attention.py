@@ -334,12 +334,9 @@ def _attention_call(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seq
         cu_q_lens, num_seqs, group=group, rows_per_tile=tile_rows, num_tiles=num_tiles, num_tokens=num_tokens,
         kv_lens=kv_lens if prefill_shaped else None,
     )
-    if not prefill_shaped:
-        # Materialise the slot maps. Fused into the gathers below, every element would redo their
-        # binary searches, a chain of dependent loads: 9 us per layer for a 1-token decode (trace).
-        # Prefill-shaped gathers move enough bytes to hide the searches; there the barrier's own
-        # kernels cost more than they save (trace: +2-4 us per call).
-        slot_src, row_slot = lax.optimization_barrier((slot_src, row_slot))
+    # Materialise the slot maps. Fused into the gathers below, every element would redo their
+    # binary searches, a chain of dependent loads: 9 us per layer for a 1-token decode (trace).
+    slot_src, row_slot = lax.optimization_barrier((slot_src, row_slot))
     # Rows of kv head k: its G query heads per token, token-major; then gathered into tile slots.
     rows = num_tokens * group
     qg = q.reshape(num_tokens, num_kv_heads, group, head_dim).transpose(1, 0, 2, 3).reshape(num_kv_heads, rows, head_dim)
