@@ -54,9 +54,10 @@ from pallas_kernels.ragged_paged_attention_config import (
     RaggedPagedAttentionConfig,
     default_config,
     default_splits,
+    is_prefill_shaped,
     num_sms,
 )
-from pallas_kernels.ragged_tiles import max_tiles, num_slots, plan_tiles
+from pallas_kernels.ragged_tiles import max_tiles, num_slots, plan_tiles, rows_into_slots, rows_to_tokens
 
 _WG_ROWS = 64  # query rows per compute warpgroup: the M of one wgmma
 _RCP_LN2 = 1.4426950408889634  # log2(x) = ln(x) / ln(2)
@@ -329,18 +330,12 @@ def _attention_call(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seq
         max_kv_blocks = -(-page_table.shape[1] * page_size // block_kv)
         num_splits = default_splits(num_tokens, num_rows, num_kv_heads, max_kv_blocks, num_sms(interpret))
     num_tiles = max_tiles(num_tokens, num_rows, group, tile_rows)
-    prefill_shaped = num_tokens > 2 * num_rows  # tiles differ in work: hand out the heaviest first
     tile_seq, tile_row0, tile_row_end, tile_base, tile_order, live_tiles, slot_src, row_slot = plan_tiles(
         cu_q_lens, num_seqs, group=group, rows_per_tile=tile_rows, num_tiles=num_tiles, num_tokens=num_tokens,
-        kv_lens=kv_lens if prefill_shaped else None,
+        # tiles differ in work: hand out the heaviest first
+        kv_lens=kv_lens if is_prefill_shaped(num_tokens, num_rows) else None,
     )
-    # Materialise the slot maps. Fused into the gathers below, every element would redo their
-    # binary searches, a chain of dependent loads: 9 us per layer for a 1-token decode (trace).
-    slot_src, row_slot = lax.optimization_barrier((slot_src, row_slot))
-    # Rows of kv head k: its G query heads per token, token-major; then gathered into tile slots.
-    rows = num_tokens * group
-    qg = q.reshape(num_tokens, num_kv_heads, group, head_dim).transpose(1, 0, 2, 3).reshape(num_kv_heads, rows, head_dim)
-    qg = qg[:, slot_src]
+    qg = rows_into_slots(q, slot_src, num_kv_heads)
     slots = num_slots(num_tokens, group, num_tiles, tile_rows)
 
     transforms = _smem_transforms(q.dtype, head_dim)
@@ -401,7 +396,7 @@ def _attention_call(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seq
         out = _combine_splits(parts[:, :, row_slot], lse[:, :, row_slot]).astype(q.dtype)
     else:
         out = out[:, row_slot]
-    out = out.reshape(num_kv_heads, num_tokens, group, head_dim).transpose(1, 0, 2, 3).reshape(q.shape)
+    out = rows_to_tokens(out, num_tokens, num_heads)
     valid = jnp.arange(num_tokens) < cu_q_lens[num_seqs[0]]
     return jnp.where(valid[:, None, None], out, jnp.zeros((), q.dtype))  # rows nobody wrote: padding tokens
 

@@ -65,8 +65,13 @@ def num_sms(interpret: bool) -> int:
     return device.core_count if device.platform == "gpu" and not interpret else _NUM_SMS
 
 
+def is_prefill_shaped(num_tokens: int, num_rows: int) -> bool:
+    """More than two tokens a sequence: tiles differ in work, and each sees many queries."""
+    return num_tokens > 2 * num_rows
+
+
 def default_config(num_tokens: int, num_rows: int) -> RaggedPagedAttentionConfig:
-    return DECODE_CONFIG if num_tokens <= 2 * num_rows else PREFILL_CONFIG
+    return PREFILL_CONFIG if is_prefill_shaped(num_tokens, num_rows) else DECODE_CONFIG
 
 
 def default_splits(num_tokens: int, num_rows: int, num_kv_heads: int, max_kv_blocks: int,
@@ -76,7 +81,7 @@ def default_splits(num_tokens: int, num_rows: int, num_kv_heads: int, max_kv_blo
     the page table can hold) whose (sequence, kv head, split) items fill >= 90% of the rounds of
     num_programs SMs (one resident program each), else the best filling: 64 items on 132 SMs leave
     half of them idle, 128 fill 97%."""
-    if num_tokens > 2 * num_rows:
+    if is_prefill_shaped(num_tokens, num_rows):
         return 1
     items = num_rows * num_kv_heads
 

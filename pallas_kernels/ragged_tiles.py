@@ -19,6 +19,7 @@ the GPU runs as a loop of tiny kernels.
 from __future__ import annotations
 
 import jax.numpy as jnp
+from jax import lax
 
 
 def max_tiles(num_tokens: int, num_rows: int, group: int, rows_per_tile: int) -> int:
@@ -89,4 +90,24 @@ def plan_tiles(cu_q_lens, num_seqs, *, group: int, rows_per_tile: int, num_tiles
         last_row = jnp.minimum(row0 + rows_per_tile, row_end)
         work = jnp.where(w < live_tiles, kv_lens[seq] - (row_end - last_row) // group, -1)
         order = jnp.argsort(-work, stable=True).astype(jnp.int32)
+    # Materialise the slot maps. Fused into the gathers that read them, every element would redo
+    # their binary searches, a chain of dependent loads: 9 us per layer for a 1-token decode (trace).
+    slot_src, row_slot = lax.optimization_barrier((slot_src, row_slot))
     return seq, row0, row_end, base, order, live_tiles[None], slot_src, row_slot
+
+
+def rows_into_slots(q, slot_src, num_kv_heads: int):
+    """q [T, N, H] -> [K, slots, H]: the rows of kv head k (its G query heads per token,
+    token-major), each at its tile's slot."""
+    num_tokens, num_heads, head_dim = q.shape
+    group = num_heads // num_kv_heads
+    rows = q.reshape(num_tokens, num_kv_heads, group, head_dim).transpose(1, 0, 2, 3)
+    return rows.reshape(num_kv_heads, num_tokens * group, head_dim)[:, slot_src]
+
+
+def rows_to_tokens(rows, num_tokens: int, num_heads: int):
+    """[K, T*G, H] rows (slots already gathered back with row_slot) -> [T, N, H]."""
+    num_kv_heads, _, head_dim = rows.shape
+    group = num_heads // num_kv_heads
+    return rows.reshape(num_kv_heads, num_tokens, group, head_dim).transpose(1, 0, 2, 3).reshape(
+        num_tokens, num_heads, head_dim)

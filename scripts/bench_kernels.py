@@ -41,7 +41,7 @@ from pallas_kernels import (  # noqa: E402
     write_kv_pages_reference,
 )
 from pallas_kernels.kv_cache_update import write_kv_pages  # noqa: E402
-from pallas_kernels.ragged_tiles import max_tiles, plan_tiles  # noqa: E402
+from pallas_kernels.ragged_tiles import max_tiles, plan_tiles, rows_into_slots, rows_to_tokens  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from device_limits import torch_copy_bandwidth  # noqa: E402  (scripts/device_limits.py)
@@ -229,18 +229,15 @@ def deprecated_paged_attention():
 def xla_ops_only(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs):
     """The XLA ops the public function runs around the kernel for a decode-shaped batch (tile plan,
     q gather into slots, output gather back), without the kernel: the floor they set per call."""
-    num_tokens, num_heads, head_dim = q.shape
+    num_tokens, num_heads, _ = q.shape
     num_kv_heads, num_rows = k_pages.shape[2], kv_lens.shape[0]
     group, rows_per_tile = num_heads // num_kv_heads, 64 * DECODE_CONFIG.compute_warpgroups
     tiles = max_tiles(num_tokens, num_rows, group, rows_per_tile)
     *plan, slot_src, row_slot = plan_tiles(cu_q_lens, num_seqs, group=group, rows_per_tile=rows_per_tile,
                                            num_tiles=tiles, num_tokens=num_tokens)
-    slot_src, row_slot = jax.lax.optimization_barrier((slot_src, row_slot))
-    qg = q.reshape(num_tokens, num_kv_heads, group, head_dim).transpose(1, 0, 2, 3)
-    qg = qg.reshape(num_kv_heads, num_tokens * group, head_dim)[:, slot_src]
+    qg = rows_into_slots(q, slot_src, num_kv_heads)
     used = sum(x.sum() for x in plan) + kv_lens.sum() + page_table[0, 0]  # keep every plan output live
-    out = jnp.where(used == -12345, 0, qg)[:, row_slot]
-    out = out.reshape(num_kv_heads, num_tokens, group, head_dim).transpose(1, 0, 2, 3).reshape(q.shape)
+    out = rows_to_tokens(jnp.where(used == -12345, 0, qg)[:, row_slot], num_tokens, num_heads)
     valid = jnp.arange(num_tokens) < cu_q_lens[num_seqs[0]]
     return jnp.where(valid[:, None, None], out, jnp.zeros((), q.dtype))
 
