@@ -8,8 +8,9 @@ run the same kernel bodies in Pallas GPU interpret mode on the CPU.
 """
 
 from pallas_kernels.kv_cache_update import write_kv_pages, write_kv_pages_reference
-from pallas_kernels.ragged_paged_attention import ragged_paged_attention, ragged_paged_attention_reference
+from pallas_kernels.ragged_paged_attention import ragged_paged_attention
 from pallas_kernels.ragged_paged_attention_config import RaggedPagedAttentionConfig
+from pallas_kernels.ragged_paged_attention_reference import ragged_paged_attention_reference
 
 __all__ = [
     "RaggedPagedAttentionConfig",

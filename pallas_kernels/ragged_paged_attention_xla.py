@@ -15,7 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.ragged_paged_attention import check_inputs, query_rows
+from pallas_kernels.ragged_paged_attention_reference import check_inputs, query_rows
 
 
 def ragged_paged_attention_xla(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, *, sm_scale: float):
