@@ -130,10 +130,10 @@ class LLMEngine:
         if use_cache and not processors and self.runner.mesh is None:
             cache = ExecutableCache(Path(config.cache_dir or default_cache_dir()) / "executables",
                                     self.runner.devices, *self.runner.executable_cache_key())
-        seconds = self.runner.warm_up(progress=progress, cache=cache)
-        log(f"warm-up compiled {len(self.plan.shapes)} step shapes in {seconds['total']:.1f} s ({seconds['cached']} "
-            f"programs from the executable cache; lowering {seconds['lower']:.1f} s, compiling or loading "
-            f"{seconds['compile']:.1f} s, first runs {seconds['run']:.1f} s)")
+        took = self.runner.warm_up(progress=progress, cache=cache)
+        log(f"warm-up compiled {len(self.plan.shapes)} step shapes in {took.total:.1f} s ({took.cached_programs} "
+            f"programs from the executable cache; lowering {took.lower:.1f} s, compiling or loading "
+            f"{took.compile:.1f} s, first runs {took.run:.1f} s)")
         self.compilations_after_warmup = compile_counter.compilations()
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len),

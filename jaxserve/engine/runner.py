@@ -83,6 +83,17 @@ PROGRAMS = [f.name for f in dataclasses.fields(CompiledStep)]
 
 
 @dataclasses.dataclass
+class WarmUpReport:
+    """What warm-up took: seconds per phase, and how many programs the executable cache gave."""
+
+    lower: float = 0.0  # tracing and lowering (Python, one shape at a time)
+    compile: float = 0.0  # compiling, or loading from a cache, on the threads
+    run: float = 0.0  # first runs of every shape
+    total: float = 0.0
+    cached_programs: int = 0
+
+
+@dataclasses.dataclass
 class InFlightStep:
     runner: "ModelRunner"
     output: SchedulerOutput
@@ -145,9 +156,9 @@ class ModelRunner:
 
     # -- warm-up ------------------------------------------------------------------------------
     def warm_up(self, progress: bool = True, threads: int | None = None,
-                cache: ExecutableCache | None = None) -> dict[str, float]:
+                cache: ExecutableCache | None = None) -> WarmUpReport:
         """Compiles every shape of the plan, then runs each once on empty inputs; returns the
-        seconds of each phase. Programs come from `cache` when it holds them; the others are
+        time of each phase. Programs come from `cache` when it holds them; the others are
         lowered one by one (Python) and compiled on `threads` threads at once (XLA releases the
         GIL), or loaded from JAX's persistent compilation cache the same way, then saved to
         `cache`. Steps call the compiled executables directly."""
@@ -156,7 +167,7 @@ class ModelRunner:
         threads = threads or max(1, min(len(shapes), (os.cpu_count() or 2) // 2, 8))  # XLA compiles with threads of its own too
         programs = [(t, r, name) for t, r in shapes for name in PROGRAMS]
         name_of = lambda t, r, name: f"{name}_t{t}_r{r}"  # noqa: E731
-        seconds = {"lower": 0.0}
+        report = WarmUpReport()
 
         def compile_and_save(lowered, key):
             compiled = lowered.compile()
@@ -172,7 +183,7 @@ class ModelRunner:
                 if loaded[key] is None:
                     t1 = time.perf_counter()
                     lowered = self._lower(*key)
-                    seconds["lower"] += time.perf_counter() - t1
+                    report.lower += time.perf_counter() - t1
                     futures[key] = pool.submit(compile_and_save, lowered, key)
             prompt_lp = {t: pool.submit(self._lower_prompt_logprobs(t).compile) for t in buckets}
             for t, r in shapes:
@@ -180,8 +191,8 @@ class ModelRunner:
                                                        for name in PROGRAMS})
                 bar.update()
             self._compiled_prompt_logprobs = {t: f.result() for t, f in prompt_lp.items()}
-        seconds["cached"] = sum(v is not None for v in loaded.values())
-        seconds["compile"] = time.perf_counter() - t0 - seconds["lower"]
+        report.cached_programs = sum(v is not None for v in loaded.values())
+        report.compile = time.perf_counter() - t0 - report.lower
         t1 = time.perf_counter()
         for t, r in shapes:
             try:
@@ -203,9 +214,9 @@ class ModelRunner:
         # The padding row (slot num_slots) is all zeros and stays so.
         self._write_row(self.num_slots, [])
         jax.block_until_ready(self.kv_cache)
-        seconds["run"] = time.perf_counter() - t1
-        seconds["total"] = time.perf_counter() - t0
-        return seconds
+        report.run = time.perf_counter() - t1
+        report.total = time.perf_counter() - t0
+        return report
 
     @property
     def devices(self) -> list:
