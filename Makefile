@@ -8,7 +8,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 PYTEST_WORKERS ?= 2
 
-.PHONY: serve test venv clean
+.PHONY: serve test lint venv clean
 
 venv: $(STAMP)
 
@@ -26,7 +26,13 @@ SERVE_ARGS ?= --max-num-seqs 16 --max-num-batched-tokens 256
 serve: $(STAMP)
 	$(VENV)/bin/jaxserve serve --host 127.0.0.1 --port 8000 $(SERVE_ARGS)
 
-test: $(STAMP)
+# Lint, format and the import contracts (pyproject.toml) first: CI runs them through `make test`.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
+
+test: lint
 	$(VENV)/bin/python -m pytest -n $(PYTEST_WORKERS) --durations=15 tests
 
 clean:

@@ -20,7 +20,7 @@ import dataclasses
 import os
 import types
 import typing
-from typing import Mapping
+from collections.abc import Mapping
 
 from jaxserve.config import EngineConfig
 from jaxserve.server import ServerSettings, create_app
@@ -49,9 +49,12 @@ def settings_from_env(environ: Mapping[str, str] = os.environ) -> ServerSettings
                 raise ValueError(f"{PREFIX}{field.name.upper()}={value!r}: expected {hints[field.name]}") from None
     names = tuple(n.strip() for n in environ.get(PREFIX + "SERVED_MODEL_NAME", "").split(",") if n.strip())
     fault = environ.get(PREFIX + "FAULT_TOKEN_ID")
-    return ServerSettings(engine=EngineConfig(**engine_args), served_model_names=names,
-                          api_key=environ.get(PREFIX + "API_KEY") or None,
-                          fault_token_id=int(fault) if fault else None)
+    return ServerSettings(
+        engine=EngineConfig(**engine_args),
+        served_model_names=names,
+        api_key=environ.get(PREFIX + "API_KEY") or None,
+        fault_token_id=int(fault) if fault else None,
+    )
 
 
 app = create_app(settings_from_env())

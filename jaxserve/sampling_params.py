@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 MAX_LOGPROBS = 20  # top alternatives returned per token (OpenAI's top_logprobs cap)
 MAX_LOGIT_BIAS = 300  # entries in logit_bias (OpenAI's cap)

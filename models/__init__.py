@@ -1,8 +1,8 @@
 """Llama-family Flax models, their configs, presets and weight loading. Never imports jaxserve.
 
-    config.json | preset name -> ModelConfig -> abstract model (shapes only)
-        -> weights: safetensors, tensor by tensor onto the device(s) | dummy: random, made on device
-        -> LlamaForCausalLM(tokens, kv_cache, RaggedBatch) -> hidden -> logits(rows)
+config.json | preset name -> ModelConfig -> abstract model (shapes only)
+    -> weights: safetensors, tensor by tensor onto the device(s) | dummy: random, made on device
+    -> LlamaForCausalLM(tokens, kv_cache, RaggedBatch) -> hidden -> logits(rows)
 """
 
 from models.attention import LayerKVCache, RaggedBatch, allocate_kv_cache, paged_attention

@@ -27,7 +27,7 @@ a page per TMA copy.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -83,8 +83,9 @@ def _after_scatter(attend) -> AttentionImpl:
 
     def impl(q, k, v, cache: LayerKVCache, batch: RaggedBatch, *, sm_scale: float):
         k_pages, v_pages = write_kv_pages_reference(cache.k, cache.v, k, v, batch.slot_mapping)
-        out = attend(q, k_pages, v_pages, batch.kv_lens, batch.page_table, batch.cu_q_lens, batch.num_seqs,
-                     sm_scale=sm_scale)
+        out = attend(
+            q, k_pages, v_pages, batch.kv_lens, batch.page_table, batch.cu_q_lens, batch.num_seqs, sm_scale=sm_scale
+        )
         return out, LayerKVCache(k_pages, v_pages)
 
     return impl
@@ -94,8 +95,15 @@ def _pallas(q, k, v, cache: LayerKVCache, batch: RaggedBatch, *, sm_scale: float
     interpret = jax.default_backend() != "gpu"
     k_pages, v_pages = write_kv_pages(cache.k, cache.v, k, v, batch.slot_mapping, interpret=interpret)
     out = ragged_paged_attention(
-        q, k_pages, v_pages, batch.kv_lens, batch.page_table, batch.cu_q_lens, batch.num_seqs,
-        sm_scale=sm_scale, interpret=interpret,
+        q,
+        k_pages,
+        v_pages,
+        batch.kv_lens,
+        batch.page_table,
+        batch.cu_q_lens,
+        batch.num_seqs,
+        sm_scale=sm_scale,
+        interpret=interpret,
     )
     return out, LayerKVCache(k_pages, v_pages)
 

@@ -64,7 +64,7 @@ class ModelConfig:
         return self.num_heads // self.num_kv_heads
 
     @classmethod
-    def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json") -> "ModelConfig":
+    def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json") -> ModelConfig:
         archs = d.get("architectures") or []
         arch = archs[0] if archs else None
         if arch not in SUPPORTED_ARCHITECTURES:
@@ -116,7 +116,7 @@ class ModelConfig:
         )
 
     @classmethod
-    def from_folder(cls, folder: str | Path) -> "ModelConfig":
+    def from_folder(cls, folder: str | Path) -> ModelConfig:
         path = Path(folder) / "config.json"
         if not path.is_file():
             raise ModelConfigError(f"{folder}: no config.json (expected a Hugging Face model folder)")

@@ -109,8 +109,9 @@ def shrink_gguf(source: str | Path, out: str | Path, layers: list[int]) -> Path:
         if key.startswith("GGUF.") or key == "general.architecture":  # the writer sets these itself
             continue
         sub_type = field.types[1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(key, len(layers) if key == count_key else field.contents(), field.types[0],
-                             sub_type=sub_type)
+        writer.add_key_value(
+            key, len(layers) if key == count_key else field.contents(), field.types[0], sub_type=sub_type
+        )
     renumber = {old: new for new, old in enumerate(layers)}
     for tensor in reader.tensors:
         name = tensor.name
@@ -140,7 +141,9 @@ def _hf_config(meta: dict, tensor_names: set[str]) -> dict:
         "num_hidden_layers": int(meta["llama.block_count"]),
         "num_attention_heads": heads,
         "num_key_value_heads": int(meta.get("llama.attention.head_count_kv", heads)),
-        "head_dim": int(meta.get("llama.attention.key_length", meta.get("llama.rope.dimension_count", hidden // heads))),
+        "head_dim": int(
+            meta.get("llama.attention.key_length", meta.get("llama.rope.dimension_count", hidden // heads))
+        ),
         "rms_norm_eps": float(meta["llama.attention.layer_norm_rms_epsilon"]),
         "rope_theta": float(meta.get("llama.rope.freq_base", 10000.0)),
         "max_position_embeddings": int(meta["llama.context_length"]),
@@ -160,7 +163,9 @@ def _hf_tokenizer(meta: dict, source):
     from transformers import PreTrainedTokenizerFast
 
     if meta.get("tokenizer.ggml.model") != "gpt2":
-        raise ValueError(f"{source}: tokenizer model {meta.get('tokenizer.ggml.model')!r} is not supported (only 'gpt2' BPE)")
+        raise ValueError(
+            f"{source}: tokenizer model {meta.get('tokenizer.ggml.model')!r} is not supported (only 'gpt2' BPE)"
+        )
     pre = meta.get("tokenizer.ggml.pre", "default")
     if pre not in _PRE_TOKENIZERS:
         raise ValueError(f"{source}: pre-tokenizer {pre!r} is not supported ({', '.join(_PRE_TOKENIZERS)})")

@@ -39,7 +39,9 @@ class Projection(nnx.Module):
 
     def __init__(self, in_shape, out_shape, in_axes_names, out_axes_names, *, bias, dtype, rngs):
         self.equation = _einsum_equation(len(in_shape), len(out_shape))
-        self.weight = _param(rngs, (*in_shape, *out_shape), dtype, (*in_axes_names, *out_axes_names), in_axes=len(in_shape))
+        self.weight = _param(
+            rngs, (*in_shape, *out_shape), dtype, (*in_axes_names, *out_axes_names), in_axes=len(in_shape)
+        )
         self.bias = _param(rngs, out_shape, dtype, out_axes_names, std=0.0) if bias else None
 
     def __call__(self, x):
@@ -73,7 +75,9 @@ class Attention(nnx.Module):
         self.q_proj = proj((N, H), ("heads", "head_dim"), cfg.qkv_bias)
         self.k_proj = proj((K, H), ("kv_heads", "head_dim"), cfg.qkv_bias)
         self.v_proj = proj((K, H), ("kv_heads", "head_dim"), cfg.qkv_bias)
-        self.o_proj = Projection((N, H), (D,), ("heads", "head_dim"), ("embed",), bias=cfg.o_bias, dtype=dtype, rngs=rngs)
+        self.o_proj = Projection(
+            (N, H), (D,), ("heads", "head_dim"), ("embed",), bias=cfg.o_bias, dtype=dtype, rngs=rngs
+        )
 
     def __call__(self, x, cache, batch: RaggedBatch):  # x [T, D]
         inv_freq = jnp.asarray(inverse_frequencies(*self.rope))
@@ -136,10 +140,12 @@ class LMHead(nnx.Module):
 class LlamaModel(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, attention_impl: str, mesh, dtype, rngs):
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs)
-        self.layers = nnx.List([
-            DecoderLayer(cfg, attention_impl=attention_impl, mesh=mesh, dtype=dtype, rngs=rngs)
-            for _ in range(cfg.num_layers)
-        ])
+        self.layers = nnx.List(
+            [
+                DecoderLayer(cfg, attention_impl=attention_impl, mesh=mesh, dtype=dtype, rngs=rngs)
+                for _ in range(cfg.num_layers)
+            ]
+        )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, rngs=rngs)
 
     def __call__(self, tokens, kv_cache: KVCache, batch: RaggedBatch):
@@ -157,12 +163,15 @@ class LlamaModel(nnx.Module):
 class LlamaForCausalLM(nnx.Module):
     """Also MistralForCausalLM and Qwen2ForCausalLM: their differences are config options."""
 
-    def __init__(self, cfg: ModelConfig, *, attention_impl: str = "reference", mesh=None, dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self, cfg: ModelConfig, *, attention_impl: str = "reference", mesh=None, dtype=jnp.float32, rngs: nnx.Rngs
+    ):
         self.config = cfg
         self.mesh = mesh
         self.model = LlamaModel(cfg, attention_impl=attention_impl, mesh=mesh, dtype=dtype, rngs=rngs)
-        self.lm_head = None if cfg.tie_word_embeddings else LMHead(cfg.hidden_size, cfg.vocab_size, dtype=dtype, rngs=rngs)
+        self.lm_head = (
+            None if cfg.tie_word_embeddings else LMHead(cfg.hidden_size, cfg.vocab_size, dtype=dtype, rngs=rngs)
+        )
 
     def __call__(self, tokens: jax.Array, kv_cache: KVCache, batch: RaggedBatch) -> tuple[jax.Array, KVCache]:
         """tokens [T] -> final hidden states [T, D] and the cache with this step's K/V written."""
@@ -189,4 +198,3 @@ def create_model(cfg: ModelConfig, *, dtype=jnp.float32, attention_impl: str = "
 def abstract_model(cfg: ModelConfig, *, dtype=jnp.float32, attention_impl: str = "reference", mesh=None):
     """The model's structure with ShapeDtypeStruct leaves: no memory allocated anywhere."""
     return nnx.eval_shape(lambda: create_model(cfg, dtype=dtype, attention_impl=attention_impl, mesh=mesh))
-

@@ -85,8 +85,9 @@ def load_model(
     source = OrbaxSource(Path(model)) if is_checkpoint(model) else CheckpointReader(Path(model))
     with source:
         loaded = []
-        for path, variable in tqdm(list(nnx.to_flat_state(abstract_state)), desc="Loading weights", unit="tensor",
-                                   disable=not progress):
+        for path, variable in tqdm(
+            list(nnx.to_flat_state(abstract_state)), desc="Loading weights", unit="tensor", disable=not progress
+        ):
             name = ".".join(str(p) for p in path)
             stored = checkpoint_shapes[path]  # the checkpoint's own head layout
             array = source.read_as(name, stored, jdtype, place(variable.logical_axes, tuple(stored.shape)))
@@ -129,9 +130,10 @@ def _dummy_model(cfg, jdtype, attention_impl, seed, mesh, place) -> LlamaForCaus
     return nnx.merge(graphdef, nnx.from_flat_state(drawn))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _dummy_fill(shape: tuple[int, ...], dtype, std: float | None, sharding):
     """key -> an array of N(0, std) (std None: ones), made on the device(s)."""
+
     def fill(key):
         return jnp.ones(shape, dtype) if std is None else std * jax.random.normal(key, shape, dtype)
 
@@ -184,7 +186,9 @@ class CheckpointReader:
         if in_axes is not None:  # a 2-D [out, in] weight
             n_in, n_out = int(np.prod(shape[:in_axes])), int(np.prod(shape[in_axes:]))
             if tensor.shape != (n_out, n_in):
-                raise CheckpointError(f"{file.name}: tensor {name!r} has shape {tensor.shape}, expected {(n_out, n_in)}")
+                raise CheckpointError(
+                    f"{file.name}: tensor {name!r} has shape {tensor.shape}, expected {(n_out, n_in)}"
+                )
             tensor = tensor.T.reshape(shape)
         elif tensor.size != int(np.prod(shape)) or tensor.shape not in (shape, (tensor.size,)):
             raise CheckpointError(f"{file.name}: tensor {name!r} has shape {tensor.shape}, expected {shape}")

@@ -27,24 +27,38 @@ def check_inputs(k_pages, v_pages, k_new, v_new, slot_mapping) -> None:
     if k_pages.ndim != 4 or k_pages.shape != v_pages.shape:
         raise ValueError(f"k_pages and v_pages must both be [P, S, K, H], got {k_pages.shape} and {v_pages.shape}")
     if k_new.shape != v_new.shape or k_new.ndim != 3 or k_new.shape[1:] != k_pages.shape[2:]:
-        raise ValueError(f"k_new and v_new must be [T, K, H] = [T, *{k_pages.shape[2:]}], got {k_new.shape}, {v_new.shape}")
+        raise ValueError(
+            f"k_new and v_new must be [T, K, H] = [T, *{k_pages.shape[2:]}], got {k_new.shape}, {v_new.shape}"
+        )
     if slot_mapping.shape != k_new.shape[:1] or slot_mapping.dtype != jnp.int32:
-        raise ValueError(f"slot_mapping must be int32 [T] = [{k_new.shape[0]}], got {slot_mapping.dtype} {slot_mapping.shape}")
+        raise ValueError(
+            f"slot_mapping must be int32 [T] = [{k_new.shape[0]}], got {slot_mapping.dtype} {slot_mapping.shape}"
+        )
 
 
-def _write_kernel(slot_ref, k_new_ref, v_new_ref, k_out, v_out, *, tokens_per_block, page_size,
-                  num_slots):
+def _write_kernel(slot_ref, k_new_ref, v_new_ref, k_out, v_out, *, tokens_per_block, page_size, num_slots):
     row_block = (tokens_per_block, *k_new_ref.shape[1:])
     pl.run_scoped(
-        functools.partial(_write_block, slot_ref, k_new_ref, v_new_ref, k_out, v_out, tokens_per_block=tokens_per_block,
-                          page_size=page_size, num_slots=num_slots),
-        plgpu.SMEM(row_block, k_new_ref.dtype), plgpu.SMEM(row_block, v_new_ref.dtype),
+        functools.partial(
+            _write_block,
+            slot_ref,
+            k_new_ref,
+            v_new_ref,
+            k_out,
+            v_out,
+            tokens_per_block=tokens_per_block,
+            page_size=page_size,
+            num_slots=num_slots,
+        ),
+        plgpu.SMEM(row_block, k_new_ref.dtype),
+        plgpu.SMEM(row_block, v_new_ref.dtype),
         plgpu.Barrier(num_arrivals=2, num_barriers=1),
     )
 
 
-def _write_block(slot_ref, k_new_ref, v_new_ref, k_out, v_out, k_smem, v_smem, loaded, *, tokens_per_block, page_size,
-                 num_slots):
+def _write_block(
+    slot_ref, k_new_ref, v_new_ref, k_out, v_out, k_smem, v_smem, loaded, *, tokens_per_block, page_size, num_slots
+):
     base = lax.axis_index("b") * tokens_per_block
     plgpu.copy_gmem_to_smem(k_new_ref.at[pl.ds(base, tokens_per_block)], k_smem, loaded.at[0])
     plgpu.copy_gmem_to_smem(v_new_ref.at[pl.ds(base, tokens_per_block)], v_smem, loaded.at[0])
@@ -62,7 +76,9 @@ def _write_block(slot_ref, k_new_ref, v_new_ref, k_out, v_out, k_smem, v_smem, l
 
 
 @functools.partial(jax.jit, static_argnames=("tokens_per_block", "interpret"))
-def write_kv_pages(k_pages, v_pages, k_new, v_new, slot_mapping, *, tokens_per_block: int = 32, interpret: bool = False):
+def write_kv_pages(
+    k_pages, v_pages, k_new, v_new, slot_mapping, *, tokens_per_block: int = 32, interpret: bool = False
+):
     """The Mosaic GPU writer (Hopper; `interpret=True` runs it on the CPU). tokens_per_block is
     reduced to a divisor of T (32 was faster than 8 at 256 and 2048 tokens on an H200,
     docs/benchmarks.md). -> (k_pages, v_pages)."""

@@ -74,12 +74,32 @@ def _smem_transforms(dtype, head_dim):
 
 
 def _kernel(
-    tile_seq_ref, tile_row0_ref, tile_row_end_ref, tile_base_ref, tile_order_ref, live_tiles_ref,  # [W] x 5, [1]
-    kv_lens_ref, page_table_ref, cu_q_lens_ref,  # [R], [R, P_max], [R+1]
-    q_ref, k_ref, v_ref,  # [K, slots, H], [P, S, K, H], [P, S, K, H]
+    tile_seq_ref,
+    tile_row0_ref,
+    tile_row_end_ref,
+    tile_base_ref,
+    tile_order_ref,
+    live_tiles_ref,  # [W] x 5, [1]
+    kv_lens_ref,
+    page_table_ref,
+    cu_q_lens_ref,  # [R], [R, P_max], [R+1]
+    q_ref,
+    k_ref,
+    v_ref,  # [K, slots, H], [P, S, K, H], [P, S, K, H]
     *refs,  # out [K, slots, H]; or, split: out [splits, K, slots, H], lse [splits, K, slots]; scratch
-    group, page_size, pages_per_block, block_kv, num_wgs, num_stages, num_programs, num_kv_heads, scale_log2,
-    p_from_registers, num_splits, acc_in_place, pingpong,
+    group,
+    page_size,
+    pages_per_block,
+    block_kv,
+    num_wgs,
+    num_stages,
+    num_programs,
+    num_kv_heads,
+    scale_log2,
+    p_from_registers,
+    num_splits,
+    acc_in_place,
+    pingpong,
 ):
     if num_splits > 1:
         out_ref, lse_ref, q_smem, k_smem, v_smem, p_smem, lse_smem, *barriers = refs
@@ -126,9 +146,20 @@ def _kernel(
             end_step = jnp.minimum(first_step + per_split, num_steps)
         else:
             first_step, end_step = jnp.int32(0), num_steps
-        return {"kv_head": kv_head, "split": split, "seq": seq, "row0": row0, "row_end": row_end,
-                "offset": offset, "t_last": t_last, "kv_stop": kv_stop, "unmasked_steps": unmasked_steps,
-                "first_step": first_step, "end_step": end_step, "q_base": tile_base_ref[w]}
+        return {
+            "kv_head": kv_head,
+            "split": split,
+            "seq": seq,
+            "row0": row0,
+            "row_end": row_end,
+            "offset": offset,
+            "t_last": t_last,
+            "kv_stop": kv_stop,
+            "unmasked_steps": unmasked_steps,
+            "first_step": first_step,
+            "end_step": end_step,
+            "q_base": tile_base_ref[w],
+        }
 
     # Ring slots count on across items: the c-th K/V block of this program goes to slot c % stages.
     # q has two buffers: item r's q (and then its output) in buffer r % 2.
@@ -153,8 +184,11 @@ def _kernel(
             def fetch(src_ref, dst_smem, full, step, slot):
                 for i in range(pages_per_block):
                     page = page_table_ref[it["seq"], jnp.minimum(step * pages_per_block + i, last_page)]
-                    plgpu.copy_gmem_to_smem(src_ref.at[page, :, it["kv_head"]],
-                                            dst_smem.at[slot, pl.ds(i * page_size, page_size)], full.at[slot])
+                    plgpu.copy_gmem_to_smem(
+                        src_ref.at[page, :, it["kv_head"]],
+                        dst_smem.at[slot, pl.ds(i * page_size, page_size)],
+                        full.at[slot],
+                    )
 
             @pl.loop(it["first_step"], it["end_step"])
             def _step(step):
@@ -261,11 +295,13 @@ def _kernel(
                     plgpu.commit_smem()  # make the stores visible to the tensor cores' async proxy
 
                 if acc_in_place:  # compiled path: wgmma accumulates into the registers it is given
+
                     def pv_into(acc_ref):
                         plgpu.wgmma(acc_ref, p_operand, v_smem.at[slot])
 
                     acc = pl.run_state(pv_into)(plgpu.ACC.init(acc))
                 else:  # GPU interpret mode lacks run_state: a fresh accumulator plus an add
+
                     def pv(acc_ref):
                         plgpu.wgmma(acc_ref, p_operand, v_smem.at[slot])
                         return acc_ref[...]
@@ -294,12 +330,14 @@ def _kernel(
             num_valid = jnp.clip(it["row_end"] - q_row, 0, _WG_ROWS)
             size, lower = _WG_ROWS, _WG_ROWS // 2
             while size >= 8:
+
                 @pl.when((num_valid > (lower if size > 8 else 0)) & (num_valid <= size))
                 def _store(size=size):
                     plgpu.copy_smem_to_gmem(q_view.at[pl.ds(0, size)], out_view.at[it["kv_head"], pl.ds(q_slot, size)])
                     if lse_ref is not None:
-                        plgpu.copy_smem_to_gmem(lse_smem.at[wg, pl.ds(0, size)],
-                                                lse_ref.at[it["split"], it["kv_head"], pl.ds(q_slot, size)])
+                        plgpu.copy_smem_to_gmem(
+                            lse_smem.at[wg, pl.ds(0, size)], lse_ref.at[it["split"], it["kv_head"], pl.ds(q_slot, size)]
+                        )
 
                 size, lower = size // 2, lower // 2
             return count + end_step - first_step
@@ -333,7 +371,12 @@ def _attention_call(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seq
         num_splits = default_splits(num_tokens, num_rows, num_kv_heads, max_kv_blocks, num_sms(interpret))
     num_tiles = max_tiles(num_tokens, num_rows, group, tile_rows)
     tile_seq, tile_row0, tile_row_end, tile_base, tile_order, live_tiles, slot_src, row_slot = plan_tiles(
-        cu_q_lens, num_seqs, group=group, rows_per_tile=tile_rows, num_tiles=num_tiles, num_tokens=num_tokens,
+        cu_q_lens,
+        num_seqs,
+        group=group,
+        rows_per_tile=tile_rows,
+        num_tiles=num_tiles,
+        num_tokens=num_tokens,
         # tiles differ in work: hand out the heaviest first
         kv_lens=kv_lens if is_prefill_shaped(num_tokens, num_rows) else None,
     )
@@ -354,10 +397,20 @@ def _attention_call(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seq
     # decode config's q buffers and ring leave ~3 KiB of the 227).
     p_scratch = None if p_from_registers else plgpu.SMEM((num_wgs, _WG_ROWS, block_kv), q.dtype, transforms=transforms)
     kernel = functools.partial(
-        _kernel, group=group, page_size=page_size, pages_per_block=pages_per_block, block_kv=block_kv,
-        num_wgs=num_wgs, num_stages=num_stages, num_programs=num_programs, num_kv_heads=num_kv_heads,
-        scale_log2=sm_scale * math.log2(math.e), p_from_registers=p_from_registers, num_splits=num_splits,
-        acc_in_place=not interpret, pingpong=config.pingpong and num_wgs == 2,
+        _kernel,
+        group=group,
+        page_size=page_size,
+        pages_per_block=pages_per_block,
+        block_kv=block_kv,
+        num_wgs=num_wgs,
+        num_stages=num_stages,
+        num_programs=num_programs,
+        num_kv_heads=num_kv_heads,
+        scale_log2=sm_scale * math.log2(math.e),
+        p_from_registers=p_from_registers,
+        num_splits=num_splits,
+        acc_in_place=not interpret,
+        pingpong=config.pingpong and num_wgs == 2,
     )
     out_shape = jax.ShapeDtypeStruct((num_kv_heads, slots, head_dim), q.dtype)
     scratch = [
@@ -376,8 +429,10 @@ def _attention_call(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seq
         plgpu.Barrier(num_arrivals=num_wgs),  # sched (ping-pong)
     ]
     if num_splits > 1:
-        out_shape = (jax.ShapeDtypeStruct((num_splits, *out_shape.shape), q.dtype),
-                     jax.ShapeDtypeStruct((num_splits, num_kv_heads, slots), jnp.float32))
+        out_shape = (
+            jax.ShapeDtypeStruct((num_splits, *out_shape.shape), q.dtype),
+            jax.ShapeDtypeStruct((num_splits, num_kv_heads, slots), jnp.float32),
+        )
         scratch.append(plgpu.SMEM((num_wgs, _WG_ROWS), jnp.float32))
     call = plgpu.kernel(
         kernel,
@@ -391,8 +446,20 @@ def _attention_call(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seq
         compiler_params=plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0),
         interpret=plgpu.InterpretGPUParams() if interpret else None,
     )
-    out = call(tile_seq, tile_row0, tile_row_end, tile_base, tile_order, live_tiles, kv_lens, page_table, cu_q_lens,
-               qg, k_pages, v_pages)
+    out = call(
+        tile_seq,
+        tile_row0,
+        tile_row_end,
+        tile_base,
+        tile_order,
+        live_tiles,
+        kv_lens,
+        page_table,
+        cu_q_lens,
+        qg,
+        k_pages,
+        v_pages,
+    )
     if num_splits > 1:
         parts, lse = out
         out = _combine_splits(parts[:, :, row_slot], lse[:, :, row_slot]).astype(q.dtype)
@@ -428,12 +495,24 @@ def ragged_paged_attention(
         raise ValueError(f"q dtype {q.dtype} differs from k_pages dtype {k_pages.dtype}")
     allowed = (jnp.bfloat16, jnp.float16) if not interpret else (jnp.bfloat16, jnp.float16, jnp.float32)
     if q.dtype not in map(jnp.dtype, allowed):
-        raise ValueError(f"q dtype must be one of {[jnp.dtype(d).name for d in allowed]}, got {q.dtype}"
-                         + ("" if interpret else " (float32 runs in interpret mode only)"))
+        raise ValueError(
+            f"q dtype must be one of {[jnp.dtype(d).name for d in allowed]}, got {q.dtype}"
+            + ("" if interpret else " (float32 runs in interpret mode only)")
+        )
     page_size = k_pages.shape[1]
     if page_size % 8 or page_size > 256:
         raise ValueError(f"page size (k_pages.shape[1]) must be a multiple of 8 up to 256, got {page_size}")
     if config is None:
         config = default_config(q.shape[0], kv_lens.shape[0])
-    return _attention_call(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs,
-                           sm_scale=sm_scale, config=config, interpret=interpret)
+    return _attention_call(
+        q,
+        k_pages,
+        v_pages,
+        kv_lens,
+        page_table,
+        cu_q_lens,
+        num_seqs,
+        sm_scale=sm_scale,
+        config=config,
+        interpret=interpret,
+    )

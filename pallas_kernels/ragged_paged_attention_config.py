@@ -1,7 +1,7 @@
 """Tuning knobs of the ragged paged attention kernel, and their choice by a batch's static shape.
 
-    RaggedPagedAttentionConfig (frozen; validated) <- default_config(T, R): DECODE_CONFIG or
-    PREFILL_CONFIG;  kv_splits None <- default_splits(...): flash-decoding splits that fill the SMs
+RaggedPagedAttentionConfig (frozen; validated) <- default_config(T, R): DECODE_CONFIG or
+PREFILL_CONFIG;  kv_splits None <- default_splits(...): flash-decoding splits that fill the SMs
 """
 
 from __future__ import annotations
@@ -74,8 +74,9 @@ def default_config(num_tokens: int, num_rows: int) -> RaggedPagedAttentionConfig
     return PREFILL_CONFIG if is_prefill_shaped(num_tokens, num_rows) else DECODE_CONFIG
 
 
-def default_splits(num_tokens: int, num_rows: int, num_kv_heads: int, max_kv_blocks: int,
-                   num_programs: int = _NUM_SMS) -> int:
+def default_splits(
+    num_tokens: int, num_rows: int, num_kv_heads: int, max_kv_blocks: int, num_programs: int = _NUM_SMS
+) -> int:
     """KV splits for a batch shape. Prefill-shaped batches: none. Decode-shaped ones (one tile per
     sequence): the fewest splits (at most 16, at least two KV blocks each, of the longest sequence
     the page table can hold) whose (sequence, kv head, split) items fill >= 90% of the rounds of

@@ -42,8 +42,7 @@ def _search(sorted_values, queries):
     return jnp.searchsorted(sorted_values, queries, side="right", method="scan_unrolled").astype(jnp.int32)
 
 
-def plan_tiles(cu_q_lens, num_seqs, *, group: int, rows_per_tile: int, num_tiles: int, num_tokens: int,
-               kv_lens=None):
+def plan_tiles(cu_q_lens, num_seqs, *, group: int, rows_per_tile: int, num_tiles: int, num_tokens: int, kv_lens=None):
     """The tiles of a batch and the gathers that move rows into and out of their slots.
 
     -> tile_seq, tile_row0, tile_row_end, tile_base, tile_order [W], live_tiles [1],
@@ -109,5 +108,8 @@ def rows_to_tokens(rows, num_tokens: int, num_heads: int):
     """[K, T*G, H] rows (slots already gathered back with row_slot) -> [T, N, H]."""
     num_kv_heads, _, head_dim = rows.shape
     group = num_heads // num_kv_heads
-    return rows.reshape(num_kv_heads, num_tokens, group, head_dim).transpose(1, 0, 2, 3).reshape(
-        num_tokens, num_heads, head_dim)
+    return (
+        rows.reshape(num_kv_heads, num_tokens, group, head_dim)
+        .transpose(1, 0, 2, 3)
+        .reshape(num_tokens, num_heads, head_dim)
+    )

@@ -34,13 +34,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pallas_kernels.ragged_paged_attention_config import DECODE_CONFIG, PREFILL_CONFIG, default_splits  # noqa: E402
 from pallas_kernels import (  # noqa: E402
     ragged_paged_attention,
     ragged_paged_attention_reference,
     write_kv_pages_reference,
 )
 from pallas_kernels.kv_cache_update import write_kv_pages  # noqa: E402
+from pallas_kernels.ragged_paged_attention_config import DECODE_CONFIG, PREFILL_CONFIG, default_splits  # noqa: E402
 from pallas_kernels.ragged_tiles import max_tiles, plan_tiles, rows_into_slots, rows_to_tokens  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -87,6 +87,7 @@ def zero_from(out):
 
 def chain_on_lens(call, lens_index):
     """make_chain for a function whose argument `lens_index` is an int32 lengths array."""
+
     def make(calls):
         def run(*args):
             args = list(args)
@@ -96,7 +97,9 @@ def chain_on_lens(call, lens_index):
                     args[lens_index] = args[lens_index] + zero_from(out)
                 out = call(*args)
             return out
+
         return run
+
     return make
 
 
@@ -145,8 +148,11 @@ def make_batch(key, q_lens, kv_lens, *, num_heads, num_kv_heads, head_dim, page_
     shape = (num_pages, page_size, num_kv_heads, head_dim)
     return dict(
         q=jax.random.normal(kq, (total + pad_tokens, num_heads, head_dim), dtype),
-        k_pages=jax.random.normal(kk, shape, dtype), v_pages=jax.random.normal(kv_, shape, dtype),
-        kv_lens=jnp.asarray(lens), page_table=jnp.asarray(page_table), cu_q_lens=jnp.asarray(cu),
+        k_pages=jax.random.normal(kk, shape, dtype),
+        v_pages=jax.random.normal(kv_, shape, dtype),
+        kv_lens=jnp.asarray(lens),
+        page_table=jnp.asarray(page_table),
+        cu_q_lens=jnp.asarray(cu),
         num_seqs=jnp.array([rows], jnp.int32),
     )
 
@@ -165,17 +171,28 @@ def check_correctness(results, check_variants):
     ]
     worst = 0.0
     for i, (q_lens, kv_lens, group, head_dim, page_size) in enumerate(cases):
-        args = make_batch(jax.random.key(10 + i), q_lens, kv_lens, num_heads=2 * group, num_kv_heads=2,
-                          head_dim=head_dim, page_size=page_size, dtype=DT, pad_tokens=5)
+        args = make_batch(
+            jax.random.key(10 + i),
+            q_lens,
+            kv_lens,
+            num_heads=2 * group,
+            num_kv_heads=2,
+            head_dim=head_dim,
+            page_size=page_size,
+            dtype=DT,
+            pad_tokens=5,
+        )
         f32 = {k: (v.astype(jnp.float32) if v.dtype == DT else v) for k, v in args.items()}
         ref = ragged_paged_attention_reference(**f32, sm_scale=head_dim**-0.5)
-        extra = [("split5", dataclasses.replace(PREFILL_CONFIG, kv_splits=5)),
-                 ("split5_pp_3prog", dataclasses.replace(PREFILL_CONFIG, kv_splits=5, pingpong=True, num_programs=3))]
+        extra = [
+            ("split5", dataclasses.replace(PREFILL_CONFIG, kv_splits=5)),
+            ("split5_pp_3prog", dataclasses.replace(PREFILL_CONFIG, kv_splits=5, pingpong=True, num_programs=3)),
+        ]
         for name, cfg in [(n, c) for n, c in VARIANTS.items() if n in check_variants] + extra:
             try:
                 out = ragged_paged_attention(**args, sm_scale=head_dim**-0.5, config=cfg)
                 err = rel_err(out, ref)
-                padding_zero = bool(np.all(np.asarray(out[sum(q_lens):], np.float32) == 0))
+                padding_zero = bool(np.all(np.asarray(out[sum(q_lens) :], np.float32) == 0))
             except Exception as e:  # noqa: BLE001 - report and go on with the other variants
                 err, padding_zero = float("nan"), False
                 log(f"  case {i} {name}: FAILED {type(e).__name__}: {str(e)[:400]}")
@@ -184,8 +201,13 @@ def check_correctness(results, check_variants):
             results["correctness"].append(dict(case=i, variant=name, rel_err=err, ok=ok))
             log(f"  case {i} G={group} H={head_dim} S={page_size} {name}: rel err {err:.2e} {'ok' if ok else 'BAD'}")
         # The reference in bf16 against f32, to show the rounding floor of bf16 inputs.
-        results["correctness"].append(dict(case=i, variant="reference_bf16",
-                                           rel_err=rel_err(ragged_paged_attention_reference(**args, sm_scale=head_dim**-0.5), ref)))
+        results["correctness"].append(
+            dict(
+                case=i,
+                variant="reference_bf16",
+                rel_err=rel_err(ragged_paged_attention_reference(**args, sm_scale=head_dim**-0.5), ref),
+            )
+        )
     return worst
 
 
@@ -196,10 +218,28 @@ def check_greedy(results):
     from models.llama import create_model
 
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    cfg = dict(architecture="LlamaForCausalLM", vocab_size=512, hidden_size=512, intermediate_size=1024, num_layers=2,
-               num_heads=8, num_kv_heads=2, head_dim=64, rms_norm_eps=1e-5, rope_theta=10000.0, rope_scaling=None,
-               tie_word_embeddings=False, qkv_bias=False, o_bias=False, mlp_bias=False, max_position_embeddings=4096,
-               sliding_window=None, bos_token_id=None, eos_token_ids=(), dtype="bfloat16")
+    cfg = dict(
+        architecture="LlamaForCausalLM",
+        vocab_size=512,
+        hidden_size=512,
+        intermediate_size=1024,
+        num_layers=2,
+        num_heads=8,
+        num_kv_heads=2,
+        head_dim=64,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        rope_scaling=None,
+        tie_word_embeddings=False,
+        qkv_bias=False,
+        o_bias=False,
+        mlp_bias=False,
+        max_position_embeddings=4096,
+        sliding_window=None,
+        bos_token_id=None,
+        eos_token_ids=(),
+        dtype="bfloat16",
+    )
     cfg = ModelConfig(**{k: v for k, v in cfg.items() if k in fields})
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, 512, n).tolist() for n in (5, 70, 200, 1)]
@@ -207,12 +247,16 @@ def check_greedy(results):
     for impl in ("reference", "pallas"):
         model = create_model(cfg, dtype=jnp.bfloat16, attention_impl=impl, seed=0)
         tokens[impl] = greedy_generate(model, prompts, 24)
-    first_diff = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
-                  for a, b in zip(tokens["reference"], tokens["pallas"])]
+    first_diff = [
+        next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        for a, b in zip(tokens["reference"], tokens["pallas"])
+    ]
     same = all(d is None or d >= 8 for d in first_diff)  # bf16 random model: late near-ties happen
     results["greedy"] = dict(same_first_8=same, first_divergence=first_diff, tokens=tokens)
-    log(f"  greedy tokens identical over the first 8 new tokens: {same}; first divergence per prompt "
-        f"(of 24, None = identical): {first_diff}")
+    log(
+        f"  greedy tokens identical over the first 8 new tokens: {same}; first divergence per prompt "
+        f"(of 24, None = identical): {first_diff}"
+    )
     if not same:
         for a, b in zip(tokens["reference"], tokens["pallas"]):
             log(f"    ref {a}\n    pal {b}")
@@ -233,8 +277,9 @@ def xla_ops_only(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs):
     num_kv_heads, num_rows = k_pages.shape[2], kv_lens.shape[0]
     group, rows_per_tile = num_heads // num_kv_heads, 64 * DECODE_CONFIG.compute_warpgroups
     tiles = max_tiles(num_tokens, num_rows, group, rows_per_tile)
-    *plan, slot_src, row_slot = plan_tiles(cu_q_lens, num_seqs, group=group, rows_per_tile=rows_per_tile,
-                                           num_tiles=tiles, num_tokens=num_tokens)
+    *plan, slot_src, row_slot = plan_tiles(
+        cu_q_lens, num_seqs, group=group, rows_per_tile=rows_per_tile, num_tiles=tiles, num_tokens=num_tokens
+    )
     qg = rows_into_slots(q, slot_src, num_kv_heads)
     used = sum(x.sum() for x in plan) + kv_lens.sum() + page_table[0, 0]  # keep every plan output live
     out = rows_to_tokens(jnp.where(used == -12345, 0, qg)[:, row_slot], num_tokens, num_heads)
@@ -246,8 +291,17 @@ def bench_decode(results, copy_bw, batches, kv_lens_list, page_size, variants, w
     old = deprecated_paged_attention() if with_peers else None
     for b in batches:
         for kv in kv_lens_list:
-            args = make_batch(jax.random.key(b * 7 + kv), [1] * b, [kv] * b, num_heads=N, num_kv_heads=K, head_dim=H,
-                              page_size=page_size, dtype=DT, pad_rows=0)
+            args = make_batch(
+                jax.random.key(b * 7 + kv),
+                [1] * b,
+                [kv] * b,
+                num_heads=N,
+                num_kv_heads=K,
+                head_dim=H,
+                page_size=page_size,
+                dtype=DT,
+                pad_rows=0,
+            )
             nbytes = 2 * b * kv * K * H * 2 + 2 * b * N * H * 2  # K/V pages read + q read + out written
             row = dict(batch=b, kv_len=kv, page_size=page_size, bytes=nbytes)
             names = list(args)
@@ -262,15 +316,20 @@ def bench_decode(results, copy_bw, batches, kv_lens_list, page_size, variants, w
                 except Exception as e:  # noqa: BLE001
                     log(f"  decode {b}x{kv} {vname}: FAILED {type(e).__name__}: {str(e)[:300]}")
             try:
-                row["xla_ops"], _ = timeit(chain_on_lens(xla_ops_only, lens_index), [args[n] for n in names],
-                                           calls=calls)
+                row["xla_ops"], _ = timeit(
+                    chain_on_lens(xla_ops_only, lens_index), [args[n] for n in names], calls=calls
+                )
             except Exception as e:  # noqa: BLE001
                 log(f"  decode {b}x{kv} xla_ops: FAILED {type(e).__name__}: {str(e)[:300]}")
             if with_peers and with_reference:
                 ref = lambda *a: ragged_paged_attention_reference(*a, sm_scale=H**-0.5)  # noqa: E731
                 try:
-                    row["reference"], _ = timeit(chain_on_lens(ref, lens_index), [args[n] for n in names],
-                                                 calls=2 if b * kv >= 64 * 8192 else 4, repeats=3)
+                    row["reference"], _ = timeit(
+                        chain_on_lens(ref, lens_index),
+                        [args[n] for n in names],
+                        calls=2 if b * kv >= 64 * 8192 else 4,
+                        repeats=3,
+                    )
                 except Exception as e:  # noqa: BLE001
                     log(f"  decode {b}x{kv} reference: FAILED {type(e).__name__}: {str(e)[:300]}")
             if with_peers:
@@ -280,20 +339,26 @@ def bench_decode(results, copy_bw, batches, kv_lens_list, page_size, variants, w
                 pps = args["page_table"].shape[1]
                 splits = math.gcd(16, pps)
                 ppcb = math.gcd(max(1, 128 // page_size), pps // splits)
-                dep = lambda q, kp, vp, bt, ln: old(q, kp, vp, bt, ln, k_splits=splits,  # noqa: E731
-                                                     pages_per_compute_block=ppcb)
+
+                def dep(q, kp, vp, bt, ln, splits=splits, ppcb=ppcb):
+                    return old(q, kp, vp, bt, ln, k_splits=splits, pages_per_compute_block=ppcb)
+
                 try:
                     out = dep(args["q"], kp, vp, args["page_table"], args["kv_lens"])
                     ours = ragged_paged_attention(**args, sm_scale=1.0)
                     row["deprecated_err"] = rel_err(out, ours)  # both unscaled: the old kernel has no sm_scale
-                    row["deprecated"], _ = timeit(chain_on_lens(dep, 4), [args["q"], kp, vp, args["page_table"],
-                                                                          args["kv_lens"]], calls=calls)
+                    row["deprecated"], _ = timeit(
+                        chain_on_lens(dep, 4), [args["q"], kp, vp, args["page_table"], args["kv_lens"]], calls=calls
+                    )
                 except Exception as e:  # noqa: BLE001
                     log(f"  decode {b}x{kv} deprecated: FAILED {type(e).__name__}: {str(e)[:300]}")
                 del kp, vp
             del args
-            msg = " ".join(f"{k}={v * 1e6:.1f}us({nbytes / v / copy_bw:.0%})" for k, v in row.items()
-                           if k in VARIANTS or k in ("reference", "deprecated"))
+            msg = " ".join(
+                f"{k}={v * 1e6:.1f}us({nbytes / v / copy_bw:.0%})"
+                for k, v in row.items()
+                if k in VARIANTS or k in ("reference", "deprecated")
+            )
             msg += f" xla_ops_only={row.get('xla_ops', float('nan')) * 1e6:.1f}us"
             log(f"  decode B={b} kv={kv} S={page_size}: {msg}")
             results["decode"].append(row)
@@ -301,8 +366,17 @@ def bench_decode(results, copy_bw, batches, kv_lens_list, page_size, variants, w
 
 def bench_prefill(results, mm_rate, variants):
     for seqs, length in ((1, 2048), (8, 512)):
-        args = make_batch(jax.random.key(seqs), [length] * seqs, [length] * seqs, num_heads=N, num_kv_heads=K,
-                          head_dim=H, page_size=64, dtype=DT, pad_rows=0)
+        args = make_batch(
+            jax.random.key(seqs),
+            [length] * seqs,
+            [length] * seqs,
+            num_heads=N,
+            num_kv_heads=K,
+            head_dim=H,
+            page_size=64,
+            dtype=DT,
+            pad_rows=0,
+        )
         flops = seqs * 4 * N * H * length * (length + 1) // 2  # QK and PV over the causal triangle
         row = dict(seqs=seqs, q_len=length, flops=flops)
         names = list(args)
@@ -314,9 +388,14 @@ def bench_prefill(results, mm_rate, variants):
             except Exception as e:  # noqa: BLE001
                 log(f"  prefill {seqs}x{length} {vname}: FAILED {type(e).__name__}: {str(e)[:300]}")
         ref = lambda *a: ragged_paged_attention_reference(*a, sm_scale=H**-0.5)  # noqa: E731
-        row["reference"], _ = timeit(chain_on_lens(ref, names.index("kv_lens")), [args[n] for n in names], calls=2, repeats=3)
-        msg = " ".join(f"{k}={v * 1e6:.1f}us({flops / v / 1e12:.0f}TF,{flops / v / mm_rate:.0%})" for k, v in row.items()
-                       if k in VARIANTS or k == "reference")
+        row["reference"], _ = timeit(
+            chain_on_lens(ref, names.index("kv_lens")), [args[n] for n in names], calls=2, repeats=3
+        )
+        msg = " ".join(
+            f"{k}={v * 1e6:.1f}us({flops / v / 1e12:.0f}TF,{flops / v / mm_rate:.0%})"
+            for k, v in row.items()
+            if k in VARIANTS or k == "reference"
+        )
         log(f"  prefill {seqs}x{length}: {msg}")
         results["prefill"].append(row)
 
@@ -324,8 +403,17 @@ def bench_prefill(results, mm_rate, variants):
 def bench_split_sweep(results, copy_bw, shapes, split_list, page_size=64):
     """decode_cfg with each kv_splits at a few small-batch shapes (what `default_splits` is tuned on)."""
     for b, kv in shapes:
-        args = make_batch(jax.random.key(b * 7 + kv), [1] * b, [kv] * b, num_heads=N, num_kv_heads=K, head_dim=H,
-                          page_size=page_size, dtype=DT, pad_rows=0)
+        args = make_batch(
+            jax.random.key(b * 7 + kv),
+            [1] * b,
+            [kv] * b,
+            num_heads=N,
+            num_kv_heads=K,
+            head_dim=H,
+            page_size=page_size,
+            dtype=DT,
+            pad_rows=0,
+        )
         nbytes = 2 * b * kv * K * H * 2 + 2 * b * N * H * 2
         names = list(args)
         auto = default_splits(b, b, K, -(-args["page_table"].shape[1] * page_size // DECODE_CONFIG.block_kv))
@@ -336,13 +424,18 @@ def bench_split_sweep(results, copy_bw, shapes, split_list, page_size=64):
             cfg = dataclasses.replace(DECODE_CONFIG, kv_splits=sp)
             fn = lambda *a, cfg=cfg: ragged_paged_attention(*a, sm_scale=H**-0.5, config=cfg)  # noqa: E731
             try:
-                row["times"][sp], _ = timeit(chain_on_lens(fn, names.index("kv_lens")), [args[n] for n in names],
-                                             calls=16 if b * kv >= 64 * 2048 else 64)
+                row["times"][sp], _ = timeit(
+                    chain_on_lens(fn, names.index("kv_lens")),
+                    [args[n] for n in names],
+                    calls=16 if b * kv >= 64 * 2048 else 64,
+                )
             except Exception as e:  # noqa: BLE001
                 log(f"  sweep {b}x{kv} splits {sp}: FAILED {type(e).__name__}: {str(e)[:300]}")
         del args
-        log(f"  splits B={b} kv={kv} (auto {auto}): " + " ".join(
-            f"{sp}={t * 1e6:.1f}us({nbytes / t / copy_bw:.0%})" for sp, t in row["times"].items()))
+        log(
+            f"  splits B={b} kv={kv} (auto {auto}): "
+            + " ".join(f"{sp}={t * 1e6:.1f}us({nbytes / t / copy_bw:.0%})" for sp, t in row["times"].items())
+        )
         results["split_sweep"].append(row)
 
 
@@ -359,10 +452,14 @@ def bench_kv_write(results, copy_bw, calls=16):
         slots = slots.reshape(calls, tokens).at[:, tokens // 3].set(num_pages * page_size)  # padding: dropped
         nbytes = 2 * 2 * tokens * K * H * 2  # new rows read, page rows written, K and V
         row = dict(tokens=tokens, bytes=nbytes)
-        impls = {"xla_scatter": write_kv_pages_reference, "pallas_writer": write_kv_pages,
-                 "pallas_writer_tb32": functools.partial(write_kv_pages, tokens_per_block=32)}
+        impls = {
+            "xla_scatter": write_kv_pages_reference,
+            "pallas_writer": write_kv_pages,
+            "pallas_writer_tb32": functools.partial(write_kv_pages, tokens_per_block=32),
+        }
         sums = {}
         for name, impl in impls.items():
+
             def chain(kp, vp, k, v, s, n, impl=impl):
                 for i in range(n):
                     kp, vp = impl(kp, vp, k, v, s[i])
@@ -386,19 +483,28 @@ def bench_kv_write(results, copy_bw, calls=16):
             del kp, vp
         row["same_result"] = all(v == sums["xla_scatter"] for v in sums.values())
         results["kv_write"].append(row)
-        log(f"  kv write T={tokens}: " + " ".join(f"{n}={row[n] * 1e6:.1f}us({nbytes / row[n] / 1e9:.0f} GB/s)"
-                                               for n in impls) + f"; same pages after one write: {row['same_result']}")
+        log(
+            f"  kv write T={tokens}: "
+            + " ".join(f"{n}={row[n] * 1e6:.1f}us({nbytes / row[n] / 1e9:.0f} GB/s)" for n in impls)
+            + f"; same pages after one write: {row['same_result']}"
+        )
 
 
 def markdown(results):
     copy_bw, mm = results["copy_bw"], results["matmul_rate"]
-    lines = [f"Device: {results['device']}; {results['date']}; JAX {jax.__version__}. "
-             f"Copy bandwidth {copy_bw / 1e12:.2f} TB/s (read + write; the higher of XLA "
-             f"{results.get('xla_copy_bw', 0) / 1e12:.2f} and torch {(results.get('torch_copy_bw') or 0) / 1e12:.2f}), "
-             f"bf16 matmul {mm / 1e12:.0f} TFLOP/s, this run.", ""]
+    lines = [
+        f"Device: {results['device']}; {results['date']}; JAX {jax.__version__}. "
+        f"Copy bandwidth {copy_bw / 1e12:.2f} TB/s (read + write; the higher of XLA "
+        f"{results.get('xla_copy_bw', 0) / 1e12:.2f} and torch {(results.get('torch_copy_bw') or 0) / 1e12:.2f}), "
+        f"bf16 matmul {mm / 1e12:.0f} TFLOP/s, this run.",
+        "",
+    ]
     variants = [v for v in VARIANTS if any(v in r for r in results["decode"])]
-    head = (["batch", "kv_len", "S"] + [f"{v} us (% copy)" for v in variants]
-            + ["deprecated us (%)", "reference us (%)", "best / deprecated", "XLA ops alone us"])
+    head = (
+        ["batch", "kv_len", "S"]
+        + [f"{v} us (% copy)" for v in variants]
+        + ["deprecated us (%)", "reference us (%)", "best / deprecated", "XLA ops alone us"]
+    )
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results["decode"]:
         cells = [str(r["batch"]), str(r["kv_len"]), str(r["page_size"])]
@@ -410,8 +516,11 @@ def markdown(results):
         cells.append(f"{r['xla_ops'] * 1e6:.1f}" if r.get("xla_ops") else "-")
         lines.append("| " + " | ".join(cells) + " |")
     pvariants = [v for v in VARIANTS if any(v in r for r in results["prefill"])]
-    lines += ["", "| prefill | " + " | ".join(f"{v} us (TFLOP/s, % matmul)" for v in pvariants + ["reference"]) + " |",
-              "|---|" + "---|" * (len(pvariants) + 1)]
+    lines += [
+        "",
+        "| prefill | " + " | ".join(f"{v} us (TFLOP/s, % matmul)" for v in pvariants + ["reference"]) + " |",
+        "|---|" + "---|" * (len(pvariants) + 1),
+    ]
     for r in results["prefill"]:
         cells = [f"{r['seqs']} x {r['q_len']}"]
         for v in pvariants + ["reference"]:
@@ -420,30 +529,45 @@ def markdown(results):
         lines.append("| " + " | ".join(cells) + " |")
     if results["split_sweep"]:
         splits = sorted({sp for r in results["split_sweep"] for sp in r["times"]})
-        lines += ["", "| batch x kv_len (auto) | " + " | ".join(f"splits {sp} us" for sp in splits) + " |",
-                  "|---|" + "---|" * len(splits)]
+        lines += [
+            "",
+            "| batch x kv_len (auto) | " + " | ".join(f"splits {sp} us" for sp in splits) + " |",
+            "|---|" + "---|" * len(splits),
+        ]
         for r in results["split_sweep"]:
-            lines.append(f"| {r['batch']} x {r['kv_len']} ({r['auto']}) | " + " | ".join(
-                f"{r['times'][sp] * 1e6:.1f}" if sp in r["times"] else "-" for sp in splits) + " |")
+            lines.append(
+                f"| {r['batch']} x {r['kv_len']} ({r['auto']}) | "
+                + " | ".join(f"{r['times'][sp] * 1e6:.1f}" if sp in r["times"] else "-" for sp in splits)
+                + " |"
+            )
     if results["kv_write"]:
         names = ("xla_scatter", "pallas_writer", "pallas_writer_tb32")
-        lines += ["", "| K/V write tokens | " + " | ".join(f"{n} us (GB/s)" for n in names) + " | same pages |",
-                  "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "| K/V write tokens | " + " | ".join(f"{n} us (GB/s)" for n in names) + " | same pages |",
+            "|---|---|---|---|---|",
+        ]
         for r in results["kv_write"]:
-            lines.append(f"| {r['tokens']} | " + " | ".join(
-                f"{r[n] * 1e6:.1f} ({r['bytes'] / r[n] / 1e9:.0f})" for n in names)
-                + f" | {r['same_result']} |")
+            lines.append(
+                f"| {r['tokens']} | "
+                + " | ".join(f"{r[n] * 1e6:.1f} ({r['bytes'] / r[n] / 1e9:.0f})" for n in names)
+                + f" | {r['same_result']} |"
+            )
     return "\n".join(lines)
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
-    ap.add_argument("--skip", default="", help="comma list of: check,greedy,decode,sweep,prefill,kvwrite,peers,reference")
+    ap.add_argument(
+        "--skip", default="", help="comma list of: check,greedy,decode,sweep,prefill,kvwrite,peers,reference"
+    )
     ap.add_argument("--variants", default=DECODE_VARIANTS, help="decode variants")
     ap.add_argument("--prefill-variants", default=PREFILL_VARIANTS)
     ap.add_argument("--check-variants", default=",".join(VARIANTS), help="variants checked against the reference")
-    ap.add_argument("--sweep", default="1x2048,1x8192,8x512,8x2048,8x8192,64x2048", help="batch x kv_len for the split sweep")
+    ap.add_argument(
+        "--sweep", default="1x2048,1x8192,8x512,8x2048,8x8192,64x2048", help="batch x kv_len for the split sweep"
+    )
     ap.add_argument("--splits", default="1,2,4,8,16,32")
     ap.add_argument("--batches", default="1,8,64,256")
     ap.add_argument("--kv-lens", default="512,2048,8192")
@@ -452,16 +576,26 @@ def main():
     skip = set(filter(None, args.skip.split(",")))
     variants = args.variants.split(",")
     dev = jax.devices()[0]
-    results = dict(device=f"{dev.device_kind} ({dev.platform})", date=datetime.date.today().isoformat(),
-                   command=" ".join(sys.argv), correctness=[], decode=[], prefill=[], kv_write=[], split_sweep=[])
+    results = dict(
+        device=f"{dev.device_kind} ({dev.platform})",
+        date=datetime.date.today().isoformat(),
+        command=" ".join(sys.argv),
+        correctness=[],
+        decode=[],
+        prefill=[],
+        kv_write=[],
+        split_sweep=[],
+    )
     out = Path(args.out)
     torch_bw = torch_copy_bandwidth()
     log(f"device {results['device']}, jax {jax.__version__}")
     xla_bw, mm = ceilings()
     copy_bw = max(xla_bw, torch_bw or 0)  # the higher ceiling: fractions are not flattered
     results.update(copy_bw=copy_bw, xla_copy_bw=xla_bw, torch_copy_bw=torch_bw, matmul_rate=mm)
-    log(f"copy bandwidth: XLA add {xla_bw / 1e12:.2f} TB/s, torch copy_ {(torch_bw or 0) / 1e12:.2f} TB/s; "
-        f"bf16 matmul {mm / 1e12:.0f} TFLOP/s")
+    log(
+        f"copy bandwidth: XLA add {xla_bw / 1e12:.2f} TB/s, torch copy_ {(torch_bw or 0) / 1e12:.2f} TB/s; "
+        f"bf16 matmul {mm / 1e12:.0f} TFLOP/s"
+    )
     try:
         if "check" not in skip:
             log("correctness (bf16 on the device vs the f32 reference):")
@@ -474,9 +608,16 @@ def main():
         if "decode" not in skip:
             log("decode:")
             for s in map(int, args.page_sizes.split(",")):
-                bench_decode(results, copy_bw, list(map(int, args.batches.split(","))),
-                             list(map(int, args.kv_lens.split(","))), s, variants, "peers" not in skip,
-                             "reference" not in skip)
+                bench_decode(
+                    results,
+                    copy_bw,
+                    list(map(int, args.batches.split(","))),
+                    list(map(int, args.kv_lens.split(","))),
+                    s,
+                    variants,
+                    "peers" not in skip,
+                    "reference" not in skip,
+                )
         if "sweep" not in skip:
             log("kv splits sweep (decode_cfg):")
             shapes = [tuple(map(int, x.split("x"))) for x in args.sweep.split(",") if x]

@@ -32,15 +32,24 @@ def main() -> None:
     def batch(r: int, cut: bool, sampled: bool, penalties: bool, slots: int) -> S.SamplingBatch:
         f = lambda v: jnp.full((r,), v, jnp.float32)  # noqa: E731
         return S.SamplingBatch(
-            temperature=f(0.8 if sampled else 0.0), top_k=jnp.full((r,), 50 if cut else args.vocab, jnp.int32),
-            top_p=f(0.9 if cut else 1.0), min_p=f(0.0), repetition_penalty=f(1.1 if penalties else 1.0),
-            presence_penalty=f(0.0), frequency_penalty=f(0.0),
-            bias_ids=jnp.full((r, MAX_LOGIT_BIAS), args.vocab, jnp.int32), bias_values=jnp.zeros((r, MAX_LOGIT_BIAS)),
-            seeds=jnp.arange(r, dtype=jnp.uint32), counters=jnp.zeros(r, jnp.int32), wants_logprobs=jnp.ones(r, bool),
+            temperature=f(0.8 if sampled else 0.0),
+            top_k=jnp.full((r,), 50 if cut else args.vocab, jnp.int32),
+            top_p=f(0.9 if cut else 1.0),
+            min_p=f(0.0),
+            repetition_penalty=f(1.1 if penalties else 1.0),
+            presence_penalty=f(0.0),
+            frequency_penalty=f(0.0),
+            bias_ids=jnp.full((r, MAX_LOGIT_BIAS), args.vocab, jnp.int32),
+            bias_values=jnp.zeros((r, MAX_LOGIT_BIAS)),
+            seeds=jnp.arange(r, dtype=jnp.uint32),
+            counters=jnp.zeros(r, jnp.int32),
+            wants_logprobs=jnp.ones(r, bool),
             processor_mask=jnp.zeros((0, r), bool),
             row_slot=jnp.arange(r, dtype=jnp.int32) if penalties else jnp.full((r,), slots, jnp.int32),
-            reset_slots=jnp.full((r,), slots, jnp.int32), token_slot=jnp.full((r,), slots, jnp.int32),
-            token_is_output=jnp.zeros(r, bool))
+            reset_slots=jnp.full((r,), slots, jnp.int32),
+            token_slot=jnp.full((r,), slots, jnp.int32),
+            token_is_output=jnp.zeros(r, bool),
+        )
 
     def device_ms(fn, *xs) -> float:
         jax.block_until_ready(fn(*xs))

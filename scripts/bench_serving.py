@@ -34,8 +34,15 @@ from bench_throughput import random_prompts  # noqa: E402  (scripts are not a pa
 
 
 async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: list[int], output_len: int) -> dict:
-    body = {"model": model, "prompt": prompt, "max_tokens": output_len, "temperature": 1.0, "ignore_eos": True,
-            "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": output_len,
+        "temperature": 1.0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     start = time.perf_counter()
     ttft, chunk_times, usage, error = None, [], None, None
     async with client.stream("POST", url, json=body) as r:
@@ -56,9 +63,15 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: l
                 chunk_times.append(now)
     end = time.perf_counter()
     out = usage["completion_tokens"] if usage else 0
-    return dict(error=error, ttft=ttft, e2e=end - start, output_tokens=out,
-                prompt_tokens=usage["prompt_tokens"] if usage else 0,
-                itl=np.diff(chunk_times).tolist(), tpot=(end - start - ttft) / (out - 1) if out > 1 and ttft else None)
+    return dict(
+        error=error,
+        ttft=ttft,
+        e2e=end - start,
+        output_tokens=out,
+        prompt_tokens=usage["prompt_tokens"] if usage else 0,
+        itl=np.diff(chunk_times).tolist(),
+        tpot=(end - start - ttft) / (out - 1) if out > 1 and ttft else None,
+    )
 
 
 async def run(args) -> dict:
@@ -115,12 +128,20 @@ def summarize(args, elapsed: float, results: list[dict], probe: list[float]) -> 
         p50, p99 = np.percentile(values, [50, 99])
         return dict(mean=float(values.mean()), p50=float(p50), p99=float(p99))
 
-    return dict(completed=len(ok), failed=failed, elapsed_s=elapsed, requests_per_second=len(ok) / elapsed,
-                output_tokens_per_second=out_tokens / elapsed,
-                total_tokens_per_second=(in_tokens + out_tokens) / elapsed,
-                output_tokens=out_tokens, ttft_ms=stats(r["ttft"] for r in ok), tpot_ms=stats(r["tpot"] for r in ok),
-                itl_ms=stats(v for r in ok for v in r["itl"]), e2e_ms=stats(r["e2e"] for r in ok),
-                health_ms=stats(probe))
+    return dict(
+        completed=len(ok),
+        failed=failed,
+        elapsed_s=elapsed,
+        requests_per_second=len(ok) / elapsed,
+        output_tokens_per_second=out_tokens / elapsed,
+        total_tokens_per_second=(in_tokens + out_tokens) / elapsed,
+        output_tokens=out_tokens,
+        ttft_ms=stats(r["ttft"] for r in ok),
+        tpot_ms=stats(r["tpot"] for r in ok),
+        itl_ms=stats(v for r in ok for v in r["itl"]),
+        e2e_ms=stats(r["e2e"] for r in ok),
+        health_ms=stats(probe),
+    )
 
 
 def main() -> None:
@@ -135,16 +156,22 @@ def main() -> None:
     p.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (Poisson); inf: all at once")
     p.add_argument("--max-concurrency", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--probe-interval", type=float, default=0.1,
-                   help="seconds between GET /health probes during the run (0: none); their latency shows "
-                        "whether the event loop stays responsive under load")
+    p.add_argument(
+        "--probe-interval",
+        type=float,
+        default=0.1,
+        help="seconds between GET /health probes during the run (0: none); their latency shows "
+        "whether the event loop stays responsive under load",
+    )
     p.add_argument("--output-json", default=None)
     args = p.parse_args()
     run_result = asyncio.run(run(args))
     s = summarize(args, run_result["elapsed"], run_result["results"], run_result["probe"])
     print(f"Completed {s['completed']} requests ({s['failed']} failed) in {s['elapsed_s']:.2f} s")
-    print(f"Throughput: {s['requests_per_second']:.2f} requests/s, {s['total_tokens_per_second']:.2f} total tokens/s, "
-          f"{s['output_tokens_per_second']:.2f} output tokens/s")
+    print(
+        f"Throughput: {s['requests_per_second']:.2f} requests/s, {s['total_tokens_per_second']:.2f} total tokens/s, "
+        f"{s['output_tokens_per_second']:.2f} output tokens/s"
+    )
     for name in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms", "health_ms"):
         v = s[name]
         print(f"{name[:-3].upper():>5} ms: mean {v['mean']:.1f}, p50 {v['p50']:.1f}, p99 {v['p99']:.1f}")

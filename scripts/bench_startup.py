@@ -45,8 +45,12 @@ def first_token_seconds(base_url: str, proc: subprocess.Popen, t0: float, timeou
 
 def gpu_memory_used_mib() -> float | None:
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=10).stdout
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout
         return float(out.split()[0])
     except (OSError, ValueError, IndexError, subprocess.SubprocessError):
         return None
@@ -77,17 +81,35 @@ def main() -> None:
     for i, kind in enumerate(args.runs.split(",")):
         # cold: nothing compiled is kept; xla-only: JAX's compilation cache but not the engine's
         # own records (compiled steps, step workspace); warm: all of them.
-        for folder in {"cold": ("xla", "executables", "workspace"), "xla-only": ("executables", "workspace")}.get(kind, ()):
+        for folder in {"cold": ("xla", "executables", "workspace"), "xla-only": ("executables", "workspace")}.get(
+            kind, ()
+        ):
             shutil.rmtree(cache_dir / folder, ignore_errors=True)
         port = args.port + i
         env = dict(os.environ, JAXSERVE_CACHE_DIR=str(cache_dir), PYTHONUNBUFFERED="1")
         t0 = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-m", "jaxserve", "serve", "--port", str(port),
-                                 "--uvicorn-log-level", "warning", *serve_args], env=env)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "jaxserve",
+                "serve",
+                "--port",
+                str(port),
+                "--uvicorn-log-level",
+                "warning",
+                *serve_args,
+            ],
+            env=env,
+        )
         try:
             seconds = first_token_seconds(f"http://127.0.0.1:{port}", proc, t0, args.timeout)
-            record = dict(run=kind, seconds_to_first_token=seconds, peak_host_rss_mib=peak_rss_mib(proc.pid),
-                          gpu_memory_used_mib=gpu_memory_used_mib())
+            record = dict(
+                run=kind,
+                seconds_to_first_token=seconds,
+                peak_host_rss_mib=peak_rss_mib(proc.pid),
+                gpu_memory_used_mib=gpu_memory_used_mib(),
+            )
         finally:
             proc.send_signal(signal.SIGTERM)
             try:
@@ -95,12 +117,16 @@ def main() -> None:
             except subprocess.TimeoutExpired:
                 proc.kill()
         mib = lambda v: "n/a" if v is None else f"{v:.0f} MiB"  # noqa: E731
-        print(f"start-up ({kind} compilation cache): first token after {seconds:.1f} s; peak host memory "
-              f"{mib(record['peak_host_rss_mib'])}; GPU memory in use {mib(record['gpu_memory_used_mib'])}", flush=True)
+        print(
+            f"start-up ({kind} compilation cache): first token after {seconds:.1f} s; peak host memory "
+            f"{mib(record['peak_host_rss_mib'])}; GPU memory in use {mib(record['gpu_memory_used_mib'])}",
+            flush=True,
+        )
         results.append(record)
     if args.output_json:
-        Path(args.output_json).write_text(json.dumps(dict(serve_args=serve_args, results=results,
-                                                          date=time.strftime("%Y-%m-%d")), indent=2) + "\n")
+        Path(args.output_json).write_text(
+            json.dumps(dict(serve_args=serve_args, results=results, date=time.strftime("%Y-%m-%d")), indent=2) + "\n"
+        )
 
 
 if __name__ == "__main__":

@@ -46,8 +46,18 @@ def parse_workloads(args) -> list[tuple[int, int, int]]:
     return out
 
 
-def roofline(cfg, *, num_prompts: int, input_len: int, output_len: int, concurrency: int, weight_bytes: int,
-             copy_bandwidth: float, matmul_rate: float, dtype_bytes: int = 2) -> dict:
+def roofline(
+    cfg,
+    *,
+    num_prompts: int,
+    input_len: int,
+    output_len: int,
+    concurrency: int,
+    weight_bytes: int,
+    copy_bandwidth: float,
+    matmul_rate: float,
+    dtype_bytes: int = 2,
+) -> dict:
     """The least time any engine needs for the workload on this device: max(FLOPs / matmul rate,
     bytes / copy bandwidth). FLOPs: every linear layer for every token (lm_head only where a token
     is sampled) and causal attention (QK and PV). Bytes: the weights once per decode step (with
@@ -60,8 +70,15 @@ def roofline(cfg, *, num_prompts: int, input_len: int, output_len: int, concurre
     own FLOPs over the matmul rate and its own bytes over the copy bandwidth, and the two add up.
     With bf16 K/V, attention is all reading and the linear layers all computing, so this bound is
     the one that binds."""
-    L, D, N, K, H, F, V = (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                           cfg.intermediate_size, cfg.vocab_size)
+    L, D, N, K, H, F, V = (
+        cfg.num_layers,
+        cfg.hidden_size,
+        cfg.num_heads,
+        cfg.num_kv_heads,
+        cfg.head_dim,
+        cfg.intermediate_size,
+        cfg.vocab_size,
+    )
     linear = L * (2 * D * N * H + 2 * D * K * H + 3 * D * F)  # q, o; k, v; gate, up, down
     n, i, o = num_prompts, input_len, output_len
     tokens = n * (i + o)
@@ -76,11 +93,20 @@ def roofline(cfg, *, num_prompts: int, input_len: int, output_len: int, concurre
     nbytes = weight_reads + kv_bytes
     compute_s, memory_s = flops / matmul_rate, nbytes / copy_bandwidth
     seconds = max(compute_s, memory_s)
-    serial = (max(linear_flops / matmul_rate, weight_reads / copy_bandwidth)
-              + max(attention_flops / matmul_rate, kv_bytes / copy_bandwidth))
-    return dict(flops=flops, bytes=nbytes, compute_seconds=compute_s, memory_seconds=memory_s, seconds=seconds,
-                concurrency=concurrency, output_tokens_per_second=n * o / seconds, serial_seconds=serial,
-                serial_output_tokens_per_second=n * o / serial)
+    serial = max(linear_flops / matmul_rate, weight_reads / copy_bandwidth) + max(
+        attention_flops / matmul_rate, kv_bytes / copy_bandwidth
+    )
+    return dict(
+        flops=flops,
+        bytes=nbytes,
+        compute_seconds=compute_s,
+        memory_seconds=memory_s,
+        seconds=seconds,
+        concurrency=concurrency,
+        output_tokens_per_second=n * o / seconds,
+        serial_seconds=serial,
+        serial_output_tokens_per_second=n * o / serial,
+    )
 
 
 def run_jaxserve(args) -> list[dict]:
@@ -91,11 +117,20 @@ def run_jaxserve(args) -> list[dict]:
     from jaxserve import LLM, SamplingParams
 
     t0 = time.perf_counter()
-    llm = LLM(args.model, load_format=args.load_format, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
-              max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-              gpu_memory_utilization=args.gpu_memory_utilization, attention_impl=args.attention_impl,
-              num_kv_pages=args.num_kv_pages, seed=args.seed, page_size=args.page_size,
-              row_bucket_growth=args.row_bucket_growth)
+    llm = LLM(
+        args.model,
+        load_format=args.load_format,
+        dtype=args.dtype,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        attention_impl=args.attention_impl,
+        num_kv_pages=args.num_kv_pages,
+        seed=args.seed,
+        page_size=args.page_size,
+        row_bucket_growth=args.row_bucket_growth,
+    )
     startup = time.perf_counter() - t0
     engine = llm.engine
     on_gpu = jax.default_backend() == "gpu"
@@ -104,8 +139,10 @@ def run_jaxserve(args) -> list[dict]:
         from device_limits import copy_bandwidth, matmul_rate  # scripts/device_limits.py
 
         limits = dict(copy_bandwidth=copy_bandwidth(), matmul_rate=matmul_rate())
-        print(f"this run's ceilings: copy {limits['copy_bandwidth'] / 1e12:.2f} TB/s, "
-              f"bf16 matmul {limits['matmul_rate'] / 1e12:.0f} TFLOP/s")
+        print(
+            f"this run's ceilings: copy {limits['copy_bandwidth'] / 1e12:.2f} TB/s, "
+            f"bf16 matmul {limits['matmul_rate'] / 1e12:.0f} TFLOP/s"
+        )
     weight_bytes = sum(a.nbytes for a in jax.tree.leaves(engine.runner.weights))
     capacity = engine.runner.num_pages * engine.runner.page_size
     results = []
@@ -118,25 +155,48 @@ def run_jaxserve(args) -> list[dict]:
         elapsed = time.perf_counter() - t0
         assert all(len(o.outputs[0].token_ids) == output_len for o in outs)
         steps = engine.stats.steps - before.steps
-        record = dict(input_len=input_len, output_len=output_len, num_prompts=num_prompts, elapsed=elapsed,
-                      output_tokens_per_second=num_prompts * output_len / elapsed, startup_seconds=startup,
-                      steps=steps, host_ms_per_step=1e3 * (engine.stats.host_seconds - before.host_seconds) / max(steps, 1),
-                      wait_ms_per_step=1e3 * (engine.stats.wait_seconds - before.wait_seconds) / max(steps, 1),
-                      compilations_after_warmup=engine.num_compilations_since_warmup,
-                      preemptions=engine.scheduler.num_preemptions, device=str(jax.devices()[0].device_kind))
+        record = dict(
+            input_len=input_len,
+            output_len=output_len,
+            num_prompts=num_prompts,
+            elapsed=elapsed,
+            output_tokens_per_second=num_prompts * output_len / elapsed,
+            startup_seconds=startup,
+            steps=steps,
+            host_ms_per_step=1e3 * (engine.stats.host_seconds - before.host_seconds) / max(steps, 1),
+            wait_ms_per_step=1e3 * (engine.stats.wait_seconds - before.wait_seconds) / max(steps, 1),
+            compilations_after_warmup=engine.num_compilations_since_warmup,
+            preemptions=engine.scheduler.num_preemptions,
+            device=str(jax.devices()[0].device_kind),
+        )
         line = f"{input_len}:{output_len} x {num_prompts}: {record['output_tokens_per_second']:.0f} output tokens/s"
         if limits:
             concurrency = min(args.max_num_seqs, num_prompts, capacity // (input_len + output_len))
-            bound = roofline(engine.model_config, num_prompts=num_prompts, input_len=input_len,
-                             output_len=output_len, concurrency=concurrency, weight_bytes=weight_bytes, **limits)
-            record.update(limits, roofline=bound, fraction_of_roofline=bound["seconds"] / elapsed,
-                          fraction_of_serial_bound=bound["serial_seconds"] / elapsed)
-            line += (f"; roofline {bound['output_tokens_per_second']:.0f} (compute {bound['compute_seconds']:.1f} s, "
-                     f"memory {bound['memory_seconds']:.1f} s at {concurrency} sequences at once): "
-                     f"{100 * record['fraction_of_roofline']:.0f}% of it; serial bound "
-                     f"{bound['serial_output_tokens_per_second']:.0f}: {100 * record['fraction_of_serial_bound']:.0f}% of it")
-        print(line + f"; {steps} steps, host work {record['host_ms_per_step']:.2f} ms/step, blocked on the device "
-              f"{record['wait_ms_per_step']:.2f} ms/step")
+            bound = roofline(
+                engine.model_config,
+                num_prompts=num_prompts,
+                input_len=input_len,
+                output_len=output_len,
+                concurrency=concurrency,
+                weight_bytes=weight_bytes,
+                **limits,
+            )
+            record.update(
+                limits,
+                roofline=bound,
+                fraction_of_roofline=bound["seconds"] / elapsed,
+                fraction_of_serial_bound=bound["serial_seconds"] / elapsed,
+            )
+            line += (
+                f"; roofline {bound['output_tokens_per_second']:.0f} (compute {bound['compute_seconds']:.1f} s, "
+                f"memory {bound['memory_seconds']:.1f} s at {concurrency} sequences at once): "
+                f"{100 * record['fraction_of_roofline']:.0f}% of it; serial bound "
+                f"{bound['serial_output_tokens_per_second']:.0f}: {100 * record['fraction_of_serial_bound']:.0f}% of it"
+            )
+        print(
+            line + f"; {steps} steps, host work {record['host_ms_per_step']:.2f} ms/step, blocked on the device "
+            f"{record['wait_ms_per_step']:.2f} ms/step"
+        )
         results.append(record)
     return results
 
@@ -157,10 +217,13 @@ def build_transformers_model(args):
         config = CONFIG_MAPPING[d["model_type"]](**d)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         with torch.device(device):
-            return AutoModelForCausalLM.from_config(config, dtype=dtype if dtype != "auto" else torch.bfloat16,
-                                                    attn_implementation="sdpa").eval()
+            return AutoModelForCausalLM.from_config(
+                config, dtype=dtype if dtype != "auto" else torch.bfloat16, attn_implementation="sdpa"
+            ).eval()
     if args.model is None or not Path(args.model).is_dir():
-        raise SystemExit("--backend transformers needs --model: a Hugging Face folder, or a preset with --load-format dummy")
+        raise SystemExit(
+            "--backend transformers needs --model: a Hugging Face folder, or a preset with --load-format dummy"
+        )
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, attn_implementation="sdpa").eval()
     return model.cuda() if torch.cuda.is_available() else model
 
@@ -177,22 +240,45 @@ def run_transformers(args) -> list[dict]:
     results = []
     for input_len, output_len, num_prompts in parse_workloads(args):
         prompts = random_prompts(num_prompts, input_len, model.config.vocab_size, args.seed)
-        gen = GenerationConfig(max_new_tokens=output_len, min_new_tokens=output_len, do_sample=True,
-                               temperature=1.0, top_p=1.0, top_k=0, eos_token_id=None, pad_token_id=0)
+        gen = GenerationConfig(
+            max_new_tokens=output_len,
+            min_new_tokens=output_len,
+            do_sample=True,
+            temperature=1.0,
+            top_p=1.0,
+            top_k=0,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
         if on_gpu:  # its own memory sizing; CUDA graphs as it decides unless told
             graphs = None if args.hf_cuda_graphs < 0 else bool(args.hf_cuda_graphs)
             async_batching = None if args.hf_async_batching < 0 else bool(args.hf_async_batching)
-            cb = ContinuousBatchingConfig(max_requests_per_batch=args.max_num_seqs,
-                                          max_batch_tokens=args.max_num_batched_tokens, use_cuda_graph=graphs,
-                                          use_async_batching=async_batching, default_compile_level=args.hf_compile_level)
+            cb = ContinuousBatchingConfig(
+                max_requests_per_batch=args.max_num_seqs,
+                max_batch_tokens=args.max_num_batched_tokens,
+                use_cuda_graph=graphs,
+                use_async_batching=async_batching,
+                default_compile_level=args.hf_compile_level,
+            )
         else:  # its memory auto-sizing reads GPU memory: on the CPU, give it room for every sequence
             per_seq = -(-(input_len + output_len) // args.hf_block_size)
-            cb = ContinuousBatchingConfig(max_requests_per_batch=args.max_num_seqs,
-                                          max_batch_tokens=args.max_num_batched_tokens, block_size=args.hf_block_size,
-                                          num_blocks=per_seq * num_prompts + 1)
+            cb = ContinuousBatchingConfig(
+                max_requests_per_batch=args.max_num_seqs,
+                max_batch_tokens=args.max_num_batched_tokens,
+                block_size=args.hf_block_size,
+                num_blocks=per_seq * num_prompts + 1,
+            )
         # (not under torch.inference_mode: generate_batch runs its loop on another thread)
-        warm = GenerationConfig(max_new_tokens=8, min_new_tokens=8, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
-                                eos_token_id=None, pad_token_id=0)
+        warm = GenerationConfig(
+            max_new_tokens=8,
+            min_new_tokens=8,
+            do_sample=True,
+            temperature=1.0,
+            top_p=1.0,
+            top_k=0,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
         model.generate_batch(inputs=prompts[:2], generation_config=warm, continuous_batching_config=cb)  # warm-up
         t0 = time.perf_counter()
         outs = model.generate_batch(inputs=prompts, generation_config=gen, continuous_batching_config=cb)
@@ -200,13 +286,23 @@ def run_transformers(args) -> list[dict]:
         lengths = [len(o.generated_tokens) for o in outs.values()]
         errors = [o.error for o in outs.values() if o.error]
         assert len(outs) == len(prompts) and all(n == output_len for n in lengths), (lengths[:8], errors[:2])
-        record = dict(input_len=input_len, output_len=output_len, num_prompts=num_prompts, elapsed=elapsed,
-                      output_tokens_per_second=num_prompts * output_len / elapsed, startup_seconds=startup,
-                      torch_threads=torch.get_num_threads(), cuda_graphs=args.hf_cuda_graphs,
-                      async_batching=args.hf_async_batching, compile_level=args.hf_compile_level,
-                      device=torch.cuda.get_device_name() if on_gpu else "cpu")
-        print(f"transformers {input_len}:{output_len} x {num_prompts}: "
-              f"{record['output_tokens_per_second']:.0f} output tokens/s")
+        record = dict(
+            input_len=input_len,
+            output_len=output_len,
+            num_prompts=num_prompts,
+            elapsed=elapsed,
+            output_tokens_per_second=num_prompts * output_len / elapsed,
+            startup_seconds=startup,
+            torch_threads=torch.get_num_threads(),
+            cuda_graphs=args.hf_cuda_graphs,
+            async_batching=args.hf_async_batching,
+            compile_level=args.hf_compile_level,
+            device=torch.cuda.get_device_name() if on_gpu else "cpu",
+        )
+        print(
+            f"transformers {input_len}:{output_len} x {num_prompts}: "
+            f"{record['output_tokens_per_second']:.0f} output tokens/s"
+        )
         results.append(record)
     return results
 
@@ -230,9 +326,18 @@ def main() -> None:
     p.add_argument("--row-bucket-growth", type=int, default=4)
     p.add_argument("--attention-impl", default="auto", choices=["auto", "xla", "pallas", "reference"])
     p.add_argument("--hf-block-size", type=int, default=256, help="transformers' KV block size (CPU)")
-    p.add_argument("--hf-cuda-graphs", type=int, default=-1, help="transformers on a GPU: 1/0 CUDA graphs on/off; -1 its choice")
-    p.add_argument("--hf-async-batching", type=int, default=-1, help="transformers on a GPU: 1/0 async double-buffering; -1 its choice")
-    p.add_argument("--hf-compile-level", type=int, default=0, help="transformers: torch.compile level of its steps (0-3)")
+    p.add_argument(
+        "--hf-cuda-graphs", type=int, default=-1, help="transformers on a GPU: 1/0 CUDA graphs on/off; -1 its choice"
+    )
+    p.add_argument(
+        "--hf-async-batching",
+        type=int,
+        default=-1,
+        help="transformers on a GPU: 1/0 async double-buffering; -1 its choice",
+    )
+    p.add_argument(
+        "--hf-compile-level", type=int, default=0, help="transformers: torch.compile level of its steps (0-3)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-json", default=None)
     args = p.parse_args()
@@ -243,8 +348,10 @@ def main() -> None:
         n, elapsed = r["num_prompts"], r["elapsed"]
         total_tokens = n * (r["input_len"] + r["output_len"])
         r.update(requests_per_second=n / elapsed, tokens_per_second=total_tokens / elapsed)
-        print(f"Throughput ({r['input_len']}:{r['output_len']}): {n / elapsed:.2f} requests/s, "
-              f"{total_tokens / elapsed:.2f} total tokens/s, {r['output_tokens_per_second']:.2f} output tokens/s")
+        print(
+            f"Throughput ({r['input_len']}:{r['output_len']}): {n / elapsed:.2f} requests/s, "
+            f"{total_tokens / elapsed:.2f} total tokens/s, {r['output_tokens_per_second']:.2f} output tokens/s"
+        )
     if args.output_json:
         record = dict(vars(args), results=results, date=str(date.today()), host=platform.node())
         Path(args.output_json).write_text(json.dumps(record, indent=2) + "\n")

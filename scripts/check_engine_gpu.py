@@ -58,10 +58,15 @@ def compare_greedy(ours, theirs, tie: float = 0.125) -> dict:
         if k < len(a):
             margins.append(round(b_margins[k], 4))
             ours_was_runner_up.append(a[k] == b_second[k])
-    return dict(steps=len(ours[0][0]), equal_prefix=equal, peer_margin_where_parted=margins,
-                ours_was_peer_runner_up=ours_was_runner_up,
-                peer_median_margin_before_parting=round(float(np.median(agreed)), 4) if agreed else None,
-                ok=all(m <= tie for m in margins) and all(ours_was_runner_up), tie_nats=tie)
+    return dict(
+        steps=len(ours[0][0]),
+        equal_prefix=equal,
+        peer_margin_where_parted=margins,
+        ours_was_peer_runner_up=ours_was_runner_up,
+        peer_median_margin_before_parting=round(float(np.median(agreed)), 4) if agreed else None,
+        ok=all(m <= tie for m in margins) and all(ours_was_runner_up),
+        tie_nats=tie,
+    )
 
 
 def main() -> None:
@@ -70,7 +75,9 @@ def main() -> None:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--attention-impl", default="pallas")
     p.add_argument("--load-format", default="dummy", help="dummy (a preset's config) or auto (a checkpoint folder)")
-    p.add_argument("--compare-with", default="xla,reference", help="attention implementations to match greedy tokens against")
+    p.add_argument(
+        "--compare-with", default="xla,reference", help="attention implementations to match greedy tokens against"
+    )
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
     p.add_argument("--max-model-len", type=int, default=4096)
@@ -83,8 +90,14 @@ def main() -> None:
     from jaxserve.engine.setup import page_bytes
 
     report: dict = {"device": jax.devices()[0].device_kind, "args": vars(args), "date": time.strftime("%Y-%m-%d")}
-    common = dict(load_format=args.load_format, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
-                  max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len, seed=0)
+    common = dict(
+        load_format=args.load_format,
+        dtype=args.dtype,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len,
+        seed=0,
+    )
     t0 = time.perf_counter()
     llm = LLM(args.model, attention_impl=args.attention_impl, gpu_memory_utilization=0.9, **common)
     report["startup_seconds"] = time.perf_counter() - t0
@@ -95,17 +108,26 @@ def main() -> None:
     capacity = engine.scheduler.kv.num_pages * engine.config.page_size
     if "bytes_limit" in stats:  # a GPU
         ideal = (0.9 * stats["bytes_limit"] - weights) / per_token
-        report.update(bytes_limit=stats["bytes_limit"], weights_bytes=weights, kv_tokens=capacity,
-                      ideal_kv_tokens=int(ideal), kv_fraction_of_ideal=capacity / ideal)
-        print(f"KV capacity {capacity} tokens = {capacity / ideal:.1%} of the {int(ideal)} that 0.9 x memory - weights holds")
+        report.update(
+            bytes_limit=stats["bytes_limit"],
+            weights_bytes=weights,
+            kv_tokens=capacity,
+            ideal_kv_tokens=int(ideal),
+            kv_fraction_of_ideal=capacity / ideal,
+        )
+        print(
+            f"KV capacity {capacity} tokens = {capacity / ideal:.1%} of the {int(ideal)} that 0.9 x memory - weights holds"
+        )
 
     rng = np.random.default_rng(0)
     vocab = engine.model_config.vocab_size
-    kinds = [SamplingParams(temperature=0, max_tokens=32, ignore_eos=True),
-             SamplingParams(temperature=0.8, top_p=0.9, top_k=50, max_tokens=48, ignore_eos=True),
-             SamplingParams(temperature=1.0, repetition_penalty=1.2, frequency_penalty=0.5, max_tokens=24, ignore_eos=True),
-             SamplingParams(temperature=0.7, logprobs=5, prompt_logprobs=2, max_tokens=16, ignore_eos=True),
-             SamplingParams(temperature=1.0, n=3, max_tokens=20, ignore_eos=True, seed=3)]
+    kinds = [
+        SamplingParams(temperature=0, max_tokens=32, ignore_eos=True),
+        SamplingParams(temperature=0.8, top_p=0.9, top_k=50, max_tokens=48, ignore_eos=True),
+        SamplingParams(temperature=1.0, repetition_penalty=1.2, frequency_penalty=0.5, max_tokens=24, ignore_eos=True),
+        SamplingParams(temperature=0.7, logprobs=5, prompt_logprobs=2, max_tokens=16, ignore_eos=True),
+        SamplingParams(temperature=1.0, n=3, max_tokens=20, ignore_eos=True, seed=3),
+    ]
     finished, step, t0 = 0, 0, time.perf_counter()
     for i in range(48):
         n = int(rng.integers(1, 600))
@@ -117,9 +139,14 @@ def main() -> None:
     while engine.has_unfinished_requests():
         for out in engine.step():
             finished += out.finished
-    report.update(workload_requests_finished=finished, workload_seconds=time.perf_counter() - t0,
-                  compilations_after_warmup=engine.num_compilations_since_warmup, engine_stats=engine.stats.summary(),
-                  free_pages_after=engine.scheduler.kv.num_free_pages, num_pages=engine.scheduler.kv.num_pages)
+    report.update(
+        workload_requests_finished=finished,
+        workload_seconds=time.perf_counter() - t0,
+        compilations_after_warmup=engine.num_compilations_since_warmup,
+        engine_stats=engine.stats.summary(),
+        free_pages_after=engine.scheduler.kv.num_free_pages,
+        num_pages=engine.scheduler.kv.num_pages,
+    )
     print(f"workload: {finished}/48 finished, {engine.num_compilations_since_warmup} compilations after warm-up")
     print(engine.stats.summary())
 
@@ -131,7 +158,9 @@ def main() -> None:
     t0 = time.perf_counter()
     llm.generate(tp_prompts, SamplingParams(temperature=1.0, max_tokens=outl, ignore_eos=True), use_tqdm=False)
     elapsed = time.perf_counter() - t0
-    report.update(throughput_output_tokens_per_s=num * outl / elapsed, throughput_workload=f"{num} x {inp} in / {outl} out")
+    report.update(
+        throughput_output_tokens_per_s=num * outl / elapsed, throughput_workload=f"{num} x {inp} in / {outl} out"
+    )
     print(f"throughput ({num} x {inp}/{outl}): {num * outl / elapsed:.0f} output tokens/s; {engine.stats.summary()}")
 
     del llm, engine

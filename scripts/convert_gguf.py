@@ -18,7 +18,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("gguf", nargs="?", help="the .gguf file")
     parser.add_argument("out_dir", nargs="?", help="the folder to write")
-    parser.add_argument("--default", action="store_true", help="convert the bundled SmolLM2-135M-Instruct into the cache")
+    parser.add_argument(
+        "--default", action="store_true", help="convert the bundled SmolLM2-135M-Instruct into the cache"
+    )
     args = parser.parse_args()
     if args.default:
         print(default_model_folder())

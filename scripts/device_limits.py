@@ -53,7 +53,7 @@ def torch_copy_bandwidth(nbytes: int = 2 << 30) -> float | None:
         return None
     src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda")
     dst = torch.empty_like(src)
-    seconds = _time_torch(torch, lambda: dst.copy_(src))
+    seconds = _time_torch(torch, lambda: dst.copy_(src))  # noqa: F821 (called before the del below)
     del src, dst
     torch.cuda.empty_cache()
     return 2 * nbytes / seconds

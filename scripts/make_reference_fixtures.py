@@ -46,35 +46,73 @@ SMOLLM2_PROMPTS = [
     "import numpy as np\nimport matplotlib.pyplot as plt\n\nx = np.linspace(0, 10, 100)\ny = np.sin(x)\n",
     "My favourite recipe for a quick weeknight dinner starts with",
     "In 1969, Neil Armstrong",
-    ("The history of the printing press begins long before Gutenberg. Woodblock printing was used in China "
-     "as early as the ninth century, and movable type made of clay appeared around 1040. In Korea, metal "
-     "movable type was used to print books in the thirteenth century. In Europe, Johannes Gutenberg developed "
-     "a printing system around 1440 that combined an oil-based ink, a hand mould for casting type, and a "
-     "press adapted from those used to make wine. His most famous work"),
+    (
+        "The history of the printing press begins long before Gutenberg. Woodblock printing was used in China "
+        "as early as the ninth century, and movable type made of clay appeared around 1040. In Korea, metal "
+        "movable type was used to print books in the thirteenth century. In Europe, Johannes Gutenberg developed "
+        "a printing system around 1440 that combined an oil-based ink, a hand mould for casting type, and a "
+        "press adapted from those used to make wine. His most famous work"
+    ),
     "Roses are red,\nViolets are blue,\n",
     "The best way to learn a new programming language is",
 ]
 
-_BASE = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, max_position_embeddings=512,
-             rms_norm_eps=1e-6, bos_token_id=0, eos_token_id=1)
+_BASE = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-6,
+    bos_token_id=0,
+    eos_token_id=1,
+)
 TINY_CONFIGS = {
     # GQA 4:1... with llama3 rope scaling (original context 64 so the scaling bands are all exercised), untied
-    "llama_gqa_llama3rope": LlamaConfig(**_BASE, num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False,
-                                        rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
-                                                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                                         "original_max_position_embeddings": 64}),
+    "llama_gqa_llama3rope": LlamaConfig(
+        **_BASE,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 10000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    ),
     # multi-head attention, head_dim 32 != hidden/heads (16), tied embeddings, linear rope scaling
-    "llama_tied_headdim_linearrope": LlamaConfig(**_BASE, num_attention_heads=4, num_key_value_heads=4, head_dim=32,
-                                                 tie_word_embeddings=True,
-                                                 rope_parameters={"rope_type": "linear", "rope_theta": 500.0, "factor": 2.0}),
+    "llama_tied_headdim_linearrope": LlamaConfig(
+        **_BASE,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        head_dim=32,
+        tie_word_embeddings=True,
+        rope_parameters={"rope_type": "linear", "rope_theta": 500.0, "factor": 2.0},
+    ),
     # multi-query attention with attention (q, k, v, o) and MLP biases
-    "llama_mqa_biases": LlamaConfig(**_BASE, num_attention_heads=4, num_key_value_heads=1, attention_bias=True,
-                                    mlp_bias=True, tie_word_embeddings=False),
-    "mistral_gqa": MistralConfig(**_BASE, num_attention_heads=8, num_key_value_heads=2, head_dim=8, sliding_window=None,
-                                 tie_word_embeddings=False),
+    "llama_mqa_biases": LlamaConfig(
+        **_BASE,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        attention_bias=True,
+        mlp_bias=True,
+        tie_word_embeddings=False,
+    ),
+    "mistral_gqa": MistralConfig(
+        **_BASE,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=8,
+        sliding_window=None,
+        tie_word_embeddings=False,
+    ),
     # Qwen2: q/k/v biases (no o bias), tied embeddings
-    "qwen2_qkvbias_tied": Qwen2Config(**_BASE, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                                      use_sliding_window=False),
+    "qwen2_qkvbias_tied": Qwen2Config(
+        **_BASE, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, use_sliding_window=False
+    ),
 }
 TINY_PROMPT_LENS = [1, 5, 16, 17, 33, 40, 7, 64]
 

@@ -40,11 +40,20 @@ def main() -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     rows = lat["results"]
-    ax.plot([1e3 * r["batch"] / r["ms_per_token"] for r in rows], [r["ms_per_token"] for r in rows], "o-",
-            label="bench_latency: decode batch of B (1024-token budget)")
+    ax.plot(
+        [1e3 * r["batch"] / r["ms_per_token"] for r in rows],
+        [r["ms_per_token"] for r in rows],
+        "o-",
+        label="bench_latency: decode batch of B (1024-token budget)",
+    )
     for r in rows:
-        ax.annotate(f"B={r['batch']}", (1e3 * r["batch"] / r["ms_per_token"], r["ms_per_token"]),
-                    textcoords="offset points", xytext=(5, -10), fontsize=8)
+        ax.annotate(
+            f"B={r['batch']}",
+            (1e3 * r["batch"] / r["ms_per_token"], r["ms_per_token"]),
+            textcoords="offset points",
+            xytext=(5, -10),
+            fontsize=8,
+        )
     serving = [(rate, load(args.folder, f"serving_h200_rate_{rate}.json")) for rate in ("1", "4", "16", "inf")]
     serving = [(rate, s) for rate, s in serving if s]
     if serving:
@@ -57,8 +66,13 @@ def main() -> None:
         for r in tp["results"]:
             if r["num_prompts"] >= 500:
                 period = 1e3 * r["elapsed"] / r["steps"]
-                ax.plot([r["output_tokens_per_second"]], [period], "^", markersize=9,
-                        label=f"bench_throughput {r['input_len']}:{r['output_len']} x {r['num_prompts']} (ms per step)")
+                ax.plot(
+                    [r["output_tokens_per_second"]],
+                    [period],
+                    "^",
+                    markersize=9,
+                    label=f"bench_throughput {r['input_len']}:{r['output_len']} x {r['num_prompts']} (ms per step)",
+                )
     ax.axhline(lat["floor_ms_per_token"], color="gray", linestyle=":", label="floor: weights / copy bandwidth")
     ax.set_xscale("log")
     ax.set_xlabel("output tokens/s")
@@ -74,8 +88,12 @@ def main() -> None:
     w = 0.27
     ax.bar([x - w for x in xs], [lat["floor_ms_per_token"]] * len(rows), w, label="floor (weights / copy bandwidth)")
     ax.bar(list(xs), [r["ms_per_token"] for r in rows], w, label="measured decode step (median)")
-    ax.bar([x + w for x in xs], [r["host_ms_per_step"] for r in rows], w,
-           label="host work per step (mean over the runs up to this batch)")
+    ax.bar(
+        [x + w for x in xs],
+        [r["host_ms_per_step"] for r in rows],
+        w,
+        label="host work per step (mean over the runs up to this batch)",
+    )
     ax.set_xticks(list(xs), labels)
     ax.set_ylabel("ms")
     ax.set_title(f"Decode step time, Llama-3.1-8B dummy bf16, {device}, {date}", fontsize=10)
@@ -95,8 +113,9 @@ def kernel_split(trace: list[dict], steps: int) -> dict[str, float]:
     stream = max((line for line in trace if line["plane"].startswith("/device")), key=lambda line: line["busy_ms"])
     matmul = sum(e["ms"] for e in stream["top"] if "gemm" in e["name"] or "nvjet" in e["name"])
     attention = sum(e["ms"] for e in stream["top"] if "mosaic" in e["name"])
-    return dict(matmuls=matmul / steps, attention=attention / steps,
-                other=(stream["busy_ms"] - matmul - attention) / steps)
+    return dict(
+        matmuls=matmul / steps, attention=attention / steps, other=(stream["busy_ms"] - matmul - attention) / steps
+    )
 
 
 def plot_step_kernels(profile: dict, path: Path) -> None:
@@ -109,19 +128,32 @@ def plot_step_kernels(profile: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     xs = list(range(len(bars)))
     bottom = [0.0] * len(bars)
-    for part, label, color in (("matmuls", "matmuls", "tab:blue"), ("attention", "attention + K/V write", "tab:orange"),
-                               ("other", "other kernels", "tab:gray")):
+    for part, label, color in (
+        ("matmuls", "matmuls", "tab:blue"),
+        ("attention", "attention + K/V write", "tab:orange"),
+        ("other", "other kernels", "tab:gray"),
+    ):
         heights = [split[part] for _, split, _ in bars]
         ax.bar(xs, heights, 0.6, bottom=bottom, color=color, label=f"{label} (device)")
         bottom = [b + h for b, h in zip(bottom, heights)]
     idle = [max(period - b, 0.0) for (_, _, period), b in zip(bars, bottom)]
-    ax.bar(xs, idle, 0.6, bottom=bottom, color="white", edgecolor="black", hatch="//",
-           label="device idle (period, or time to first token, minus kernels)")
+    ax.bar(
+        xs,
+        idle,
+        0.6,
+        bottom=bottom,
+        color="white",
+        edgecolor="black",
+        hatch="//",
+        label="device idle (period, or time to first token, minus kernels)",
+    )
     ax.set_xticks(xs, [label for label, _, _ in bars], fontsize=8)
     ax.set_ylabel("ms per step")
-    ax.set_title(f"Where a step's time goes (JAX profiler trace), {profile['args']['model']} dummy,\n"
-                 f"{profile['device']}, {profile['date']}, prompts of {profile['args']['input_len']} tokens",
-                 fontsize=9)
+    ax.set_title(
+        f"Where a step's time goes (JAX profiler trace), {profile['args']['model']} dummy,\n"
+        f"{profile['device']}, {profile['date']}, prompts of {profile['args']['input_len']} tokens",
+        fontsize=9,
+    )
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=130)

@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_kernels import DT, H, K, N, make_batch  # noqa: E402
 from profile_step import traced  # noqa: E402
+
 from pallas_kernels import ragged_paged_attention  # noqa: E402
 
 
@@ -44,8 +45,17 @@ def main() -> None:
             raise SystemExit(f"{spec}: the kind is decode or prefill")
         batch, length = (int(x) for x in size.split("x"))
         q_lens = [1] * batch if kind == "decode" else [length] * batch
-        inputs = make_batch(jax.random.key(0), q_lens, [length] * batch, num_heads=N, num_kv_heads=K, head_dim=H,
-                            page_size=int(page), dtype=DT, pad_rows=0)
+        inputs = make_batch(
+            jax.random.key(0),
+            q_lens,
+            [length] * batch,
+            num_heads=N,
+            num_kv_heads=K,
+            head_dim=H,
+            page_size=int(page),
+            dtype=DT,
+            pad_rows=0,
+        )
         call = lambda: ragged_paged_attention(**inputs, sm_scale=H**-0.5)  # noqa: E731
         jax.block_until_ready(call())
         t0 = time.perf_counter()
@@ -57,9 +67,11 @@ def main() -> None:
             lines = traced(folder, lambda: jax.block_until_ready([call() for _ in range(args.calls)]))
             for line in lines:
                 if line["plane"].startswith("/device") and line["events"] >= args.calls:
-                    print(f"  {line['line']}: busy {1e3 * line['busy_ms'] / args.calls:.1f} us per call; "
-                          + "; ".join(f"{e['name'][:50]} {1e3 * e['ms'] / args.calls:.1f} us"
-                                      for e in line["top"]), flush=True)
+                    print(
+                        f"  {line['line']}: busy {1e3 * line['busy_ms'] / args.calls:.1f} us per call; "
+                        + "; ".join(f"{e['name'][:50]} {1e3 * e['ms'] / args.calls:.1f} us" for e in line["top"]),
+                        flush=True,
+                    )
 
 
 if __name__ == "__main__":

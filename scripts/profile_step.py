@@ -51,9 +51,16 @@ def summarise_trace(path: str, top: int = 12) -> list[dict]:
                 by_name[name][0] += 1
                 by_name[name][1] += d
             ranked = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]
-            lines.append(dict(plane=plane.name, line=line.name, events=len(events), busy_ms=busy / 1e6,
-                              span_ms=(spans[-1][1] - spans[0][0]) / 1e6,
-                              top=[dict(name=n[:120], count=c, ms=d / 1e6) for n, (c, d) in ranked]))
+            lines.append(
+                dict(
+                    plane=plane.name,
+                    line=line.name,
+                    events=len(events),
+                    busy_ms=busy / 1e6,
+                    span_ms=(spans[-1][1] - spans[0][0]) / 1e6,
+                    top=[dict(name=n[:120], count=c, ms=d / 1e6) for n, (c, d) in ranked],
+                )
+            )
     return lines
 
 
@@ -69,9 +76,12 @@ def traced(folder: Path, run) -> list[dict]:
 
 def print_trace(lines: list[dict], keep) -> None:
     for line in filter(keep, lines):
-        print(f"   {line['plane']} | {line['line']}: {line['events']} events, busy {line['busy_ms']:.2f} of "
-              f"{line['span_ms']:.2f} ms; top: " + "; ".join(f"{e['name'][:60]} x{e['count']} {e['ms']:.2f}"
-                                                     for e in line["top"][:8]), flush=True)
+        print(
+            f"   {line['plane']} | {line['line']}: {line['events']} events, busy {line['busy_ms']:.2f} of "
+            f"{line['span_ms']:.2f} ms; top: "
+            + "; ".join(f"{e['name'][:60]} x{e['count']} {e['ms']:.2f}" for e in line["top"][:8]),
+            flush=True,
+        )
 
 
 def main() -> None:
@@ -82,7 +92,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=48)
     p.add_argument("--trace-steps", type=int, default=6)
     p.add_argument("--max-num-batched-tokens", type=int, default=1024)
-    p.add_argument("--prefill-lens", default="", help="also time one idle request of each prompt length to its first token")
+    p.add_argument(
+        "--prefill-lens", default="", help="also time one idle request of each prompt length to its first token"
+    )
     p.add_argument("--label", default=os.environ.get("XLA_FLAGS", "") or "default")
     p.add_argument("--out", default=".")
     args = p.parse_args()
@@ -96,13 +108,31 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",") if b]
     prefill_lens = [int(n) for n in args.prefill_lens.split(",") if n]
     t0 = time.perf_counter()
-    llm = LLM(args.model, load_format="dummy", max_num_seqs=max(batches, default=1), max_num_batched_tokens=args.max_num_batched_tokens,
-              max_model_len=max([args.input_len + 2 * args.steps + args.trace_steps + 96
-                                 + max((-(-b * args.input_len // max(args.max_num_batched_tokens - b, 1)) for b in batches),
-                                       default=0), *(n + 16 for n in prefill_lens)]),
-              row_bucket_growth=0)
-    record = dict(label=args.label, device=jax.devices()[0].device_kind, date=time.strftime("%Y-%m-%d"),
-                  startup_seconds=time.perf_counter() - t0, args=vars(args), batches=[])
+    llm = LLM(
+        args.model,
+        load_format="dummy",
+        max_num_seqs=max(batches, default=1),
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=max(
+            [
+                args.input_len
+                + 2 * args.steps
+                + args.trace_steps
+                + 96
+                + max((-(-b * args.input_len // max(args.max_num_batched_tokens - b, 1)) for b in batches), default=0),
+                *(n + 16 for n in prefill_lens),
+            ]
+        ),
+        row_bucket_growth=0,
+    )
+    record = dict(
+        label=args.label,
+        device=jax.devices()[0].device_kind,
+        date=time.strftime("%Y-%m-%d"),
+        startup_seconds=time.perf_counter() - t0,
+        args=vars(args),
+        batches=[],
+    )
     print(f"[{args.label}] start-up {record['startup_seconds']:.1f} s", flush=True)
     engine, runner = llm.engine, llm.engine.runner
     rng = np.random.default_rng(0)
@@ -126,11 +156,13 @@ def main() -> None:
         # Sequences prefilled first decode while the rest prefill: enough tokens that all still run
         # together afterwards.
         prefill_steps = -(-b * args.input_len // max(args.max_num_batched_tokens - b, 1))  # decode takes b a step
-        params = SamplingParams(temperature=0, max_tokens=prefill_steps + 2 * args.steps + args.trace_steps + 32,
-                                ignore_eos=True)
+        params = SamplingParams(
+            temperature=0, max_tokens=prefill_steps + 2 * args.steps + args.trace_steps + 32, ignore_eos=True
+        )
         for i in range(b):
-            engine.add_request(f"b{b}-{i}", {"prompt_token_ids": rng.integers(100, vocab - 100, args.input_len).tolist()},
-                               params)
+            engine.add_request(
+                f"b{b}-{i}", {"prompt_token_ids": rng.integers(100, vocab - 100, args.input_len).tolist()}, params
+            )
         while engine.last_step is None or engine.last_step.num_tokens != b:  # through the prefill
             if not engine.has_unfinished_requests():
                 raise RuntimeError(f"batch {b} never decoded all together")
@@ -139,9 +171,14 @@ def main() -> None:
         for _ in range(args.steps):
             engine.step()
             stats.append(engine.last_step)
-        row = dict(batch=b, period_ms=ms([s.step_seconds for s in stats]), host_ms=ms([s.host_seconds for s in stats]),
-                   stage_and_launch_ms=ms([s.stage_seconds for s in stats]),
-                   launch_ms=ms([s.launch_seconds for s in stats]), wait_ms=ms([s.wait_seconds for s in stats]))
+        row = dict(
+            batch=b,
+            period_ms=ms([s.step_seconds for s in stats]),
+            host_ms=ms([s.host_seconds for s in stats]),
+            stage_and_launch_ms=ms([s.stage_seconds for s in stats]),
+            launch_ms=ms([s.launch_seconds for s in stats]),
+            wait_ms=ms([s.wait_seconds for s in stats]),
+        )
 
         # The device alone: the last staged step relaunched back to back (it rewrites the same
         # K/V positions; the tokens are random weights' anyway).
@@ -154,17 +191,29 @@ def main() -> None:
             sampled, _ = runner._run(packed, t, r, full)
             launches.append(time.perf_counter() - s0)
         jax.block_until_ready(sampled)
-        row.update(device_alone_ms=round(1e3 * (time.perf_counter() - start) / args.steps, 3),
-                   device_alone_launch_ms=ms(launches), bucket=[t, r])
+        row.update(
+            device_alone_ms=round(1e3 * (time.perf_counter() - start) / args.steps, 3),
+            device_alone_launch_ms=ms(launches),
+            bucket=[t, r],
+        )
 
         row["trace"] = traced(out / f"trace_b{b}", lambda: [engine.step() for _ in range(args.trace_steps)])
         for i in range(b):
             engine.abort_request(f"b{b}-{i}")
         drain()
         record["batches"].append(row)
-        print(f"[{args.label}] batch {b}: " + ", ".join(f"{k} {v}" for k, v in row.items() if k.endswith("_ms")), flush=True)
-        print_trace(row["trace"], lambda line: line["plane"].startswith("/device") or line["line"] == "python"
-                    or "Execute" in json.dumps(line["top"][:3]))
+        print(
+            f"[{args.label}] batch {b}: " + ", ".join(f"{k} {v}" for k, v in row.items() if k.endswith("_ms")),
+            flush=True,
+        )
+        print_trace(
+            row["trace"],
+            lambda line: (
+                line["plane"].startswith("/device")
+                or line["line"] == "python"
+                or "Execute" in json.dumps(line["top"][:3])
+            ),
+        )
     record["prefill"] = []
     for n in prefill_lens:  # an idle engine: one request, time to its first token
         prompt = {"prompt_token_ids": rng.integers(100, vocab - 100, n).tolist()}
@@ -179,8 +228,11 @@ def main() -> None:
             t0 = time.perf_counter()
             first_token(f"p{n}-{rep}")
             times.append(time.perf_counter() - t0)
-        row = dict(prompt_len=n, first_token_ms=ms(times[1:]),
-                   trace=traced(out / f"trace_prefill{n}", lambda: first_token(f"p{n}-trace")))
+        row = dict(
+            prompt_len=n,
+            first_token_ms=ms(times[1:]),
+            trace=traced(out / f"trace_prefill{n}", lambda: first_token(f"p{n}-trace")),
+        )
         record["prefill"].append(row)
         print(f"[{args.label}] prompt {n}: first token after {row['first_token_ms']} ms (median, engine.step calls)")
         print_trace(row["trace"], lambda line: line["plane"].startswith("/device") and line["events"] > 20)

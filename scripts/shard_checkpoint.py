@@ -57,8 +57,10 @@ def main() -> None:
         if f.is_file() and not f.name.endswith((".safetensors", ".safetensors.index.json")):
             shutil.copy2(f, args.out_folder / f.name)
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"wrote {args.out_folder} for tp={args.tensor_parallel_size} in {time.perf_counter() - t0:.1f} s; "
-          f"peak host memory (max RSS) {peak_mib:.0f} MiB")
+    print(
+        f"wrote {args.out_folder} for tp={args.tensor_parallel_size} in {time.perf_counter() - t0:.1f} s; "
+        f"peak host memory (max RSS) {peak_mib:.0f} MiB"
+    )
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from models.gguf import shrink_gguf
 
 
 def parse_layers(spec: str) -> list[int]:
-    """"0-5,24-29" -> [0, 1, 2, 3, 4, 5, 24, ..., 29]."""
+    """ "0-5,24-29" -> [0, 1, 2, 3, 4, 5, 24, ..., 29]."""
     layers = []
     for part in spec.split(","):
         lo, _, hi = part.partition("-")

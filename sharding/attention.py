@@ -10,7 +10,7 @@ attention function (reference, XLA or a Pallas kernel) runs unchanged on its sha
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 from jax.sharding import Mesh, PartitionSpec

@@ -8,8 +8,15 @@ from pydantic import ValidationError
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.headers = headers or {}
@@ -41,20 +48,31 @@ def from_validation_error(e: ValidationError) -> APIError:
 
 
 def model_not_found(name: str) -> APIError:
-    return APIError(404, f"The model `{name}` does not exist.", type="NotFoundError", param="model",
-                    code="model_not_found")
+    return APIError(
+        404, f"The model `{name}` does not exist.", type="NotFoundError", param="model", code="model_not_found"
+    )
 
 
 def unauthorized() -> APIError:
-    return APIError(401, "Invalid or missing API key: send 'Authorization: Bearer <key>'.",
-                    type="authentication_error", code="invalid_api_key")
+    return APIError(
+        401,
+        "Invalid or missing API key: send 'Authorization: Bearer <key>'.",
+        type="authentication_error",
+        code="invalid_api_key",
+    )
 
 
 def overloaded(retry_after_s: int) -> APIError:
-    return APIError(503, "The server is at capacity (the waiting queue is full); retry later.",
-                    type="server_overloaded", code="queue_full", headers={"Retry-After": str(retry_after_s)})
+    return APIError(
+        503,
+        "The server is at capacity (the waiting queue is full); retry later.",
+        type="server_overloaded",
+        code="queue_full",
+        headers={"Retry-After": str(retry_after_s)},
+    )
 
 
 def internal(e: BaseException) -> APIError:
-    return APIError(500, f"The engine failed on this request: {type(e).__name__}: {e}", type="server_error",
-                    code="engine_error")
+    return APIError(
+        500, f"The engine failed on this request: {type(e).__name__}: {e}", type="server_error", code="engine_error"
+    )

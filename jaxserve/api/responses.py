@@ -16,9 +16,20 @@ import dataclasses
 import time
 
 from jaxserve.api.protocol import (
-    AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse, ChatLogprobs,
-    CompletionChoice, CompletionChunk, CompletionLogprobs, CompletionResponse, DeltaMessage, TokenLogprob,
-    TopLogprob, UsageInfo,
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    CompletionChoice,
+    CompletionChunk,
+    CompletionLogprobs,
+    CompletionResponse,
+    DeltaMessage,
+    TokenLogprob,
+    TopLogprob,
+    UsageInfo,
 )
 from jaxserve.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 
@@ -30,8 +41,9 @@ def _token_str(pos: PositionLogprobs, token_id: int) -> tuple[str, float]:
     return lp.decoded_token if lp.decoded_token is not None else f"token_id:{token_id}", lp.logprob
 
 
-def completion_logprobs(token_ids: list[int], positions: list[PositionLogprobs | None], offset: int,
-                        token_strs: list[str] | None = None) -> CompletionLogprobs:
+def completion_logprobs(
+    token_ids: list[int], positions: list[PositionLogprobs | None], offset: int, token_strs: list[str] | None = None
+) -> CompletionLogprobs:
     """Legacy completions logprobs. positions[j] is None for a prompt's first token (no logprob);
     token_strs then names the tokens (echoed prompts)."""
     out = CompletionLogprobs()
@@ -54,8 +66,10 @@ def chat_logprobs(token_ids: list[int], positions: list[PositionLogprobs], top_k
     for tid, pos in zip(token_ids, positions):
         text, value = _token_str(pos, tid)
         ranked = sorted((lp for lp in pos.values() if lp.rank is not None and lp.rank <= top_k), key=lambda lp: lp.rank)
-        top = [TopLogprob(token=lp.decoded_token or "", logprob=lp.logprob,
-                          bytes=list((lp.decoded_token or "").encode())) for lp in ranked]
+        top = [
+            TopLogprob(token=lp.decoded_token or "", logprob=lp.logprob, bytes=list((lp.decoded_token or "").encode()))
+            for lp in ranked
+        ]
         content.append(TokenLogprob(token=text, logprob=value, bytes=list(text.encode()), top_logprobs=top))
     return ChatLogprobs(content=content, refusal=None)
 
@@ -83,8 +97,18 @@ class EchoPrompt:
 
 
 class CompletionBuilder:
-    def __init__(self, request_id: str, model: str, n: int, num_prompts: int, *, logprobs: int | None = None,
-                 echo: list[EchoPrompt] | None = None, include_usage: bool = False, stream_each_token: bool = False):
+    def __init__(
+        self,
+        request_id: str,
+        model: str,
+        n: int,
+        num_prompts: int,
+        *,
+        logprobs: int | None = None,
+        echo: list[EchoPrompt] | None = None,
+        include_usage: bool = False,
+        stream_each_token: bool = False,
+    ):
         """stream_each_token: a chunk for every new token even without new text (a model served
         without a tokenizer has no text until the end; clients still see tokens arrive)."""
         self.id, self.model, self.n, self.logprobs, self.echo = request_id, model, n, logprobs, echo
@@ -98,8 +122,9 @@ class CompletionBuilder:
             return None
         return completion_logprobs(out.prompt_token_ids, out.prompt_logprobs, 0, self.echo[p].token_strs)
 
-    def _choice(self, p: int, out: RequestOutput, c: CompletionOutput, start_chars: int, start_tokens: int,
-                first: bool) -> CompletionChoice:
+    def _choice(
+        self, p: int, out: RequestOutput, c: CompletionOutput, start_chars: int, start_tokens: int, first: bool
+    ) -> CompletionChoice:
         prefix = self.echo[p].text if (self.echo and first) else ""
         text = prefix + c.text[start_chars:]
         lp = None
@@ -111,13 +136,15 @@ class CompletionBuilder:
             if echo_lp is not None:
                 fields = CompletionLogprobs.model_fields
                 lp = CompletionLogprobs(**{k: getattr(echo_lp, k) + getattr(lp, k) for k in fields})
-        return CompletionChoice(index=p * self.n + c.index, text=text, logprobs=lp, finish_reason=c.finish_reason,
-                                stop_reason=c.stop_reason)
+        return CompletionChoice(
+            index=p * self.n + c.index, text=text, logprobs=lp, finish_reason=c.finish_reason, stop_reason=c.stop_reason
+        )
 
     def response(self, outputs: list[RequestOutput]) -> CompletionResponse:
         choices = [self._choice(p, out, c, 0, 0, True) for p, out in enumerate(outputs) for c in out.outputs]
-        return CompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices,
-                                  usage=usage_of(outputs))
+        return CompletionResponse(
+            id=self.id, created=self.created, model=self.model, choices=choices, usage=usage_of(outputs)
+        )
 
     def chunks(self, p: int, out: RequestOutput) -> list[CompletionChunk]:
         chunks = []
@@ -145,8 +172,9 @@ class CompletionBuilder:
 
 
 class ChatBuilder:
-    def __init__(self, request_id: str, model: str, n: int, *, top_logprobs: int | None = None,
-                 include_usage: bool = False):
+    def __init__(
+        self, request_id: str, model: str, n: int, *, top_logprobs: int | None = None, include_usage: bool = False
+    ):
         self.id, self.model, self.n, self.top_logprobs = request_id, model, n, top_logprobs
         self.created = int(time.time())
         self.include_usage = include_usage
@@ -158,15 +186,32 @@ class ChatBuilder:
         return chat_logprobs(c.token_ids[start:], (c.logprobs or [])[start:], self.top_logprobs)
 
     def response(self, out: RequestOutput) -> ChatCompletionResponse:
-        choices = [ChatChoice(index=c.index, message=AssistantMessage(content=c.text), logprobs=self._logprobs(c, 0),
-                              finish_reason=c.finish_reason, stop_reason=c.stop_reason) for c in out.outputs]
-        return ChatCompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices,
-                                      usage=usage_of([out]))
+        choices = [
+            ChatChoice(
+                index=c.index,
+                message=AssistantMessage(content=c.text),
+                logprobs=self._logprobs(c, 0),
+                finish_reason=c.finish_reason,
+                stop_reason=c.stop_reason,
+            )
+            for c in out.outputs
+        ]
+        return ChatCompletionResponse(
+            id=self.id, created=self.created, model=self.model, choices=choices, usage=usage_of([out])
+        )
 
     def role_chunks(self) -> list[ChatCompletionChunk]:
         """The first chunk of each choice names the role, as OpenAI's streams do."""
-        return [self._chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""), logprobs=None,
-                                             finish_reason=None)]) for i in range(self.n)]
+        return [
+            self._chunk(
+                [
+                    ChatChunkChoice(
+                        index=i, delta=DeltaMessage(role="assistant", content=""), logprobs=None, finish_reason=None
+                    )
+                ]
+            )
+            for i in range(self.n)
+        ]
 
     def chunks(self, out: RequestOutput) -> list[ChatCompletionChunk]:
         chunks = []
@@ -174,9 +219,10 @@ class ChatBuilder:
             sent = self._sent[c.index]
             if sent.done or (len(c.text) <= sent.chars and c.finish_reason is None):
                 continue
-            delta = DeltaMessage(content=c.text[sent.chars:])
-            choice = ChatChunkChoice(index=c.index, delta=delta, logprobs=self._logprobs(c, sent.tokens),
-                                     finish_reason=c.finish_reason)
+            delta = DeltaMessage(content=c.text[sent.chars :])
+            choice = ChatChunkChoice(
+                index=c.index, delta=delta, logprobs=self._logprobs(c, sent.tokens), finish_reason=c.finish_reason
+            )
             if c.finish_reason is not None:
                 choice.stop_reason = c.stop_reason
             sent.chars, sent.tokens, sent.done = len(c.text), len(c.token_ids), c.finish_reason is not None

@@ -65,8 +65,12 @@ def _params(req, *, max_tokens: int | None, logprobs: int | None, prompt_logprob
 
 def completion_params(req: CompletionRequest) -> SamplingParams:
     # echo with logprobs reports the prompt's logprobs too, as OpenAI's legacy endpoint did
-    return _params(req, max_tokens=req.max_tokens, logprobs=req.logprobs,
-                   prompt_logprobs=req.logprobs if req.echo and req.logprobs is not None else None)
+    return _params(
+        req,
+        max_tokens=req.max_tokens,
+        logprobs=req.logprobs,
+        prompt_logprobs=req.logprobs if req.echo and req.logprobs is not None else None,
+    )
 
 
 def chat_params(req: ChatCompletionRequest) -> SamplingParams:
@@ -92,8 +96,9 @@ def chat_prompt(tokenizer, messages: list[ChatMessage], add_generation_prompt: b
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise bad_request("this model's tokenizer has no chat template: use /v1/completions", param="messages")
     try:
-        text = tokenizer.apply_chat_template(template_messages(messages), add_generation_prompt=add_generation_prompt,
-                                             tokenize=False)
+        text = tokenizer.apply_chat_template(
+            template_messages(messages), add_generation_prompt=add_generation_prompt, tokenize=False
+        )
     except Exception as e:  # a template may refuse a conversation (roles out of order ...)
         raise bad_request(f"the chat template refused these messages: {e}", param="messages") from None
     return {"prompt": text, "prompt_token_ids": tokenizer(text, add_special_tokens=False)["input_ids"]}
@@ -106,4 +111,3 @@ def check_model(requested: str | None, served: list[str]) -> str:
     if requested not in served:
         raise model_not_found(requested)
     return requested
-

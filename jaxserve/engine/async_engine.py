@@ -17,7 +17,7 @@ import asyncio
 import itertools
 import queue
 import threading
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 from jaxserve.engine.llm_engine import LLMEngine, Prompt, StepFailed
 from jaxserve.outputs import RequestOutput
@@ -39,8 +39,9 @@ class AsyncLLM:
         self._thread = threading.Thread(target=self._loop, name="jaxserve-engine", daemon=True)
         self._thread.start()
 
-    async def generate(self, prompt: Prompt, params: SamplingParams | None = None,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+    async def generate(
+        self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None
+    ) -> AsyncIterator[RequestOutput]:
         """Streams cumulative RequestOutputs until finished. Bad input raises ValueError before
         anything is queued; leaving the iteration early (or being cancelled) aborts the request."""
         if self._stopped:

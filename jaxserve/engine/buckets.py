@@ -26,7 +26,9 @@ class BucketPlan:
     row_buckets: dict[int, tuple[int, ...]]  # T -> the R buckets compiled for it
 
     @classmethod
-    def make(cls, max_num_batched_tokens: int, max_num_seqs: int, min_tokens: int = 16, row_growth: int = 4) -> "BucketPlan":
+    def make(
+        cls, max_num_batched_tokens: int, max_num_seqs: int, min_tokens: int = 16, row_growth: int = 4
+    ) -> BucketPlan:
         """row_growth: the factor between row buckets; 0 compiles one row bucket per T (its
         maximum), trading padded rows for fewer compiled shapes (faster start-up)."""
         tokens = tuple(_ladder(min(min_tokens, max_num_batched_tokens), 2, max_num_batched_tokens))

@@ -11,7 +11,9 @@ from tokenizers.decoders import DecodeStream
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer, *, skip_special_tokens: bool = True, stop: list[str] = (), include_stop: bool = False):
+    def __init__(
+        self, tokenizer, *, skip_special_tokens: bool = True, stop: list[str] = (), include_stop: bool = False
+    ):
         self._backend = tokenizer.backend_tokenizer
         self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
         self._stop = list(stop)

@@ -31,11 +31,10 @@ from jax.experimental import serialize_executable
 @functools.cache
 def source_digest() -> bytes:
     """A digest of every Python file the compiled programs are traced from (read once a process)."""
+    import jaxserve
     import models
     import pallas_kernels
     import sharding
-
-    import jaxserve
 
     folders = [Path(m.__file__).parent for m in (jaxserve, models, pallas_kernels, sharding)]
     digest = hashlib.sha256()
@@ -47,8 +46,11 @@ def source_digest() -> bytes:
 def environment_key(*parts) -> str:
     """sha256 of the source, the versions, the devices, XLA's and JAX's variables and `parts` (their repr)."""
     devices = [(d.platform, d.device_kind, d.id, d.client.platform_version) for d in jax.devices()]
-    flags = sorted((k, v) for k, v in os.environ.items()  # XLA's and JAX's settings, less memory sizing
-                   if k.startswith(("XLA_", "JAX_")) and not k.startswith("XLA_PYTHON_CLIENT_"))
+    flags = sorted(
+        (k, v)
+        for k, v in os.environ.items()  # XLA's and JAX's settings, less memory sizing
+        if k.startswith(("XLA_", "JAX_")) and not k.startswith("XLA_PYTHON_CLIENT_")
+    )
     env = (jax.__version__, jaxlib.__version__, flax.__version__, devices, flags, parts)
     return hashlib.sha256(source_digest() + repr(env).encode()).hexdigest()
 
@@ -64,11 +66,14 @@ class ExecutableCache:
         if self.folder.is_dir():
             os.utime(self.folder)
         try:
-            siblings = sorted((p for p in self.folder.parent.iterdir() if p.is_dir() and p != self.folder),
-                              key=lambda p: p.stat().st_mtime, reverse=True)
+            siblings = sorted(
+                (p for p in self.folder.parent.iterdir() if p.is_dir() and p != self.folder),
+                key=lambda p: p.stat().st_mtime,
+                reverse=True,
+            )
         except OSError:  # no cache folder yet
             return
-        for old in siblings[self.KEEP - 1:]:
+        for old in siblings[self.KEEP - 1 :]:
             shutil.rmtree(old, ignore_errors=True)
 
     def _path(self, name: str) -> Path:
@@ -81,8 +86,7 @@ class ExecutableCache:
             return None
         try:
             payload, in_tree, out_tree = pickle.loads(path.read_bytes())
-            return serialize_executable.deserialize_and_load(payload, in_tree, out_tree,
-                                                             execution_devices=self.devices)
+            return serialize_executable.deserialize_and_load(payload, in_tree, out_tree, execution_devices=self.devices)
         except Exception:  # a damaged or incompatible file: compile instead (and overwrite it)
             return None
 

@@ -8,7 +8,7 @@ The continuous-batching engine replaces it for serving; tests and the offline de
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax.numpy as jnp
 import numpy as np

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -92,48 +93,79 @@ class EngineStats:
 
     def summary(self) -> str:
         n = max(self.steps, 1)
-        return (f"{self.steps} steps, {self.tokens} tokens: per step {1e3 * self.step_seconds / n:.2f} ms, host work "
-                f"{1e3 * self.host_seconds / n:.2f} ms (staging and launch {1e3 * self.stage_seconds / n:.2f} ms; overlapping "
-                f"the device's step), blocked on the device "
-                f"{1e3 * self.wait_seconds / n:.2f} ms")
+        return (
+            f"{self.steps} steps, {self.tokens} tokens: per step {1e3 * self.step_seconds / n:.2f} ms, host work "
+            f"{1e3 * self.host_seconds / n:.2f} ms (staging and launch {1e3 * self.stage_seconds / n:.2f} ms; overlapping "
+            f"the device's step), blocked on the device "
+            f"{1e3 * self.wait_seconds / n:.2f} ms"
+        )
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig = EngineConfig(), *, model=None, tokenizer=None,
-                 logits_processors: dict[str, Callable] | None = None, progress: bool = True, log: Callable = print):
+    def __init__(
+        self,
+        config: EngineConfig = EngineConfig(),
+        *,
+        model=None,
+        tokenizer=None,
+        logits_processors: dict[str, Callable] | None = None,
+        progress: bool = True,
+        log: Callable = print,
+    ):
         self.config = config
         self.log = log
         t0 = time.perf_counter()
         model, self.tokenizer = build_model_and_tokenizer(config, model, tokenizer, progress=progress)
         log(f"model and tokenizer ready in {time.perf_counter() - t0:.1f} s")
         self.model_config = cfg = model.config
-        self.plan = BucketPlan.make(config.max_num_batched_tokens, config.max_num_seqs, config.min_token_bucket,
-                                    config.row_bucket_growth)
+        self.plan = BucketPlan.make(
+            config.max_num_batched_tokens, config.max_num_seqs, config.min_token_bucket, config.row_bucket_growth
+        )
         log(self.plan.describe())
         processors = list((logits_processors or {}).items())
         workspace, t0 = 0, time.perf_counter()
         if config.num_kv_pages is None and "bytes_limit" in (jax.local_devices()[0].memory_stats() or {}):
+
             def measure() -> int:
-                probe = ModelRunner(model, num_pages=4, page_size=config.page_size, max_model_len=config.page_size,
-                                    plan=self.plan, max_num_seqs=config.max_num_seqs, processors=processors)
+                probe = ModelRunner(
+                    model,
+                    num_pages=4,
+                    page_size=config.page_size,
+                    max_model_len=config.page_size,
+                    plan=self.plan,
+                    max_num_seqs=config.max_num_seqs,
+                    processors=processors,
+                )
                 return probe.step_workspace_bytes() + probe.state_bytes()
 
             workspace = step_workspace(config, model, self.plan.shapes, [n for n, _ in processors], measure)
             log(f"step workspace {workspace / 2**30:.2f} GiB ({time.perf_counter() - t0:.1f} s)")
         self.max_model_len, num_pages = plan_kv_cache(config, model, workspace_bytes=workspace, log=log)
-        self.runner = ModelRunner(model, num_pages=num_pages, page_size=config.page_size, max_model_len=self.max_model_len,
-                                  plan=self.plan, max_num_seqs=config.max_num_seqs, processors=processors)
+        self.runner = ModelRunner(
+            model,
+            num_pages=num_pages,
+            page_size=config.page_size,
+            max_model_len=self.max_model_len,
+            plan=self.plan,
+            max_num_seqs=config.max_num_seqs,
+            processors=processors,
+        )
         use_cache = config.executable_cache if config.executable_cache is not None else jax.default_backend() == "gpu"
         cache = None
         # Not with logits processors (their code is not part of the key), and not yet on a mesh
         # (reloading onto several devices is untested).
         if use_cache and not processors and self.runner.mesh is None:
-            cache = ExecutableCache(Path(config.cache_dir or default_cache_dir()) / "executables",
-                                    self.runner.devices, *self.runner.executable_cache_key())
+            cache = ExecutableCache(
+                Path(config.cache_dir or default_cache_dir()) / "executables",
+                self.runner.devices,
+                *self.runner.executable_cache_key(),
+            )
         took = self.runner.warm_up(progress=progress, cache=cache)
-        log(f"warm-up compiled {len(self.plan.shapes)} step shapes in {took.total:.1f} s ({took.cached_programs} "
+        log(
+            f"warm-up compiled {len(self.plan.shapes)} step shapes in {took.total:.1f} s ({took.cached_programs} "
             f"programs from the executable cache; lowering {took.lower:.1f} s, compiling or loading "
-            f"{took.compile:.1f} s, first runs {took.run:.1f} s)")
+            f"{took.compile:.1f} s, first runs {took.run:.1f} s)"
+        )
         self.compilations_after_warmup = compile_counter.compilations()
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len),
@@ -177,12 +209,24 @@ class LLMEngine:
         for child in children:
             child.seed = (seed + child.index * 0x9E3779B9) % 2**32
         make_detok = lambda: (  # noqa: E731
-            None if self.tokenizer is None else IncrementalDetokenizer(
-                self.tokenizer, skip_special_tokens=params.skip_special_tokens, stop=params.stop,
-                include_stop=params.include_stop_str_in_output))
+            None
+            if self.tokenizer is None
+            else IncrementalDetokenizer(
+                self.tokenizer,
+                skip_special_tokens=params.skip_special_tokens,
+                stop=params.stop,
+                include_stop=params.include_stop_str_in_output,
+            )
+        )
         self._families[request_id] = _Family(
-            request_id, text, ids, params, children, [make_detok() for _ in children],
-            [[] for _ in children] if params.logprobs is not None else None, [0.0] * len(children),
+            request_id,
+            text,
+            ids,
+            params,
+            children,
+            [make_detok() for _ in children],
+            [[] for _ in children] if params.logprobs is not None else None,
+            [0.0] * len(children),
             [None] * len(ids) if params.prompt_logprobs is not None else None,
         )
         return request_id
@@ -198,7 +242,9 @@ class LLMEngine:
             return prompt, self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
         if isinstance(prompt, (list, tuple)) and all(isinstance(t, (int, np.integer)) for t in prompt):
             return None, [int(t) for t in prompt]
-        raise ValueError(f"a prompt is a string, a list of token ids or {{'prompt_token_ids': [...]}}, got {type(prompt).__name__}")
+        raise ValueError(
+            f"a prompt is a string, a list of token ids or {{'prompt_token_ids': [...]}}, got {type(prompt).__name__}"
+        )
 
     def _validate(self, ids: list[int], params: SamplingParams) -> None:
         vocab = self.model_config.vocab_size
@@ -292,12 +338,15 @@ class LLMEngine:
         outputs = self._emit(advanced, result, only_finished)
         self._release_removed()
         now = time.perf_counter()
-        self.last_step = StepStats(sched.num_tokens, result.num_tokens,
-                                   host_seconds=self._launch_seconds + result.host_seconds + (now - t0),
-                                   stage_seconds=in_flight.stage_seconds,
-                                   wait_seconds=result.wait_seconds,
-                                   launch_seconds=in_flight.launch_seconds,
-                                   step_seconds=now - (self._last_finish or now - result.wait_seconds))
+        self.last_step = StepStats(
+            sched.num_tokens,
+            result.num_tokens,
+            host_seconds=self._launch_seconds + result.host_seconds + (now - t0),
+            stage_seconds=in_flight.stage_seconds,
+            wait_seconds=result.wait_seconds,
+            launch_seconds=in_flight.launch_seconds,
+            step_seconds=now - (self._last_finish or now - result.wait_seconds),
+        )
         self._last_finish = now
         self.stats.add(self.last_step)
         return outputs
@@ -351,18 +400,25 @@ class LLMEngine:
         for i, child in enumerate(family.children):
             finished = child.status.finished
             detok = family.detoks[i]
-            outs.append(CompletionOutput(
-                index=i,
-                text="" if detok is None else detok.visible_text(finished),
-                token_ids=list(child.output_token_ids),
-                cumulative_logprob=family.cumulative[i] if family.logprobs is not None else None,
-                logprobs=list(family.logprobs[i]) if family.logprobs is not None else None,
-                finish_reason=child.status.value if finished else None,
-                stop_reason=child.stop_reason,
-            ))
-        return RequestOutput(family.request_id, family.prompt, family.prompt_token_ids,
-                             list(family.prompt_logprobs) if family.prompt_logprobs is not None else None,
-                             outs, all(o.finish_reason is not None for o in outs))
+            outs.append(
+                CompletionOutput(
+                    index=i,
+                    text="" if detok is None else detok.visible_text(finished),
+                    token_ids=list(child.output_token_ids),
+                    cumulative_logprob=family.cumulative[i] if family.logprobs is not None else None,
+                    logprobs=list(family.logprobs[i]) if family.logprobs is not None else None,
+                    finish_reason=child.status.value if finished else None,
+                    stop_reason=child.stop_reason,
+                )
+            )
+        return RequestOutput(
+            family.request_id,
+            family.prompt,
+            family.prompt_token_ids,
+            list(family.prompt_logprobs) if family.prompt_logprobs is not None else None,
+            outs,
+            all(o.finish_reason is not None for o in outs),
+        )
 
     def _recover(self, sched, lost, error: BaseException, *, launched: bool) -> list[str]:
         """After step `sched` raised: requests whose family already ran alone are failed; the rest

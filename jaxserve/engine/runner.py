@@ -15,8 +15,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -95,7 +95,7 @@ class WarmUpReport:
 
 @dataclasses.dataclass
 class InFlightStep:
-    runner: "ModelRunner"
+    runner: ModelRunner
     output: SchedulerOutput
     sampled: jax.Array  # the packed SamplerOutput, on its way to the host
     output_packing: Packing
@@ -115,8 +115,17 @@ class InFlightStep:
 
 
 class ModelRunner:
-    def __init__(self, model, *, num_pages: int, page_size: int, max_model_len: int, plan: BucketPlan,
-                 max_num_seqs: int, processors: Sequence[tuple[str, LogitsProcessor]] = ()):
+    def __init__(
+        self,
+        model,
+        *,
+        num_pages: int,
+        page_size: int,
+        max_model_len: int,
+        plan: BucketPlan,
+        max_num_seqs: int,
+        processors: Sequence[tuple[str, LogitsProcessor]] = (),
+    ):
         cfg = model.config
         self.config = cfg
         self.page_size = page_size
@@ -145,18 +154,28 @@ class ModelRunner:
         have consumed the donated buffers)."""
         cfg = self.config
         self.kv_cache = self.device_state = None  # drop the old buffers before allocating new ones
-        self.kv_cache = allocate_kv_cache(cfg.num_layers, self.num_pages, self.page_size, cfg.num_kv_heads, cfg.head_dim,
-                                          self.dtype, None if self.mesh is None else kv_cache_sharding(self.mesh))
-        state = DeviceState(penalties=new_penalty_state(self.num_slots, cfg.vocab_size),
-                            page_table=jnp.zeros((self.num_slots + 1, self.pages_per_seq), jnp.int32),
-                            last_tokens=jnp.zeros(self.max_rows, jnp.int32))
+        self.kv_cache = allocate_kv_cache(
+            cfg.num_layers,
+            self.num_pages,
+            self.page_size,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            self.dtype,
+            None if self.mesh is None else kv_cache_sharding(self.mesh),
+        )
+        state = DeviceState(
+            penalties=new_penalty_state(self.num_slots, cfg.vocab_size),
+            page_table=jnp.zeros((self.num_slots + 1, self.pages_per_seq), jnp.int32),
+            last_tokens=jnp.zeros(self.max_rows, jnp.int32),
+        )
         self.device_state = state if self.mesh is None else jax.device_put(state, self._replicated)
         self.slots = RequestSlots(self.num_slots, cfg.vocab_size, self.processor_names)
         self._last_rows: dict[str, int] = {}  # request id -> its row in the last step launched
 
     # -- warm-up ------------------------------------------------------------------------------
-    def warm_up(self, progress: bool = True, threads: int | None = None,
-                cache: ExecutableCache | None = None) -> WarmUpReport:
+    def warm_up(
+        self, progress: bool = True, threads: int | None = None, cache: ExecutableCache | None = None
+    ) -> WarmUpReport:
         """Compiles every shape of the plan, then runs each once on empty inputs; returns the
         time of each phase. Programs come from `cache` when it holds them; the others are
         lowered one by one (Python) and compiled on `threads` threads at once (XLA releases the
@@ -164,7 +183,9 @@ class ModelRunner:
         `cache`. Steps call the compiled executables directly."""
         t0 = time.perf_counter()
         shapes, buckets = self.plan.shapes, self.plan.token_buckets
-        threads = threads or max(1, min(len(shapes), (os.cpu_count() or 2) // 2, 8))  # XLA compiles with threads of its own too
+        threads = threads or max(
+            1, min(len(shapes), (os.cpu_count() or 2) // 2, 8)
+        )  # XLA compiles with threads of its own too
         programs = [(t, r, name) for t, r in shapes for name in PROGRAMS]
         name_of = lambda t, r, name: f"{name}_t{t}_r{r}"  # noqa: E731
         report = WarmUpReport()
@@ -175,8 +196,10 @@ class ModelRunner:
                 cache.save(name_of(*key), compiled)
             return compiled
 
-        with ThreadPoolExecutor(threads) as pool, tqdm(total=len(shapes), desc="Compiling step shapes", unit="shape",
-                                                       disable=not progress) as bar:
+        with (
+            ThreadPoolExecutor(threads) as pool,
+            tqdm(total=len(shapes), desc="Compiling step shapes", unit="shape", disable=not progress) as bar,
+        ):
             loaded = dict(zip(programs, pool.map(lambda key: cache and cache.load(name_of(*key)), programs)))
             futures = {}
             for key in programs:
@@ -187,8 +210,9 @@ class ModelRunner:
                     futures[key] = pool.submit(compile_and_save, lowered, key)
             prompt_lp = {t: pool.submit(self._lower_prompt_logprobs(t).compile) for t in buckets}
             for t, r in shapes:
-                self._compiled[t, r] = CompiledStep(**{name: loaded[t, r, name] or futures[t, r, name].result()
-                                                       for name in PROGRAMS})
+                self._compiled[t, r] = CompiledStep(
+                    **{name: loaded[t, r, name] or futures[t, r, name].result() for name in PROGRAMS}
+                )
                 bar.update()
             self._compiled_prompt_logprobs = {t: f.result() for t, f in prompt_lp.items()}
         report.cached_programs = sum(v is not None for v in loaded.values())
@@ -204,8 +228,9 @@ class ModelRunner:
                 # (over what it saved), on fresh device state, as the failed run may have
                 # consumed the donated buffers.
                 self.reset_device_state()
-                self._compiled[t, r] = CompiledStep(**{name: compile_and_save(self._lower(t, r, name), (t, r, name))
-                                                       for name in PROGRAMS})
+                self._compiled[t, r] = CompiledStep(
+                    **{name: compile_and_save(self._lower(t, r, name), (t, r, name)) for name in PROGRAMS}
+                )
                 self._run_once(t, r)
         for t in buckets:
             r = self.plan.row_buckets[t][0]
@@ -225,10 +250,19 @@ class ModelRunner:
 
     def executable_cache_key(self) -> tuple:
         """What, beyond the code and the devices, shapes this runner's compiled programs."""
-        arrays = jax.tree.map(lambda a: (a.shape, str(a.dtype), str(a.sharding)),
-                              (self.kv_cache, self.device_state, self.weights))
-        return (self.config, str(self.dtype), self.graphdef, arrays, self.page_size, self.pages_per_seq,
-                self.num_slots, self.processor_names)
+        arrays = jax.tree.map(
+            lambda a: (a.shape, str(a.dtype), str(a.sharding)), (self.kv_cache, self.device_state, self.weights)
+        )
+        return (
+            self.config,
+            str(self.dtype),
+            self.graphdef,
+            arrays,
+            self.page_size,
+            self.pages_per_seq,
+            self.num_slots,
+            self.processor_names,
+        )
 
     def _run_once(self, t: int, r: int) -> None:
         """Runs shape (t, r) on empty inputs with each sampler, and waits for it."""
@@ -241,7 +275,7 @@ class ModelRunner:
         return self._prompt_logprobs.lower(self.state, hidden, rows, rows)
 
     # -- one step -----------------------------------------------------------------------------
-    def dispatch(self, output: SchedulerOutput) -> "InFlightStep":
+    def dispatch(self, output: SchedulerOutput) -> InFlightStep:
         """Stages the step and launches it; returns at once while the device works."""
         t0 = time.perf_counter()
         t, r = self.plan.pick(output.num_tokens, len(output.chunks))
@@ -258,10 +292,12 @@ class ModelRunner:
         packed = jax.device_put(packed, self._replicated)  # one transfer, read by both programs
         # Each program's outputs are kept before the next launches: the inputs they replace were
         # donated, so a failure in between must leave valid arrays behind.
-        self.kv_cache, self.device_state, logits, hidden = compiled.model(self.weights, self.kv_cache,
-                                                                          self.device_state, packed)
-        self.device_state, sampled = (compiled.full_sampler if full else compiled.sampler)(logits, self.device_state,
-                                                                                            packed)
+        self.kv_cache, self.device_state, logits, hidden = compiled.model(
+            self.weights, self.kv_cache, self.device_state, packed
+        )
+        self.device_state, sampled = (compiled.full_sampler if full else compiled.sampler)(
+            logits, self.device_state, packed
+        )
         return sampled, hidden
 
     def _lower(self, t: int, r: int, name: str):
@@ -271,16 +307,18 @@ class ModelRunner:
         if name == "model":
             return self._step.lower(self.weights, self.kv_cache, self.device_state, packed, input_packing=inputs)
         logits = jax.ShapeDtypeStruct((r, self.config.vocab_size), jnp.float32, sharding=self._replicated)
-        return self._sampler.lower(logits, self.device_state, packed, input_packing=inputs, output_packing=outputs,
-                                   full=name == "full_sampler")
+        return self._sampler.lower(
+            logits, self.device_state, packed, input_packing=inputs, output_packing=outputs, full=name == "full_sampler"
+        )
 
     def _packing(self, t: int, r: int) -> tuple[Packing, Packing]:
         """The (input, output) buffer layouts of step shape (t, r); the same objects every step,
         as jit keys its cache on them."""
         if (t, r) not in self._packings:
-            self._packings[t, r] = (Packing(step_input_spec(t, r, self._max_page_updates(t, r),
-                                                            len(self.processor_names), BIAS_WIDTH)),
-                                    Packing(sampler_output_spec(r)))
+            self._packings[t, r] = (
+                Packing(step_input_spec(t, r, self._max_page_updates(t, r), len(self.processor_names), BIAS_WIDTH)),
+                Packing(sampler_output_spec(r)),
+            )
         return self._packings[t, r]
 
     def _max_page_updates(self, t: int, r: int) -> int:
@@ -298,10 +336,15 @@ class ModelRunner:
         hidden-state output), from the compiled executable's memory analysis."""
         t = self.plan.token_buckets[-1]
         r = self.plan.row_buckets[t][-1]
-        model, full_sampler = (self._lower(t, r, name).compile().memory_analysis() for name in ("model", "full_sampler"))
+        model, full_sampler = (
+            self._lower(t, r, name).compile().memory_analysis() for name in ("model", "full_sampler")
+        )
         logits = r * self.config.vocab_size * 4  # the model's output, the sampler's input
-        return (max(int(model.temp_size_in_bytes), int(full_sampler.temp_size_in_bytes)) + logits
-                + t * self.config.hidden_size * jnp.dtype(self.dtype).itemsize)
+        return (
+            max(int(model.temp_size_in_bytes), int(full_sampler.temp_size_in_bytes))
+            + logits
+            + t * self.config.hidden_size * jnp.dtype(self.dtype).itemsize
+        )
 
     def state_bytes(self) -> int:
         """Device memory of the state carried between steps (penalty counts, page table)."""
@@ -327,13 +370,15 @@ class ModelRunner:
                 ids = [*ids, 0]  # a placeholder: prev_rows points the device at it
                 pending.append(i)
             seq_chunks.append(SequenceChunk(ids, c.start, c.page_ids))
-        row_of_token = fill_ragged(seq_chunks, x, page_size=self.page_size, num_pages=self.num_pages,
-                                   pages_per_seq=self.pages_per_seq)
+        row_of_token = fill_ragged(
+            seq_chunks, x, page_size=self.page_size, num_pages=self.num_pages, pages_per_seq=self.pages_per_seq
+        )
         total = row_of_token.shape[0]
         x.prev_rows[:] = -1
         if pending:
             x.prev_rows[x.cu_q_lens[np.asarray(pending) + 1] - 1] = [
-                self._last_rows[chunks[i].request.request_id] for i in pending]
+                self._last_rows[chunks[i].request.request_id] for i in pending
+            ]
         slots = np.fromiter((self.slots.acquire(c.request) for c in chunks), np.int32, n)
         x.table_rows[:] = no_slot
         x.table_rows[:n] = slots
@@ -404,8 +449,13 @@ class ModelRunner:
             rid = c.request.request_id
             tokens[rid] = int(sampled.tokens[i])
             if c.request.sampling_params.logprobs is not None:
-                logprobs[rid] = TokenLogprobs(tokens[rid], float(sampled.logprobs[i]), int(sampled.ranks[i]),
-                                              sampled.top_ids[i].copy(), sampled.top_logprobs[i].copy())
+                logprobs[rid] = TokenLogprobs(
+                    tokens[rid],
+                    float(sampled.logprobs[i]),
+                    int(sampled.ranks[i]),
+                    sampled.top_ids[i].copy(),
+                    sampled.top_logprobs[i].copy(),
+                )
         prompt_lp = self._prompt_logprobs_of(chunks, hidden, t)
         return StepResult(tokens, logprobs, prompt_lp, time.perf_counter() - t0, t)
 
@@ -429,5 +479,6 @@ class ModelRunner:
         out: dict[Request, list[tuple[int, TokenLogprobs]]] = {}
         for k, (req, pos) in enumerate(owners):
             out.setdefault(req, []).append(
-                (pos, TokenLogprobs(targets[k], float(chosen[k]), int(ranks[k]), top_ids[k], top_vals[k])))
+                (pos, TokenLogprobs(targets[k], float(chosen[k]), int(ranks[k]), top_ids[k], top_vals[k]))
+            )
         return out

@@ -20,7 +20,7 @@ model (prompt tokens into a mask, generated ones into counts).
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp

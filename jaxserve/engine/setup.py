@@ -1,15 +1,15 @@
 """Engine start-up decisions: which model and tokenizer, how long a context, how many KV pages.
 
-    EngineConfig -> model folder (default: embedded SmolLM2) -> load weights, tokenizer
-                 -> KV budget: gpu_memory_utilization x device memory - weights - step workspace
-                 -> pages = budget / page bytes; max_model_len capped by what one sequence can hold
+EngineConfig -> model folder (default: embedded SmolLM2) -> load weights, tokenizer
+             -> KV budget: gpu_memory_utilization x device memory - weights - step workspace
+             -> pages = budget / page bytes; max_model_len capped by what one sequence can hold
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +34,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
 def resolve_attention_impl(name: str, head_dim: int) -> str:
-    """"auto": the Pallas Mosaic GPU kernel on a GPU (it needs head_dim a multiple of 64), the
+    """ "auto": the Pallas Mosaic GPU kernel on a GPU (it needs head_dim a multiple of 64), the
     plain-XLA paged attention elsewhere."""
     if name != "auto":
         return name
@@ -51,8 +51,15 @@ def build_model_and_tokenizer(config: EngineConfig, model=None, tokenizer=None, 
     if model is None:
         folder = resolve_model(config.model, config.cache_dir)
         impl = resolve_attention_impl(config.attention_impl, resolve_config(folder).head_dim)
-        model = load_model(folder, dtype=config.dtype, load_format=config.load_format, attention_impl=impl, seed=config.seed,
-                           mesh=build_mesh(config), progress=progress)
+        model = load_model(
+            folder,
+            dtype=config.dtype,
+            load_format=config.load_format,
+            attention_impl=impl,
+            seed=config.seed,
+            mesh=build_mesh(config),
+            progress=progress,
+        )
         if tokenizer is None:
             tok_folder = Path(config.tokenizer or folder)
             # A folder without tokenizer files (random-weight presets, bare checkpoints) serves
@@ -66,8 +73,17 @@ def step_workspace(config: EngineConfig, model, shapes, processor_names, measure
     """The step's device workspace in bytes: measured by compiling the largest shape (`measure`),
     once per model, plan, device and version of this code; later start-ups read it back from the
     cache folder instead of compiling the probe again."""
-    key = environment_key(type(model).__name__, nnx.graphdef(model), model.config, str(model.dtype), shapes,
-                          config.max_num_seqs, config.page_size, config.tensor_parallel_size, list(processor_names))
+    key = environment_key(
+        type(model).__name__,
+        nnx.graphdef(model),
+        model.config,
+        str(model.dtype),
+        shapes,
+        config.max_num_seqs,
+        config.page_size,
+        config.tensor_parallel_size,
+        list(processor_names),
+    )
     record = Path(config.cache_dir or default_cache_dir()) / "workspace" / f"{key}.json"
     try:
         return int(json.loads(record.read_text())["bytes"])
@@ -104,7 +120,9 @@ def plan_kv_cache(config: EngineConfig, model, *, workspace_bytes: int = 0, log:
     capacity = num_pages * config.page_size
     limit = cfg.max_position_embeddings
     if cfg.sliding_window is not None and cfg.sliding_window < limit:
-        log(f"note: sliding-window attention is not implemented; max_model_len capped at the window ({cfg.sliding_window})")
+        log(
+            f"note: sliding-window attention is not implemented; max_model_len capped at the window ({cfg.sliding_window})"
+        )
         limit = cfg.sliding_window
     if config.max_model_len is not None:
         if config.max_model_len > limit:
@@ -114,7 +132,8 @@ def plan_kv_cache(config: EngineConfig, model, *, workspace_bytes: int = 0, log:
         max_model_len = config.max_model_len
     else:
         max_model_len = min(limit, capacity)
-    log(f"KV cache: {num_pages} pages x {config.page_size} tokens = {capacity} tokens "
-        f"({num_pages * per_page / 2**30:.2f} GiB); max_model_len {max_model_len}")
+    log(
+        f"KV cache: {num_pages} pages x {config.page_size} tokens = {capacity} tokens "
+        f"({num_pages * per_page / 2**30:.2f} GiB); max_model_len {max_model_len}"
+    )
     return max_model_len, num_pages
-

@@ -35,13 +35,26 @@ class SlotParams:
     synced_pages: np.ndarray  # pages of its page-table row already written on the device
 
     @classmethod
-    def empty(cls, num_slots: int, num_processors: int) -> "SlotParams":
+    def empty(cls, num_slots: int, num_processors: int) -> SlotParams:
         f32, i32 = (lambda: np.zeros(num_slots, np.float32)), (lambda: np.zeros(num_slots, np.int32))  # noqa: E731
         b = lambda: np.zeros(num_slots, bool)  # noqa: E731
-        return cls(temperature=f32(), top_k=i32(), top_p=f32(), min_p=f32(), repetition_penalty=f32(),
-                   presence_penalty=f32(), frequency_penalty=f32(), seed=np.zeros(num_slots, np.uint32),
-                   wants_logprobs=b(), has_penalties=b(), needs_bias=b(), needs_sort=b(), num_prompt_tokens=i32(),
-                   processor_mask=np.zeros((num_processors, num_slots), bool), synced_pages=i32())
+        return cls(
+            temperature=f32(),
+            top_k=i32(),
+            top_p=f32(),
+            min_p=f32(),
+            repetition_penalty=f32(),
+            presence_penalty=f32(),
+            frequency_penalty=f32(),
+            seed=np.zeros(num_slots, np.uint32),
+            wants_logprobs=b(),
+            has_penalties=b(),
+            needs_bias=b(),
+            needs_sort=b(),
+            num_prompt_tokens=i32(),
+            processor_mask=np.zeros((num_processors, num_slots), bool),
+            synced_pages=i32(),
+        )
 
 
 class RequestSlots:
@@ -67,7 +80,10 @@ class RequestSlots:
         s.temperature[slot], s.top_p[slot], s.min_p[slot] = p.temperature, p.top_p, p.min_p
         s.top_k[slot] = self.vocab_size if p.top_k == -1 else min(p.top_k, self.vocab_size)
         s.repetition_penalty[slot], s.presence_penalty[slot], s.frequency_penalty[slot] = (
-            p.repetition_penalty, p.presence_penalty, p.frequency_penalty)
+            p.repetition_penalty,
+            p.presence_penalty,
+            p.frequency_penalty,
+        )
         s.seed[slot] = request.seed
         s.wants_logprobs[slot] = p.logprobs is not None
         s.has_penalties[slot] = p.has_penalties

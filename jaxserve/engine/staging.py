@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import types
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -29,8 +29,9 @@ class SequenceChunk:
     page_ids: Sequence[int]  # the sequence's pages, enough for start + q_len tokens
 
 
-def fill_ragged(chunks: Sequence[SequenceChunk], out, *, page_size: int, num_pages: int,
-                pages_per_seq: int) -> np.ndarray:
+def fill_ragged(
+    chunks: Sequence[SequenceChunk], out, *, page_size: int, num_pages: int, pages_per_seq: int
+) -> np.ndarray:
     """Writes the step's layout into out.tokens, .positions, .slot_mapping [T] and .cu_q_lens,
     .kv_lens, .num_seqs, .logits_rows [R]: int32 arrays, zeroed, their shapes the bucket's.
     Returns the row of each real token ([total] int32)."""
@@ -45,11 +46,15 @@ def fill_ragged(chunks: Sequence[SequenceChunk], out, *, page_size: int, num_pag
     last_page = (starts + q_lens - 1) // page_size  # q_len >= 1
     for r, c in enumerate(chunks):
         if len(c.page_ids) > pages_per_seq or len(c.page_ids) <= last_page[r]:
-            raise ValueError(f"sequence {r}: {len(c.page_ids)} pages cannot hold {c.start + q_lens[r]} tokens "
-                             f"(max {pages_per_seq} pages)")
+            raise ValueError(
+                f"sequence {r}: {len(c.page_ids)} pages cannot hold {c.start + q_lens[r]} tokens "
+                f"(max {pages_per_seq} pages)"
+            )
     # The pages this step writes, back to back: a decode row touches one.
-    touched = np.fromiter(itertools.chain.from_iterable(
-        c.page_ids[first_page[r] : last_page[r] + 1] for r, c in enumerate(chunks)), np.int32)
+    touched = np.fromiter(
+        itertools.chain.from_iterable(c.page_ids[first_page[r] : last_page[r] + 1] for r, c in enumerate(chunks)),
+        np.int32,
+    )
     touched_offset = np.zeros(n, np.int32)
     np.cumsum((last_page - first_page + 1)[:-1], out=touched_offset[1:])
     cu_q_lens = out.cu_q_lens
@@ -80,13 +85,25 @@ def stage_batch(
 ) -> tuple[np.ndarray, RaggedBatch, np.ndarray]:
     """The whole batch with a dense page table, for drivers of a fixed batch (greedy, tests)."""
     zeros = lambda *shape: np.zeros(shape, np.int32)  # noqa: E731
-    out = types.SimpleNamespace(tokens=zeros(num_tokens), positions=zeros(num_tokens), slot_mapping=zeros(num_tokens),
-                                cu_q_lens=zeros(num_rows + 1), kv_lens=zeros(num_rows), num_seqs=zeros(1),
-                                logits_rows=zeros(num_rows))
+    out = types.SimpleNamespace(
+        tokens=zeros(num_tokens),
+        positions=zeros(num_tokens),
+        slot_mapping=zeros(num_tokens),
+        cu_q_lens=zeros(num_rows + 1),
+        kv_lens=zeros(num_rows),
+        num_seqs=zeros(1),
+        logits_rows=zeros(num_rows),
+    )
     fill_ragged(chunks, out, page_size=page_size, num_pages=num_pages, pages_per_seq=pages_per_seq)
     page_table = zeros(num_rows, pages_per_seq)
     for r, c in enumerate(chunks):
         page_table[r, : len(c.page_ids)] = c.page_ids
-    batch = RaggedBatch(positions=out.positions, slot_mapping=out.slot_mapping, cu_q_lens=out.cu_q_lens,
-                        kv_lens=out.kv_lens, page_table=page_table, num_seqs=out.num_seqs)
+    batch = RaggedBatch(
+        positions=out.positions,
+        slot_mapping=out.slot_mapping,
+        cu_q_lens=out.cu_q_lens,
+        kv_lens=out.kv_lens,
+        page_table=page_table,
+        num_seqs=out.num_seqs,
+    )
     return out.tokens, batch, out.logits_rows

@@ -16,7 +16,7 @@ function merges them inside the trace, so no per-step pytree walking of NNX stat
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -81,8 +81,14 @@ def make_step(graphdef: nnx.GraphDef, treedef, mesh: Mesh | None = None):
         tokens = jnp.where(inputs.prev_rows >= 0, state.last_tokens[jnp.maximum(inputs.prev_rows, 0)], inputs.tokens)
         table = state.page_table.reshape(-1).at[inputs.page_update_index].set(inputs.page_update_value, mode="drop")
         table = table.reshape(state.page_table.shape)
-        batch = RaggedBatch(positions=inputs.positions, slot_mapping=inputs.slot_mapping, cu_q_lens=inputs.cu_q_lens,
-                            kv_lens=inputs.kv_lens, page_table=table[inputs.table_rows], num_seqs=inputs.num_seqs)
+        batch = RaggedBatch(
+            positions=inputs.positions,
+            slot_mapping=inputs.slot_mapping,
+            cu_q_lens=inputs.cu_q_lens,
+            kv_lens=inputs.kv_lens,
+            page_table=table[inputs.table_rows],
+            num_seqs=inputs.num_seqs,
+        )
         hidden, kv_cache = model(tokens, kv_cache, batch)
         penalties = update_penalty_state(state.penalties, tokens, inputs.sampling)
         logits = model.logits(hidden[inputs.logits_rows])
@@ -92,7 +98,9 @@ def make_step(graphdef: nnx.GraphDef, treedef, mesh: Mesh | None = None):
             # vocabulary, and sampling must see it whole.
             replicated = NamedSharding(mesh, PartitionSpec())
             kv_cache = jax.lax.with_sharding_constraint(kv_cache, kv_cache_sharding(mesh))
-            penalties, table, hidden, logits = jax.lax.with_sharding_constraint((penalties, table, hidden, logits), replicated)
+            penalties, table, hidden, logits = jax.lax.with_sharding_constraint(
+                (penalties, table, hidden, logits), replicated
+            )
         return kv_cache, DeviceState(penalties, table, state.last_tokens), logits, hidden
 
     return jax.jit(step, donate_argnames=("kv_cache", "state"), static_argnames=("input_packing",))
@@ -125,22 +133,48 @@ def step_input_spec(t: int, r: int, num_page_updates: int, num_processors: int, 
     f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
     b = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bool_)  # noqa: E731
     sampling = SamplingBatch(
-        temperature=f32(r), top_k=i32(r), top_p=f32(r), min_p=f32(r), repetition_penalty=f32(r),
-        presence_penalty=f32(r), frequency_penalty=f32(r), bias_ids=i32(r, bias_width), bias_values=f32(r, bias_width),
-        seeds=jax.ShapeDtypeStruct((r,), jnp.uint32), counters=i32(r), wants_logprobs=b(r),
-        processor_mask=b(num_processors, r), row_slot=i32(r), reset_slots=i32(r), token_slot=i32(t),
+        temperature=f32(r),
+        top_k=i32(r),
+        top_p=f32(r),
+        min_p=f32(r),
+        repetition_penalty=f32(r),
+        presence_penalty=f32(r),
+        frequency_penalty=f32(r),
+        bias_ids=i32(r, bias_width),
+        bias_values=f32(r, bias_width),
+        seeds=jax.ShapeDtypeStruct((r,), jnp.uint32),
+        counters=i32(r),
+        wants_logprobs=b(r),
+        processor_mask=b(num_processors, r),
+        row_slot=i32(r),
+        reset_slots=i32(r),
+        token_slot=i32(t),
         token_is_output=b(t),
     )
-    return StepInput(tokens=i32(t), prev_rows=i32(t), positions=i32(t), slot_mapping=i32(t), cu_q_lens=i32(r + 1),
-                     kv_lens=i32(r), num_seqs=i32(1), table_rows=i32(r), page_update_index=i32(num_page_updates),
-                     page_update_value=i32(num_page_updates), logits_rows=i32(r), sampling=sampling)
+    return StepInput(
+        tokens=i32(t),
+        prev_rows=i32(t),
+        positions=i32(t),
+        slot_mapping=i32(t),
+        cu_q_lens=i32(r + 1),
+        kv_lens=i32(r),
+        num_seqs=i32(1),
+        table_rows=i32(r),
+        page_update_index=i32(num_page_updates),
+        page_update_value=i32(num_page_updates),
+        logits_rows=i32(r),
+        sampling=sampling,
+    )
 
 
 def sampler_output_spec(r: int) -> SamplerOutput:
-    return SamplerOutput(tokens=jax.ShapeDtypeStruct((r,), jnp.int32), logprobs=jax.ShapeDtypeStruct((r,), jnp.float32),
-                         ranks=jax.ShapeDtypeStruct((r,), jnp.int32),
-                         top_ids=jax.ShapeDtypeStruct((r, MAX_LOGPROBS), jnp.int32),
-                         top_logprobs=jax.ShapeDtypeStruct((r, MAX_LOGPROBS), jnp.float32))
+    return SamplerOutput(
+        tokens=jax.ShapeDtypeStruct((r,), jnp.int32),
+        logprobs=jax.ShapeDtypeStruct((r,), jnp.float32),
+        ranks=jax.ShapeDtypeStruct((r,), jnp.int32),
+        top_ids=jax.ShapeDtypeStruct((r, MAX_LOGPROBS), jnp.int32),
+        top_logprobs=jax.ShapeDtypeStruct((r, MAX_LOGPROBS), jnp.float32),
+    )
 
 
 def make_prompt_logprobs(graphdef: nnx.GraphDef):

@@ -23,7 +23,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-
 ALIGN_WORDS = 64  # 256 bytes
 
 

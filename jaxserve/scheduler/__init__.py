@@ -11,4 +11,12 @@ from jaxserve.scheduler.kv_pages import KVPageManager
 from jaxserve.scheduler.request import Request, RequestStatus
 from jaxserve.scheduler.scheduler import ScheduledChunk, Scheduler, SchedulerConfig, SchedulerOutput
 
-__all__ = ["KVPageManager", "Request", "RequestStatus", "ScheduledChunk", "Scheduler", "SchedulerConfig", "SchedulerOutput"]
+__all__ = [
+    "KVPageManager",
+    "Request",
+    "RequestStatus",
+    "ScheduledChunk",
+    "Scheduler",
+    "SchedulerConfig",
+    "SchedulerOutput",
+]

@@ -79,8 +79,9 @@ class Scheduler:
             self._enqueue(req)
             return [req]
         children = [
-            dataclasses.replace(req, request_id=f"{req.request_id}#{i}", parent_id=req.request_id, index=i,
-                                output_token_ids=[])
+            dataclasses.replace(
+                req, request_id=f"{req.request_id}#{i}", parent_id=req.request_id, index=i, output_token_ids=[]
+            )
             for i in range(n)
         ]
         shared = (req.num_prompt_tokens - 1) // self.kv.page_size * self.kv.page_size
@@ -91,8 +92,9 @@ class Scheduler:
             for child in children:
                 self._enqueue(child)
             return children
-        prefix = dataclasses.replace(req, request_id=f"{req.request_id}#prefix", parent_id=req.request_id,
-                                     prefix_len=shared, output_token_ids=[])
+        prefix = dataclasses.replace(
+            req, request_id=f"{req.request_id}#prefix", parent_id=req.request_id, prefix_len=shared, output_token_ids=[]
+        )
         self._forks[prefix.request_id] = children
         for child in children:
             self.requests[child.request_id] = child

@@ -1,9 +1,9 @@
 """create_app(settings) -> a Starlette app whose lifespan builds the engine and shuts it down.
 
-    start-up:  LLMEngine (load, warm-up compile: minutes on a CPU) -> AsyncLLM (engine thread)
-    serving:   routes (jaxserve.server.routes) on the event loop
-    shut-down: uvicorn stops accepting, waits for requests in flight (SIGTERM), then the engine
-               thread is stopped
+start-up:  LLMEngine (load, warm-up compile: minutes on a CPU) -> AsyncLLM (engine thread)
+serving:   routes (jaxserve.server.routes) on the event loop
+shut-down: uvicorn stops accepting, waits for requests in flight (SIGTERM), then the engine
+           thread is stopped
 """
 
 from __future__ import annotations

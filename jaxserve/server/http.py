@@ -1,6 +1,6 @@
 """HTTP plumbing: request bodies into pydantic models, SSE responses, the API key, disconnects.
 
-    body bytes -> UTF-8? -> JSON object? -> pydantic model      (each failure: a 400 in OpenAI's shape)
+body bytes -> UTF-8? -> JSON object? -> pydantic model      (each failure: a 400 in OpenAI's shape)
 """
 
 from __future__ import annotations

@@ -19,12 +19,74 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 PREFIX = "jaxserve:"
 
 # vLLM's bucket edges, so that dashboards written for it read ours the same way
-TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
-                40.0, 80.0, 160.0, 640.0, 2560.0)
-ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
-               80.0)
-E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
-               480.0, 960.0, 1920.0, 7680.0)
+TTFT_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    640.0,
+    2560.0,
+)
+ITL_BUCKETS = (
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
+E2E_BUCKETS = (
+    0.3,
+    0.5,
+    0.8,
+    1.0,
+    1.5,
+    2.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
+    960.0,
+    1920.0,
+    7680.0,
+)
 
 
 class _EngineCollector:
@@ -42,8 +104,9 @@ class _EngineCollector:
             g = GaugeMetricFamily(PREFIX + name, doc, labels=["model_name"])
             g.add_metric([self.model_name], value)
             yield g
-        c = CounterMetricFamily(PREFIX + "num_preemptions", "Sequences preempted (pages freed, recomputed later).",
-                                labels=["model_name"])
+        c = CounterMetricFamily(
+            PREFIX + "num_preemptions", "Sequences preempted (pages freed, recomputed later).", labels=["model_name"]
+        )
         c.add_metric([self.model_name], sched.num_preemptions)
         yield c
 
@@ -65,8 +128,12 @@ class Metrics:
         self.e2e = hist("e2e_request_latency_seconds", "Arrival to the last output token.", E2E_BUCKETS)
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of requests that started generating.")
         self.generation_tokens = counter("generation_tokens", "Tokens generated.")
-        self._success = Counter(PREFIX + "request_success", "Finished sequences, by finish reason.",
-                                label + ["finished_reason"], registry=self.registry)
+        self._success = Counter(
+            PREFIX + "request_success",
+            "Finished sequences, by finish reason.",
+            label + ["finished_reason"],
+            registry=self.registry,
+        )
         self._model_name = model_name
 
     def success(self, finished_reason: str) -> None:

@@ -18,7 +18,12 @@ from starlette.routing import Route
 import jaxserve
 from jaxserve.api.errors import APIError, bad_request, from_value_error, internal
 from jaxserve.api.protocol import (
-    ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ModelCard, ModelList, TokenizeRequest,
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
 )
 from jaxserve.api.responses import ChatBuilder, CompletionBuilder, EchoPrompt
 from jaxserve.api.translate import chat_params, chat_prompt, check_model, completion_params, completion_prompts
@@ -91,8 +96,16 @@ async def completions(request: Request) -> Response:
         req.close()
         raise
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    builder = CompletionBuilder(rid, model, params.n, len(prompts), logprobs=body.logprobs, echo=echo,
-                                include_usage=include_usage, stream_each_token=st.engine.tokenizer is None)
+    builder = CompletionBuilder(
+        rid,
+        model,
+        params.n,
+        len(prompts),
+        logprobs=body.logprobs,
+        echo=echo,
+        include_usage=include_usage,
+        stream_each_token=st.engine.tokenizer is None,
+    )
     if not body.stream:
         return await _respond(request, req, builder.response)
 
@@ -183,8 +196,10 @@ async def detokenize(request: Request) -> Response:
 
 async def models(request: Request) -> Response:
     st = _state(request)
-    cards = [ModelCard(id=name, root=st.settings.engine.model or name, max_model_len=st.engine.max_model_len)
-             for name in st.model_names]
+    cards = [
+        ModelCard(id=name, root=st.settings.engine.model or name, max_model_len=st.engine.max_model_len)
+        for name in st.model_names
+    ]
     return json_response(ModelList(data=cards))
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 from jaxserve.api.errors import bad_request, from_value_error, overloaded
 from jaxserve.engine.async_engine import AsyncLLM
@@ -35,12 +35,15 @@ class Serving:
         self.capacity = settings.engine.max_num_seqs + settings.max_waiting_requests
         self.admitted = 0  # sequences admitted and not finished; touched only on the event loop
 
-    async def open(self, request_id: str, prompts: list, params: SamplingParams, arrival: float) -> "OpenRequest":
+    async def open(self, request_id: str, prompts: list, params: SamplingParams, arrival: float) -> OpenRequest:
         """Admits (or 503) and prepares (or 400) a request; the caller must close() what it gets."""
         sequences = len(prompts) * params.n
         if sequences > self.capacity:  # would never fit: the request's fault, not a busy server
-            raise bad_request(f"{len(prompts)} prompt(s) x n={params.n} = {sequences} sequences exceed the server's "
-                              f"queue of {self.capacity}", param="n")
+            raise bad_request(
+                f"{len(prompts)} prompt(s) x n={params.n} = {sequences} sequences exceed the server's "
+                f"queue of {self.capacity}",
+                param="n",
+            )
         if self.admitted + sequences > self.capacity:
             raise overloaded(self.settings.retry_after_s)
         self.admitted += sequences
@@ -54,6 +57,7 @@ class Serving:
 
     async def _prepare(self, prompts: list, params: SamplingParams) -> list[PreparedRequest]:
         """Tokenizes and validates every prompt in a worker thread (CPU work off the event loop)."""
+
         def work():  # a prompt may come as a function that renders it (a chat template): run here too
             return [self.engine.prepare(p() if callable(p) else p, params) for p in prompts]
 

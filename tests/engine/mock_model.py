@@ -20,17 +20,32 @@ def next_tokens(prompt: list[int], n: int, vocab: int) -> list[int]:
     seq = list(prompt)
     for _ in range(n):
         seq.append(sum(seq) % vocab)
-    return seq[len(prompt):]
+    return seq[len(prompt) :]
 
 
 class SumModel(nnx.Module):
     def __init__(self, vocab_size: int = 101, eos_token_id: int | None = None, max_len: int = 4096):
         self.config = ModelConfig(
-            architecture="LlamaForCausalLM", vocab_size=vocab_size, hidden_size=vocab_size, intermediate_size=1,
-            num_layers=1, num_heads=1, num_kv_heads=1, head_dim=8, rms_norm_eps=1e-6, rope_theta=1.0,
-            rope_scaling=None, tie_word_embeddings=True, qkv_bias=False, o_bias=False, mlp_bias=False,
-            max_position_embeddings=max_len, sliding_window=None, bos_token_id=None,
-            eos_token_ids=() if eos_token_id is None else (eos_token_id,), dtype="float32",
+            architecture="LlamaForCausalLM",
+            vocab_size=vocab_size,
+            hidden_size=vocab_size,
+            intermediate_size=1,
+            num_layers=1,
+            num_heads=1,
+            num_kv_heads=1,
+            head_dim=8,
+            rms_norm_eps=1e-6,
+            rope_theta=1.0,
+            rope_scaling=None,
+            tie_word_embeddings=True,
+            qkv_bias=False,
+            o_bias=False,
+            mlp_bias=False,
+            max_position_embeddings=max_len,
+            sliding_window=None,
+            bos_token_id=None,
+            eos_token_ids=() if eos_token_id is None else (eos_token_id,),
+            dtype="float32",
         )
         self.dtype = jnp.float32
         self.peak = nnx.Param(jnp.asarray(20.0))

@@ -22,14 +22,18 @@ def async_llm():
 def test_streams_concurrent_requests_and_aborts_early_leavers(async_llm):
     async def consume(prompt, n_tokens, stop_after=None):
         seen = []
-        async for out in async_llm.generate(prompt, SamplingParams(temperature=0, max_tokens=n_tokens, ignore_eos=True)):
+        async for out in async_llm.generate(
+            prompt, SamplingParams(temperature=0, max_tokens=n_tokens, ignore_eos=True)
+        ):
             seen.append(list(out.outputs[0].token_ids))
             if stop_after is not None and len(seen) >= stop_after:
                 break
         return seen
 
     async def main():
-        return await asyncio.gather(*(consume([i + 1, 2, 3], 12, stop_after=3 if i % 3 == 0 else None) for i in range(9)))
+        return await asyncio.gather(
+            *(consume([i + 1, 2, 3], 12, stop_after=3 if i % 3 == 0 else None) for i in range(9))
+        )
 
     results = asyncio.run(main())
     for i, seen in enumerate(results):

@@ -18,8 +18,14 @@ V = 101
 
 
 def engine(num_pages=64, page_size=4, budget=16, seqs=4, tokenizer=None, model=None, max_len=256):
-    config = EngineConfig(max_num_seqs=seqs, max_num_batched_tokens=budget, page_size=page_size,
-                          num_kv_pages=num_pages, max_model_len=max_len, min_token_bucket=8)
+    config = EngineConfig(
+        max_num_seqs=seqs,
+        max_num_batched_tokens=budget,
+        page_size=page_size,
+        num_kv_pages=num_pages,
+        max_model_len=max_len,
+        min_token_bucket=8,
+    )
     return LLMEngine(config, model=model or SumModel(V), tokenizer=tokenizer, progress=False, log=lambda *_: None)
 
 
@@ -149,14 +155,25 @@ def test_async_scheduling_matches_one_step_at_a_time():
     rng = np.random.default_rng(3)
     arrivals = {}
     for i in range(10):
-        params = (SamplingParams(max_tokens=12, **GREEDY) if i % 3 == 0 else
-                  SamplingParams(max_tokens=10, temperature=0.8, seed=i, presence_penalty=0.5) if i % 3 == 1 else
-                  SamplingParams(max_tokens=15, temperature=0, stop_token_ids=[int(rng.integers(V))]))
+        params = (
+            SamplingParams(max_tokens=12, **GREEDY)
+            if i % 3 == 0
+            else SamplingParams(max_tokens=10, temperature=0.8, seed=i, presence_penalty=0.5)
+            if i % 3 == 1
+            else SamplingParams(max_tokens=15, temperature=0, stop_token_ids=[int(rng.integers(V))])
+        )
         arrivals.setdefault(i // 3, []).append((f"r{i}", rng.integers(0, V, int(rng.integers(1, 30))).tolist(), params))
     results = []
     for async_scheduling in (True, False):
-        config = EngineConfig(max_num_seqs=4, max_num_batched_tokens=16, page_size=4, num_kv_pages=24, max_model_len=96,
-                              min_token_bucket=8, async_scheduling=async_scheduling)
+        config = EngineConfig(
+            max_num_seqs=4,
+            max_num_batched_tokens=16,
+            page_size=4,
+            num_kv_pages=24,
+            max_model_len=96,
+            min_token_bucket=8,
+            async_scheduling=async_scheduling,
+        )
         e = LLMEngine(config, model=SumModel(V), progress=False, log=lambda *_: None)
         final = run(e, arrivals)
         results.append({rid: (out.outputs[0].token_ids, out.outputs[0].finish_reason) for rid, out in final.items()})
@@ -172,8 +189,17 @@ def test_async_scheduling_matches_one_step_at_a_time():
 def test_seeded_sampling_is_reproducible(small):
     params = SamplingParams(temperature=50.0, seed=7, max_tokens=8, ignore_eos=True)  # hot: really random
     alone = run(small, {0: [("s", [1, 2, 3], params)]})["s"].outputs[0].token_ids
-    crowd = run(small, {0: [(f"x{i}", [i + 1] * (i + 2), SamplingParams(temperature=1.0, max_tokens=9)) for i in range(3)]
-                        + [("s", [1, 2, 3], params)]})["s"].outputs[0].token_ids
+    crowd = (
+        run(
+            small,
+            {
+                0: [(f"x{i}", [i + 1] * (i + 2), SamplingParams(temperature=1.0, max_tokens=9)) for i in range(3)]
+                + [("s", [1, 2, 3], params)]
+            },
+        )["s"]
+        .outputs[0]
+        .token_ids
+    )
     assert alone == crowd and alone != next_tokens([1, 2, 3], 8, V)
 
 
@@ -191,13 +217,24 @@ def test_bad_input_raises_before_queueing(small):
     assert not small.has_unfinished_requests()
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"), (dict(top_p=1.5), "top_p"),
-    (dict(top_k=0), "top_k"), (dict(top_k=-2), "top_k"), (dict(n=0), "n must"), (dict(max_tokens=0), "max_tokens"),
-    (dict(logprobs=21), "logprobs"), (dict(min_p=2), "min_p"), (dict(presence_penalty=3), "presence_penalty"),
-    (dict(repetition_penalty=0), "repetition_penalty"), (dict(min_tokens=5, max_tokens=2), "min_tokens"),
-    (dict(stop=[""]), "stop"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(temperature=-1), "temperature"),
+        (dict(top_p=0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(top_k=0), "top_k"),
+        (dict(top_k=-2), "top_k"),
+        (dict(n=0), "n must"),
+        (dict(max_tokens=0), "max_tokens"),
+        (dict(logprobs=21), "logprobs"),
+        (dict(min_p=2), "min_p"),
+        (dict(presence_penalty=3), "presence_penalty"),
+        (dict(repetition_penalty=0), "repetition_penalty"),
+        (dict(min_tokens=5, max_tokens=2), "min_tokens"),
+        (dict(stop=[""]), "stop"),
+    ],
+)
 def test_sampling_params_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SamplingParams(**kwargs)
@@ -276,6 +313,7 @@ def test_a_sampler_failing_after_the_model_ran_leaves_a_working_engine():
     e = engine(budget=16, seqs=2)
     fired = []
     for (t, r), compiled in list(e.runner._compiled.items()):
+
         def failing(*args, _sampler=compiled.sampler):
             if not fired:
                 fired.append(1)
@@ -292,8 +330,15 @@ def test_a_sampler_failing_after_the_model_ran_leaves_a_working_engine():
 def test_outputs_queued_before_a_failed_read_back_are_not_lost(monkeypatch):
     from jaxserve.engine import runner
 
-    config = EngineConfig(max_num_seqs=4, max_num_batched_tokens=16, page_size=4, num_kv_pages=64, max_model_len=256,
-                          min_token_bucket=8, async_scheduling=False)
+    config = EngineConfig(
+        max_num_seqs=4,
+        max_num_batched_tokens=16,
+        page_size=4,
+        num_kv_pages=64,
+        max_model_len=256,
+        min_token_bucket=8,
+        async_scheduling=False,
+    )
     e = LLMEngine(config, model=SumModel(V), progress=False, log=lambda *_: None)
     e.add_request("a", [1, 2, 3], SamplingParams(max_tokens=20, **GREEDY))
     e.add_request("b", [4, 5], SamplingParams(max_tokens=20, **GREEDY))
@@ -321,13 +366,13 @@ def test_prompt_logprobs_of_a_request_that_finishes_at_once(small):
     assert out.prompt_logprobs[0] is None and all(p is not None for p in out.prompt_logprobs[1:])
 
 
-
 def test_children_waiting_on_shared_pages_do_not_starve_a_running_request():
     # 20 pages of 4 tokens, a replay of two fuzzed workloads that used to hang: a request needing
     # most of the pages preempted itself forever while forked n > 1 children waiting behind it
     # held the prompt's shared pages. Now those children give the pages up (and recompute).
-    config = EngineConfig(max_num_seqs=4, max_num_batched_tokens=16, page_size=4, num_kv_pages=20, max_model_len=64,
-                          min_token_bucket=8)
+    config = EngineConfig(
+        max_num_seqs=4, max_num_batched_tokens=16, page_size=4, num_kv_pages=20, max_model_len=64, min_token_bucket=8
+    )
     e = LLMEngine(config, model=SumModel(V, eos_token_id=7), progress=False, log=lambda *_: None)
     for trial in (0, 1):
         rng = np.random.default_rng(trial)
@@ -335,14 +380,17 @@ def test_children_waiting_on_shared_pages_do_not_starve_a_running_request():
         for i in range(int(rng.integers(3, 10))):
             kind, plen = int(rng.integers(0, 6)), int(rng.integers(1, 30))
             mt = int(rng.integers(1, 64 - plen)) if rng.random() < 0.8 else None
-            kw = {0: lambda: dict(temperature=0),
-                  1: lambda: dict(temperature=0.9, seed=i, presence_penalty=0.7, frequency_penalty=0.3),
-                  2: lambda: dict(temperature=0, stop_token_ids=[int(rng.integers(V))], min_tokens=min(3, mt or 3)),
-                  3: lambda: dict(temperature=1.0, seed=i, n=int(rng.integers(2, 4))),
-                  4: lambda: dict(temperature=0, logit_bias={int(rng.integers(V)): 5.0}, min_tokens=min(2, mt or 2)),
-                  5: lambda: dict(temperature=0.5, seed=i, n=2, top_k=5)}[kind]()  # noqa: B023
+            kw = {
+                0: lambda: dict(temperature=0),
+                1: lambda: dict(temperature=0.9, seed=i, presence_penalty=0.7, frequency_penalty=0.3),
+                2: lambda: dict(temperature=0, stop_token_ids=[int(rng.integers(V))], min_tokens=min(3, mt or 3)),
+                3: lambda: dict(temperature=1.0, seed=i, n=int(rng.integers(2, 4))),
+                4: lambda: dict(temperature=0, logit_bias={int(rng.integers(V)): 5.0}, min_tokens=min(2, mt or 2)),
+                5: lambda: dict(temperature=0.5, seed=i, n=2, top_k=5),
+            }[kind]()  # noqa: B023
             arrivals.setdefault(int(rng.integers(0, 6)), []).append(
-                (f"{trial}-r{i}", rng.integers(0, V, plen).tolist(), SamplingParams(max_tokens=mt, **kw)))
+                (f"{trial}-r{i}", rng.integers(0, V, plen).tolist(), SamplingParams(max_tokens=mt, **kw))
+            )
         final = run(e, arrivals, max_steps=2000)
         assert sorted(final) == sorted(rid for group in arrivals.values() for rid, _, _ in group)
     _no_leaks(e)
@@ -381,13 +429,25 @@ def test_a_second_start_loads_its_compiled_steps_instead_of_lowering_them(tmp_pa
             return lambda *args: (_ for _ in ()).throw(RuntimeError("injected: cached program fails"))
         return kept[i]
 
-    fake = type("FakeSerializer", (), {
-        "serialize": staticmethod(lambda compiled: (kept.append(compiled) or len(kept) - 1, None, None)),
-        "deserialize_and_load": staticmethod(deserialize),
-    })
+    fake = type(
+        "FakeSerializer",
+        (),
+        {
+            "serialize": staticmethod(lambda compiled: (kept.append(compiled) or len(kept) - 1, None, None)),
+            "deserialize_and_load": staticmethod(deserialize),
+        },
+    )
     monkeypatch.setattr(executable_cache, "serialize_executable", fake)
-    config = EngineConfig(max_num_seqs=4, max_num_batched_tokens=16, page_size=4, num_kv_pages=64, max_model_len=64,
-                          min_token_bucket=8, cache_dir=tmp_path, executable_cache=True)
+    config = EngineConfig(
+        max_num_seqs=4,
+        max_num_batched_tokens=16,
+        page_size=4,
+        num_kv_pages=64,
+        max_model_len=64,
+        min_token_bucket=8,
+        cache_dir=tmp_path,
+        executable_cache=True,
+    )
     first = LLMEngine(config, model=SumModel(V), progress=False, log=lambda *_: None)
     lowered, lower = [], ModelRunner._lower
     monkeypatch.setattr(ModelRunner, "_lower", lambda self, *key: lowered.append(key) or lower(self, *key))
@@ -413,17 +473,20 @@ def _tokens_of(e, request_id: str) -> list[int]:
     return list(final[request_id].outputs[0].token_ids)
 
 
-@pytest.mark.parametrize("params,full", [
-    (dict(temperature=0.0), False),
-    (dict(temperature=1.0), False),
-    (dict(temperature=1.0, top_k=V), False),  # no smaller than the vocabulary: no cut
-    (dict(temperature=0.0, top_p=0.5), False),  # greedy rows draw nothing
-    (dict(temperature=1.0, logprobs=0), False),  # the chosen token's logprob and rank only
-    (dict(temperature=1.0, top_k=5), True),
-    (dict(temperature=1.0, top_p=0.9), True),
-    (dict(temperature=1.0, min_p=0.1), True),
-    (dict(temperature=0.0, logprobs=3), True),  # top alternatives
-])
+@pytest.mark.parametrize(
+    "params,full",
+    [
+        (dict(temperature=0.0), False),
+        (dict(temperature=1.0), False),
+        (dict(temperature=1.0, top_k=V), False),  # no smaller than the vocabulary: no cut
+        (dict(temperature=0.0, top_p=0.5), False),  # greedy rows draw nothing
+        (dict(temperature=1.0, logprobs=0), False),  # the chosen token's logprob and rank only
+        (dict(temperature=1.0, top_k=5), True),
+        (dict(temperature=1.0, top_p=0.9), True),
+        (dict(temperature=1.0, min_p=0.1), True),
+        (dict(temperature=0.0, logprobs=3), True),  # top alternatives
+    ],
+)
 def test_the_host_picks_the_sorting_sampler_only_for_rows_that_need_it(params, full):
     e = engine()
     stage, picked = e.runner._stage, []

@@ -25,8 +25,16 @@ def force_token_7(logits):
 
 @pytest.fixture(scope="module")
 def llm(smollm2_folder):
-    return LLM(str(smollm2_folder), dtype="float32", max_num_seqs=8, max_num_batched_tokens=64, max_model_len=512,
-               num_kv_pages=160, logits_processors={"force7": force_token_7}, progress=False)
+    return LLM(
+        str(smollm2_folder),
+        dtype="float32",
+        max_num_seqs=8,
+        max_num_batched_tokens=64,
+        max_model_len=512,
+        num_kv_pages=160,
+        logits_processors={"force7": force_token_7},
+        progress=False,
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -65,8 +73,9 @@ def test_seeded_request_alone_and_in_a_crowd(llm):
 
 def test_logprobs_and_prompt_logprobs_are_the_models(llm):
     prompt = "The capital of France is"
-    out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=3, logprobs=5, prompt_logprobs=2),
-                       use_tqdm=False)[0]
+    out = llm.generate(
+        prompt, SamplingParams(temperature=0, max_tokens=3, logprobs=5, prompt_logprobs=2), use_tqdm=False
+    )[0]
     ids = out.prompt_token_ids
     runner = llm.engine.runner
     logits = packed_logits(nnx.merge(runner.graphdef, runner.state), [ids + out.outputs[0].token_ids[:2]])
@@ -87,8 +96,11 @@ def test_stop_strings_across_token_boundaries(llm):
     full = llm.generate("The capital of France is", params, use_tqdm=False)[0].outputs[0]
     text = full.text
     stop = text[3:9]  # a stop string likely to span tokens
-    out = llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=[stop]),
-                       use_tqdm=False)[0].outputs[0]
+    out = llm.generate(
+        "The capital of France is",
+        SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=[stop]),
+        use_tqdm=False,
+    )[0].outputs[0]
     assert out.text == text[: text.index(stop)] and out.finish_reason == "stop" and out.stop_reason == stop
     assert len(out.token_ids) < len(full.token_ids)
 
@@ -105,11 +117,20 @@ def test_n_samples_logit_bias_min_tokens_and_processors(llm):
     forced_eos = SamplingParams(temperature=0, max_tokens=6, min_tokens=3, logit_bias={eos: 100})
     out = llm.generate("Hi", forced_eos, use_tqdm=False)[0].outputs[0]
     assert out.token_ids[:3] != [eos] * 3 and out.token_ids[3] == eos and len(out.token_ids) == 4
-    mixed = llm.generate(["a", "b"], [SamplingParams(temperature=0, max_tokens=3, logits_processors=["force7"]),
-                                      SamplingParams(temperature=0, max_tokens=3)], use_tqdm=False)
+    mixed = llm.generate(
+        ["a", "b"],
+        [
+            SamplingParams(temperature=0, max_tokens=3, logits_processors=["force7"]),
+            SamplingParams(temperature=0, max_tokens=3),
+        ],
+        use_tqdm=False,
+    )
     assert mixed[0].outputs[0].token_ids == [7, 7, 7] and mixed[1].outputs[0].token_ids != [7, 7, 7]
-    chat = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
-                    SamplingParams(temperature=0, max_tokens=16), use_tqdm=False)
+    chat = llm.chat(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        SamplingParams(temperature=0, max_tokens=16),
+        use_tqdm=False,
+    )
     assert "Paris" in chat[0].outputs[0].text
 
 

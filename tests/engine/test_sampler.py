@@ -14,13 +14,23 @@ V = 8
 
 def batch(rows, **overrides):
     base = dict(
-        temperature=np.zeros(rows, np.float32), top_k=np.full(rows, V, np.int32), top_p=np.ones(rows, np.float32),
-        min_p=np.zeros(rows, np.float32), repetition_penalty=np.ones(rows, np.float32),
-        presence_penalty=np.zeros(rows, np.float32), frequency_penalty=np.zeros(rows, np.float32),
-        bias_ids=np.full((rows, 2), V, np.int32), bias_values=np.zeros((rows, 2), np.float32),
-        seeds=np.arange(rows, dtype=np.uint32), counters=np.zeros(rows, np.int32), wants_logprobs=np.ones(rows, bool),
-        processor_mask=np.zeros((0, rows), bool), row_slot=np.full(rows, 4, np.int32),
-        reset_slots=np.full(rows, 4, np.int32), token_slot=np.full(1, 4, np.int32), token_is_output=np.zeros(1, bool),
+        temperature=np.zeros(rows, np.float32),
+        top_k=np.full(rows, V, np.int32),
+        top_p=np.ones(rows, np.float32),
+        min_p=np.zeros(rows, np.float32),
+        repetition_penalty=np.ones(rows, np.float32),
+        presence_penalty=np.zeros(rows, np.float32),
+        frequency_penalty=np.zeros(rows, np.float32),
+        bias_ids=np.full((rows, 2), V, np.int32),
+        bias_values=np.zeros((rows, 2), np.float32),
+        seeds=np.arange(rows, dtype=np.uint32),
+        counters=np.zeros(rows, np.int32),
+        wants_logprobs=np.ones(rows, bool),
+        processor_mask=np.zeros((0, rows), bool),
+        row_slot=np.full(rows, 4, np.int32),
+        reset_slots=np.full(rows, 4, np.int32),
+        token_slot=np.full(1, 4, np.int32),
+        token_is_output=np.zeros(1, bool),
     )
     base.update({k: np.asarray(v, base[k].dtype) for k, v in overrides.items()})
     return SamplingBatch(**base)
@@ -41,8 +51,11 @@ def test_greedy_truncations_and_bias():
 
 
 def test_logprobs_ranks_and_top_alternatives():
-    out = sample(LOGITS, batch(3, bias_ids=[[1, V], [V, V], [V, V]], bias_values=[[-np.inf, 0], [0, 0], [0, 0]]),
-                 new_penalty_state(4, V))
+    out = sample(
+        LOGITS,
+        batch(3, bias_ids=[[1, V], [V, V], [V, V]], bias_values=[[-np.inf, 0], [0, 0], [0, 0]]),
+        new_penalty_state(4, V),
+    )
     raw = np.asarray(jax.nn.log_softmax(LOGITS, -1))
     assert out.tokens.tolist()[0] == 2 and int(out.ranks[0]) == 2  # logprobs are the model's, bias aside
     np.testing.assert_allclose(out.logprobs, raw[np.arange(3), out.tokens], rtol=1e-6)
@@ -73,8 +86,9 @@ def test_penalties_from_counted_tokens():
     assert sample(flat, rep, state).tokens.tolist() == [2]
     no_slot = batch(1, frequency_penalty=[0.5], row_slot=[2])  # no slot: no penalty
     assert sample(flat, no_slot, state).tokens.tolist() == [2]
-    cleared = update_penalty_state(state, jnp.asarray([5], jnp.int32),
-                                   batch(1, reset_slots=[0], token_slot=[0], token_is_output=[True]))
+    cleared = update_penalty_state(
+        state, jnp.asarray([5], jnp.int32), batch(1, reset_slots=[0], token_slot=[0], token_is_output=[True])
+    )
     assert np.asarray(cleared.output_counts)[0].tolist() == [0, 0, 0, 0, 0, 1, 0, 0]
 
 
@@ -85,12 +99,19 @@ def test_draws_across_blocks_follow_softmax_and_skip_masked_tokens():
     probs = np.zeros(vocab, np.float32)
     probs[[3, 255, 256, 400, 599]] = [0.1, 0.3, 0.2, 0.25, 0.15]
     logits = jnp.broadcast_to(jnp.log(jnp.asarray(probs)), (draws, vocab))
-    sb = batch(draws, temperature=np.ones(draws), seeds=np.full(draws, 5), counters=np.arange(draws),
-               bias_ids=np.full((draws, 2), vocab), top_k=np.full(draws, vocab))
+    sb = batch(
+        draws,
+        temperature=np.ones(draws),
+        seeds=np.full(draws, 5),
+        counters=np.arange(draws),
+        bias_ids=np.full((draws, 2), vocab),
+        top_k=np.full(draws, vocab),
+    )
     tokens = np.asarray(sample(logits, sb, new_penalty_state(4, vocab), full=False).tokens)
     assert set(tokens.tolist()) <= {3, 255, 256, 400, 599}
-    np.testing.assert_allclose(np.bincount(tokens, minlength=vocab)[[3, 255, 256, 400, 599]] / draws,
-                               probs[[3, 255, 256, 400, 599]], atol=0.03)
+    np.testing.assert_allclose(
+        np.bincount(tokens, minlength=vocab)[[3, 255, 256, 400, 599]] / draws, probs[[3, 255, 256, 400, 599]], atol=0.03
+    )
 
 
 def test_the_sampler_without_sorting_matches_the_full_one_where_no_row_cuts():

@@ -33,8 +33,12 @@ def test_host_views_round_trip_through_the_trace():
 
 def test_packed_in_the_trace_read_on_the_host():
     packing = Packing(TEMPLATE)
-    tree = {"ids": jnp.arange(5, dtype=jnp.int32), "probs": jnp.full((2, 3), -1.5, jnp.float32),
-            "seeds": jnp.array([3, 2**32 - 2], jnp.uint32), "mask": jnp.array([0, 1, 1, 0], bool)}
+    tree = {
+        "ids": jnp.arange(5, dtype=jnp.int32),
+        "probs": jnp.full((2, 3), -1.5, jnp.float32),
+        "seeds": jnp.array([3, 2**32 - 2], jnp.uint32),
+        "mask": jnp.array([0, 1, 1, 0], bool),
+    }
     back = packing.views(np.asarray(jax.jit(packing.pack)(tree)))
     for name in tree:
         np.testing.assert_array_equal(back[name].astype(np.asarray(tree[name]).dtype), np.asarray(tree[name]))

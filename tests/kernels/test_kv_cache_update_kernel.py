@@ -15,8 +15,9 @@ import pytest
 from pallas_kernels import write_kv_pages, write_kv_pages_reference
 
 
-@pytest.mark.parametrize("num_tokens,tokens_per_block,dtype", [(13, 32, np.float32), (48, 32, ml_dtypes.bfloat16),
-                                                                (40, 8, np.float32)])
+@pytest.mark.parametrize(
+    "num_tokens,tokens_per_block,dtype", [(13, 32, np.float32), (48, 32, ml_dtypes.bfloat16), (40, 8, np.float32)]
+)
 def test_writer_matches_scatter(num_tokens, tokens_per_block, dtype):
     rng = np.random.default_rng(num_tokens)
     pages, page_size, kv_heads, head_dim = 12, 16, 2, 64
@@ -43,13 +44,23 @@ def test_writer_lowers_for_hopper():
     sd = jax.ShapeDtypeStruct
     pages = sd((64, 64, 8, 128), jnp.bfloat16)
     rows = sd((256, 8, 128), jnp.bfloat16)
-    text = jax.jit(functools.partial(write_kv_pages), donate_argnums=(0, 1)).trace(
-        pages, pages, rows, rows, sd((256,), jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
+    text = (
+        jax.jit(functools.partial(write_kv_pages), donate_argnums=(0, 1))
+        .trace(pages, pages, rows, rows, sd((256,), jnp.int32))
+        .lower(lowering_platforms=("cuda",))
+        .as_text()
+    )
     assert "mosaic_gpu" in text
 
 
 def test_writer_bad_inputs_are_named():
     k = np.zeros((4, 16, 2, 64), np.float32)
     with pytest.raises(ValueError, match="slot_mapping"):
-        write_kv_pages(k, k, np.zeros((3, 2, 64), np.float32), np.zeros((3, 2, 64), np.float32),
-                       np.zeros(4, np.int32), interpret=True)
+        write_kv_pages(
+            k,
+            k,
+            np.zeros((3, 2, 64), np.float32),
+            np.zeros((3, 2, 64), np.float32),
+            np.zeros(4, np.int32),
+            interpret=True,
+        )

@@ -32,8 +32,15 @@ def rel_err(out, ref):
 
 def run_case(seed, q_lens, kv_lens, group, head_dim, page_size, config, dtype=np.float32, num_kv_heads=2):
     rng = np.random.default_rng(seed)
-    args, _, _ = random_batch(rng, q_lens=q_lens, kv_lens=kv_lens, num_heads=group * num_kv_heads,
-                              num_kv_heads=num_kv_heads, head_dim=head_dim, page_size=page_size)
+    args, _, _ = random_batch(
+        rng,
+        q_lens=q_lens,
+        kv_lens=kv_lens,
+        num_heads=group * num_kv_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        page_size=page_size,
+    )
     args = {k: (v.astype(dtype) if v.dtype == np.float32 else v) for k, v in args.items()}
     scale = head_dim**-0.5
     out = np.asarray(ragged_paged_attention(**args, sm_scale=scale, config=config, interpret=True))
@@ -64,28 +71,42 @@ def test_bfloat16_matches_reference(head_dim, page_size, config):
     assert err <= 1e-2
 
 
-@pytest.mark.parametrize("q_lens,kv_lens,group,config", [
-    # decode rows only, 4 splits: long rows spread over all, a 1-key row leaves 3 shares empty
-    ([1, 1, 1, 1], [700, 1, 129, 2048], 8, RaggedPagedAttentionConfig(block_kv=64, compute_warpgroups=1, num_stages=2,
-                                                                       kv_splits=4)),
-    # prefill rows too, 3 splits of a 128-row tile: early rows see no key in the later shares
-    ([1, 90, 5, 1], [300, 400, 5, 64], 4, RaggedPagedAttentionConfig(block_kv=64, compute_warpgroups=2, num_stages=3,
-                                                                      kv_splits=3)),
-])
+@pytest.mark.parametrize(
+    "q_lens,kv_lens,group,config",
+    [
+        # decode rows only, 4 splits: long rows spread over all, a 1-key row leaves 3 shares empty
+        (
+            [1, 1, 1, 1],
+            [700, 1, 129, 2048],
+            8,
+            RaggedPagedAttentionConfig(block_kv=64, compute_warpgroups=1, num_stages=2, kv_splits=4),
+        ),
+        # prefill rows too, 3 splits of a 128-row tile: early rows see no key in the later shares
+        (
+            [1, 90, 5, 1],
+            [300, 400, 5, 64],
+            4,
+            RaggedPagedAttentionConfig(block_kv=64, compute_warpgroups=2, num_stages=3, kv_splits=3),
+        ),
+    ],
+)
 def test_split_kv_matches_reference(q_lens, kv_lens, group, config):
     assert run_case(11, q_lens, kv_lens, group, 64, 16, config) <= 1e-5
 
 
-@pytest.mark.parametrize("config", [
-    # persistent: 3 programs walk all items, the K/V ring and the two q buffers carry over items
-    RaggedPagedAttentionConfig(block_kv=64, compute_warpgroups=1, num_stages=3, num_programs=3),
-    # two warpgroups taking turns (ping-pong), 2 programs, a 2-deep ring reused across items
-    RaggedPagedAttentionConfig(block_kv=64, compute_warpgroups=2, num_stages=2, num_programs=2, pingpong=True),
-    # persistent and split: empty shares are items too
-    RaggedPagedAttentionConfig(block_kv=64, compute_warpgroups=1, num_stages=2, num_programs=5, kv_splits=3),
-    # no persistence: one program per item
-    RaggedPagedAttentionConfig(block_kv=64, compute_warpgroups=2, num_stages=2, num_programs=0, pingpong=True),
-])
+@pytest.mark.parametrize(
+    "config",
+    [
+        # persistent: 3 programs walk all items, the K/V ring and the two q buffers carry over items
+        RaggedPagedAttentionConfig(block_kv=64, compute_warpgroups=1, num_stages=3, num_programs=3),
+        # two warpgroups taking turns (ping-pong), 2 programs, a 2-deep ring reused across items
+        RaggedPagedAttentionConfig(block_kv=64, compute_warpgroups=2, num_stages=2, num_programs=2, pingpong=True),
+        # persistent and split: empty shares are items too
+        RaggedPagedAttentionConfig(block_kv=64, compute_warpgroups=1, num_stages=2, num_programs=5, kv_splits=3),
+        # no persistence: one program per item
+        RaggedPagedAttentionConfig(block_kv=64, compute_warpgroups=2, num_stages=2, num_programs=0, pingpong=True),
+    ],
+)
 def test_persistent_programs_match_reference(config):
     assert run_case(5, [1, 40, 1, 7, 1], [300, 40, 1, 200, 65], 4, 64, 16, config) <= 1e-5
 
@@ -111,9 +132,18 @@ def test_plan_maps_rows_to_slots_and_back():
         tiles = max_tiles(tokens, 6, group, rows_per_tile)
         kv_lens = np.array([9, 75, 1000, 1, 0, 0], np.int32)
         for lens in (None, kv_lens):
-            seq, row0, row_end, base, order, live, src, row_slot = map(np.asarray, plan_tiles(
-                cu, np.array([4], np.int32), group=group, rows_per_tile=rows_per_tile, num_tiles=tiles,
-                num_tokens=tokens, kv_lens=lens))
+            seq, row0, row_end, base, order, live, src, row_slot = map(
+                np.asarray,
+                plan_tiles(
+                    cu,
+                    np.array([4], np.int32),
+                    group=group,
+                    rows_per_tile=rows_per_tile,
+                    num_tiles=tiles,
+                    num_tokens=tokens,
+                    kv_lens=lens,
+                ),
+            )
             rows = 276 * group
             np.testing.assert_array_equal(src[row_slot[:rows]], np.arange(rows))
             assert np.all(base % 8 == 0) and live[0] <= tiles
@@ -145,12 +175,19 @@ def test_bad_inputs_are_named():
         RaggedPagedAttentionConfig(block_kv=96)
 
 
-@pytest.mark.parametrize("config,rows", [
-    (None, 4), (WIDE, 4), (SMALL, 4), (RaggedPagedAttentionConfig(kv_splits=4), 4),
-    (RaggedPagedAttentionConfig(pingpong=True), 4),
-    # decode-shaped: DECODE_CONFIG, whose q buffers and 3-deep ring fill the 227 KiB at head_dim 128
-    (None, 64), (dataclasses.replace(DECODE_CONFIG, kv_splits=4), 64),
-])
+@pytest.mark.parametrize(
+    "config,rows",
+    [
+        (None, 4),
+        (WIDE, 4),
+        (SMALL, 4),
+        (RaggedPagedAttentionConfig(kv_splits=4), 4),
+        (RaggedPagedAttentionConfig(pingpong=True), 4),
+        # decode-shaped: DECODE_CONFIG, whose q buffers and 3-deep ring fill the 227 KiB at head_dim 128
+        (None, 64),
+        (dataclasses.replace(DECODE_CONFIG, kv_splits=4), 64),
+    ],
+)
 def test_lowers_for_hopper(config, rows):
     """The compiled path's Mosaic GPU lowering (layout inference, shared-memory budget) runs on the
     CPU: lower for the cuda platform without compiling; p_from_registers, the in-place accumulator
@@ -162,8 +199,15 @@ def test_lowers_for_hopper(config, rows):
 
     sd = jax.ShapeDtypeStruct
     t, n, k, h, pages, s = 64, 32, 8, 128, 64, 16
-    args = (sd((t, n, h), jnp.bfloat16), sd((pages, s, k, h), jnp.bfloat16), sd((pages, s, k, h), jnp.bfloat16),
-            sd((rows,), jnp.int32), sd((rows, 16), jnp.int32), sd((rows + 1,), jnp.int32), sd((1,), jnp.int32))
+    args = (
+        sd((t, n, h), jnp.bfloat16),
+        sd((pages, s, k, h), jnp.bfloat16),
+        sd((pages, s, k, h), jnp.bfloat16),
+        sd((rows,), jnp.int32),
+        sd((rows, 16), jnp.int32),
+        sd((rows + 1,), jnp.int32),
+        sd((1,), jnp.int32),
+    )
     fn = functools.partial(ragged_paged_attention, sm_scale=0.1, config=config)
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text

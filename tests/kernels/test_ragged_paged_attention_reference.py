@@ -43,8 +43,19 @@ def random_batch(rng, *, q_lens, kv_lens, num_heads, num_kv_heads, head_dim, pag
     q = rng.standard_normal((total + pad_tokens, num_heads, head_dim)).astype(np.float32)
     kv_arr = np.zeros(rows + pad_rows, np.int32)
     kv_arr[:rows] = kv_lens
-    return dict(q=q, k_pages=k_pages, v_pages=v_pages, kv_lens=kv_arr, page_table=page_table, cu_q_lens=cu,
-                num_seqs=np.array([rows], np.int32)), k_seqs, v_seqs
+    return (
+        dict(
+            q=q,
+            k_pages=k_pages,
+            v_pages=v_pages,
+            kv_lens=kv_arr,
+            page_table=page_table,
+            cu_q_lens=cu,
+            num_seqs=np.array([rows], np.int32),
+        ),
+        k_seqs,
+        v_seqs,
+    )
 
 
 @pytest.mark.parametrize("group", [1, 4, 8])
@@ -54,8 +65,15 @@ def test_reference_matches_naive(group, page_size):
     q_lens = [1, 1, 37, 5, 1, 128]
     kv_lens = [1, 300, 37, 2048, 17, 640]  # decode, prefill from zero, chunked prefill, page crossings
     num_kv_heads, head_dim = 2, 64
-    args, k_seqs, v_seqs = random_batch(rng, q_lens=q_lens, kv_lens=kv_lens, num_heads=group * num_kv_heads,
-                                        num_kv_heads=num_kv_heads, head_dim=head_dim, page_size=page_size)
+    args, k_seqs, v_seqs = random_batch(
+        rng,
+        q_lens=q_lens,
+        kv_lens=kv_lens,
+        num_heads=group * num_kv_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        page_size=page_size,
+    )
     out = np.asarray(ragged_paged_attention_reference(**args, sm_scale=head_dim**-0.5))
     cu = args["cu_q_lens"]
     for r in range(len(q_lens)):
@@ -68,7 +86,9 @@ def test_bfloat16_close_to_float32():
     import ml_dtypes
 
     rng = np.random.default_rng(0)
-    args, _, _ = random_batch(rng, q_lens=[1, 20], kv_lens=[100, 20], num_heads=8, num_kv_heads=2, head_dim=128, page_size=16)
+    args, _, _ = random_batch(
+        rng, q_lens=[1, 20], kv_lens=[100, 20], num_heads=8, num_kv_heads=2, head_dim=128, page_size=16
+    )
     full = np.asarray(ragged_paged_attention_reference(**args, sm_scale=0.1))
     half = {k: (v.astype(ml_dtypes.bfloat16) if v.dtype == np.float32 else v) for k, v in args.items()}
     low = np.asarray(ragged_paged_attention_reference(**half, sm_scale=0.1)).astype(np.float32)
@@ -101,4 +121,6 @@ def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="cu_q_lens"):
         ragged_paged_attention_reference(**{**args, "cu_q_lens": args["cu_q_lens"][:-1]}, sm_scale=1.0)
     with pytest.raises(ValueError, match="slot_mapping"):
-        check_update_inputs(args["k_pages"], args["v_pages"], args["k_pages"][0, :3], args["k_pages"][0, :3], np.zeros(2, np.int32))
+        check_update_inputs(
+            args["k_pages"], args["v_pages"], args["k_pages"][0, :3], args["k_pages"][0, :3], np.zeros(2, np.int32)
+        )

@@ -25,13 +25,24 @@ def packed_logits(model, prompts, *, page_size: int = 16, num_tokens: int | None
     ids = np.arange(pages_per_seq * len(prompts)) if page_order is None else np.asarray(page_order)
     num_pages = len(ids)
     assert num_pages >= pages_per_seq * len(prompts)
-    chunks = [SequenceChunk(list(p), 0, ids[i * pages_per_seq : (i + 1) * pages_per_seq].tolist()) for i, p in enumerate(prompts)]
+    chunks = [
+        SequenceChunk(list(p), 0, ids[i * pages_per_seq : (i + 1) * pages_per_seq].tolist())
+        for i, p in enumerate(prompts)
+    ]
     total = sum(len(p) for p in prompts)
     num_tokens = num_tokens or total
-    tokens, batch, _ = stage_batch(chunks, num_tokens=num_tokens, num_rows=len(prompts), pages_per_seq=pages_per_seq,
-                                   page_size=page_size, num_pages=num_pages)
+    tokens, batch, _ = stage_batch(
+        chunks,
+        num_tokens=num_tokens,
+        num_rows=len(prompts),
+        pages_per_seq=pages_per_seq,
+        page_size=page_size,
+        num_pages=num_pages,
+    )
     graphdef, state = nnx.split(model)
-    _, logits = make_forward(graphdef)(state, new_cache(model, num_pages, page_size), tokens, batch, np.arange(total, dtype=np.int32))
+    _, logits = make_forward(graphdef)(
+        state, new_cache(model, num_pages, page_size), tokens, batch, np.arange(total, dtype=np.int32)
+    )
     return np.asarray(logits)
 
 

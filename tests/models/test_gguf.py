@@ -61,16 +61,22 @@ def test_shrunk_gguf_keeps_the_chosen_layers(tmp_path, smollm2_folder):
 
     from models.gguf import convert_gguf, shrink_gguf
 
-    small = convert_gguf(shrink_gguf(bundled_gguf(), tmp_path / "small.gguf", [0, 29]), tmp_path / "small",
-                         progress=False)
+    small = convert_gguf(
+        shrink_gguf(bundled_gguf(), tmp_path / "small.gguf", [0, 29]), tmp_path / "small", progress=False
+    )
     assert ModelConfig.from_folder(small).num_layers == 2
     assert (small / "tokenizer.json").exists()
-    with safe_open(small / "model.safetensors", "np") as got, safe_open(smollm2_folder / "model.safetensors", "np") as full:
+    with (
+        safe_open(small / "model.safetensors", "np") as got,
+        safe_open(smollm2_folder / "model.safetensors", "np") as full,
+    ):
         tensors_per_layer = 9  # 2 norms, q k v o, gate up down
         assert len(got.keys()) == len(full.keys()) - (30 - 2) * tensors_per_layer
         for kept, source in (("model.layers.0.", "model.layers.0."), ("model.layers.1.", "model.layers.29.")):
             for name in ("self_attn.q_proj.weight", "mlp.down_proj.weight", "input_layernorm.weight"):
                 np.testing.assert_array_equal(got.get_tensor(kept + name), full.get_tensor(source + name))
-        np.testing.assert_array_equal(got.get_tensor("model.embed_tokens.weight"), full.get_tensor("model.embed_tokens.weight"))
+        np.testing.assert_array_equal(
+            got.get_tensor("model.embed_tokens.weight"), full.get_tensor("model.embed_tokens.weight")
+        )
     with pytest.raises(ValueError, match="within the model's 30"):
         shrink_gguf(bundled_gguf(), tmp_path / "bad.gguf", [0, 30])

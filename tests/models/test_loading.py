@@ -65,7 +65,9 @@ def test_misshaped_tensor(tiny_copy):
         t["model.layers.0.mlp.up_proj.weight"] = t["model.layers.0.mlp.up_proj.weight"][:, :10].copy()
 
     edit_tensors(tiny_copy, edit)
-    with pytest.raises(CheckpointError, match=r"model.safetensors: tensor 'model.layers.0.mlp.up_proj.weight' has shape \(128, 10\)"):
+    with pytest.raises(
+        CheckpointError, match=r"model.safetensors: tensor 'model.layers.0.mlp.up_proj.weight' has shape \(128, 10\)"
+    ):
         load_model(tiny_copy, progress=False)
 
 
@@ -86,7 +88,8 @@ def test_sharded_index_loads_the_same(tiny_copy):
     (tiny_copy / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     prompt = [[5, 6, 7, 8]]
     np.testing.assert_array_equal(
-        packed_logits(load_model(tiny_copy, progress=False), prompt), packed_logits(load_model(TINY, progress=False), prompt)
+        packed_logits(load_model(tiny_copy, progress=False), prompt),
+        packed_logits(load_model(TINY, progress=False), prompt),
     )
 
 
@@ -126,4 +129,8 @@ def test_preset_needs_dummy_format():
 
 def test_config_reads_transformers_4_keys():
     cfg = ModelConfig.from_hf_dict(json.loads(preset_path("llama-3.1-8b").read_text()))
-    assert cfg.rope_scaling.rope_type == "llama3" and cfg.rope_theta == 500000.0 and cfg.eos_token_ids == (128001, 128008, 128009)
+    assert (
+        cfg.rope_scaling.rope_type == "llama3"
+        and cfg.rope_theta == 500000.0
+        and cfg.eos_token_ids == (128001, 128008, 128009)
+    )

@@ -53,6 +53,8 @@ def test_chunked_prefill_and_decode_mixed(model):
 def test_bfloat16_model_tracks_float32(model):
     prompt = np.random.default_rng(1).integers(2, 256, 30).tolist()
     full = packed_logits(model, [prompt])
-    half = packed_logits(load_model(FIXTURES / "tiny" / "llama_gqa_llama3rope", dtype="bfloat16", progress=False), [prompt])
+    half = packed_logits(
+        load_model(FIXTURES / "tiny" / "llama_gqa_llama3rope", dtype="bfloat16", progress=False), [prompt]
+    )
     assert relative_error(half, full) <= 5e-2
     assert (half.argmax(-1) == full.argmax(-1)).mean() >= 0.9

@@ -16,14 +16,19 @@ def make(budget=16, seqs=4, pages=64, page_size=4, max_len=256):
 
 
 def req(rid, n_prompt, max_tokens=4, **kw):
-    return Request(rid, list(range(1, n_prompt + 1)), SamplingParams(max_tokens=max_tokens, ignore_eos=True, **kw),
-                   max_model_len=256)
+    return Request(
+        rid,
+        list(range(1, n_prompt + 1)),
+        SamplingParams(max_tokens=max_tokens, ignore_eos=True, **kw),
+        max_model_len=256,
+    )
 
 
 def step(s: Scheduler):
     out = s.schedule()
-    sampled = {c.request.request_id: sum(c.request.token_ids(0, c.start + c.num_tokens)) % V
-               for c in out.chunks if c.samples}
+    sampled = {
+        c.request.request_id: sum(c.request.token_ids(0, c.start + c.num_tokens)) % V for c in out.chunks if c.samples
+    }
     s.update(out, sampled)
     return [(c.request.request_id, c.start, c.num_tokens) for c in out.chunks], out
 
@@ -32,7 +37,7 @@ def expected_tokens(prompt, n):
     seq = list(prompt)
     for _ in range(n):
         seq.append(sum(seq) % V)
-    return seq[len(prompt):]
+    return seq[len(prompt) :]
 
 
 def test_chunked_prefill_fcfs_and_mixed_steps():

@@ -34,18 +34,34 @@ MAX_NUM_SEQS = 16
 MAX_WAITING = 64
 
 TINY_CONFIG = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu", "hidden_size": 64,
-    "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-    "head_dim": 16, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 1024,
-    "vocab_size": 49152, "tie_word_embeddings": True, "attention_bias": False, "mlp_bias": False,
-    "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32",
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_act": "silu",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "max_position_embeddings": 1024,
+    "vocab_size": 49152,
+    "tie_word_embeddings": True,
+    "attention_bias": False,
+    "mlp_bias": False,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "torch_dtype": "float32",
 }
 
 # The engine settings both test servers share (same compiled shapes: the second start hits the
 # persistent compilation cache). 6 step shapes: T in {16, 32} x R in {1, 4, 16}.
 ENGINE_ENV = {
-    "JAXSERVE_LOAD_FORMAT": "dummy", "JAXSERVE_MAX_NUM_SEQS": str(MAX_NUM_SEQS),
-    "JAXSERVE_MAX_NUM_BATCHED_TOKENS": "32", "JAXSERVE_MAX_MODEL_LEN": str(MAX_MODEL_LEN),
+    "JAXSERVE_LOAD_FORMAT": "dummy",
+    "JAXSERVE_MAX_NUM_SEQS": str(MAX_NUM_SEQS),
+    "JAXSERVE_MAX_NUM_BATCHED_TOKENS": "32",
+    "JAXSERVE_MAX_MODEL_LEN": str(MAX_MODEL_LEN),
     "JAXSERVE_NUM_KV_PAGES": "512",
 }
 
@@ -73,10 +89,11 @@ class ServerProcess:
         self.log = tempfile.NamedTemporaryFile("w+", prefix="jaxserve-server-", suffix=".log", delete=False)
         full_env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, not the tests' 8
         full_env.update(env)
-        self.proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=full_env, stdout=self.log,
-                                     stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [sys.executable, *args], cwd=ROOT, env=full_env, stdout=self.log, stderr=subprocess.STDOUT
+        )
 
-    def wait_ready(self, timeout: float = 300) -> "ServerProcess":
+    def wait_ready(self, timeout: float = 300) -> ServerProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -108,11 +125,19 @@ class ServerProcess:
 @pytest.fixture(scope="session")
 def server(tiny_chat_model) -> ServerProcess:
     port = free_port()
-    env = dict(ENGINE_ENV, JAXSERVE_MODEL=str(tiny_chat_model), JAXSERVE_SERVED_MODEL_NAME=MODEL_NAME,
-               JAXSERVE_API_KEY=API_KEY, JAXSERVE_FAULT_TOKEN_ID=str(FAULT_TOKEN),
-               JAXSERVE_MAX_WAITING_REQUESTS=str(MAX_WAITING))
-    proc = ServerProcess(["-m", "uvicorn", "jaxserve.app:app", "--host", "127.0.0.1", "--port", str(port),
-                          "--log-level", "warning"], env, port)
+    env = dict(
+        ENGINE_ENV,
+        JAXSERVE_MODEL=str(tiny_chat_model),
+        JAXSERVE_SERVED_MODEL_NAME=MODEL_NAME,
+        JAXSERVE_API_KEY=API_KEY,
+        JAXSERVE_FAULT_TOKEN_ID=str(FAULT_TOKEN),
+        JAXSERVE_MAX_WAITING_REQUESTS=str(MAX_WAITING),
+    )
+    proc = ServerProcess(
+        ["-m", "uvicorn", "jaxserve.app:app", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
+        env,
+        port,
+    )
     try:
         yield proc.wait_ready()
     finally:
@@ -153,8 +178,11 @@ def wait_idle(http_client, timeout: float = 30) -> dict[str, float]:
     deadline = time.monotonic() + timeout
     while True:
         m = metric_values(http_client)
-        idle = (m["jaxserve:num_requests_running"] == 0 and m["jaxserve:num_requests_waiting"] == 0
-                and m["jaxserve:kv_cache_usage_perc"] == 0)
+        idle = (
+            m["jaxserve:num_requests_running"] == 0
+            and m["jaxserve:num_requests_waiting"] == 0
+            and m["jaxserve:kv_cache_usage_perc"] == 0
+        )
         if idle or time.monotonic() > deadline:
             return m
         time.sleep(0.05)

@@ -27,8 +27,15 @@ def test_prompt_forms():
 def test_params_translation():
     p = completion_params(CompletionRequest(prompt="x", logit_bias={"7": 2.5}, top_k=0, logprobs=2, echo=True))
     assert p.logit_bias == {7: 2.5} and p.top_k == -1 and p.logprobs == 2 and p.prompt_logprobs == 2
-    c = chat_params(ChatCompletionRequest(messages=[{"role": "user", "content": "x"}], max_tokens=5,
-                                          max_completion_tokens=9, logprobs=True, top_logprobs=3))
+    c = chat_params(
+        ChatCompletionRequest(
+            messages=[{"role": "user", "content": "x"}],
+            max_tokens=5,
+            max_completion_tokens=9,
+            logprobs=True,
+            top_logprobs=3,
+        )
+    )
     assert c.max_tokens == 9 and c.logprobs == 3
     assert chat_params(ChatCompletionRequest(messages=[{"role": "user", "content": "x"}])).max_tokens is None
     with pytest.raises(APIError) as e:
@@ -45,8 +52,9 @@ def _outputs(texts: list[str], finished_at: int) -> list[RequestOutput]:
         for i in range(2):
             ids = list(range(100 + i, 100 + i + step))
             lps = [{t: Logprob(-0.5, 1, texts[k])} for k, t in enumerate(ids)]
-            choices.append(CompletionOutput(i, "".join(texts[:step]), ids, -0.5 * step, lps,
-                                            "length" if done else None))
+            choices.append(
+                CompletionOutput(i, "".join(texts[:step]), ids, -0.5 * step, lps, "length" if done else None)
+            )
         outs.append(RequestOutput("r", "p", [1, 2], None, choices, done))
     return outs
 
@@ -80,9 +88,17 @@ def test_a_model_without_tokenizer_streams_every_token():
 def test_settings_from_env():
     from jaxserve.app import settings_from_env
 
-    s = settings_from_env({"JAXSERVE_MODEL": "/m", "JAXSERVE_MAX_NUM_SEQS": "8", "JAXSERVE_MAX_MODEL_LEN": "512",
-                           "JAXSERVE_GPU_MEMORY_UTILIZATION": "0.5", "JAXSERVE_SERVED_MODEL_NAME": "a, b",
-                           "JAXSERVE_API_KEY": "k", "JAXSERVE_MAX_WAITING_REQUESTS": "3"})
+    s = settings_from_env(
+        {
+            "JAXSERVE_MODEL": "/m",
+            "JAXSERVE_MAX_NUM_SEQS": "8",
+            "JAXSERVE_MAX_MODEL_LEN": "512",
+            "JAXSERVE_GPU_MEMORY_UTILIZATION": "0.5",
+            "JAXSERVE_SERVED_MODEL_NAME": "a, b",
+            "JAXSERVE_API_KEY": "k",
+            "JAXSERVE_MAX_WAITING_REQUESTS": "3",
+        }
+    )
     assert (s.engine.model, s.engine.max_num_seqs, s.engine.max_model_len) == ("/m", 8, 512)
     assert s.engine.gpu_memory_utilization == 0.5 and s.max_waiting_requests == 3
     assert s.model_names == ("a", "b") and s.api_key == "k"

@@ -12,7 +12,6 @@ from openai import AsyncOpenAI
 
 from tests.server.conftest import API_KEY, MODEL_NAME, metric_values, wait_idle
 
-
 PROMPTS = ["The quick brown fox", "In a hole in the ground", "It was a bright cold day", "Call me Ishmael"]
 MAX_TOKENS = 24
 GREEDY = dict(temperature=0, max_tokens=MAX_TOKENS, extra_body={"ignore_eos": True})
@@ -42,8 +41,12 @@ def test_64_streams_with_a_third_disconnecting(server, client, http):
     async def main():
         # one connection per client, so that closing a stream really drops its TCP connection
         limits = httpx.Limits(max_connections=64, max_keepalive_connections=0)
-        async with AsyncOpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0,
-                               http_client=httpx.AsyncClient(limits=limits, timeout=120)) as aclient:
+        async with AsyncOpenAI(
+            base_url=f"{server.url}/v1",
+            api_key=API_KEY,
+            max_retries=0,
+            http_client=httpx.AsyncClient(limits=limits, timeout=120),
+        ) as aclient:
             return await asyncio.gather(*(one(aclient, i) for i in range(64)))
 
     results = asyncio.run(main())
@@ -61,8 +64,12 @@ def test_non_streaming_client_that_hangs_up_is_aborted(server, http):
     before = wait_idle(http)
     body = {"prompt": "x", "n": 16, "max_tokens": 250, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{server.url}/v1/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"},
-                   timeout=httpx.Timeout(120, read=0.3))
+        httpx.post(
+            f"{server.url}/v1/completions",
+            json=body,
+            headers={"Authorization": f"Bearer {API_KEY}"},
+            timeout=httpx.Timeout(120, read=0.3),
+        )
     after = wait_idle(http)
     assert after["jaxserve:kv_cache_usage_perc"] == 0
     assert finished(after) == finished(before)  # none of the 16 sequences ran to its end
@@ -73,10 +80,18 @@ def test_metrics_have_vllm_names_and_count(client, http):
     before = wait_idle(http)  # aborts of earlier tests' requests are settled
     r = client.completions.create(model=MODEL_NAME, prompt="count me", **GREEDY)
     after = metric_values(http)
-    for name in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "num_preemptions_total",
-                 "prompt_tokens_total", "generation_tokens_total", "time_to_first_token_seconds_count",
-                 "inter_token_latency_seconds_count", "e2e_request_latency_seconds_count",
-                 "request_success_total{finished_reason=length}"):
+    for name in (
+        "num_requests_running",
+        "num_requests_waiting",
+        "kv_cache_usage_perc",
+        "num_preemptions_total",
+        "prompt_tokens_total",
+        "generation_tokens_total",
+        "time_to_first_token_seconds_count",
+        "inter_token_latency_seconds_count",
+        "e2e_request_latency_seconds_count",
+        "request_success_total{finished_reason=length}",
+    ):
         assert "jaxserve:" + name in after, name
     delta = {k: after[k] - before.get(k, 0) for k in after}
     assert delta["jaxserve:prompt_tokens_total"] == r.usage.prompt_tokens

@@ -12,7 +12,6 @@ import pytest
 
 from tests.server.conftest import API_KEY, FAULT_TOKEN, MAX_MODEL_LEN, MAX_NUM_SEQS, MAX_WAITING, MODEL_NAME, wait_idle
 
-
 COMPLETIONS = "/v1/completions"
 CHAT = "/v1/chat/completions"
 MESSAGES = [{"role": "user", "content": "Hi"}]
@@ -37,21 +36,36 @@ def test_invalid_utf8_is_400(http):
     assert "UTF-8" in e["message"]
 
 
-@pytest.mark.parametrize("path, body, param", [
-    (COMPLETIONS, {"prompt": "hi", "max_tokens": "ten"}, "max_tokens"),
-    (COMPLETIONS, {"prompt": 42}, "prompt"),
-    (COMPLETIONS, {"prompt": "hi", "stream": "yes"}, "stream"),
-    (CHAT, {"messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
-    (CHAT, {"messages": "hi"}, "messages"),
-])
+@pytest.mark.parametrize(
+    "path, body, param",
+    [
+        (COMPLETIONS, {"prompt": "hi", "max_tokens": "ten"}, "max_tokens"),
+        (COMPLETIONS, {"prompt": 42}, "prompt"),
+        (COMPLETIONS, {"prompt": "hi", "stream": "yes"}, "stream"),
+        (CHAT, {"messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
+        (CHAT, {"messages": "hi"}, "messages"),
+    ],
+)
 def test_wrong_types_are_400(http, path, body, param):
     assert error_of(http.post(path, json=body), 400)["param"].startswith(param)
 
 
-@pytest.mark.parametrize("field, value", [
-    ("temperature", -1.0), ("top_p", 0.0), ("top_p", 1.5), ("n", 0), ("max_tokens", 0), ("presence_penalty", 3.0),
-    ("frequency_penalty", -2.5), ("logprobs", 21), ("top_k", -5), ("min_p", 2.0), ("repetition_penalty", 0.0),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("temperature", -1.0),
+        ("top_p", 0.0),
+        ("top_p", 1.5),
+        ("n", 0),
+        ("max_tokens", 0),
+        ("presence_penalty", 3.0),
+        ("frequency_penalty", -2.5),
+        ("logprobs", 21),
+        ("top_k", -5),
+        ("min_p", 2.0),
+        ("repetition_penalty", 0.0),
+    ],
+)
 def test_out_of_range_values_are_400(http, field, value):
     e = error_of(http.post(COMPLETIONS, json={"prompt": "hi", field: value}), 400)
     assert e["param"] == field and e["type"] == "invalid_request_error"
@@ -63,13 +77,16 @@ def test_logit_bias_and_token_ids_out_of_vocabulary_are_400(http):
     error_of(http.post(COMPLETIONS, json={"prompt": []}), 400)
 
 
-@pytest.mark.parametrize("path, body", [
-    (COMPLETIONS, {"prompt": "hi", "messages": MESSAGES}),
-    (CHAT, {"prompt": "hi", "messages": MESSAGES}),
-    (COMPLETIONS, {}),
-    (CHAT, {}),
-    (CHAT, {"messages": []}),
-])
+@pytest.mark.parametrize(
+    "path, body",
+    [
+        (COMPLETIONS, {"prompt": "hi", "messages": MESSAGES}),
+        (CHAT, {"prompt": "hi", "messages": MESSAGES}),
+        (COMPLETIONS, {}),
+        (CHAT, {}),
+        (CHAT, {"messages": []}),
+    ],
+)
 def test_prompt_xor_messages(http, path, body):
     error_of(http.post(path, json=body), 400)
 
@@ -83,8 +100,9 @@ def test_unknown_model_is_404(http, client):
 
 def test_context_length_is_400_with_the_sentence_clients_parse(http, client):
     e = error_of(http.post(COMPLETIONS, json={"prompt": "hi " * 200, "max_tokens": 100}), 400)
-    assert e["message"].startswith(f"This model's maximum context length is {MAX_MODEL_LEN} tokens. "
-                                   "However, you requested ")
+    assert e["message"].startswith(
+        f"This model's maximum context length is {MAX_MODEL_LEN} tokens. However, you requested "
+    )
     with pytest.raises(openai.BadRequestError, match="maximum context length"):
         client.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "x " * 300}])
 

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import math
 
-
 from tests.server.conftest import MAX_MODEL_LEN, MODEL_NAME
-
 
 GREEDY = dict(temperature=0, extra_body={"ignore_eos": True})
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
@@ -34,8 +32,14 @@ def test_completion_stream_equals_whole(client):
     assert choice.finish_reason == "length" and choice.text
     assert whole.usage.completion_tokens == 12
     assert whole.usage.total_tokens == whole.usage.prompt_tokens + 12
-    stream = client.completions.create(model=MODEL_NAME, prompt="Hello, my name is", max_tokens=12, stream=True,
-                                       stream_options={"include_usage": True}, **GREEDY)
+    stream = client.completions.create(
+        model=MODEL_NAME,
+        prompt="Hello, my name is",
+        max_tokens=12,
+        stream=True,
+        stream_options={"include_usage": True},
+        **GREEDY,
+    )
     texts, reasons, usage = stream_text(stream)
     assert texts == {0: choice.text} and reasons == {0: "length"}
     assert usage.model_dump() == whole.usage.model_dump()
@@ -43,8 +47,15 @@ def test_completion_stream_equals_whole(client):
 
 def test_completion_n_and_seed(client):
     def sample(seed):
-        r = client.completions.create(model=MODEL_NAME, prompt="Once upon a time", max_tokens=8, n=3, temperature=1.0,
-                                      seed=seed, extra_body={"ignore_eos": True})
+        r = client.completions.create(
+            model=MODEL_NAME,
+            prompt="Once upon a time",
+            max_tokens=8,
+            n=3,
+            temperature=1.0,
+            seed=seed,
+            extra_body={"ignore_eos": True},
+        )
         assert [c.index for c in r.choices] == [0, 1, 2]
         assert r.usage.completion_tokens == 24
         return [c.text for c in r.choices]
@@ -74,8 +85,13 @@ def test_completion_stop_strings_and_stop_token_ids(client, http):
     assert r.choices[0].finish_reason == "stop"
     assert r.choices[0].text == base.text[: base.text.index(stop)]
     ids = http.post("/tokenize", json={"prompt": base.text, "add_special_tokens": False}).json()["tokens"]
-    r = client.completions.create(model=MODEL_NAME, prompt="A B C", max_tokens=16, temperature=0,
-                                  extra_body={"ignore_eos": True, "stop_token_ids": [ids[2]]})
+    r = client.completions.create(
+        model=MODEL_NAME,
+        prompt="A B C",
+        max_tokens=16,
+        temperature=0,
+        extra_body={"ignore_eos": True, "stop_token_ids": [ids[2]]},
+    )
     assert r.choices[0].finish_reason == "stop"
     assert r.usage.completion_tokens <= 3
 
@@ -98,22 +114,30 @@ def test_chat_whole_stream_and_n(client, http):
     msg = whole.choices[0].message
     assert msg.role == "assistant" and msg.content and whole.choices[0].finish_reason == "length"
     assert whole.usage.prompt_tokens == len(http.post("/tokenize", json={"messages": MESSAGES}).json()["tokens"])
-    stream = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, max_tokens=10, stream=True,
-                                            stream_options={"include_usage": True}, **GREEDY)
+    stream = client.chat.completions.create(
+        model=MODEL_NAME,
+        messages=MESSAGES,
+        max_tokens=10,
+        stream=True,
+        stream_options={"include_usage": True},
+        **GREEDY,
+    )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     texts, reasons, usage = stream_text(iter(chunks))
     assert texts == {0: msg.content} and reasons == {0: "length"}
     assert usage.completion_tokens == 10
-    stream = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, max_tokens=6, n=2, stream=True,
-                                            temperature=1.0, seed=3)
+    stream = client.chat.completions.create(
+        model=MODEL_NAME, messages=MESSAGES, max_tokens=6, n=2, stream=True, temperature=1.0, seed=3
+    )
     texts, reasons, _ = stream_text(stream)
     assert set(texts) == {0, 1} and set(reasons) == {0, 1}
 
 
 def test_chat_logprobs(client):
-    r = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, max_tokens=5, logprobs=True,
-                                       top_logprobs=2, **GREEDY)
+    r = client.chat.completions.create(
+        model=MODEL_NAME, messages=MESSAGES, max_tokens=5, logprobs=True, top_logprobs=2, **GREEDY
+    )
     content = r.choices[0].logprobs.content
     assert len(content) == 5 and "".join(t.token for t in content) == r.choices[0].message.content
     for t in content:

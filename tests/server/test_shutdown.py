@@ -12,22 +12,41 @@ import httpx
 from tests.server.conftest import ENGINE_ENV, ServerProcess, free_port
 
 
-
 def test_sigterm_finishes_in_flight_requests_then_exits_0(tiny_chat_model):
     port = free_port()
     flags = []
     for key, value in ENGINE_ENV.items():  # the same engine as the shared server: compiled shapes are cached
         flag = key.removeprefix("JAXSERVE_").lower().replace("_", "-")
         flags += ["--" + {"num-kv-pages": "num-gpu-blocks-override"}.get(flag, flag), value]
-    proc = ServerProcess(["-m", "jaxserve", "serve", "--model", str(tiny_chat_model), "--port", str(port),
-                          "--uvicorn-log-level", "warning", *flags], {}, port)
+    proc = ServerProcess(
+        [
+            "-m",
+            "jaxserve",
+            "serve",
+            "--model",
+            str(tiny_chat_model),
+            "--port",
+            str(port),
+            "--uvicorn-log-level",
+            "warning",
+            *flags,
+        ],
+        {},
+        port,
+    )
     try:
         proc.wait_ready()
         first_chunk, chunks = threading.Event(), []
 
         def stream():
-            body = {"prompt": "tell me a long story", "max_tokens": 240, "n": 16, "ignore_eos": True,
-                    "stream": True, "temperature": 0}
+            body = {
+                "prompt": "tell me a long story",
+                "max_tokens": 240,
+                "n": 16,
+                "ignore_eos": True,
+                "stream": True,
+                "temperature": 0,
+            }
             with httpx.stream("POST", f"{proc.url}/v1/completions", json=body, timeout=120) as r:
                 for line in r.iter_lines():
                     if line:

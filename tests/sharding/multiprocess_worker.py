@@ -20,13 +20,30 @@ def main() -> None:
     from tests.conftest import FIXTURES, load_reference
 
     ref = load_reference("llama_gqa_llama3rope")
-    llm = LLM(str(FIXTURES / "tiny" / "llama_gqa_llama3rope"), dtype="float32", tensor_parallel_size=4, max_num_seqs=8,
-              max_num_batched_tokens=64, max_model_len=256, num_kv_pages=64, progress=False)
-    outs = llm.generate([{"prompt_token_ids": p.tolist()} for p in ref["prompts"]],
-                        SamplingParams(temperature=0, max_tokens=32, ignore_eos=True), use_tqdm=False)
+    llm = LLM(
+        str(FIXTURES / "tiny" / "llama_gqa_llama3rope"),
+        dtype="float32",
+        tensor_parallel_size=4,
+        max_num_seqs=8,
+        max_num_batched_tokens=64,
+        max_model_len=256,
+        num_kv_pages=64,
+        progress=False,
+    )
+    outs = llm.generate(
+        [{"prompt_token_ids": p.tolist()} for p in ref["prompts"]],
+        SamplingParams(temperature=0, max_tokens=32, ignore_eos=True),
+        use_tqdm=False,
+    )
     with open(out, "w") as f:
-        json.dump({"process_count": jax.process_count(), "device_count": jax.device_count(),
-                   "tokens": [o.outputs[0].token_ids for o in outs]}, f)
+        json.dump(
+            {
+                "process_count": jax.process_count(),
+                "device_count": jax.device_count(),
+                "tokens": [o.outputs[0].token_ids for o in outs],
+            },
+            f,
+        )
     jax.distributed.shutdown()
 
 

@@ -17,7 +17,9 @@ from models.loading import load_model
 from sharding import make_mesh
 from tests.conftest import FIXTURES
 
-pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs XLA_FLAGS=--xla_force_host_platform_device_count=8")
+pytestmark = pytest.mark.skipif(
+    jax.device_count() < 8, reason="needs XLA_FLAGS=--xla_force_host_platform_device_count=8"
+)
 ROOT = Path(__file__).resolve().parents[2]
 TINY = FIXTURES / "tiny" / "qwen2_qkvbias_tied"  # 4 query / 2 kv heads: tp=8 pads to 16 / 8
 
@@ -26,8 +28,21 @@ TINY = FIXTURES / "tiny" / "qwen2_qkvbias_tied"  # 4 query / 2 kv heads: tp=8 pa
 def checkpoint(tmp_path_factory):
     out = tmp_path_factory.mktemp("ckpt") / "tp2"
     env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "shard_checkpoint.py"), str(TINY), str(out),
-                           "--tensor-parallel-size", "2", "--dtype", "float32"], env=env, capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "shard_checkpoint.py"),
+            str(TINY),
+            str(out),
+            "--tensor-parallel-size",
+            "2",
+            "--dtype",
+            "float32",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "peak host memory" in done.stdout
     return out
@@ -57,10 +72,21 @@ def test_checkpoint_folder_serves_through_the_engine(checkpoint):
     from tests.conftest import load_reference
 
     ref = load_reference("qwen2_qkvbias_tied")
-    llm = LLM(str(checkpoint), dtype="float32", tensor_parallel_size=4, max_num_seqs=8, max_num_batched_tokens=64,
-              max_model_len=256, num_kv_pages=64, progress=False)
-    outs = llm.generate([{"prompt_token_ids": p.tolist()} for p in ref["prompts"]],
-                        SamplingParams(temperature=0, max_tokens=32, ignore_eos=True), use_tqdm=False)
+    llm = LLM(
+        str(checkpoint),
+        dtype="float32",
+        tensor_parallel_size=4,
+        max_num_seqs=8,
+        max_num_batched_tokens=64,
+        max_model_len=256,
+        num_kv_pages=64,
+        progress=False,
+    )
+    outs = llm.generate(
+        [{"prompt_token_ids": p.tolist()} for p in ref["prompts"]],
+        SamplingParams(temperature=0, max_tokens=32, ignore_eos=True),
+        use_tqdm=False,
+    )
     assert [o.outputs[0].token_ids for o in outs] == ref["greedy"].tolist()
 
 
@@ -70,7 +96,12 @@ def test_missing_tensor_in_checkpoint_is_named(checkpoint, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(checkpoint, broken)
     shutil.rmtree(broken / "params" / "model.norm.weight")
-    meta = (broken / "jaxserve_checkpoint.json").read_text().replace('"model.norm.weight",', "").replace(',\n  "model.norm.weight"', "")
+    meta = (
+        (broken / "jaxserve_checkpoint.json")
+        .read_text()
+        .replace('"model.norm.weight",', "")
+        .replace(',\n  "model.norm.weight"', "")
+    )
     (broken / "jaxserve_checkpoint.json").write_text(meta)
     with pytest.raises(ValueError, match="'model.norm.weight' is missing"):
         load_model(broken, dtype="float32", progress=False)

@@ -25,8 +25,16 @@ def test_two_processes_one_mesh(tmp_path):
     port = free_port()
     env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS="--xla_force_host_platform_device_count=2")
     worker = str(Path(__file__).parent / "multiprocess_worker.py")
-    procs = [subprocess.Popen([sys.executable, worker, str(i), str(port), str(tmp_path / f"{i}.json")], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, worker, str(i), str(port), str(tmp_path / f"{i}.json")],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
     try:
         logs = [p.communicate(timeout=300)[0] for p in procs]
     finally:

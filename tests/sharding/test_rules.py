@@ -17,7 +17,9 @@ def test_rules_megatron_and_replicate_when_indivisible():
     mesh = make_mesh(4)
     assert logical_sharding(mesh, ("embed", "heads", "head_dim"), (64, 8, 16)).spec == PartitionSpec(None, "tp", None)
     assert logical_sharding(mesh, ("mlp", "embed"), (128, 64)).spec == PartitionSpec("tp", None)
-    assert logical_sharding(mesh, ("embed", "kv_heads", "head_dim"), (64, 2, 16)).spec == PartitionSpec(None, None, None)
+    assert logical_sharding(mesh, ("embed", "kv_heads", "head_dim"), (64, 2, 16)).spec == PartitionSpec(
+        None, None, None
+    )
     with pytest.raises(ValueError, match="no sharding rule"):
         logical_sharding(mesh, ("batch",))
     with pytest.raises(ValueError, match="tensor_parallel_size=16"):
@@ -32,4 +34,7 @@ def test_model_sharded_over_two_devices_gives_same_logits():
     q = sharded.model.layers[0].self_attn.q_proj.weight[...]
     assert q.sharding.spec == PartitionSpec(None, "tp", None) and len(q.devices()) == 2
     prompt = [np.arange(2, 40).tolist()]
-    assert relative_error(packed_logits(sharded, prompt), packed_logits(load_model(folder, progress=False), prompt)) <= 1e-5
+    assert (
+        relative_error(packed_logits(sharded, prompt), packed_logits(load_model(folder, progress=False), prompt))
+        <= 1e-5
+    )

@@ -14,7 +14,9 @@ from models.loading import lay_out_heads, load_model
 from sharding import head_layout, make_mesh
 from tests.conftest import FIXTURES, load_reference
 
-pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs XLA_FLAGS=--xla_force_host_platform_device_count=8")
+pytestmark = pytest.mark.skipif(
+    jax.device_count() < 8, reason="needs XLA_FLAGS=--xla_force_host_platform_device_count=8"
+)
 TINY = FIXTURES / "tiny" / "llama_gqa_llama3rope"
 
 
@@ -39,12 +41,23 @@ def test_smollm2_greedy_same_at_every_tp(tp, smollm2_folder):
 
 def test_engine_at_tp4_serves_the_same_tokens():
     ref = load_reference("llama_gqa_llama3rope")
-    llm = LLM(str(TINY), dtype="float32", tensor_parallel_size=4, max_num_seqs=8, max_num_batched_tokens=64,
-              max_model_len=256, num_kv_pages=64, progress=False)
+    llm = LLM(
+        str(TINY),
+        dtype="float32",
+        tensor_parallel_size=4,
+        max_num_seqs=8,
+        max_num_batched_tokens=64,
+        max_model_len=256,
+        num_kv_pages=64,
+        progress=False,
+    )
     cache = llm.engine.runner.kv_cache[0].k
     assert tuple(cache.sharding.spec)[:3] == (None, None, "tp") and len(cache.devices()) == 4
-    outs = llm.generate([{"prompt_token_ids": p.tolist()} for p in ref["prompts"]],
-                        SamplingParams(temperature=0, max_tokens=32, ignore_eos=True), use_tqdm=False)
+    outs = llm.generate(
+        [{"prompt_token_ids": p.tolist()} for p in ref["prompts"]],
+        SamplingParams(temperature=0, max_tokens=32, ignore_eos=True),
+        use_tqdm=False,
+    )
     assert [o.outputs[0].token_ids for o in outs] == ref["greedy"].tolist()
     assert llm.engine.num_compilations_since_warmup == 0
 
