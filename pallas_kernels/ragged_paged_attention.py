@@ -16,7 +16,7 @@ Rows of q past cu_q_lens[num_seqs] are padding: their output is zero.
 The file reads: Mosaic GPU kernel -> `_attention_call` (the pallas call) -> `ragged_paged_attention`
 (validated, jitted). Beside it: `ragged_paged_attention_reference` (the input checks and the
 semantics, pure jnp), `ragged_paged_attention_config` (the tuning knobs and their choice by
-shape) and `ragged_tiles` (the work tiles and the q/output slot layout).
+shape) and `ragged_tiles` (the work tiles and the q/output cell layout).
 
 Kernel data flow. The work items are (work tile, kv head[, kv split]); `ragged_tiles` says what a
 tile is. With a persistent grid (`num_programs`; prefill's default) one program per SM takes items
@@ -24,19 +24,21 @@ round-robin, heaviest tiles first, and keeps its K/V ring and its two q buffers 
 items, so an item's start costs no pipeline fill; decode's default runs one program per item, which
 the hardware schedules as SMs free up. With kv_splits > 1 (flash-decoding; `default_splits` picks it
 for small decode batches) item s takes the s-th share of the tile's KV blocks and stores its
-normalised output and its base-2 log-sum-exp; the wrapper combines the shares. Per item:
+normalised output and its base-2 log-sum-exp; the wrapper combines the shares. Two words of the
+kernel's own: a *cell* is a q row's place in the tiled q/out buffers (`ragged_tiles`), a *stage*
+one K/V block's place in the shared-memory ring; neither is a (KV cache) slot. Per item:
 
-    q rows of the tile (G query heads x tokens of one sequence; gathered into 8-aligned slots
+    q rows of the tile (G query heads x tokens of one sequence; gathered into 8-aligned cells
     by the wrapper) --TMA--> q buffer r % 2 (r: the program's item count), by the memory warpgroup
     memory warpgroup:  for each block of block_kv cache tokens: page ids from page_table,
-                       one TMA copy per page --> k/v smem slot (num_stages slots, a ring whose
+                       one TMA copy per page --> k/v smem stage (num_stages stages, a ring whose
                        position counts on over items)
     compute warpgroups (64 rows each):  S = q K^T (wgmma) -> causal mask on the last blocks ->
-                       online softmax (exp2, f32) -> O += P V (wgmma) -> free the slot
+                       online softmax (exp2, f32) -> O += P V (wgmma) -> free the stage
                        (with `pingpong`, two warpgroups alternate: one's softmax under the
                        other's matmuls)
     O / l --> the item's q buffer --> TMA store of the first 8/16/32/64 rows covering the valid
-                       ones, into the tile's own slots; the wrapper gathers rows back. The buffer
+                       ones, into the tile's own cells; the wrapper gathers rows back. The buffer
                        goes back to the memory warpgroup once that store has read it.
 """
 
@@ -59,7 +61,7 @@ from pallas_kernels.ragged_paged_attention_config import (
     num_sms,
 )
 from pallas_kernels.ragged_paged_attention_reference import check_inputs
-from pallas_kernels.ragged_tiles import max_tiles, num_slots, plan_tiles, rows_into_slots, rows_to_tokens
+from pallas_kernels.ragged_tiles import max_tiles, num_cells, plan_tiles, rows_into_cells, rows_to_tokens
 
 _WG_ROWS = 64  # query rows per compute warpgroup: the M of one wgmma
 _RCP_LN2 = 1.4426950408889634  # log2(x) = ln(x) / ln(2)
@@ -85,8 +87,8 @@ def _kernel(
     cu_q_lens_ref,  # [R], [R, P_max], [R+1]
     q_ref,
     k_ref,
-    v_ref,  # [K, slots, H], [P, S, K, H], [P, S, K, H]
-    *refs,  # out [K, slots, H]; or, split: out [splits, K, slots, H], lse [splits, K, slots]; scratch
+    v_ref,  # [K, cells, H], [P, S, K, H], [P, S, K, H]
+    *refs,  # out [K, cells, H]; or, split: out [splits, K, cells, H], lse [splits, K, cells]; scratch
     group,
     page_size,
     pages_per_block,
@@ -161,7 +163,7 @@ def _kernel(
             "q_base": tile_base_ref[w],
         }
 
-    # Ring slots count on across items: the c-th K/V block of this program goes to slot c % stages.
+    # Ring stages count on across items: the c-th K/V block of this program goes to stage c % num_stages.
     # q has two buffers: item r's q (and then its output) in buffer r % 2.
     @pl.when(wg == num_wgs)
     def _memory_warpgroup():
@@ -181,31 +183,31 @@ def _kernel(
                 plgpu.copy_gmem_to_smem(q_ref.at[it["kv_head"], rows], q_smem.at[buf, i], q_full.at[buf])
             last_page = lax.div(it["kv_stop"] - 1, page_size)  # pages past it would be masked: reload it instead
 
-            def fetch(src_ref, dst_smem, full, step, slot):
+            def fetch(src_ref, dst_smem, full, step, stage):
                 for i in range(pages_per_block):
                     page = page_table_ref[it["seq"], jnp.minimum(step * pages_per_block + i, last_page)]
                     plgpu.copy_gmem_to_smem(
                         src_ref.at[page, :, it["kv_head"]],
-                        dst_smem.at[slot, pl.ds(i * page_size, page_size)],
-                        full.at[slot],
+                        dst_smem.at[stage, pl.ds(i * page_size, page_size)],
+                        full.at[stage],
                     )
 
             @pl.loop(it["first_step"], it["end_step"])
             def _step(step):
                 c = count + step - it["first_step"]
-                slot = lax.rem(c, num_stages)
+                stage = lax.rem(c, num_stages)
 
                 @pl.when(c >= num_stages)
                 def _():
-                    plgpu.barrier_wait(k_free.at[slot])
+                    plgpu.barrier_wait(k_free.at[stage])
 
-                fetch(k_ref, k_smem, k_full, step, slot)
+                fetch(k_ref, k_smem, k_full, step, stage)
 
                 @pl.when(c >= num_stages)
                 def _():
-                    plgpu.barrier_wait(v_free.at[slot])
+                    plgpu.barrier_wait(v_free.at[stage])
 
-                fetch(v_ref, v_smem, v_full, step, slot)
+                fetch(v_ref, v_smem, v_full, step, stage)
 
             return count + it["end_step"] - it["first_step"]
 
@@ -236,7 +238,7 @@ def _kernel(
             q_view = q_smem.at[buf, wg]  # this warpgroup's q rows; then its output rows
             first_step, end_step, t_last, offset = it["first_step"], it["end_step"], it["t_last"], it["offset"]
             q_row = it["row0"] + wg * _WG_ROWS  # logical row: decides the causal mask
-            q_slot = pl.multiple_of(it["q_base"] + wg * _WG_ROWS, 8)  # where its q and out rows live
+            q_cell = pl.multiple_of(it["q_base"] + wg * _WG_ROWS, 8)  # where its q and out rows live
             plgpu.barrier_wait(q_full.at[buf])
 
             @pl.when(r >= 1)
@@ -252,17 +254,17 @@ def _kernel(
 
             def step_fn(step, carry, *, masked):
                 acc, m, l = carry
-                slot = lax.rem(count + step - first_step, num_stages)
-                plgpu.barrier_wait(k_full.at[slot])
+                stage = lax.rem(count + step - first_step, num_stages)
+                plgpu.barrier_wait(k_full.at[stage])
 
                 def qk(acc_ref):
-                    plgpu.wgmma(acc_ref, q_view, k_smem.at[slot].T)
+                    plgpu.wgmma(acc_ref, q_view, k_smem.at[stage].T)
                     if pingpong:
                         sched_sync()
                     return acc_ref[...]
 
                 s = pl.run_scoped(qk, plgpu.ACC((_WG_ROWS, block_kv), jnp.float32))
-                plgpu.barrier_arrive(k_free.at[slot])
+                plgpu.barrier_arrive(k_free.at[stage])
                 s = s * scale_log2
                 if masked:  # rows past the tile's end reuse its last token
                     shape = (_WG_ROWS, block_kv)
@@ -282,10 +284,10 @@ def _kernel(
                 if pingpong:  # softmax done: let the other warpgroup's matmuls go, then take ours
                     acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
                     plgpu.barrier_arrive(sched)
-                    plgpu.barrier_wait(v_full.at[slot])
+                    plgpu.barrier_wait(v_full.at[stage])
                     plgpu.barrier_wait(sched)
                 else:
-                    plgpu.barrier_wait(v_full.at[slot])
+                    plgpu.barrier_wait(v_full.at[stage])
 
                 if p_from_registers:
                     p_operand = p16
@@ -297,17 +299,17 @@ def _kernel(
                 if acc_in_place:  # compiled path: wgmma accumulates into the registers it is given
 
                     def pv_into(acc_ref):
-                        plgpu.wgmma(acc_ref, p_operand, v_smem.at[slot])
+                        plgpu.wgmma(acc_ref, p_operand, v_smem.at[stage])
 
                     acc = pl.run_state(pv_into)(plgpu.ACC.init(acc))
                 else:  # GPU interpret mode lacks run_state: a fresh accumulator plus an add
 
                     def pv(acc_ref):
-                        plgpu.wgmma(acc_ref, p_operand, v_smem.at[slot])
+                        plgpu.wgmma(acc_ref, p_operand, v_smem.at[stage])
                         return acc_ref[...]
 
                     acc = acc + pl.run_scoped(pv, plgpu.ACC((_WG_ROWS, head_dim), jnp.float32))
-                plgpu.barrier_arrive(v_free.at[slot])
+                plgpu.barrier_arrive(v_free.at[stage])
                 return acc, m_new, l
 
             carry = (acc, m, l)
@@ -333,10 +335,10 @@ def _kernel(
 
                 @pl.when((num_valid > (lower if size > 8 else 0)) & (num_valid <= size))
                 def _store(size=size):
-                    plgpu.copy_smem_to_gmem(q_view.at[pl.ds(0, size)], out_view.at[it["kv_head"], pl.ds(q_slot, size)])
+                    plgpu.copy_smem_to_gmem(q_view.at[pl.ds(0, size)], out_view.at[it["kv_head"], pl.ds(q_cell, size)])
                     if lse_ref is not None:
                         plgpu.copy_smem_to_gmem(
-                            lse_smem.at[wg, pl.ds(0, size)], lse_ref.at[it["split"], it["kv_head"], pl.ds(q_slot, size)]
+                            lse_smem.at[wg, pl.ds(0, size)], lse_ref.at[it["split"], it["kv_head"], pl.ds(q_cell, size)]
                         )
 
                 size, lower = size // 2, lower // 2
@@ -370,7 +372,7 @@ def _attention_call(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seq
         max_kv_blocks = -(-page_table.shape[1] * page_size // block_kv)
         num_splits = default_splits(num_tokens, num_rows, num_kv_heads, max_kv_blocks, num_sms(interpret))
     num_tiles = max_tiles(num_tokens, num_rows, group, tile_rows)
-    tile_seq, tile_row0, tile_row_end, tile_base, tile_order, live_tiles, slot_src, row_slot = plan_tiles(
+    tile_seq, tile_row0, tile_row_end, tile_base, tile_order, live_tiles, cell_src, row_cell = plan_tiles(
         cu_q_lens,
         num_seqs,
         group=group,
@@ -380,8 +382,8 @@ def _attention_call(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seq
         # tiles differ in work: hand out the heaviest first
         kv_lens=kv_lens if is_prefill_shaped(num_tokens, num_rows) else None,
     )
-    qg = rows_into_slots(q, slot_src, num_kv_heads)
-    slots = num_slots(num_tokens, group, num_tiles, tile_rows)
+    qg = rows_into_cells(q, cell_src, num_kv_heads)
+    cells = num_cells(num_tokens, group, num_tiles, tile_rows)
 
     transforms = _smem_transforms(q.dtype, head_dim)
     num_stages = config.num_stages
@@ -412,7 +414,7 @@ def _attention_call(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seq
         acc_in_place=not interpret,
         pingpong=config.pingpong and num_wgs == 2,
     )
-    out_shape = jax.ShapeDtypeStruct((num_kv_heads, slots, head_dim), q.dtype)
+    out_shape = jax.ShapeDtypeStruct((num_kv_heads, cells, head_dim), q.dtype)
     scratch = [
         plgpu.SMEM((2, num_wgs, _WG_ROWS, head_dim), q.dtype, transforms=transforms),  # q / out, two items
         plgpu.SMEM(kv_block, k_pages.dtype, transforms=transforms),
@@ -431,7 +433,7 @@ def _attention_call(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seq
     if num_splits > 1:
         out_shape = (
             jax.ShapeDtypeStruct((num_splits, *out_shape.shape), q.dtype),
-            jax.ShapeDtypeStruct((num_splits, num_kv_heads, slots), jnp.float32),
+            jax.ShapeDtypeStruct((num_splits, num_kv_heads, cells), jnp.float32),
         )
         scratch.append(plgpu.SMEM((num_wgs, _WG_ROWS), jnp.float32))
     call = plgpu.kernel(
@@ -462,9 +464,9 @@ def _attention_call(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seq
     )
     if num_splits > 1:
         parts, lse = out
-        out = _combine_splits(parts[:, :, row_slot], lse[:, :, row_slot]).astype(q.dtype)
+        out = _combine_splits(parts[:, :, row_cell], lse[:, :, row_cell]).astype(q.dtype)
     else:
-        out = out[:, row_slot]
+        out = out[:, row_cell]
     out = rows_to_tokens(out, num_tokens, num_heads)
     valid = jnp.arange(num_tokens) < cu_q_lens[num_seqs[0]]
     return jnp.where(valid[:, None, None], out, jnp.zeros((), q.dtype))  # rows nobody wrote: padding tokens

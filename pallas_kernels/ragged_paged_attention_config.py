@@ -17,7 +17,7 @@ class RaggedPagedAttentionConfig:
 
     block_kv: int = 128  # cache tokens per pipeline step; rounded up to a whole number of pages
     compute_warpgroups: int = 2  # a work tile is 64 * this query rows sharing each K/V block
-    num_stages: int = 2  # K/V blocks in flight (shared-memory ring slots)
+    num_stages: int = 2  # K/V blocks in flight (stages of the shared-memory ring)
     # The PV wgmma reads P from registers (True) or from shared memory (False). GPU interpret mode
     # only simulates shared-memory operands, so interpret runs always take the shared-memory path.
     p_from_registers: bool = True

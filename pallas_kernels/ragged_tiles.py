@@ -7,6 +7,11 @@ sequence, so a sequence with q_len tokens owns ceil(q_len * G / rows_per_tile) t
     rows of head k:  |-- seq 0 (decode) --|----------- seq 1 (prefill) -----------|-- seq 2 --|
     tiles:           [ t0 (G rows used)  ][ t1 (full)    ][ t2 (full) ][ t3 (tail) ][ t4      ]
 
+The kernel reads q and writes its output through [K, cells, H] buffers laid out by tile: a *cell*
+is one q row's place there. Tile w owns the cells tile_base[w] + i (bases 8-aligned, gaps left for
+power-of-two stores); cell_src maps each cell to its row (q gathered in), row_cell each row to its
+cell (output gathered back). Cells are not slots: a slot is only a KV entry's place in the cache.
+
 Padding sequences (r >= num_seqs) own no tile. The number of tiles is bounded statically by
 ceil(T * G / rows_per_tile) + R; only the first live_tiles are real. `tile_order` lists the live
 tiles in the order the kernel's persistent programs take them: heaviest first (most KV blocks), so
@@ -26,8 +31,8 @@ def max_tiles(num_tokens: int, num_rows: int, group: int, rows_per_tile: int) ->
     return -(-num_tokens * group // rows_per_tile) + num_rows
 
 
-def num_slots(num_tokens: int, group: int, tiles: int, rows_per_tile: int) -> int:
-    """Rows of the slot buffers: each tile's rows, rounded up per 64-row warpgroup chunk to a power
+def num_cells(num_tokens: int, group: int, tiles: int, rows_per_tile: int) -> int:
+    """Cells of the q/out buffers: each tile's rows, rounded up per 64-row warpgroup chunk to a power
     of two >= 8 (the kernel's TMA stores have static sizes 8/16/32/64), at most 2 n + 8 for n rows;
     plus a tile of slack at the end (a 64-row load may run past a short tile)."""
     return 2 * num_tokens * group + 8 * tiles + rows_per_tile
@@ -43,10 +48,10 @@ def _search(sorted_values, queries):
 
 
 def plan_tiles(cu_q_lens, num_seqs, *, group: int, rows_per_tile: int, num_tiles: int, num_tokens: int, kv_lens=None):
-    """The tiles of a batch and the gathers that move rows into and out of their slots.
+    """The tiles of a batch and the gathers that move rows into and out of their cells.
 
     -> tile_seq, tile_row0, tile_row_end, tile_base, tile_order [W], live_tiles [1],
-       slot_src [num_slots], row_slot [T*G]; all int32.
+       cell_src [num_cells], row_cell [T*G]; all int32.
 
     tile_order: with kv_lens given, the live tiles sorted by the keys their last row sees, most
     first (an argsort); without, the live tiles backwards (the last tiles of a sequence see the most
@@ -54,9 +59,9 @@ def plan_tiles(cu_q_lens, num_seqs, *, group: int, rows_per_tile: int, num_tiles
 
     Tile w covers rows tile_row0[w] : min(tile_row0[w] + rows_per_tile, tile_row_end[w]) of
     sequence tile_seq[w] (tile_row_end is that sequence's end row). Tiles w >= live_tiles are
-    unused. Tile w reads and writes its rows at slots tile_base[w] + i, bases multiples of 8 (TMA
+    unused. Tile w reads and writes its rows at cells tile_base[w] + i, bases multiples of 8 (TMA
     boxes start on whole 8-row tiles of shared memory) and far enough apart for the kernel's
-    power-of-two stores; slot_src gives each slot's row (q in) and row_slot each row's slot (out).
+    power-of-two stores; cell_src gives each cell's row (q in) and row_cell each row's cell (out).
     """
     num_rows = cu_q_lens.shape[0] - 1
     live = jnp.arange(num_rows, dtype=jnp.int32) < num_seqs[0]
@@ -74,38 +79,38 @@ def plan_tiles(cu_q_lens, num_seqs, *, group: int, rows_per_tile: int, num_tiles
     base_end = jnp.cumsum(size, dtype=jnp.int32)
     base = base_end - size
 
-    slot = jnp.arange(num_slots(num_tokens, group, num_tiles, rows_per_tile), dtype=jnp.int32)
-    slot_tile = jnp.minimum(_search(base_end, slot), num_tiles - 1)
-    slot_src = jnp.clip(row0[slot_tile] + slot - base[slot_tile], 0, num_tokens * group - 1)
+    cell = jnp.arange(num_cells(num_tokens, group, num_tiles, rows_per_tile), dtype=jnp.int32)
+    cell_tile = jnp.minimum(_search(base_end, cell), num_tiles - 1)
+    cell_src = jnp.clip(row0[cell_tile] + cell - base[cell_tile], 0, num_tokens * group - 1)
 
     row = jnp.arange(num_tokens * group, dtype=jnp.int32)
     row_seq = jnp.clip(_search(cu_q_lens, row // group) - 1, 0, num_rows - 1)
     j = row - cu_q_lens[row_seq] * group
     row_tile = jnp.clip(ends[row_seq] - tiles[row_seq] + j // rows_per_tile, 0, num_tiles - 1)
-    row_slot = base[row_tile] + j % rows_per_tile  # rows of padding tokens land anywhere: masked later
+    row_cell = base[row_tile] + j % rows_per_tile  # rows of padding tokens land anywhere: masked later
     if kv_lens is None:
         order = jnp.maximum(live_tiles - 1 - w, 0)
     else:  # keys seen by the tile's last row: kv_len - (rows after the tile) / group
         last_row = jnp.minimum(row0 + rows_per_tile, row_end)
         work = jnp.where(w < live_tiles, kv_lens[seq] - (row_end - last_row) // group, -1)
         order = jnp.argsort(-work, stable=True).astype(jnp.int32)
-    # Materialise the slot maps. Fused into the gathers that read them, every element would redo
+    # Materialise the cell maps. Fused into the gathers that read them, every element would redo
     # their binary searches, a chain of dependent loads: 9 us per layer for a 1-token decode (trace).
-    slot_src, row_slot = lax.optimization_barrier((slot_src, row_slot))
-    return seq, row0, row_end, base, order, live_tiles[None], slot_src, row_slot
+    cell_src, row_cell = lax.optimization_barrier((cell_src, row_cell))
+    return seq, row0, row_end, base, order, live_tiles[None], cell_src, row_cell
 
 
-def rows_into_slots(q, slot_src, num_kv_heads: int):
-    """q [T, N, H] -> [K, slots, H]: the rows of kv head k (its G query heads per token,
-    token-major), each at its tile's slot."""
+def rows_into_cells(q, cell_src, num_kv_heads: int):
+    """q [T, N, H] -> [K, cells, H]: the rows of kv head k (its G query heads per token,
+    token-major), each at its tile's cell."""
     num_tokens, num_heads, head_dim = q.shape
     group = num_heads // num_kv_heads
     rows = q.reshape(num_tokens, num_kv_heads, group, head_dim).transpose(1, 0, 2, 3)
-    return rows.reshape(num_kv_heads, num_tokens * group, head_dim)[:, slot_src]
+    return rows.reshape(num_kv_heads, num_tokens * group, head_dim)[:, cell_src]
 
 
 def rows_to_tokens(rows, num_tokens: int, num_heads: int):
-    """[K, T*G, H] rows (slots already gathered back with row_slot) -> [T, N, H]."""
+    """[K, T*G, H] rows (cells already gathered back with row_cell) -> [T, N, H]."""
     num_kv_heads, _, head_dim = rows.shape
     group = num_heads // num_kv_heads
     return (

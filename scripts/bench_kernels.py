@@ -41,7 +41,7 @@ from pallas_kernels import (  # noqa: E402
 )
 from pallas_kernels.kv_cache_update import write_kv_pages  # noqa: E402
 from pallas_kernels.ragged_paged_attention_config import DECODE_CONFIG, PREFILL_CONFIG, default_splits  # noqa: E402
-from pallas_kernels.ragged_tiles import max_tiles, plan_tiles, rows_into_slots, rows_to_tokens  # noqa: E402
+from pallas_kernels.ragged_tiles import max_tiles, plan_tiles, rows_into_cells, rows_to_tokens  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from device_limits import torch_copy_bandwidth  # noqa: E402  (scripts/device_limits.py)
@@ -272,17 +272,17 @@ def deprecated_paged_attention():
 
 def xla_ops_only(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs):
     """The XLA ops the public function runs around the kernel for a decode-shaped batch (tile plan,
-    q gather into slots, output gather back), without the kernel: the floor they set per call."""
+    q gather into cells, output gather back), without the kernel: the floor they set per call."""
     num_tokens, num_heads, _ = q.shape
     num_kv_heads, num_rows = k_pages.shape[2], kv_lens.shape[0]
     group, rows_per_tile = num_heads // num_kv_heads, 64 * DECODE_CONFIG.compute_warpgroups
     tiles = max_tiles(num_tokens, num_rows, group, rows_per_tile)
-    *plan, slot_src, row_slot = plan_tiles(
+    *plan, cell_src, row_cell = plan_tiles(
         cu_q_lens, num_seqs, group=group, rows_per_tile=rows_per_tile, num_tiles=tiles, num_tokens=num_tokens
     )
-    qg = rows_into_slots(q, slot_src, num_kv_heads)
+    qg = rows_into_cells(q, cell_src, num_kv_heads)
     used = sum(x.sum() for x in plan) + kv_lens.sum() + page_table[0, 0]  # keep every plan output live
-    out = rows_to_tokens(jnp.where(used == -12345, 0, qg)[:, row_slot], num_tokens, num_heads)
+    out = rows_to_tokens(jnp.where(used == -12345, 0, qg)[:, row_cell], num_tokens, num_heads)
     valid = jnp.arange(num_tokens) < cu_q_lens[num_seqs[0]]
     return jnp.where(valid[:, None, None], out, jnp.zeros((), q.dtype))
 

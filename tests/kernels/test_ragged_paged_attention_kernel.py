@@ -125,14 +125,14 @@ def test_group_not_a_power_of_two():
     assert run_case(3, [1, 30, 1], [77, 30, 500], 3, 64, 16, WIDE, num_kv_heads=1) <= 1e-5
 
 
-def test_plan_maps_rows_to_slots_and_back():
+def test_plan_maps_rows_to_cells_and_back():
     cu = np.array([0, 5, 75, 275, 276, 276, 276], np.int32)  # the last two rows are padding
     for group, rows_per_tile in ((4, 128), (1, 64), (8, 64)):
         tokens = 280
         tiles = max_tiles(tokens, 6, group, rows_per_tile)
         kv_lens = np.array([9, 75, 1000, 1, 0, 0], np.int32)
         for lens in (None, kv_lens):
-            seq, row0, row_end, base, order, live, src, row_slot = map(
+            seq, row0, row_end, base, order, live, src, row_cell = map(
                 np.asarray,
                 plan_tiles(
                     cu,
@@ -145,7 +145,7 @@ def test_plan_maps_rows_to_slots_and_back():
                 ),
             )
             rows = 276 * group
-            np.testing.assert_array_equal(src[row_slot[:rows]], np.arange(rows))
+            np.testing.assert_array_equal(src[row_cell[:rows]], np.arange(rows))
             assert np.all(base % 8 == 0) and live[0] <= tiles
             assert np.all(np.diff(base[: live[0]]) >= 8)
             n = live[0]
