@@ -100,7 +100,8 @@ def _apply_penalties(logits, state: PenaltyState, sb: SamplingBatch):
 
 def _truncate(logits, sb: SamplingBatch):
     """Masks tokens outside top_k, outside the top_p nucleus, or below min_p * max prob; rows that
-    set none of the three pass unchanged."""
+    set none of the three pass unchanged. The most likely token always survives (as in vLLM): a
+    top_p that float32 rounds to 0 (1e-50) would otherwise keep no token at all."""
     vocab = logits.shape[-1]
     ordered = jnp.sort(logits, axis=-1)[:, ::-1]  # descending
     kth = jnp.take_along_axis(ordered, jnp.clip(sb.top_k - 1, 0, vocab - 1)[:, None], axis=-1)
@@ -110,6 +111,7 @@ def _truncate(logits, sb: SamplingBatch):
     nucleus_min = jnp.min(jnp.where(kept, ordered, jnp.inf), axis=-1, keepdims=True)
     min_p_floor = ordered[:, :1] + jnp.log(jnp.maximum(sb.min_p, 1e-30))[:, None]
     threshold = jnp.maximum(jnp.maximum(kth, nucleus_min), jnp.where(sb.min_p[:, None] > 0, min_p_floor, -jnp.inf))
+    threshold = jnp.minimum(threshold, ordered[:, :1])  # never above the most likely token
     cuts = ((sb.top_k < vocab) | (sb.top_p < 1) | (sb.min_p > 0))[:, None]
     return jnp.where(cuts & (logits < threshold), -jnp.inf, logits)
 

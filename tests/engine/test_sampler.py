@@ -132,3 +132,20 @@ def test_the_sampler_has_no_device_conditional():
     for full in (False, True):
         hlo = jax.jit(sample, static_argnames="full").lower(LOGITS, sb, new_penalty_state(4, V), full=full).as_text()
         assert "case" not in hlo and "conditional" not in hlo, hlo
+
+
+def test_every_filter_keeps_the_most_likely_token():
+    # top_p=1e-50 is 0 in float32: without a floor the nucleus held no token and every row drew id 0.
+    rows = 6
+    sb = batch(
+        rows,
+        temperature=np.ones(rows),
+        top_p=[1e-50, 1e-45, 1.0, 1.0, 1e-50, 1.0],
+        top_k=[V, V, 1, V, 1, V],
+        min_p=[0.0, 0.0, 0.0, 1.0, 1.0, 0.0],
+        seeds=np.arange(rows),
+    )
+    logits = jnp.asarray(np.vstack([np.asarray(LOGITS)] * 2)[:rows])
+    tokens = sample(logits, sb, new_penalty_state(4, V)).tokens.tolist()
+    assert tokens[:5] == [1] * 5  # each cut alone and together keeps only the argmax, 1
+    assert tokens[5] in range(V)  # no cut: an ordinary draw
