@@ -3,6 +3,12 @@
 tokens -> tokenizers' DecodeStream (holds back bytes until they form whole UTF-8 characters)
        -> text; stop strings are searched across token boundaries in the text, and the
           stream exposes only text that cannot still turn into the start of a stop string.
+
+Of several stop strings, the one that ends first in the text wins, as a reader taking the text
+character by character would see it (so how the text splits into tokens does not change which);
+of two that end at the same character, the longer (it starts earlier). Not the list's order:
+
+    text " Paris", stop ["a", "P"] -> " " stopped by "P";  text "abc", stop ["bc", "abc"] -> "" by "abc"
 """
 
 from __future__ import annotations
@@ -31,13 +37,18 @@ class IncrementalDetokenizer:
             return None
         search_from = max(0, len(self.text) - self._hold)
         self.text += piece
-        for stop in self._stop:
-            at = self.text.find(stop, search_from)
-            if at != -1:
-                self.text = self.text[: at + (len(stop) if self._include_stop else 0)]
-                self.stopped_by = stop
-                return stop
-        return None
+        found = self._first_stop(search_from)
+        if found is None:
+            return None
+        at, stop = found
+        self.text = self.text[: at + (len(stop) if self._include_stop else 0)]
+        self.stopped_by = stop
+        return stop
+
+    def _first_stop(self, search_from: int) -> tuple[int, str] | None:
+        """(start, stop string) of the match that ends first (then starts first), if any."""
+        matches = [(at, stop) for stop in self._stop if (at := self.text.find(stop, search_from)) != -1]
+        return min(matches, key=lambda m: (m[0] + len(m[1]), m[0]), default=None)
 
     def visible_text(self, finished: bool) -> str:
         """Text safe to show now: while running, the tail that may begin a stop string is held back."""
