@@ -18,9 +18,10 @@ from jax.sharding import Mesh
 
 from jaxserve.config import EngineConfig
 from jaxserve.default_model import default_cache_dir, resolve_model
+from jaxserve.engine.attention_choice import DeviceInfo, choose_attention_impl
 from jaxserve.engine.executable_cache import environment_key, write_atomically
 from jaxserve.tokenizer import load_tokenizer
-from models.loading import load_model, resolve_config
+from models.loading import load_model, resolve_config, resolve_dtype
 from sharding import make_mesh
 
 
@@ -33,29 +34,28 @@ def enable_compilation_cache(cache_dir: str | Path | None) -> None:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
-def resolve_attention_impl(name: str, head_dim: int) -> str:
-    """ "auto": the Pallas Mosaic GPU kernel on a GPU (it needs head_dim a multiple of 64), the
-    plain-XLA paged attention elsewhere."""
-    if name != "auto":
-        return name
-    return "pallas" if jax.default_backend() == "gpu" and head_dim % 64 == 0 else "xla"
-
-
 def build_mesh(config: EngineConfig) -> Mesh | None:
     """The tensor-parallel mesh over the first tensor_parallel_size devices (None: one device)."""
     return None if config.tensor_parallel_size == 1 else make_mesh(config.tensor_parallel_size)
 
 
-def build_model_and_tokenizer(config: EngineConfig, model=None, tokenizer=None, *, progress: bool = True):
+def build_model_and_tokenizer(
+    config: EngineConfig, model=None, tokenizer=None, *, progress: bool = True, log: Callable = print
+):
     enable_compilation_cache(config.cache_dir)
     if model is None:
         folder = resolve_model(config.model, config.cache_dir)
-        impl = resolve_attention_impl(config.attention_impl, resolve_config(folder).head_dim)
+        cfg = resolve_config(folder)
+        # Before any weights load: an explicit "pallas" that cannot run raises here.
+        choice = choose_attention_impl(
+            config.attention_impl, resolve_dtype(config.dtype, cfg), cfg.head_dim, config.page_size, DeviceInfo.of()
+        )
+        log(choice.describe())
         model = load_model(
             folder,
             dtype=config.dtype,
             load_format=config.load_format,
-            attention_impl=impl,
+            attention_impl=choice.impl,
             seed=config.seed,
             mesh=build_mesh(config),
             progress=progress,
