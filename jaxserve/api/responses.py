@@ -7,11 +7,13 @@ much it already sent and emits only the difference:
     out.outputs[i].text      "The capital of France is"     sent_chars = 10  -> delta "al of France is"
     out.outputs[i].token_ids [ ... 7 ids ... ]              sent_tokens = 3  -> logprobs of 4 tokens
 
-Token strings for logprobs come with the engine's Logprob.decoded_token; nothing here decodes.
+Logprobs name tokens by their own bytes (jaxserve.api.token_bytes) where the server has a
+tokenizer, else by the engine's Logprob.decoded_token; nothing here decodes text.
 """
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import time
 
@@ -31,46 +33,78 @@ from jaxserve.api.protocol import (
     TopLogprob,
     UsageInfo,
 )
-from jaxserve.outputs import CompletionOutput, PositionLogprobs, RequestOutput
+from jaxserve.api.token_bytes import TokenBytes
+from jaxserve.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
 
 
-def _token_str(pos: PositionLogprobs, token_id: int) -> tuple[str, float]:
-    lp = pos.get(token_id)
-    if lp is None:  # cannot happen for a sampled token; keeps a malformed entry from failing a response
-        return f"token_id:{token_id}", float("nan")
-    return lp.decoded_token if lp.decoded_token is not None else f"token_id:{token_id}", lp.logprob
+def _describe(token_id: int, lp: Logprob | None, vocab: TokenBytes | None) -> tuple[str, bytes | None]:
+    """(token string, the token's own bytes or None where unknown)."""
+    raw = vocab.bytes_of(token_id) if vocab is not None else None
+    if raw is not None:
+        return vocab.name(token_id), raw
+    if lp is not None and lp.decoded_token is not None:
+        return lp.decoded_token, None
+    return f"token_id:{token_id}", None
+
+
+def _chosen(pos: PositionLogprobs, token_id: int) -> tuple[Logprob | None, float]:
+    lp = pos.get(token_id)  # None cannot happen for a sampled token; it keeps a malformed entry from failing
+    return lp, (float("nan") if lp is None else lp.logprob)
 
 
 def completion_logprobs(
-    token_ids: list[int], positions: list[PositionLogprobs | None], offset: int, token_strs: list[str] | None = None
+    token_ids: list[int],
+    positions: list[PositionLogprobs | None],
+    offset: int,
+    token_strs: list[str] | None = None,
+    vocab: TokenBytes | None = None,
 ) -> CompletionLogprobs:
     """Legacy completions logprobs. positions[j] is None for a prompt's first token (no logprob);
-    token_strs then names the tokens (echoed prompts)."""
+    token_strs then names the tokens (echoed prompts). text_offset counts the characters that the
+    tokens' bytes complete, so a character split over tokens starts at the offset of its first."""
     out = CompletionLogprobs()
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
     for j, (tid, pos) in enumerate(zip(token_ids, positions)):
         if pos is None:
-            text, value, top = (token_strs[j] if token_strs else ""), None, None
+            value, top = None, None
+            text, raw = _describe(tid, None, vocab)
+            if raw is None:
+                text = token_strs[j] if token_strs else ""
         else:
-            text, value = _token_str(pos, tid)
-            top = {(lp.decoded_token or f"token_id:{t}"): lp.logprob for t, lp in pos.items()}
+            lp, value = _chosen(pos, tid)
+            text, raw = _describe(tid, lp, vocab)
+            top = {_describe(t, alt, vocab)[0]: alt.logprob for t, alt in pos.items()}
         out.text_offset.append(offset)
         out.token_logprobs.append(value)
         out.tokens.append(text)
         out.top_logprobs.append(top)
-        offset += len(text)
+        offset += len(utf8.decode(raw)) if raw is not None else len(text)
     return out
 
 
-def chat_logprobs(token_ids: list[int], positions: list[PositionLogprobs], top_k: int) -> ChatLogprobs:
+def _top_logprob(token_id: int, lp: Logprob, vocab: TokenBytes | None) -> TopLogprob:
+    text, raw = _describe(token_id, lp, vocab)
+    return TopLogprob(token=text, logprob=lp.logprob, bytes=list(raw if raw is not None else text.encode()))
+
+
+def chat_logprobs(
+    token_ids: list[int], positions: list[PositionLogprobs], top_k: int, vocab: TokenBytes | None = None
+) -> ChatLogprobs:
     content = []
     for tid, pos in zip(token_ids, positions):
-        text, value = _token_str(pos, tid)
-        ranked = sorted((lp for lp in pos.values() if lp.rank is not None and lp.rank <= top_k), key=lambda lp: lp.rank)
-        top = [
-            TopLogprob(token=lp.decoded_token or "", logprob=lp.logprob, bytes=list((lp.decoded_token or "").encode()))
-            for lp in ranked
-        ]
-        content.append(TokenLogprob(token=text, logprob=value, bytes=list(text.encode()), top_logprobs=top))
+        lp, value = _chosen(pos, tid)
+        text, raw = _describe(tid, lp, vocab)
+        ranked = sorted(
+            ((t, alt) for t, alt in pos.items() if alt.rank is not None and alt.rank <= top_k), key=lambda x: x[1].rank
+        )
+        content.append(
+            TokenLogprob(
+                token=text,
+                logprob=value,
+                bytes=list(raw if raw is not None else text.encode()),
+                top_logprobs=[_top_logprob(t, alt, vocab) for t, alt in ranked],
+            )
+        )
     return ChatLogprobs(content=content, refusal=None)
 
 
@@ -108,10 +142,13 @@ class CompletionBuilder:
         echo: list[EchoPrompt] | None = None,
         include_usage: bool = False,
         stream_each_token: bool = False,
+        vocab: TokenBytes | None = None,
     ):
         """stream_each_token: a chunk for every new token even without new text (a model served
-        without a tokenizer has no text until the end; clients still see tokens arrive)."""
+        without a tokenizer has no text until the end; clients still see tokens arrive).
+        vocab: names logprobs' tokens by their bytes (None: by the engine's decoded strings)."""
         self.id, self.model, self.n, self.logprobs, self.echo = request_id, model, n, logprobs, echo
+        self.vocab = vocab
         self.stream_each_token = stream_each_token
         self.created = int(time.time())
         self.include_usage = include_usage
@@ -120,7 +157,7 @@ class CompletionBuilder:
     def _echo_logprobs(self, p: int, out: RequestOutput) -> CompletionLogprobs | None:
         if self.logprobs is None or not out.prompt_logprobs:
             return None
-        return completion_logprobs(out.prompt_token_ids, out.prompt_logprobs, 0, self.echo[p].token_strs)
+        return completion_logprobs(out.prompt_token_ids, out.prompt_logprobs, 0, self.echo[p].token_strs, self.vocab)
 
     def _choice(
         self, p: int, out: RequestOutput, c: CompletionOutput, start_chars: int, start_tokens: int, first: bool
@@ -132,7 +169,9 @@ class CompletionBuilder:
             base = len(self.echo[p].text) if self.echo else 0
             echo_lp = self._echo_logprobs(p, out) if (self.echo and first) else None
             offset = base + len(c.text[:start_chars])
-            lp = completion_logprobs(c.token_ids[start_tokens:], (c.logprobs or [])[start_tokens:], offset)
+            lp = completion_logprobs(
+                c.token_ids[start_tokens:], (c.logprobs or [])[start_tokens:], offset, vocab=self.vocab
+            )
             if echo_lp is not None:
                 fields = CompletionLogprobs.model_fields
                 lp = CompletionLogprobs(**{k: getattr(echo_lp, k) + getattr(lp, k) for k in fields})
@@ -173,9 +212,16 @@ class CompletionBuilder:
 
 class ChatBuilder:
     def __init__(
-        self, request_id: str, model: str, n: int, *, top_logprobs: int | None = None, include_usage: bool = False
+        self,
+        request_id: str,
+        model: str,
+        n: int,
+        *,
+        top_logprobs: int | None = None,
+        include_usage: bool = False,
+        vocab: TokenBytes | None = None,
     ):
-        self.id, self.model, self.n, self.top_logprobs = request_id, model, n, top_logprobs
+        self.id, self.model, self.n, self.top_logprobs, self.vocab = request_id, model, n, top_logprobs, vocab
         self.created = int(time.time())
         self.include_usage = include_usage
         self._sent = [_Sent() for _ in range(n)]
@@ -183,7 +229,7 @@ class ChatBuilder:
     def _logprobs(self, c: CompletionOutput, start: int) -> ChatLogprobs | None:
         if self.top_logprobs is None:
             return None
-        return chat_logprobs(c.token_ids[start:], (c.logprobs or [])[start:], self.top_logprobs)
+        return chat_logprobs(c.token_ids[start:], (c.logprobs or [])[start:], self.top_logprobs, self.vocab)
 
     def response(self, out: RequestOutput) -> ChatCompletionResponse:
         choices = [

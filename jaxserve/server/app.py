@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 
 from jaxserve.api.errors import APIError, internal
+from jaxserve.api.token_bytes import TokenBytes
 from jaxserve.engine.async_engine import AsyncLLM
 from jaxserve.engine.llm_engine import LLMEngine
 from jaxserve.server.faults import inject_step_failure
@@ -34,6 +35,7 @@ class ServerState:
     llm: AsyncLLM
     serving: Serving
     metrics: Metrics
+    token_bytes: TokenBytes | None  # logprobs' token strings and bytes; None without a tokenizer
 
     @property
     def model_names(self) -> list[str]:
@@ -51,9 +53,11 @@ def create_app(settings: ServerSettings = ServerSettings(), *, engine: LLMEngine
         built = engine or await asyncio.to_thread(LLMEngine, settings.engine)
         if settings.fault_token_id is not None:
             inject_step_failure(built, settings.fault_token_id)
+        token_bytes = None if built.tokenizer is None else await asyncio.to_thread(TokenBytes, built.tokenizer)
         llm = AsyncLLM(built)
         metrics = Metrics(built, settings.model_names[0])
-        app.state.jaxserve = ServerState(settings, built, llm, Serving(llm, settings, metrics), metrics)
+        serving = Serving(llm, settings, metrics)
+        app.state.jaxserve = ServerState(settings, built, llm, serving, metrics, token_bytes)
         try:
             yield
         finally:

@@ -105,6 +105,7 @@ async def completions(request: Request) -> Response:
         echo=echo,
         include_usage=include_usage,
         stream_each_token=st.engine.tokenizer is None,
+        vocab=st.token_bytes,
     )
     if not body.stream:
         return await _respond(request, req, builder.response)
@@ -139,7 +140,9 @@ async def chat_completions(request: Request) -> Response:
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     req = await st.serving.open(rid, [render], params, arrival)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    builder = ChatBuilder(rid, model, params.n, top_logprobs=params.logprobs, include_usage=include_usage)
+    builder = ChatBuilder(
+        rid, model, params.n, top_logprobs=params.logprobs, include_usage=include_usage, vocab=st.token_bytes
+    )
     if not body.stream:
         return await _respond(request, req, lambda outs: builder.response(outs[0]))
 
