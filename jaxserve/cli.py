@@ -48,7 +48,15 @@ def _add_serve_parser(sub) -> None:
     serve.add_argument(
         "--served-model-name", nargs="+", default=None, help="names the API answers to (first: reported)"
     )
-    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    serve.add_argument(
+        "--api-key", default=None, help="require 'Authorization: Bearer KEY' on every route but /health and /metrics"
+    )
+    serve.add_argument(
+        "--max-request-body-bytes",
+        type=int,
+        default=None,
+        help="larger request bodies are refused with 413 (default 16 MiB)",
+    )
     serve.add_argument("--tokenizer", default=None)
     serve.add_argument("--load-format", default=d.load_format, choices=["auto", "safetensors", "dummy"])
     serve.add_argument("--dtype", default=d.dtype, choices=["auto", "float32", "bfloat16"])
@@ -95,6 +103,7 @@ def _serve(args, cache_dir) -> int:
 
     from jaxserve.config import EngineConfig
     from jaxserve.server import ServerSettings, create_app
+    from jaxserve.server.settings import DEFAULT_MAX_REQUEST_BODY_BYTES
 
     engine = EngineConfig(
         model=args.model or args.model_tag,
@@ -120,6 +129,7 @@ def _serve(args, cache_dir) -> int:
         engine=engine,
         served_model_names=tuple(args.served_model_name or ()),
         api_key=args.api_key or os.environ.get("JAXSERVE_API_KEY") or None,
+        max_request_body_bytes=args.max_request_body_bytes or DEFAULT_MAX_REQUEST_BODY_BYTES,
         fault_token_id=args.fault_token_id,
     )
     server = uvicorn.Server(

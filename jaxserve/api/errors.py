@@ -17,12 +17,21 @@ class APIError(Exception):
         code: str | None = None,
         headers: dict[str, str] | None = None,
     ):
+        message, param = _encodable(message), _encodable(param)
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.headers = headers or {}
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def _encodable(text: str | None) -> str | None:
+    """Text that UTF-8 can always encode: an error may echo input (a model name) that holds lone
+    surrogates; they become backslash escapes (\\ud800) instead of failing the response."""
+    if text is None or text.isascii():
+        return text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def bad_request(message: str, param: str | None = None) -> APIError:
@@ -70,6 +79,11 @@ def overloaded(retry_after_s: int) -> APIError:
         code="queue_full",
         headers={"Retry-After": str(retry_after_s)},
     )
+
+
+def client_disconnected() -> APIError:
+    """The client left before its body was complete: nobody reads this answer, and nothing is logged."""
+    return APIError(400, "the client disconnected before sending the whole request body", code="client_disconnected")
 
 
 def internal(e: BaseException) -> APIError:

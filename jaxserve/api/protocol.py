@@ -1,7 +1,7 @@
 """OpenAI request and response schemas (pydantic), with vLLM's sampling extras.
 
-Requests are strict (a string where a number belongs is a 400, not a silent conversion) and
-ignore fields they do not know, as OpenAI's clients send a few we have no use for. Responses
+Requests are strict (a string where a number belongs is a 400, not a silent conversion; no NaN or
+infinity, which no sampling field means) and ignore fields they do not know, as OpenAI's clients send a few we have no use for. Responses
 are serialized whole (an absent value is null), except stream deltas, which carry only what changed.
 """
 
@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_valid
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 
 
 class StreamOptions(_Request):
@@ -71,7 +71,8 @@ class TextPart(_Request):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(strict=True, extra="allow")  # name, tool_call_id ... reach the template as given
+    # name, tool_call_id ... reach the template as given
+    model_config = ConfigDict(strict=True, extra="allow", allow_inf_nan=False)
 
     role: str
     content: str | list[TextPart] | None = None

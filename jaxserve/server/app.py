@@ -45,6 +45,24 @@ class ServerState:
         return self.llm._thread.is_alive()  # AsyncLLM's loop survives step failures; a dead thread is a bug
 
 
+async def on_api_error(request, e: APIError):
+    return error_response(e)
+
+
+async def on_http_error(request, e: HTTPException):
+    """Starlette's own 404 and 405, in OpenAI's shape, keeping their headers (a 405's Allow)."""
+    kind = "NotFoundError" if e.status_code == 404 else "invalid_request_error"
+    return error_response(APIError(e.status_code, str(e.detail), type=kind, headers=dict(e.headers or {})))
+
+
+async def on_unexpected(request, e: Exception):
+    # Starlette re-raises after this answer: uvicorn logs the traceback, once
+    return error_response(internal(e))
+
+
+EXCEPTION_HANDLERS = {APIError: on_api_error, HTTPException: on_http_error, Exception: on_unexpected}
+
+
 def create_app(settings: ServerSettings = ServerSettings(), *, engine: LLMEngine | None = None) -> Starlette:
     """engine: an engine built elsewhere (tests); by default the lifespan builds one from settings."""
 
@@ -63,19 +81,9 @@ def create_app(settings: ServerSettings = ServerSettings(), *, engine: LLMEngine
         finally:
             llm.shutdown()
 
-    async def on_api_error(request, e: APIError):
-        return error_response(e)
-
-    async def on_http_error(request, e: HTTPException):
-        kind = "NotFoundError" if e.status_code == 404 else "invalid_request_error"
-        return error_response(APIError(e.status_code, str(e.detail), type=kind))
-
-    async def on_unexpected(request, e: Exception):
-        return error_response(internal(e))
-
     return Starlette(
         routes=ROUTES,
         lifespan=lifespan,
         middleware=[Middleware(APIKeyMiddleware, api_key=settings.api_key)],
-        exception_handlers={APIError: on_api_error, HTTPException: on_http_error, Exception: on_unexpected},
+        exception_handlers=EXCEPTION_HANDLERS,
     )

@@ -1,6 +1,7 @@
 """HTTP plumbing: request bodies into pydantic models, SSE responses, the API key, disconnects.
 
-body bytes -> UTF-8? -> JSON object? -> pydantic model      (each failure: a 400 in OpenAI's shape)
+body stream -> at most max_bytes (413) -> strict JSON object (jaxserve.api.json_body) -> pydantic model
+               a client gone mid-body: a quiet 400 nobody reads      (each failure: a 4xx in OpenAI's shape)
 """
 
 from __future__ import annotations
@@ -11,24 +12,39 @@ import json
 import secrets
 
 from pydantic import BaseModel, ValidationError
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, StreamingResponse
 
-from jaxserve.api.errors import APIError, bad_request, from_validation_error, unauthorized
+from jaxserve.api.errors import APIError, client_disconnected, from_validation_error, unauthorized
+from jaxserve.api.json_body import body_too_large, parse_json_object
+
+PARSE_IN_THREAD_BYTES = 1 << 16  # larger bodies are parsed off the event loop
 
 
-async def read_model[M: BaseModel](request: Request, model: type[M]) -> M:
-    body = await request.body()
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The whole body, refused (413) as soon as it is known to pass max_bytes: from Content-Length
+    before reading anything, or while a chunked body arrives."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise body_too_large(max_bytes)
+    chunks, size = [], 0
     try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise bad_request(f"the request body is not valid UTF-8 ({e.reason} at byte {e.start})") from None
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise bad_request(f"the request body is not valid JSON: {e}") from None
-    if not isinstance(obj, dict):
-        raise bad_request("the request body must be a JSON object")
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_bytes:
+                raise body_too_large(max_bytes)
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise client_disconnected() from None
+    return b"".join(chunks)
+
+
+async def read_model[M: BaseModel](request: Request, model: type[M], max_bytes: int) -> M:
+    body = await read_body(request, max_bytes)
+    if len(body) > PARSE_IN_THREAD_BYTES:
+        obj = await asyncio.to_thread(parse_json_object, body)
+    else:
+        obj = parse_json_object(body)
     try:
         return model.model_validate(obj)
     except ValidationError as e:
@@ -93,16 +109,20 @@ async def cancel_on_disconnect(request: Request, work):
     return None if task.cancelled() else task.result()
 
 
+OPEN_PATHS = frozenset({"/health", "/metrics"})  # what load balancers and scrapers reach without a key
+
+
 class APIKeyMiddleware:
-    """When a key is set, /v1/* requests need "Authorization: Bearer <key>" (vLLM's --api-key)."""
+    """When a key is set, every route but OPEN_PATHS needs "Authorization: Bearer <key>" (vLLM's
+    --api-key guards /v1/*; here /tokenize, /detokenize and /version cost CPU or tell too)."""
 
     def __init__(self, app, api_key: str | None):
         self.app, self.api_key = app, api_key
 
     async def __call__(self, scope, receive, send):
-        if self.api_key and scope["type"] == "http" and scope["path"].startswith("/v1"):
-            given = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-            if not secrets.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+        if self.api_key and scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not secrets.compare_digest(given, f"Bearer {self.api_key}".encode()):
                 await error_response(unauthorized())(scope, receive, send)
                 return
         await self.app(scope, receive, send)

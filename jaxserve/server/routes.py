@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 
@@ -31,9 +32,15 @@ from jaxserve.engine.async_engine import EngineDeadError
 from jaxserve.server.http import SSE_DONE, SSEResponse, cancel_on_disconnect, json_response, read_model, sse_data
 from jaxserve.server.serving import OpenRequest
 
+logger = logging.getLogger(__name__)
+
 
 def _state(request: Request):
     return request.app.state.jaxserve
+
+
+async def _read[M](request: Request, model: type[M]) -> M:
+    return await read_model(request, model, _state(request).settings.max_request_body_bytes)
 
 
 def _engine_error(e: Exception) -> APIError:
@@ -44,6 +51,7 @@ def _engine_error(e: Exception) -> APIError:
         return APIError(503, str(e), type="server_error", code="engine_dead")
     if isinstance(e, ValueError):
         return from_value_error(e)
+    logger.error("a request failed in the engine", exc_info=e)  # the server's fault: one traceback
     return internal(e)
 
 
@@ -79,7 +87,7 @@ def _echo_prompts(tokenizer, req: OpenRequest, with_tokens: bool) -> list[EchoPr
 
 async def completions(request: Request) -> Response:
     arrival = time.perf_counter()
-    body = await read_model(request, CompletionRequest)
+    body = await _read(request, CompletionRequest)
     st = _state(request)
     model = check_model(body.model, st.model_names)
     params = completion_params(body)
@@ -128,7 +136,7 @@ async def completions(request: Request) -> Response:
 
 async def chat_completions(request: Request) -> Response:
     arrival = time.perf_counter()
-    body = await read_model(request, ChatCompletionRequest)
+    body = await _read(request, ChatCompletionRequest)
     st = _state(request)
     model = check_model(body.model, st.model_names)
     params = chat_params(body)
@@ -174,7 +182,7 @@ def _tokenizer_for(request: Request, model: str | None):
 
 
 async def tokenize(request: Request) -> Response:
-    body = await read_model(request, TokenizeRequest)
+    body = await _read(request, TokenizeRequest)
     st, tokenizer = _tokenizer_for(request, body.model)
 
     def work():
@@ -187,7 +195,7 @@ async def tokenize(request: Request) -> Response:
 
 
 async def detokenize(request: Request) -> Response:
-    body = await read_model(request, DetokenizeRequest)
+    body = await _read(request, DetokenizeRequest)
     st, tokenizer = _tokenizer_for(request, body.model)
     vocab = st.engine.model_config.vocab_size
     outside = [t for t in body.tokens if not 0 <= t < vocab]

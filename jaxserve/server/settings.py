@@ -8,13 +8,16 @@ from jaxserve.config import EngineConfig
 from jaxserve.default_model import DEFAULT_MODEL_NAME
 
 DEFAULT_MAX_WAITING_REQUESTS = 1024
+# A 128k-token context several times over, even as JSON token ids or \uXXXX-escaped text.
+DEFAULT_MAX_REQUEST_BODY_BYTES = 16 * 1024 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
 class ServerSettings:
     engine: EngineConfig = EngineConfig()
     served_model_names: tuple[str, ...] = ()  # empty: the model argument (or the default model's name)
-    api_key: str | None = None  # when set, /v1/* needs "Authorization: Bearer <key>"
+    api_key: str | None = None  # when set, every route but /health and /metrics needs "Authorization: Bearer <key>"
+    max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES  # larger bodies: 413
     retry_after_s: int = 1  # the Retry-After of a 503 when the waiting queue is full
     fault_token_id: int | None = None  # test-only: a step scheduling a prompt with this token fails
 
