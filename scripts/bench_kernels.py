@@ -213,7 +213,7 @@ def check_correctness(results, check_variants):
 
 def check_greedy(results):
     """Same greedy tokens from a small random bf16 model with either attention implementation."""
-    from jaxserve.engine.greedy import greedy_generate
+    from jaxserve.testing.greedy import greedy_generate
     from models.config import ModelConfig
     from models.llama import create_model
 

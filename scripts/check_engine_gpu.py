@@ -87,7 +87,7 @@ def main() -> None:
     import jax
 
     from jaxserve import LLM, SamplingParams
-    from jaxserve.engine.setup import page_bytes
+    from jaxserve.engine.memory_plan import page_bytes
 
     report: dict = {"device": jax.devices()[0].device_kind, "args": vars(args), "date": time.strftime("%Y-%m-%d")}
     common = dict(

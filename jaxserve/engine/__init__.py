@@ -1,15 +1,16 @@
-"""The engine: turns the scheduler's grants into compiled steps and the steps into outputs.
+"""The engine: requests in, compiled steps on the device, RequestOutputs out.
 
-LLMEngine.step():  scheduler.schedule() step n+1 -> runner.dispatch: staging.fill_ragged into
-one packed buffer (wire.Packing; padded to a bucket of buckets.BucketPlan) -> step.make_step
-(the model) then step.make_sampler (with or without the vocabulary sort, as the rows need;
-KV cache and device state donated; decode tokens of step n read on the device) -> wait for
-step n -> scheduler.update(its tokens) -> emit it (detokenizer, stop strings, RequestOutputs)
-while the device runs step n+1
+input_processor   prompt -> token ids, validated                       (any thread)
+core.EngineCore   one step: scheduler.schedule() -> SchedulerOutput -> runner.execute
+                  (input_batch.apply + stage -> one packed buffer (packing.py) padded to a
+                  bucket (buckets.py) -> model and sampler programs (step.py, sampler.py))
+                  -> wait for the step before -> scheduler.update -> EngineCoreOutput
+output_processor  EngineCoreOutput -> detokenized RequestOutputs, stop strings  (off the
+                  engine thread in AsyncLLM)
+recovery          a failed step: its requests retried alone, only a repeat offender fails
+startup           model, memory plan (memory_plan.py), runner, warm-up, executable cache
 
-slots: each running request's device row (page table, penalty counts)
-
-setup: model, tokenizer, KV sizing     async_engine.AsyncLLM: the loop on its own thread
-greedy: a minimal fixed-batch driver   compile_counter: proves nothing compiles after warm-up
-executable_cache: compiled steps kept on disk, so a warm start lowers nothing
+llm_engine.LLMEngine   all of it on the caller's thread (LLM, tests, benchmarks)
+async_engine.AsyncLLM  the core on a thread of its own, outputs on the event loop (server)
+compile_counter        proves nothing compiles after warm-up
 """

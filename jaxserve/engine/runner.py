@@ -1,13 +1,15 @@
-"""The model runner: device state plus the host staging of each step.
+"""The model runner: device state, the compiled programs, and one step from a SchedulerOutput.
 
-    SchedulerOutput --stage (numpy views into one buffer, padded to a bucket)--> StepInput
-        --step (jit)--> packed SamplerOutput --one copy to the host--> StepResult: per request,
-        the sampled token with its logprobs
+    execute(SchedulerOutput):  input_batch.apply (rows freed, filled, pages appended)
+        -> input_batch.stage (numpy over the step's rows, into one packed int32 buffer, padded
+           to a bucket) -> one transfer -> model program -> sampler program   [returns at once]
+    InFlightStep.result():     wait -> one copy back -> ModelRunnerOutput (a token per grant,
+        logprobs where asked), the tokens also kept in the input batch's rows
 
-It owns the weights, the KV pages, the device state (penalty counts, a page table row per
-request slot, the last sampled tokens) and the compiled functions of the bucket plan; warm_up()
+It owns the weights, the KV pages, the device state (penalty counts, a page-table row per input
+batch row, the last sampled tokens) and the compiled functions of the bucket plan; warm_up()
 compiles every shape so that serving compiles nothing. A decode token sampled by the step still
-running is not waited for: the next step reads it on the device (prev_rows).
+running is not waited for: the next step reads it on the device (prev_seq).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import jax
@@ -27,9 +29,9 @@ from tqdm.auto import tqdm
 
 from jaxserve.engine.buckets import BucketPlan
 from jaxserve.engine.executable_cache import ExecutableCache
+from jaxserve.engine.input_batch import InputBatch, StagedStep
+from jaxserve.engine.packing import Packing
 from jaxserve.engine.sampler import LogitsProcessor, new_penalty_state
-from jaxserve.engine.slots import RequestSlots
-from jaxserve.engine.staging import SequenceChunk, fill_ragged
 from jaxserve.engine.step import (
     DeviceState,
     make_prompt_logprobs,
@@ -39,10 +41,8 @@ from jaxserve.engine.step import (
     sampler_output_spec,
     step_input_spec,
 )
-from jaxserve.engine.wire import Packing
 from jaxserve.sampling_params import MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS
-from jaxserve.scheduler.request import Request
-from jaxserve.scheduler.scheduler import ScheduledChunk, SchedulerOutput
+from jaxserve.scheduler.output import SchedulerOutput
 from models import allocate_kv_cache
 from sharding import kv_cache_sharding
 
@@ -60,11 +60,11 @@ class TokenLogprobs:
 
 
 @dataclasses.dataclass
-class StepResult:
-    tokens: dict[str, int]  # request id -> sampled token (chunks that sample)
-    logprobs: dict[str, TokenLogprobs]  # for requests that asked
-    prompt_logprobs: dict[Request, list[tuple[int, TokenLogprobs]]]  # request -> (position, logprobs)
-    host_seconds: float  # unpacking the sampled tokens (staging is InFlightStep.stage_seconds)
+class ModelRunnerOutput:
+    tokens: list[int]  # [R] the token each grant sampled (meaningless where it does not sample)
+    logprobs: dict[str, TokenLogprobs]  # request id -> its sampled token's, for requests that asked
+    prompt_logprobs: dict[str, list[tuple[int, TokenLogprobs]]]  # request id -> (position, logprobs)
+    host_seconds: float  # unpacking the result (staging is InFlightStep.stage_seconds)
     num_tokens: int  # the bucket's T
     wait_seconds: float = 0.0  # blocked on the device
 
@@ -95,23 +95,19 @@ class WarmUpReport:
 
 @dataclasses.dataclass
 class InFlightStep:
-    runner: ModelRunner
+    """A launched step; ModelRunner.read_back(it) waits for it and returns its output."""
+
     output: SchedulerOutput
+    staged: StagedStep
     sampled: jax.Array  # the packed SamplerOutput, on its way to the host
     output_packing: Packing
     hidden: jax.Array
     num_tokens: int
-    stage_seconds: float  # staging and launching it
+    stage_seconds: float  # applying, staging and launching it
     launch_seconds: float  # of which launching (the compiled call and the read-back request)
 
-    def result(self) -> StepResult:
-        """Waits for the device, then unpacks the sampled tokens on the host."""
-        t0 = time.perf_counter()
-        sampled = self.output_packing.views(np.asarray(self.sampled))
-        waited = time.perf_counter() - t0
-        result = self.runner._unpack(self.output.chunks, sampled, self.hidden, self.num_tokens)
-        result.wait_seconds = waited
-        return result
+
+EMPTY_STEP = SchedulerOutput([], [], [], [], [], [], [], 0)
 
 
 class ModelRunner:
@@ -125,16 +121,19 @@ class ModelRunner:
         plan: BucketPlan,
         max_num_seqs: int,
         processors: Sequence[tuple[str, LogitsProcessor]] = (),
+        eos_token_ids: frozenset[int] = frozenset(),
     ):
         cfg = model.config
         self.config = cfg
         self.page_size = page_size
         self.num_pages = num_pages
+        self.max_model_len = max_model_len
         self.pages_per_seq = -(-max_model_len // page_size)
         self.plan = plan
-        self.num_slots = max_num_seqs
-        self.max_rows = max(r for _, r in plan.shapes)
+        self.num_rows = max_num_seqs  # rows of the input batch (and of the device page table)
+        self.max_step_rows = max(r for _, r in plan.shapes)
         self.processor_names = [name for name, _ in processors]
+        self.eos_token_ids = eos_token_ids
         self.graphdef, self.state = nnx.split(model)
         self.weights, treedef = jax.tree.flatten(self.state)
         self.dtype = model.dtype
@@ -148,10 +147,13 @@ class ModelRunner:
         self._sampler = make_sampler([fn for _, fn in processors], self.mesh)
         self._write_table_row = make_write_table_row(self._replicated)
         self._prompt_logprobs = make_prompt_logprobs(self.graphdef)
+        # Tests and fault drills: called with each SchedulerOutput once it is applied, before
+        # staging; what it raises fails the step as a device error would.
+        self.fault_hook: Callable[[SchedulerOutput], None] | None = None
 
     def reset_device_state(self) -> None:
-        """Fresh KV pages, penalty slots and page table (at start, and after a failed step that may
-        have consumed the donated buffers)."""
+        """Fresh KV pages, penalty counts, page table and input batch (at start, and after a
+        failed step that may have consumed the donated buffers: every request starts over)."""
         cfg = self.config
         self.kv_cache = self.device_state = None  # drop the old buffers before allocating new ones
         self.kv_cache = allocate_kv_cache(
@@ -164,13 +166,21 @@ class ModelRunner:
             None if self.mesh is None else kv_cache_sharding(self.mesh),
         )
         state = DeviceState(
-            penalties=new_penalty_state(self.num_slots, cfg.vocab_size),
-            page_table=jnp.zeros((self.num_slots + 1, self.pages_per_seq), jnp.int32),
-            last_tokens=jnp.zeros(self.max_rows, jnp.int32),
+            penalties=new_penalty_state(self.num_rows, cfg.vocab_size),
+            page_table=jnp.zeros((self.num_rows + 1, self.pages_per_seq), jnp.int32),
+            last_tokens=jnp.zeros(self.max_step_rows, jnp.int32),
         )
         self.device_state = state if self.mesh is None else jax.device_put(state, self._replicated)
-        self.slots = RequestSlots(self.num_slots, cfg.vocab_size, self.processor_names)
-        self._last_rows: dict[str, int] = {}  # request id -> its row in the last step launched
+        self.input_batch = InputBatch(
+            max_rows=self.num_rows,
+            max_model_len=self.max_model_len,
+            page_size=self.page_size,
+            pages_per_seq=self.pages_per_seq,
+            num_pages=self.num_pages,
+            vocab_size=cfg.vocab_size,
+            processor_names=self.processor_names,
+            max_bias=BIAS_WIDTH,
+        )
 
     # -- warm-up ------------------------------------------------------------------------------
     def warm_up(
@@ -234,10 +244,10 @@ class ModelRunner:
                 self._run_once(t, r)
         for t in buckets:
             r = self.plan.row_buckets[t][0]
-            _, hidden = self._run(self._stage([], t, r)[0], t, r, False)
+            _, hidden = self._run(self._stage(EMPTY_STEP, t, r)[0], t, r, False)
             self._compiled_prompt_logprobs[t](self.state, hidden, np.zeros(t, np.int32), np.zeros(t, np.int32))
-        # The padding row (slot num_slots) is all zeros and stays so.
-        self._write_row(self.num_slots, [])
+        # The padding row (num_rows) is all zeros and stays so.
+        self._write_row(self.num_rows, [])
         jax.block_until_ready(self.kv_cache)
         report.run = time.perf_counter() - t1
         report.total = time.perf_counter() - t0
@@ -260,14 +270,14 @@ class ModelRunner:
             arrays,
             self.page_size,
             self.pages_per_seq,
-            self.num_slots,
+            self.num_rows,
             self.processor_names,
         )
 
     def _run_once(self, t: int, r: int) -> None:
         """Runs shape (t, r) on empty inputs with each sampler, and waits for it."""
         for full in (False, True):
-            jax.block_until_ready(self._run(self._stage([], t, r)[0], t, r, full))
+            jax.block_until_ready(self._run(self._stage(EMPTY_STEP, t, r)[0], t, r, full))
 
     def _lower_prompt_logprobs(self, t: int):
         hidden = jax.ShapeDtypeStruct((t, self.config.hidden_size), self.dtype, sharding=self._replicated)
@@ -275,17 +285,53 @@ class ModelRunner:
         return self._prompt_logprobs.lower(self.state, hidden, rows, rows)
 
     # -- one step -----------------------------------------------------------------------------
-    def dispatch(self, output: SchedulerOutput) -> InFlightStep:
-        """Stages the step and launches it; returns at once while the device works."""
+    def execute(self, output: SchedulerOutput) -> InFlightStep | None:
+        """Applies the SchedulerOutput to the input batch, stages the step and launches it;
+        returns at once while the device works (None if it grants nothing)."""
         t0 = time.perf_counter()
-        t, r = self.plan.pick(output.num_tokens, len(output.chunks))
-        packed, full = self._stage(output.chunks, t, r)
+        changes = self.input_batch.apply(output)
+        if self.fault_hook is not None:
+            self.fault_hook(output)
+        if not output.num_rows:
+            self._write_rows(changes)  # nothing to launch: keep the device table in step
+            return None
+        t, r = self.plan.pick(output.num_tokens, output.num_rows)
+        packed, staged = self._stage(output, t, r, changes)
         t1 = time.perf_counter()
-        sampled, hidden = self._run(packed, t, r, full)  # returns once launched (async dispatch)
+        sampled, hidden = self._run(packed, t, r, staged.needs_sort)  # returns once launched (async dispatch)
         sampled.copy_to_host_async()
         t2 = time.perf_counter()
-        self._last_rows = {c.request.request_id: i for i, c in enumerate(output.chunks) if c.samples}
-        return InFlightStep(self, output, sampled, self._packing(t, r)[1], hidden, t, t2 - t0, t2 - t1)
+        return InFlightStep(output, staged, sampled, self._packing(t, r)[1], hidden, t, t2 - t0, t2 - t1)
+
+    def read_back(self, step: InFlightStep) -> ModelRunnerOutput:
+        """Waits for the step, reads its packed output once, keeps the sampled tokens in the
+        input batch and returns them by grant."""
+        t0 = time.perf_counter()
+        sampled = step.output_packing.views(np.asarray(step.sampled))
+        waited = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        n = step.output.num_rows
+        self.input_batch.record(step.staged, sampled.tokens)
+        tokens = sampled.tokens[:n].tolist()
+        logprobs = {}
+        for i in np.flatnonzero(step.staged.wants_logprobs):
+            logprobs[step.output.request_ids[i]] = TokenLogprobs(
+                tokens[i],
+                float(sampled.logprobs[i]),
+                int(sampled.ranks[i]),
+                sampled.top_ids[i].copy(),
+                sampled.top_logprobs[i].copy(),
+            )
+        prompt_lp = self._prompt_logprobs_of(step)
+        return ModelRunnerOutput(tokens, logprobs, prompt_lp, time.perf_counter() - t0, step.num_tokens, waited)
+
+    @staticmethod
+    def wait_quietly(step: InFlightStep) -> None:
+        """Waits for a step whose result no longer matters (it read a failed step's cache)."""
+        try:
+            jax.block_until_ready(step.sampled)
+        except Exception:
+            pass
 
     def _run(self, packed: np.ndarray, t: int, r: int, full: bool):
         compiled = self._compiled[t, r]
@@ -303,7 +349,7 @@ class ModelRunner:
     def _lower(self, t: int, r: int, name: str):
         """The lowered program `name` (one of PROGRAMS) of shape (t, r)."""
         inputs, outputs = self._packing(t, r)
-        packed = self._stage([], t, r)[0]
+        packed = self._stage(EMPTY_STEP, t, r)[0]
         if name == "model":
             return self._step.lower(self.weights, self.kv_cache, self.device_state, packed, input_packing=inputs)
         logits = jax.ShapeDtypeStruct((r, self.config.vocab_size), jnp.float32, sharding=self._replicated)
@@ -350,135 +396,60 @@ class ModelRunner:
         """Device memory of the state carried between steps (penalty counts, page table)."""
         return sum(a.nbytes for a in jax.tree.leaves(self.device_state))
 
-    def release(self, request_id: str) -> None:
-        """Frees the slot of a finished, aborted or preempted request."""
-        self.slots.release(request_id)
-
-    def _stage(self, chunks: Sequence[ScheduledChunk], t: int, r: int) -> tuple[np.ndarray, bool]:
-        """The step's packed input buffer, and whether it needs the full sampler. Per-request
-        values come from the slots' host records by gathering, so the Python work per row is a
-        few lookups."""
+    def _stage(self, output: SchedulerOutput, t: int, r: int, changes=()) -> tuple[np.ndarray, StagedStep]:
+        """The step's packed input buffer (and what reading it back needs)."""
         packing, _ = self._packing(t, r)
         buffer, x = packing.new()
-        n, no_slot = len(chunks), self.num_slots
-        seq_chunks, pending = [], []
-        for i, c in enumerate(chunks):
-            req = c.request
-            end, known = c.start + c.num_tokens, req.num_known_tokens
-            ids = req.token_ids(c.start, min(end, known))
-            if end > known:  # the last token was sampled by the step before, still on the device
-                ids = [*ids, 0]  # a placeholder: prev_rows points the device at it
-                pending.append(i)
-            seq_chunks.append(SequenceChunk(ids, c.start, c.page_ids))
-        row_of_token = fill_ragged(
-            seq_chunks, x, page_size=self.page_size, num_pages=self.num_pages, pages_per_seq=self.pages_per_seq
-        )
-        total = row_of_token.shape[0]
-        x.prev_rows[:] = -1
-        if pending:
-            x.prev_rows[x.cu_q_lens[np.asarray(pending) + 1] - 1] = [
-                self._last_rows[chunks[i].request.request_id] for i in pending
-            ]
-        slots = np.fromiter((self.slots.acquire(c.request) for c in chunks), np.int32, n)
-        x.table_rows[:] = no_slot
-        x.table_rows[:n] = slots
-        self._stage_page_updates(chunks, slots, x)
-        # Sampling: gathered from the slots; padding rows greedy with nothing to apply.
-        s, sb = self.slots.params, x.sampling
-        sb.temperature[:n], sb.top_p[:n], sb.min_p[:n] = s.temperature[slots], s.top_p[slots], s.min_p[slots]
-        sb.top_p[n:] = 1
-        sb.top_k[:] = self.config.vocab_size
-        sb.top_k[:n] = s.top_k[slots]
-        sb.repetition_penalty[:] = 1
-        sb.repetition_penalty[:n] = s.repetition_penalty[slots]
-        sb.presence_penalty[:n], sb.frequency_penalty[:n] = s.presence_penalty[slots], s.frequency_penalty[slots]
-        sb.seeds[:n] = s.seed[slots]
-        sb.counters[:n] = np.fromiter((c.sample_index for c in chunks), np.int32, n)
-        sb.wants_logprobs[:n] = s.wants_logprobs[slots]
-        sb.processor_mask[:, :n] = s.processor_mask[:, slots]
-        penalized = s.has_penalties[slots]
-        starts = x.kv_lens[:n] - np.diff(x.cu_q_lens[: n + 1])
-        sb.row_slot[:] = no_slot
-        sb.row_slot[:n] = np.where(penalized, slots, no_slot)
-        sb.reset_slots[:] = no_slot
-        sb.reset_slots[:n] = np.where(penalized & (starts == 0), slots, no_slot)
-        sb.token_slot[:] = no_slot
-        sb.token_slot[:total] = np.where(penalized[row_of_token], slots[row_of_token], no_slot)
-        sb.token_is_output[:total] = x.positions[:total] >= s.num_prompt_tokens[slots][row_of_token]
-        sb.bias_ids[:] = self.config.vocab_size
-        for i in np.flatnonzero(s.needs_bias[slots]):
-            self._stage_bias(chunks[i], sb.bias_ids[i], sb.bias_values[i])
-        return buffer, bool(s.needs_sort[slots].any())
+        staged = self.input_batch.stage(output, x, self.eos_token_ids)
+        self._stage_page_updates(changes, x)
+        return buffer, staged
 
-    def _stage_page_updates(self, chunks, slots: np.ndarray, x) -> None:
-        """Sends the pages each request got since its page-table row was last written."""
-        synced = self.slots.params.synced_pages
-        x.page_update_index[:] = -1  # dropped (flat indices are >= 0)
-        counts = np.fromiter((len(c.page_ids) for c in chunks), np.int32, len(chunks))
-        updates, capacity = 0, x.page_update_index.shape[0]
-        for i in np.flatnonzero(counts > synced[slots]):
-            slot, page_ids = slots[i], chunks[i].page_ids
-            first = synced[slot]
-            new = len(page_ids) - first
-            if updates + new <= capacity:
-                base = slot * self.pages_per_seq + first
-                x.page_update_index[updates : updates + new] = np.arange(base, base + new)
-                x.page_update_value[updates : updates + new] = page_ids[first:]
-                updates += new
-            else:  # more than a step carries (an n > 1 child starting on a shared prompt)
-                self._write_row(slot, page_ids)
-            synced[slot] = len(page_ids)
+    def _stage_page_updates(self, changes, x) -> None:
+        """Sends the page-table entries the input batch changed; a row with more new pages than
+        the step carries (an n > 1 child starting on a long shared prompt) is written whole."""
+        index, value = x.page_update_index, x.page_update_value
+        index[:] = -1  # dropped (flat indices are >= 0)
+        table, used, capacity = self.input_batch.page_table, 0, index.shape[0]
+        for row, first, count in changes:
+            if used + count <= capacity:
+                base = row * self.pages_per_seq + first
+                index[used : used + count] = np.arange(base, base + count)
+                value[used : used + count] = table[row, first : first + count]
+                used += count
+            else:
+                self._write_row(row, table[row, : first + count])
 
-    @staticmethod
-    def _stage_bias(chunk: ScheduledChunk, bias_ids: np.ndarray, bias_values: np.ndarray) -> None:
-        """logit_bias, plus -inf on eos and stop ids while fewer than min_tokens are out."""
-        req, p = chunk.request, chunk.request.sampling_params
-        bias = dict(p.logit_bias)
-        if chunk.sample_index < p.min_tokens:
-            banned = set(p.stop_token_ids) | (set() if p.ignore_eos else set(req.eos_token_ids))
-            bias.update({tok: -np.inf for tok in banned})
-        bias_ids[: len(bias)] = list(bias.keys())
-        bias_values[: len(bias)] = list(bias.values())
+    def _write_rows(self, changes) -> None:
+        table = self.input_batch.page_table
+        for row, first, count in changes:
+            self._write_row(row, table[row, : first + count])
 
-    def _unpack(self, chunks, sampled, hidden, t: int) -> StepResult:
-        t0 = time.perf_counter()
-        tokens, logprobs = {}, {}
-        for i, c in enumerate(chunks):
-            if not c.samples:
-                continue
-            rid = c.request.request_id
-            tokens[rid] = int(sampled.tokens[i])
-            if c.request.sampling_params.logprobs is not None:
-                logprobs[rid] = TokenLogprobs(
-                    tokens[rid],
-                    float(sampled.logprobs[i]),
-                    int(sampled.ranks[i]),
-                    sampled.top_ids[i].copy(),
-                    sampled.top_logprobs[i].copy(),
-                )
-        prompt_lp = self._prompt_logprobs_of(chunks, hidden, t)
-        return StepResult(tokens, logprobs, prompt_lp, time.perf_counter() - t0, t)
-
-    def _prompt_logprobs_of(self, chunks, hidden, t: int):
-        rows, targets, owners = [], [], []
-        offset = 0
-        for c in chunks:
-            req = c.request
-            if req.sampling_params.prompt_logprobs is not None and req.prefix_len is None:
-                for pos in range(c.start, min(c.start + c.num_tokens, req.num_prompt_tokens - 1)):
-                    rows.append(offset + pos - c.start)
-                    targets.append(req.prompt_token_ids[pos + 1])
-                    owners.append((req, pos + 1))
-            offset += c.num_tokens
-        if not rows:
+    def _prompt_logprobs_of(self, step: InFlightStep) -> dict[str, list[tuple[int, TokenLogprobs]]]:
+        """The logprobs of the prompt tokens this step computed, for the requests that asked."""
+        batch, out = self.input_batch, step.output
+        staged = step.staged
+        wanted = staged.wants_prompt_logprobs & staged.current(batch.generation)  # the prompt is still there
+        if not wanted.any():
             return {}
-        n = len(rows)
-        pad = lambda a: np.pad(np.asarray(a, np.int32), (0, t - n))  # noqa: E731
+        seq_rows, targets, owners = [], [], []
+        offsets = np.concatenate([[0], np.cumsum(out.num_scheduled_tokens)])
+        for i in np.flatnonzero(wanted):
+            row, start = staged.rows[i], out.num_computed_tokens[i]
+            for pos in range(start, min(start + out.num_scheduled_tokens[i], int(batch.num_prompt[row]) - 1)):
+                seq_rows.append(offsets[i] + pos - start)
+                targets.append(int(batch.token_ids[row, pos + 1]))
+                owners.append((out.request_ids[i], pos + 1))
+        if not seq_rows:
+            return {}
+        t, k = step.num_tokens, len(seq_rows)
+        pad = lambda a: np.pad(np.asarray(a, np.int32), (0, t - k))  # noqa: E731
         compiled = self._compiled_prompt_logprobs[t]
-        chosen, ranks, top_ids, top_vals = jax.device_get(compiled(self.state, hidden, pad(rows), pad(targets)))
-        out: dict[Request, list[tuple[int, TokenLogprobs]]] = {}
-        for k, (req, pos) in enumerate(owners):
-            out.setdefault(req, []).append(
-                (pos, TokenLogprobs(targets[k], float(chosen[k]), int(ranks[k]), top_ids[k], top_vals[k]))
+        chosen, ranks, top_ids, top_vals = jax.device_get(
+            compiled(self.state, step.hidden, pad(seq_rows), pad(targets))
+        )
+        result: dict[str, list[tuple[int, TokenLogprobs]]] = {}
+        for j, (request_id, pos) in enumerate(owners):
+            result.setdefault(request_id, []).append(
+                (pos, TokenLogprobs(targets[j], float(chosen[j]), int(ranks[j]), top_ids[j], top_vals[j]))
             )
-        return out
+        return result

@@ -41,17 +41,17 @@ from sharding import kv_cache_sharding
 @dataclasses.dataclass(frozen=True)
 class StepInput:
     """What the host stages per step (one packed buffer, see wire.py). The page table is not sent
-    whole: it lives on the device, one row per request slot, and each step carries only the
+    whole: it lives on the device, one row per row of the input batch, and each step carries only the
     pages allocated since (page_update_*)."""
 
     tokens: jax.Array  # [T] i32
-    prev_rows: jax.Array  # [T] i32: -1, or the previous step's row whose sampled token this is
+    prev_seq: jax.Array  # [T] i32: -1, or the previous step's sequence that sampled this token
     positions: jax.Array  # [T] i32
     slot_mapping: jax.Array  # [T] i32
     cu_q_lens: jax.Array  # [R+1] i32
     kv_lens: jax.Array  # [R] i32
     num_seqs: jax.Array  # [1] i32
-    table_rows: jax.Array  # [R] i32: each row's slot in the device page table
+    table_rows: jax.Array  # [R] i32: each sequence's row of the device page table
     page_update_index: jax.Array  # [U] i32: flat index into the page table, out of range = none
     page_update_value: jax.Array  # [U] i32: the page id to write there
     logits_rows: jax.Array  # [R] i32: the flat index of each row's last token
@@ -64,7 +64,7 @@ class DeviceState:
     """Carried from step to step on the device (donated, updated in place)."""
 
     penalties: PenaltyState
-    page_table: jax.Array  # [slots + 1, P_max] i32; the last row stays zero (padding rows)
+    page_table: jax.Array  # [rows + 1, P_max] i32; the last row stays zero (padding sequences)
     last_tokens: jax.Array  # [R_max] i32: the previous step's sampled token per row
 
 
@@ -78,7 +78,7 @@ def make_step(graphdef: nnx.GraphDef, treedef, mesh: Mesh | None = None):
     def step(weights, kv_cache, state: DeviceState, packed, *, input_packing):
         model: LlamaForCausalLM = nnx.merge(graphdef, jax.tree.unflatten(treedef, weights))
         inputs: StepInput = input_packing.unpack(packed)
-        tokens = jnp.where(inputs.prev_rows >= 0, state.last_tokens[jnp.maximum(inputs.prev_rows, 0)], inputs.tokens)
+        tokens = jnp.where(inputs.prev_seq >= 0, state.last_tokens[jnp.maximum(inputs.prev_seq, 0)], inputs.tokens)
         table = state.page_table.reshape(-1).at[inputs.page_update_index].set(inputs.page_update_value, mode="drop")
         table = table.reshape(state.page_table.shape)
         batch = RaggedBatch(
@@ -122,9 +122,9 @@ def make_sampler(processors: Sequence[LogitsProcessor] = (), mesh: Mesh | None =
 
 
 def make_write_table_row(sharding: NamedSharding | None = None):
-    """(page_table, slot, row [P_max]) -> page_table with that slot's row replaced: for a request
+    """(page_table, row, pages [P_max]) -> page_table with that row replaced: for a request
     whose pages outnumber what a step's page updates carry (an n > 1 child sharing a long prompt)."""
-    return jax.jit(lambda table, slot, row: table.at[slot].set(row), donate_argnums=0, out_shardings=sharding)
+    return jax.jit(lambda table, row, pages: table.at[row].set(pages), donate_argnums=0, out_shardings=sharding)
 
 
 def step_input_spec(t: int, r: int, num_page_updates: int, num_processors: int, bias_width: int) -> StepInput:
@@ -153,7 +153,7 @@ def step_input_spec(t: int, r: int, num_page_updates: int, num_processors: int, 
     )
     return StepInput(
         tokens=i32(t),
-        prev_rows=i32(t),
+        prev_seq=i32(t),
         positions=i32(t),
         slot_mapping=i32(t),
         cu_q_lens=i32(r + 1),

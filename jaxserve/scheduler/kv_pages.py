@@ -36,19 +36,20 @@ class KVPageManager:
     def table(self, request_id: str) -> list[int]:
         return self._tables.get(request_id, [])
 
-    def allocate(self, request_id: str, num_tokens: int) -> bool:
-        """Grows the request's pages to hold num_tokens; False (and nothing taken) if too few are free."""
+    def allocate(self, request_id: str, num_tokens: int) -> list[int] | None:
+        """Grows the request's pages to hold num_tokens; returns the pages added (often none), or
+        None (and nothing taken) if too few are free."""
         table = self._tables.setdefault(request_id, [])
         missing = self.pages_for(num_tokens) - len(table)
         if missing > len(self._free):
             if not table:
                 del self._tables[request_id]
-            return False
-        for _ in range(max(missing, 0)):
-            page = self._free.popleft()
+            return None
+        added = [self._free.popleft() for _ in range(max(missing, 0))]
+        for page in added:
             self._refs[page] = 1
-            table.append(page)
-        return True
+        table += added
+        return added
 
     def share(self, request_id: str, source_id: str, num_pages: int) -> None:
         """Starts request_id's table with the first num_pages pages of source_id's."""

@@ -81,3 +81,8 @@ class Request:
     @property
     def family_id(self) -> str:
         return self.parent_id or self.request_id
+
+
+def sample_ids(request_id: str, n: int) -> list[str]:
+    """The ids of a request's samples: itself, or for n > 1 one child per sample."""
+    return [request_id] if n == 1 else [f"{request_id}#{i}" for i in range(n)]

@@ -19,7 +19,10 @@ wastes that one row, whose token update() drops.
 
 n > 1: a prompt is computed once. A prefix request computes the prompt's full pages (all but the
 page holding its last token); then n children share those pages and each computes the rest
-(1 to page_size tokens) itself before sampling on its own.
+(1 to page_size tokens) itself before sampling on its own. Child i samples with seed + i * 0x9E3779B9.
+
+What leaves the scheduler is plain data: a SchedulerOutput per step (output.py) and, from
+update(), the positions in that step of the requests that got a token. Request objects stay here.
 """
 
 from __future__ import annotations
@@ -28,7 +31,10 @@ import dataclasses
 from collections import deque
 
 from jaxserve.scheduler.kv_pages import KVPageManager
-from jaxserve.scheduler.request import Request, RequestStatus
+from jaxserve.scheduler.output import NewRequestData, SchedulerOutput, UpdateResult
+from jaxserve.scheduler.request import Request, RequestStatus, sample_ids
+
+CHILD_SEED_STRIDE = 0x9E3779B9  # child i of an n > 1 request samples with seed + i * stride
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,24 +44,17 @@ class SchedulerConfig:
     max_model_len: int
 
 
-@dataclasses.dataclass(frozen=True)
-class ScheduledChunk:
-    request: Request
-    start: int  # first position computed this step
-    num_tokens: int  # q_len
-    page_ids: list[int]  # the request's live page list: read it when staging, right after schedule()
-    samples: bool  # ends at the request's last token, so its logits pick the next one
-    sample_index: int  # the output index of the token it samples (the sampling key's counter)
+class _Grants:
+    """The step being scheduled: its grants, in order, as SchedulerOutput's columns."""
 
-
-@dataclasses.dataclass(frozen=True)
-class SchedulerOutput:
-    chunks: list[ScheduledChunk]
-    preempted: list[Request]
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(c.num_tokens for c in self.chunks)
+    def __init__(self):
+        self.new: list[NewRequestData] = []
+        self.ids: list[str] = []
+        self.q_lens: list[int] = []
+        self.starts: list[int] = []
+        self.samples: list[bool] = []
+        self.new_pages: list[list[int]] = []
+        self.num_tokens = 0
 
 
 class Scheduler:
@@ -65,24 +64,31 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}  # every live request, children and prefixes included
-        self._forks: dict[str, list[Request]] = {}  # prefix request id -> children waiting for it
         self.num_preemptions = 0
-        self._removed: list[str] = []  # ids of requests removed since take_removed()
+        self._forks: dict[str, list[Request]] = {}  # prefix request id -> children waiting for it
+        self._removed: list[str] = []  # ids removed since the last SchedulerOutput
+        self._issued: deque[tuple[SchedulerOutput, list[Request]]] = deque()  # outputs awaiting update()
         # Families under suspicion after a failed step: each runs alone until a step succeeds.
-        self.quarantine: set[str] = set()
+        self._quarantine: set[str] = set()
 
     # -- requests in -----------------------------------------------------------------------
-    def add_request(self, req: Request) -> list[Request]:
-        """Queues req (or, for n > 1, its prefix and children); returns the requests that sample."""
+    def add_request(self, req: Request) -> list[str]:
+        """Queues req (or, for n > 1, its prefix and children); returns the ids of the requests
+        that sample, in sample order."""
         n = req.sampling_params.n
         if n == 1:
             self._enqueue(req)
-            return [req]
+            return [req.request_id]
         children = [
             dataclasses.replace(
-                req, request_id=f"{req.request_id}#{i}", parent_id=req.request_id, index=i, output_token_ids=[]
+                req,
+                request_id=child_id,
+                parent_id=req.request_id,
+                index=i,
+                output_token_ids=[],
+                seed=(req.seed + i * CHILD_SEED_STRIDE) % 2**32,
             )
-            for i in range(n)
+            for i, child_id in enumerate(sample_ids(req.request_id, n))
         ]
         shared = (req.num_prompt_tokens - 1) // self.kv.page_size * self.kv.page_size
         params = req.sampling_params
@@ -91,15 +97,19 @@ class Scheduler:
             # prompt itself (penalty statistics, prompt logprobs): each computes it.
             for child in children:
                 self._enqueue(child)
-            return children
-        prefix = dataclasses.replace(
-            req, request_id=f"{req.request_id}#prefix", parent_id=req.request_id, prefix_len=shared, output_token_ids=[]
-        )
-        self._forks[prefix.request_id] = children
-        for child in children:
-            self.requests[child.request_id] = child
-        self._enqueue(prefix)
-        return children
+        else:
+            prefix = dataclasses.replace(
+                req,
+                request_id=f"{req.request_id}#prefix",
+                parent_id=req.request_id,
+                prefix_len=shared,
+                output_token_ids=[],
+            )
+            self._forks[prefix.request_id] = children
+            for child in children:
+                self.requests[child.request_id] = child
+            self._enqueue(prefix)
+        return [c.request_id for c in children]
 
     def _enqueue(self, req: Request) -> None:
         self.requests[req.request_id] = req
@@ -108,11 +118,30 @@ class Scheduler:
 
     # -- one step ----------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
-        if self.quarantine:
-            return self._schedule_quarantined()
+        grants = _Grants()
+        if self._quarantine:
+            requests = self._schedule_quarantined(grants)
+        else:
+            requests = self._schedule(grants)
+        out = SchedulerOutput(
+            removed_ids=self._removed,
+            new_requests=grants.new,
+            request_ids=grants.ids,
+            num_scheduled_tokens=grants.q_lens,
+            num_computed_tokens=grants.starts,
+            samples=grants.samples,
+            new_page_ids=grants.new_pages,
+            num_tokens=grants.num_tokens,
+        )
+        self._removed = []
+        if requests:
+            self._issued.append((out, requests))
+        return out
+
+    def _schedule(self, grants: _Grants) -> list[Request]:
         budget = self.config.max_num_batched_tokens
-        chunks: list[ScheduledChunk] = []
-        preempted: list[Request] = []
+        scheduled: list[Request] = []
+        preempted = False
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
@@ -120,59 +149,86 @@ class Scheduler:
             if n <= 0 or req.num_output_tokens >= req.max_output_tokens:
                 i += 1  # waiting for its launched steps: a prefix about to fork, or a last token
                 continue
-            while not self.kv.allocate(req.request_id, req.num_computed_tokens + n):
+            while (added := self.kv.allocate(req.request_id, req.num_computed_tokens + n)) is None:
                 if self._evict_waiting_pages():
                     continue
                 victim = self.running.pop()
                 self._preempt(victim)
-                preempted.append(victim)
+                preempted = True
                 if victim is req:
                     break
             else:
-                chunks.append(self._chunk(req, n))
+                self._grant(grants, req, n, added)
+                scheduled.append(req)
                 budget -= n
                 i += 1
         # Admit new work only in a step that preempted nothing: pages are scarce otherwise.
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
             n = min(req.target_tokens - req.num_computed_tokens, budget)
-            if not self.kv.allocate(req.request_id, req.num_computed_tokens + n):
+            if self.kv.allocate(req.request_id, req.num_computed_tokens + n) is None:
                 break
             self.waiting.popleft()
-            req.status = RequestStatus.RUNNING
-            self.running.append(req)
-            chunks.append(self._chunk(req, n))
+            self._admit(grants, req, n)
+            scheduled.append(req)
             budget -= n
-        return SchedulerOutput(chunks, preempted)
+        return scheduled
 
-    def _schedule_quarantined(self) -> SchedulerOutput:
+    def _schedule_quarantined(self, grants: _Grants) -> list[Request]:
         """One request of a suspected family, alone in the step, so that a failure names it."""
-        req = next((r for r in [*self.running, *self.waiting] if r.family_id in self.quarantine), None)
+        req = next((r for r in [*self.running, *self.waiting] if r.family_id in self._quarantine), None)
         if req is None:  # the suspects finished or were aborted
-            self.quarantine.clear()
-            return self.schedule()
+            self._quarantine.clear()
+            return self._schedule(grants)
         n = min(req.target_tokens - req.num_computed_tokens, self.config.max_num_batched_tokens)
-        preempted = []
         while req not in self.running and len(self.running) >= self.config.max_num_seqs:  # room for it
-            victim = self.running.pop()
-            self._preempt(victim)
-            preempted.append(victim)
-        while not self.kv.allocate(req.request_id, req.num_computed_tokens + n):
+            self._preempt(self.running.pop())
+        while (added := self.kv.allocate(req.request_id, req.num_computed_tokens + n)) is None:
             victim = next(r for r in reversed(self.running) if r is not req)  # alone it always fits
             self.running.remove(victim)
             self._preempt(victim)
-            preempted.append(victim)
         if req in self.waiting:
             self.waiting.remove(req)
-            req.status = RequestStatus.RUNNING
-            self.running.append(req)
-        return SchedulerOutput([self._chunk(req, n)], preempted)
+            self._admit(grants, req, n)
+        else:
+            self._grant(grants, req, n, added)
+        return [req]
 
-    def retry(self, requests: list[Request]) -> None:
+    def _admit(self, grants: _Grants, req: Request, n: int) -> None:
+        """A waiting request starts running: the runner gets it in full."""
+        req.status = RequestStatus.RUNNING
+        self.running.append(req)
+        grants.new.append(
+            NewRequestData(
+                req.request_id,
+                req.prompt_token_ids + req.output_token_ids,
+                req.num_prompt_tokens,
+                req.sampling_params,
+                req.seed,
+                list(self.kv.table(req.request_id)),
+            )
+        )
+        self._grant(grants, req, n, [])
+
+    def _grant(self, grants: _Grants, req: Request, n: int, new_pages: list[int]) -> None:
+        start = req.num_computed_tokens
+        samples = req.prefix_len is None and start + n == req.num_tokens
+        grants.ids.append(req.request_id)
+        grants.q_lens.append(n)
+        grants.starts.append(start)
+        grants.samples.append(samples)
+        grants.new_pages.append(new_pages)
+        grants.num_tokens += n
+        req.num_computed_tokens += n
+        req.num_pending += samples
+
+    def retry(self, requests: list[str]) -> None:
         """After a failed step (and with no other step in flight): these requests lose their pages
         and pending tokens and wait to be recomputed (a waiting one, e.g. an n > 1 child that
-        forked onto shared pages, starts over too)."""
-        for req in requests:
+        forked onto shared pages, starts over too). Their families run alone until a step of
+        theirs succeeds."""
+        self._issued.clear()
+        for req in [self.requests[r] for r in requests if r in self.requests]:
             req.num_pending = 0
             if req.status is RequestStatus.RUNNING:
                 self.running.remove(req)
@@ -180,13 +236,16 @@ class Scheduler:
             elif not req.status.finished:
                 self._drop_pages(req)
 
-    def _chunk(self, req: Request, n: int) -> ScheduledChunk:
-        start = req.num_computed_tokens
-        samples = req.prefix_len is None and start + n == req.num_tokens
-        chunk = ScheduledChunk(req, start, n, self.kv.table(req.request_id), samples, req.num_output_tokens)
-        req.num_computed_tokens += n
-        req.num_pending += samples
-        return chunk
+    def quarantine(self, family_ids) -> None:
+        """Each of these families runs alone until a step of it succeeds (after a failed step)."""
+        self._quarantine.update(family_ids)
+
+    def is_quarantined(self, family_id: str) -> bool:
+        return family_id in self._quarantine
+
+    @property
+    def has_quarantine(self) -> bool:
+        return bool(self._quarantine)
 
     def _evict_waiting_pages(self) -> bool:
         """Frees the pages of the newest waiting request that holds some (an n > 1 child that
@@ -206,46 +265,58 @@ class Scheduler:
 
     def _preempt(self, req: Request) -> None:
         self._drop_pages(req)
+        self._removed.append(req.request_id)  # the runner frees its row; it comes back as new
         req.status = RequestStatus.PREEMPTED
         req.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(req)
 
-    def update(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
-        """Applies a step's results (sampled: request id -> token, for chunks that sample).
-        Returns the requests that got a new token; finished ones are already freed."""
-        advanced = []
-        for chunk in output.chunks:
-            req = chunk.request
-            self.quarantine.discard(req.family_id)  # its step succeeded
+    def update(self, output: SchedulerOutput, tokens: list[int]) -> UpdateResult:
+        """Applies a step's sampled tokens (tokens[i]: what grant i sampled; ignored where it does
+        not sample). Steps are updated in the order they were scheduled. Returns which grants'
+        requests got their token and which of those finished (their pages are already freed)."""
+        issued, requests = self._issued.popleft()
+        if issued is not output:
+            raise RuntimeError("scheduler outputs must be updated in the order they were scheduled")
+        advanced, finished = [], {}
+        for i, req in enumerate(requests):
+            if self._quarantine:
+                self._quarantine.discard(req.family_id)  # its step succeeded
             if req.status.finished:  # aborted or finished meanwhile: its token is dropped
                 continue
             if req.prefix_len is not None:
-                # Fork once the chunk that completes the prompt's shared pages has run (its
+                # Fork once the grant that completes the prompt's shared pages has run (its
                 # computed count got there when it was scheduled, possibly a step earlier).
-                if req.status is RequestStatus.RUNNING and chunk.start + chunk.num_tokens == req.prefix_len:
+                end = output.num_computed_tokens[i] + output.num_scheduled_tokens[i]
+                if req.status is RequestStatus.RUNNING and end == req.prefix_len:
                     self._fork(req)
                 continue
-            if not chunk.samples:
+            if not output.samples[i]:
                 continue
             # A request preempted since keeps its token: it is recomputed with it.
             req.num_pending -= 1
-            token = sampled[req.request_id]
+            token = tokens[i]
             req.output_token_ids.append(token)
-            advanced.append(req)
-            self._check_stop(req, token)
-        return advanced
+            advanced.append(i)
+            if self._check_stop(req, token):
+                finished[req.request_id] = (req.status.value, req.stop_reason)
+        return UpdateResult(advanced, finished)
 
-    def _check_stop(self, req: Request, token: int) -> None:
+    def _check_stop(self, req: Request, token: int) -> bool:
+        """Finishes the request if its new token ends it (eos, a stop token id, its length)."""
         params = req.sampling_params
         n_out = len(req.output_token_ids)
         if n_out >= params.min_tokens:
             if not params.ignore_eos and token in req.eos_token_ids:
-                return self.finish(req.request_id, RequestStatus.FINISHED_STOPPED)
+                self.finish(req.request_id, RequestStatus.FINISHED_STOPPED)
+                return True
             if token in params.stop_token_ids:
-                return self.finish(req.request_id, RequestStatus.FINISHED_STOPPED, stop_reason=token)
+                self.finish(req.request_id, RequestStatus.FINISHED_STOPPED, stop_reason=token)
+                return True
         if n_out >= req.max_output_tokens:
             self.finish(req.request_id, RequestStatus.FINISHED_LENGTH)
+            return True
+        return False
 
     def _fork(self, prefix: Request) -> None:
         children = self._forks.pop(prefix.request_id)
@@ -265,19 +336,15 @@ class Scheduler:
         req.stop_reason = stop_reason
         self._remove(req)
 
-    def abort(self, family_id: str) -> list[Request]:
-        """Aborts a request and everything made from it (n > 1 children, prefix). Returns them."""
+    def abort(self, family_id: str) -> list[str]:
+        """Aborts a request and everything made from it (n > 1 children, prefix); returns the ids
+        of those that sample."""
         members = [r for r in self.requests.values() if r.family_id == family_id]
         for req in members:
             self._forks.pop(req.request_id, None)
             req.status = RequestStatus.FINISHED_ABORTED
             self._remove(req)
-        return [r for r in members if r.prefix_len is None]
-
-    def take_removed(self) -> list[str]:
-        """The requests finished, aborted or forked since the last call (their device rows can go)."""
-        removed, self._removed = self._removed, []
-        return removed
+        return [r.request_id for r in members if r.prefix_len is None]
 
     def _remove(self, req: Request) -> None:
         self._removed.append(req.request_id)
@@ -290,6 +357,18 @@ class Scheduler:
         elif req in self.waiting:
             self.waiting.remove(req)
 
+    def family_ids(self, request_ids: list[str]) -> list[str]:
+        """The families of the live requests among these ids, each once, in order."""
+        return list(dict.fromkeys(self.requests[r].family_id for r in request_ids if r in self.requests))
+
+    def has_family(self, family_id: str) -> bool:
+        return any(r.family_id == family_id for r in self.requests.values())
+
     @property
     def has_unfinished(self) -> bool:
         return bool(self.requests)
+
+    @property
+    def has_undelivered_removals(self) -> bool:
+        """Removed requests whose rows the runner has not been told to free yet."""
+        return bool(self._removed)

@@ -94,11 +94,11 @@ class _EngineCollector:
         self.engine, self.model_name = engine, model_name
 
     def collect(self):
-        sched = self.engine.scheduler
+        engine = self.engine
         values = (
-            ("num_requests_running", "Sequences in the running batch.", len(sched.running)),
-            ("num_requests_waiting", "Sequences waiting to be scheduled.", len(sched.waiting)),
-            ("kv_cache_usage_perc", "Fraction of KV cache pages in use (1 = full).", sched.kv.usage),
+            ("num_requests_running", "Sequences in the running batch.", engine.num_requests_running),
+            ("num_requests_waiting", "Sequences waiting to be scheduled.", engine.num_requests_waiting),
+            ("kv_cache_usage_perc", "Fraction of KV cache pages in use (1 = full).", engine.kv_cache_usage),
         )
         for name, doc, value in values:
             g = GaugeMetricFamily(PREFIX + name, doc, labels=["model_name"])
@@ -107,7 +107,7 @@ class _EngineCollector:
         c = CounterMetricFamily(
             PREFIX + "num_preemptions", "Sequences preempted (pages freed, recomputed later).", labels=["model_name"]
         )
-        c.add_metric([self.model_name], sched.num_preemptions)
+        c.add_metric([self.model_name], engine.num_preemptions)
         yield c
 
 

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import pytest
 
 from jaxserve.config import EngineConfig
-from jaxserve.engine import setup
+from jaxserve.engine import startup
 from jaxserve.engine.attention_choice import DeviceInfo, choose_attention_impl
 from pallas_kernels import ragged_paged_attention
 from pallas_kernels.ragged_paged_attention_support import unmet_requirements
@@ -137,10 +137,10 @@ def test_device_info():
 
 def _start(monkeypatch, device, **config):
     loaded, lines = [], []
-    monkeypatch.setattr(setup, "DeviceInfo", types.SimpleNamespace(of=lambda: device))
-    monkeypatch.setattr(setup, "load_model", lambda folder, **kw: loaded.append(kw) or "model")
+    monkeypatch.setattr(startup, "DeviceInfo", types.SimpleNamespace(of=lambda: device))
+    monkeypatch.setattr(startup, "load_model", lambda folder, **kw: loaded.append(kw) or "model")
     cfg = EngineConfig(model="smollm2-135m", load_format="dummy", **config)  # a preset: head_dim 64
-    model, _ = setup.build_model_and_tokenizer(cfg, progress=False, log=lines.append)
+    model, _ = startup.build_model_and_tokenizer(cfg, progress=False, log=lines.append)
     return model, loaded, lines
 
 
@@ -156,12 +156,12 @@ def test_engine_logs_its_choice(monkeypatch):
 
 def test_explicit_pallas_fails_before_loading(monkeypatch):
     loaded = []
-    monkeypatch.setattr(setup, "load_model", lambda *a, **kw: loaded.append(kw))
+    monkeypatch.setattr(startup, "load_model", lambda *a, **kw: loaded.append(kw))
     for device, dtype, needs in ((A100, "bfloat16", "sm_80"), (H100, "float32", "got float32")):
-        monkeypatch.setattr(setup, "DeviceInfo", types.SimpleNamespace(of=lambda device=device: device))
+        monkeypatch.setattr(startup, "DeviceInfo", types.SimpleNamespace(of=lambda device=device: device))
         cfg = EngineConfig(model="smollm2-135m", load_format="dummy", dtype=dtype, attention_impl="pallas")
         with pytest.raises(ValueError, match=f"attention_impl='pallas' cannot run .*{needs}"):
-            setup.build_model_and_tokenizer(cfg, progress=False, log=lambda line: None)
+            startup.build_model_and_tokenizer(cfg, progress=False, log=lambda line: None)
     assert not loaded
 
 

@@ -41,8 +41,9 @@ def no_leaks(request):
         if name in request.fixturenames:
             e = request.getfixturevalue(name)
             assert not e.has_unfinished_requests()
+            e.block_until_idle()
             assert e.scheduler.kv.num_free_pages == e.scheduler.kv.num_pages, "pages leaked"
-            assert e.runner.slots.num_free == e.runner.num_slots, "request slots leaked"
+            assert e.runner.input_batch.num_free == e.runner.num_rows, "input batch rows leaked"
 
 
 def run(e, arrivals: dict[int, list[tuple[str, list[int], SamplingParams]]], max_steps=1000):
@@ -75,8 +76,9 @@ def _drive(e, max_steps=500):
 
 def _no_leaks(e):
     assert not e.has_unfinished_requests()
+    e.block_until_idle()
     assert e.scheduler.kv.num_free_pages == e.scheduler.kv.num_pages
-    assert e.runner.slots.num_free == e.runner.num_slots
+    assert e.runner.input_batch.num_free == e.runner.num_rows
 
 
 GREEDY = dict(temperature=0, ignore_eos=True)
@@ -146,7 +148,8 @@ def test_n_samples_sharing_more_pages_than_a_step_sends():
     e.add_request("fam", prompt, SamplingParams(n=2, max_tokens=6, **GREEDY))
     out = run(e, {})["fam"]
     assert [c.token_ids for c in out.outputs] == [next_tokens(prompt, 6, V)] * 2
-    assert e.runner.slots.num_free == e.runner.num_slots
+    e.block_until_idle()
+    assert e.runner.input_batch.num_free == e.runner.num_rows
 
 
 def test_async_scheduling_matches_one_step_at_a_time():
@@ -179,7 +182,8 @@ def test_async_scheduling_matches_one_step_at_a_time():
         results.append({rid: (out.outputs[0].token_ids, out.outputs[0].finish_reason) for rid, out in final.items()})
         assert e.scheduler.num_preemptions > 0
         assert e.scheduler.kv.num_free_pages == e.scheduler.kv.num_pages
-        assert e.runner.slots.num_free == e.runner.num_slots
+        e.block_until_idle()
+        assert e.runner.input_batch.num_free == e.runner.num_rows
     for rid, prompt, params in (a for group in arrivals.values() for a in group):
         if params.temperature == 0 and params.ignore_eos:
             assert results[0][rid][0] == next_tokens(prompt, 12, V)
@@ -242,14 +246,12 @@ def test_sampling_params_validation(kwargs, match):
 
 def test_a_failing_request_fails_alone_and_the_rest_is_served():
     e = engine(num_pages=64, page_size=4, budget=32, seqs=4)
-    dispatch = e.runner.dispatch
 
-    def failing_dispatch(sched):  # as a device error would, for any step holding token 77
-        if any(77 in c.request.prompt_token_ids for c in sched.chunks):
+    def fail_on_77(sched):  # as a device error would, for any step starting a prompt with token 77
+        if any(77 in new.token_ids for new in sched.new_requests):
             raise RuntimeError("injected")
-        return dispatch(sched)
 
-    e.runner.dispatch = failing_dispatch
+    e.runner.fault_hook = fail_on_77
     good = [[1, 2, 3], [5] * 9]
     for i, p in enumerate(good):
         e.add_request(f"good{i}", p, SamplingParams(max_tokens=8, **GREEDY))
@@ -258,7 +260,7 @@ def test_a_failing_request_fails_alone_and_the_rest_is_served():
     assert failures == ["bad"] and "bad" not in final
     for i, p in enumerate(good):
         assert final[f"good{i}"].outputs[0].token_ids == next_tokens(p, 8, V)
-    assert e.scheduler.kv.num_free_pages == e.scheduler.kv.num_pages and not e.scheduler.quarantine
+    assert e.scheduler.kv.num_free_pages == e.scheduler.kv.num_pages and not e.scheduler.has_quarantine
 
 
 def _family_gets_exact_tokens(e, n: int, max_tokens: int) -> None:
@@ -275,16 +277,19 @@ def test_a_prefix_forks_only_after_its_last_chunk_ran():
     # With async scheduling the prefix's computed count reaches the prompt's shared length when
     # its last chunk is scheduled; if that step then fails, the children must not fork yet.
     e = engine(budget=8)
-    dispatch, fired = e.runner.dispatch, []
+    fired = []
 
-    def failing(sched):
-        last = [c for c in sched.chunks if c.request.prefix_len and c.start + c.num_tokens == c.request.prefix_len]
+    def failing(sched):  # the prefix's last grant: 22 - 1 tokens rounded down to pages of 4
+        last = [
+            i
+            for i, r in enumerate(sched.request_ids)
+            if r == "fam#prefix" and sched.num_computed_tokens[i] + sched.num_scheduled_tokens[i] == 20
+        ]
         if last and not fired:
             fired.append(1)
             raise RuntimeError("injected")
-        return dispatch(sched)
 
-    e.runner.dispatch = failing
+    e.runner.fault_hook = failing
     _family_gets_exact_tokens(e, n=2, max_tokens=4)
     assert fired
 
@@ -344,15 +349,15 @@ def test_outputs_queued_before_a_failed_read_back_are_not_lost(monkeypatch):
     e.add_request("b", [4, 5], SamplingParams(max_tokens=20, **GREEDY))
     for _ in range(3):
         e.step()
-    result, failed_once = runner.InFlightStep.result, []
+    read_back, failed_once = runner.ModelRunner.read_back, []
 
-    def failing_result(self):
+    def failing_read_back(self, step):
         if not failed_once:
             failed_once.append(1)
             raise RuntimeError("device error at read-back")
-        return result(self)
+        return read_back(self, step)
 
-    monkeypatch.setattr(runner.InFlightStep, "result", failing_result)
+    monkeypatch.setattr(runner.ModelRunner, "read_back", failing_read_back)
     e.abort_request("b")  # its final output waits to be returned by the next step
     final, _ = _drive(e)
     assert final["b"].outputs[0].finish_reason == "abort"
@@ -397,7 +402,7 @@ def test_children_waiting_on_shared_pages_do_not_starve_a_running_request():
 
 
 def test_the_step_workspace_is_measured_once_per_model_and_plan(tmp_path):
-    from jaxserve.engine.setup import step_workspace
+    from jaxserve.engine.memory_plan import step_workspace
 
     config = EngineConfig(cache_dir=tmp_path, max_num_seqs=4)
     model, calls = SumModel(V), []
@@ -490,8 +495,8 @@ def _tokens_of(e, request_id: str) -> list[int]:
 def test_the_host_picks_the_sorting_sampler_only_for_rows_that_need_it(params, full):
     e = engine()
     stage, picked = e.runner._stage, []
-    e.runner._stage = lambda chunks, t, r: picked.append(stage(chunks, t, r)) or picked[-1]
+    e.runner._stage = lambda out, t, r, changes=(): picked.append(stage(out, t, r, changes)) or picked[-1]
     e.add_request("x", [1, 2, 3], SamplingParams(max_tokens=2, ignore_eos=True, **params))
     e.add_request("plain", [4, 5], SamplingParams(max_tokens=2, **GREEDY))
     assert _tokens_of(e, "plain") == next_tokens([4, 5], 2, V)
-    assert picked and all(p[1] is full for p in picked)
+    assert picked and all(p[1].needs_sort is full for p in picked)

@@ -7,8 +7,8 @@ import math
 import numpy as np
 from flax import nnx
 
-from jaxserve.engine.staging import SequenceChunk, stage_batch
 from jaxserve.engine.step import make_forward
+from jaxserve.testing.fixed_batch import SequenceChunk, stage_batch
 from models import allocate_kv_cache
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from jaxserve.engine.greedy import greedy_generate
+from jaxserve.testing.greedy import greedy_generate
 from models.loading import load_model
 from tests.conftest import FIXTURES, TINY_NAMES, load_reference
 from tests.models.runner import packed_logits, relative_error

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxserve.engine.staging import SequenceChunk, stage_batch
 from jaxserve.engine.step import make_forward
+from jaxserve.testing.fixed_batch import SequenceChunk, stage_batch
 from models.loading import load_model
 from tests.conftest import FIXTURES
 from tests.models.runner import new_cache, packed_logits, relative_error

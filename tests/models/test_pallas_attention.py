@@ -8,7 +8,7 @@ import dataclasses
 
 import numpy as np
 
-from jaxserve.engine.greedy import greedy_generate
+from jaxserve.testing.greedy import greedy_generate
 from models.config import ModelConfig
 from models.llama import create_model
 

@@ -25,12 +25,12 @@ def req(rid, n_prompt, max_tokens=4, **kw):
 
 
 def step(s: Scheduler):
+    """One step with the 'model' above; returns the grants as (request id, start, q_len) and the output."""
     out = s.schedule()
-    sampled = {
-        c.request.request_id: sum(c.request.token_ids(0, c.start + c.num_tokens)) % V for c in out.chunks if c.samples
-    }
-    s.update(out, sampled)
-    return [(c.request.request_id, c.start, c.num_tokens) for c in out.chunks], out
+    grants = list(zip(out.request_ids, out.num_computed_tokens, out.num_scheduled_tokens))
+    tokens = [sum(s.requests[rid].token_ids(0, start + n)) % V for rid, start, n in grants]
+    s.update(out, tokens)
+    return grants, out
 
 
 def expected_tokens(prompt, n):
@@ -109,7 +109,7 @@ def test_abort_frees_everything_at_any_moment():
 def test_n_children_share_the_prompt_pages():
     s = make(budget=64, page_size=4)
     parent = req("p", 10, max_tokens=3, n=3)
-    children = s.add_request(parent)
+    children = [s.requests[rid] for rid in s.add_request(parent)]
     assert [c.request_id for c in children] == ["p#0", "p#1", "p#2"]
     assert step(s)[0] == [("p#prefix", 0, 8)]  # two full pages, computed once
     assert step(s)[0] == [("p#0", 8, 2), ("p#1", 8, 2), ("p#2", 8, 2)]  # each its own last page
@@ -127,7 +127,7 @@ def test_abort_of_a_forked_family_mid_prefix():
     s.add_request(req("p", 10, n=2))
     step(s)
     aborted = s.abort("p")
-    assert sorted(r.request_id for r in aborted) == ["p#0", "p#1"]
+    assert sorted(aborted) == ["p#0", "p#1"]
     assert not s.has_unfinished and s.kv.num_free_pages == s.kv.num_pages
 
 
@@ -158,7 +158,7 @@ def test_length_limit_from_max_model_len():
 @pytest.mark.parametrize("pages,tokens,ok", [(2, 8, True), (2, 9, False)])
 def test_page_manager_all_or_nothing(pages, tokens, ok):
     kv = KVPageManager(pages, 4)
-    assert kv.allocate("x", tokens) is ok
+    assert (kv.allocate("x", tokens) is not None) is ok
     assert kv.num_free_pages == (0 if ok else 2)
 
 
@@ -167,6 +167,53 @@ def test_a_quarantined_request_waiting_behind_a_full_batch_stays_within_max_num_
     for rid in ("a", "b", "c"):
         s.add_request(req(rid, 3, max_tokens=8))
     step(s)  # a and b run, c waits
-    s.quarantine.add("c")
+    s.quarantine(["c"])
     rows, out = step(s)
-    assert rows == [("c", 0, 3)] and len(s.running) <= 2 and out.preempted
+    assert rows == [("c", 0, 3)] and len(s.running) <= 2 and set(out.removed_ids) & {"a", "b"}
+
+
+def test_the_handoff_sends_new_requests_in_full_and_running_ones_as_diffs():
+    s = make(budget=16, page_size=4)
+    s.add_request(req("a", 6, max_tokens=8))
+    _, out = step(s)
+    (new,) = out.new_requests
+    assert new.request_id == "a" and new.token_ids == list(range(1, 7)) and new.num_prompt_tokens == 6
+    assert new.page_ids == s.kv.table("a") and len(new.page_ids) == 2  # 6 tokens in pages of 4
+    assert out.new_page_ids == [[]] and out.samples == [True]
+    _, out = step(s)  # position 6: still in page 2
+    assert not out.new_requests and out.request_ids == ["a"] and out.new_page_ids == [[]]
+    _, out = step(s)  # position 7 ... the next decode crosses into a third page
+    _, out = step(s)
+    assert out.new_page_ids == [s.kv.table("a")[2:]] and out.num_computed_tokens == [8]
+    new.token_ids.append(99)  # a copy: the scheduler's request is untouched
+    assert s.requests["a"].prompt_token_ids == list(range(1, 7))
+
+
+def test_removed_ids_reach_the_next_output_once():
+    s = make(budget=16, seqs=4)
+    s.add_request(req("a", 3, max_tokens=1))
+    s.add_request(req("b", 3, max_tokens=5))
+    _, out = step(s)  # a samples its only token and finishes
+    assert out.removed_ids == []
+    _, out = step(s)
+    assert out.removed_ids == ["a"] and out.request_ids == ["b"]
+    s.abort("b")
+    assert s.has_undelivered_removals
+    out = s.schedule()
+    assert out.removed_ids == ["b"] and out.num_rows == 0 and not s.has_undelivered_removals
+
+
+def test_children_of_a_family_get_distinct_seeds_from_the_scheduler():
+    s = make(budget=64, page_size=4)
+    parent = Request("p", list(range(1, 11)), SamplingParams(n=3, max_tokens=2), seed=7)
+    s.add_request(parent)
+    seeds = []
+    while s.has_unfinished:
+        _, out = step(s)
+        seeds += [(new.request_id, new.seed) for new in out.new_requests if "#" in new.request_id]
+    assert dict(seeds) == {
+        "p#prefix": 7,
+        "p#0": 7,
+        "p#1": (7 + 0x9E3779B9) % 2**32,
+        "p#2": (7 + 2 * 0x9E3779B9) % 2**32,
+    }

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from jaxserve import LLM, SamplingParams
-from jaxserve.engine.greedy import greedy_generate
+from jaxserve.testing.greedy import greedy_generate
 from models.loading import lay_out_heads, load_model
 from sharding import head_layout, make_mesh
 from tests.conftest import FIXTURES, load_reference

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from jaxserve.engine.staging import SequenceChunk, stage_batch
+from jaxserve.testing.fixed_batch import SequenceChunk, stage_batch
 
 SHAPE = dict(pages_per_seq=3, page_size=4, num_pages=10)
 

@@ -1,8 +1,8 @@
-"""Engine start-up decisions: which model and tokenizer, how long a context, how many KV pages.
+"""The memory plan: how much device memory a step needs, how many KV pages fit, how long a context.
 
-EngineConfig -> model folder (default: embedded SmolLM2) -> load weights, tokenizer
-             -> KV budget: gpu_memory_utilization x device memory - weights - step workspace
-             -> pages = budget / page bytes; max_model_len capped by what one sequence can hold
+step workspace (measured once per model, plan and code version; then read back from the
+cache folder) -> KV budget: gpu_memory_utilization x device memory - weights - workspace
+-> pages = budget / page bytes; max_model_len capped by what one sequence can hold
 """
 
 from __future__ import annotations
@@ -14,59 +14,10 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import Mesh
 
 from jaxserve.config import EngineConfig
-from jaxserve.default_model import default_cache_dir, resolve_model
-from jaxserve.engine.attention_choice import DeviceInfo, choose_attention_impl
+from jaxserve.default_model import default_cache_dir
 from jaxserve.engine.executable_cache import environment_key, write_atomically
-from jaxserve.tokenizer import load_tokenizer
-from models.loading import load_model, resolve_config, resolve_dtype
-from sharding import make_mesh
-
-
-def enable_compilation_cache(cache_dir: str | Path | None) -> None:
-    """JAX's persistent compilation cache, so that a second start-up skips XLA compilation."""
-    if jax.config.jax_compilation_cache_dir is None:
-        jax.config.update("jax_compilation_cache_dir", str(Path(cache_dir or default_cache_dir()) / "xla"))
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-
-
-def build_mesh(config: EngineConfig) -> Mesh | None:
-    """The tensor-parallel mesh over the first tensor_parallel_size devices (None: one device)."""
-    return None if config.tensor_parallel_size == 1 else make_mesh(config.tensor_parallel_size)
-
-
-def build_model_and_tokenizer(
-    config: EngineConfig, model=None, tokenizer=None, *, progress: bool = True, log: Callable = print
-):
-    enable_compilation_cache(config.cache_dir)
-    if model is None:
-        folder = resolve_model(config.model, config.cache_dir)
-        cfg = resolve_config(folder)
-        # Before any weights load: an explicit "pallas" that cannot run raises here.
-        choice = choose_attention_impl(
-            config.attention_impl, resolve_dtype(config.dtype, cfg), cfg.head_dim, config.page_size, DeviceInfo.of()
-        )
-        log(choice.describe())
-        model = load_model(
-            folder,
-            dtype=config.dtype,
-            load_format=config.load_format,
-            attention_impl=choice.impl,
-            seed=config.seed,
-            mesh=build_mesh(config),
-            progress=progress,
-        )
-        if tokenizer is None:
-            tok_folder = Path(config.tokenizer or folder)
-            # A folder without tokenizer files (random-weight presets, bare checkpoints) serves
-            # token ids only; one whose tokenizer files fail to load is an error.
-            if config.tokenizer or any((tok_folder / f).is_file() for f in TOKENIZER_FILES):
-                tokenizer = load_tokenizer(tok_folder)
-    return model, tokenizer
 
 
 def step_workspace(config: EngineConfig, model, shapes, processor_names, measure: Callable[[], int]) -> int:

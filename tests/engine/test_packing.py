@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxserve.engine.wire import Packing
+from jaxserve.engine.packing import Packing
 
 TEMPLATE = {
     "ids": jax.ShapeDtypeStruct((5,), jnp.int32),

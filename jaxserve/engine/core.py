@@ -1,0 +1,210 @@
+"""EngineCore: the step loop. One step, on one screen (step() below):
+
+    schedule step n+1 -> launch it (queued behind step n on the device) -> wait for step n
+    -> update the scheduler with its tokens -> hand its EngineCoreOutput to whoever emits
+
+Requests come in as token ids (inputs.py made them) and leave as EngineCoreOutputs: plain data,
+one per step, that the output processor (outputs.py) turns into RequestOutputs, on this thread
+(LLMEngine) or another (AsyncLLM). Nothing here detokenizes.
+
+Step n+1 is scheduled before step n's tokens are known: its decode tokens are read on the
+device. A request that finishes in step n (eos, a stop string) has also run in step n+1: that
+token is dropped. Requests under quarantine after a failure (recovery.py) run one step at a time,
+so there the loop waits for each step before scheduling the next.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from jaxserve.engine.recovery import StepFailed, fail_all, recover
+from jaxserve.engine.runner import InFlightStep, ModelRunner, TokenLogprobs
+from jaxserve.sampling_params import SamplingParams
+from jaxserve.scheduler import Request, RequestStatus, Scheduler
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class EngineCoreOutput:
+    """What one step produced: a token for each request that advanced, in step order."""
+
+    request_ids: list[str]
+    token_ids: list[int]
+    finished: dict[str, tuple[str, int | str | None]]  # request id -> (finish reason, stop token id)
+    logprobs: dict[str, TokenLogprobs]  # of the sampled tokens, for requests that asked
+    prompt_logprobs: dict[str, list[tuple[int, TokenLogprobs]]]  # request id -> (position, logprobs)
+
+
+@dataclasses.dataclass
+class StepStats:
+    num_tokens: int  # scheduled tokens
+    bucket_tokens: int  # the compiled T they ran at
+    host_seconds: float  # Python work for the step: schedule, stage, launch, read back, update (, output)
+    schedule_seconds: float  # of which scheduling
+    stage_seconds: float  # of which applying the SchedulerOutput, staging and launching
+    launch_seconds: float  # of staging and launch, the compiled call alone (blocks if the runtime does)
+    update_seconds: float  # of which reading back (past the wait) and updating the scheduler
+    wait_seconds: float  # blocked on the device, waiting for its tokens
+    step_seconds: float  # since the previous step's tokens were applied: the engine's period
+    output_seconds: float = 0.0  # output processing, when it runs on the engine's thread (LLMEngine)
+
+
+@dataclasses.dataclass
+class EngineStats:
+    steps: int = 0
+    tokens: int = 0
+    host_seconds: float = 0.0
+    stage_seconds: float = 0.0
+    wait_seconds: float = 0.0
+    step_seconds: float = 0.0
+
+    def add(self, s: StepStats) -> None:
+        self.steps += 1
+        self.tokens += s.num_tokens
+        self.host_seconds += s.host_seconds
+        self.stage_seconds += s.stage_seconds
+        self.wait_seconds += s.wait_seconds
+        self.step_seconds += s.step_seconds
+
+    def summary(self) -> str:
+        n = max(self.steps, 1)
+        return (
+            f"{self.steps} steps, {self.tokens} tokens: per step {1e3 * self.step_seconds / n:.2f} ms, host work "
+            f"{1e3 * self.host_seconds / n:.2f} ms (staging and launch {1e3 * self.stage_seconds / n:.2f} ms; "
+            f"overlapping the device's step), blocked on the device {1e3 * self.wait_seconds / n:.2f} ms"
+        )
+
+
+class EngineCore:
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        runner: ModelRunner,
+        *,
+        eos_token_ids: frozenset[int],
+        max_model_len: int,
+        async_scheduling: bool = True,
+        seed: int | None = None,
+        log: Callable = print,
+    ):
+        self.scheduler, self.runner = scheduler, runner
+        self.eos_token_ids, self.max_model_len = eos_token_ids, max_model_len
+        self.async_scheduling, self.log = async_scheduling, log
+        self.stats = EngineStats()
+        self.last_step: StepStats | None = None
+        self._in_flight: InFlightStep | None = None
+        self._ready: list[EngineCoreOutput] = []  # outputs of a step finished before a later one failed
+        self._rng = np.random.default_rng(seed)
+        self._phase = (0.0, 0.0)  # (schedule, stage) seconds of the step launched last
+        self._last_finish: float | None = None
+
+    # -- requests -------------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> list[str]:
+        """Queues a validated request; returns the ids of its samples (n > 1: one per sample)."""
+        if self.scheduler.has_family(request_id):
+            raise ValueError(f"request id {request_id!r} is already in use")
+        seed = params.seed if params.seed is not None else int(self._rng.integers(2**32))
+        req = Request(request_id, prompt_token_ids, params, self.eos_token_ids, self.max_model_len, seed=seed % 2**32)
+        return self.scheduler.add_request(req)
+
+    def abort(self, family_id: str) -> None:
+        self.scheduler.abort(family_id)
+
+    def finish_stopped(self, request_id: str, stop: str) -> None:
+        """A stop string ended the request (found by the output processor)."""
+        self.scheduler.finish(request_id, RequestStatus.FINISHED_STOPPED, stop_reason=stop)
+
+    def has_work(self) -> bool:
+        """Requests to run, a step in flight or undelivered outputs, or rows the runner must free."""
+        s = self.scheduler
+        return s.has_unfinished or self._in_flight is not None or bool(self._ready) or s.has_undelivered_removals
+
+    # -- one step -------------------------------------------------------------------------------
+    def step(self) -> list[EngineCoreOutput]:
+        """schedule n+1 -> launch n+1 -> wait for n -> update n; returns step n's output (none
+        on the first step, and two when a step in flight had to finish before one alone)."""
+        outputs, self._ready = self._ready, []
+        try:
+            if self.scheduler.has_quarantine or not self.async_scheduling:
+                outputs += self._finish_in_flight()
+            t0 = time.perf_counter()
+            sched = self.scheduler.schedule()
+            t1 = time.perf_counter()
+            try:
+                launched = self.runner.execute(sched)
+            except Exception as e:  # nothing of it ran; the step in flight still counts
+                outputs += self._finish_in_flight()
+                raise StepFailed(recover(self, sched, [], e, launched=False), e) from e
+            self._phase = (t1 - t0, time.perf_counter() - t1)
+            outputs += self._finish_in_flight(launched)
+            self._in_flight = launched
+            if not self.scheduler.has_unfinished:  # idle: settle what the last requests left behind
+                outputs += self.settle()
+        except BaseException:  # what was ready goes out with the next step
+            self._ready = outputs
+            raise
+        return outputs
+
+    def _finish_in_flight(self, launched: InFlightStep | None = None) -> list[EngineCoreOutput]:
+        """Waits for the step in flight and applies its tokens. If it failed, the step launched
+        behind it (which read its cache) is thrown away too."""
+        if self._in_flight is None:
+            return []
+        step, self._in_flight = self._in_flight, None
+        try:
+            result = self.runner.read_back(step)
+        except Exception as e:
+            lost = [] if launched is None else [launched.output]
+            if launched is not None:
+                self.runner.wait_quietly(launched)  # let it end before anything is rebuilt
+            raise StepFailed(recover(self, step.output, lost, e, launched=True), e) from e
+        t0 = time.perf_counter()
+        out = step.output
+        update = self.scheduler.update(out, result.tokens)
+        ids, tokens = out.request_ids, result.tokens
+        output = EngineCoreOutput(
+            [ids[i] for i in update.advanced],
+            [tokens[i] for i in update.advanced],
+            update.finished,
+            result.logprobs,
+            result.prompt_logprobs,
+        )
+        now = time.perf_counter()
+        schedule_s, stage_s = self._phase
+        update_s = result.host_seconds + (now - t0)
+        self.last_step = StepStats(
+            out.num_tokens,
+            result.num_tokens,
+            host_seconds=schedule_s + stage_s + update_s,
+            schedule_seconds=schedule_s,
+            stage_seconds=stage_s,
+            launch_seconds=step.launch_seconds,
+            update_seconds=update_s,
+            wait_seconds=result.wait_seconds,
+            step_seconds=now - (self._last_finish or now - result.wait_seconds),
+        )
+        self._last_finish = now
+        self.stats.add(self.last_step)
+        return [output]
+
+    def settle(self) -> list[EngineCoreOutput]:
+        """Waits for the step in flight and, if no request is left, frees the rows of the
+        finished ones (a SchedulerOutput that launches nothing)."""
+        outputs = self._finish_in_flight()
+        if not self.scheduler.has_unfinished and self.scheduler.has_undelivered_removals:
+            self.runner.execute(self.scheduler.schedule())
+        return outputs
+
+    def fail_all(self, error: BaseException) -> list[str]:
+        """After an unexpected failure: aborts every request (their cache may be lost) and
+        rebuilds the device state; returns the aborted family ids."""
+        self._ready.clear()
+        self._in_flight = None
+        return fail_all(self, error)
+
+    def forget_timing(self) -> None:
+        """The next step's period starts afresh (after a failure, or an idle engine)."""
+        self._last_finish = None

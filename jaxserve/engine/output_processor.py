@@ -1,0 +1,185 @@
+"""Output processing: EngineCoreOutputs (token ids, per step) -> RequestOutputs (text, per request).
+
+    process(step output):  for each request that advanced: append its token, its logprobs
+        (decoded), detokenize incrementally and look for stop strings
+        -> a RequestOutput for each family touched (one per user request: n samples together)
+        -> the samples a stop string ended, for the engine core to finish
+
+It runs wherever its caller wants (LLMEngine: the engine's thread; AsyncLLM: the event loop),
+never touches the scheduler or the device, and owns all per-family state of what was emitted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from jaxserve.engine.core import EngineCoreOutput
+from jaxserve.engine.detokenizer import IncrementalDetokenizer
+from jaxserve.engine.runner import TokenLogprobs
+from jaxserve.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
+from jaxserve.sampling_params import SamplingParams
+
+
+@dataclasses.dataclass
+class _Sample:
+    """One of a family's n samples, as emitted so far."""
+
+    index: int
+    detok: IncrementalDetokenizer | None
+    token_ids: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[PositionLogprobs] | None = None
+    cumulative: float = 0.0
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+@dataclasses.dataclass
+class _Family:
+    """One user request: its n samples and its prompt's logprobs."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    sample_ids: list[str]
+    samples: list[_Sample]
+    prompt_logprobs: list[PositionLogprobs | None] | None
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finish_reason is not None for s in self.samples)
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer=None):
+        self.tokenizer = tokenizer
+        self._families: dict[str, _Family] = {}
+        self._sample_of: dict[str, tuple[_Family, _Sample]] = {}  # sample request id -> its family
+
+    def add(
+        self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams, sample_ids
+    ) -> None:
+        if request_id in self._families:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        samples = []
+        for i in range(len(sample_ids)):
+            detok = None
+            if self.tokenizer is not None:
+                detok = IncrementalDetokenizer(
+                    self.tokenizer,
+                    skip_special_tokens=params.skip_special_tokens,
+                    stop=params.stop,
+                    include_stop=params.include_stop_str_in_output,
+                )
+            samples.append(_Sample(i, detok, logprobs=[] if params.logprobs is not None else None))
+        wants_prompt_lp = params.prompt_logprobs is not None
+        family = _Family(
+            request_id,
+            prompt,
+            prompt_token_ids,
+            params,
+            list(sample_ids),
+            samples,
+            [None] * len(prompt_token_ids) if wants_prompt_lp else None,
+        )
+        self._families[request_id] = family
+        for sample_id, sample in zip(sample_ids, samples):
+            self._sample_of[sample_id] = (family, sample)
+
+    def process(self, step: EngineCoreOutput, only_finished: bool = False) -> tuple[list[RequestOutput], list]:
+        """Returns the RequestOutputs of the families this step touched (only_finished: of those
+        it finished) and the (sample id, stop string) pairs of samples a stop string ended."""
+        touched: dict[str, _Family] = {}
+        stopped = []
+        for sample_id, entries in step.prompt_logprobs.items():
+            family, sample = self._sample_of.get(sample_id, (None, None))
+            if family is None or family.prompt_logprobs is None or sample.index != 0:
+                continue  # each sample computed the prompt: the first one's logprobs are kept
+            k = family.params.prompt_logprobs
+            for pos, lp in entries:
+                family.prompt_logprobs[pos] = self._position_logprobs(lp, k)
+        for sample_id, token in zip(step.request_ids, step.token_ids):
+            family, sample = self._sample_of.get(sample_id, (None, None))
+            if sample is None or sample.finish_reason is not None:  # aborted, or a stop string ended it
+                continue
+            sample.token_ids.append(token)
+            lp = step.logprobs.get(sample_id)
+            if lp is not None and sample.logprobs is not None:
+                sample.logprobs.append(self._position_logprobs(lp, family.params.logprobs))
+                sample.cumulative += lp.logprob
+            finished = step.finished.get(sample_id)
+            stop = None if sample.detok is None else sample.detok.push(token)
+            if stop is not None:
+                sample.finish_reason, sample.stop_reason = "stop", stop
+                if finished is None:  # the engine does not know yet
+                    stopped.append((sample_id, stop))
+            elif finished is not None:
+                sample.finish_reason, sample.stop_reason = finished
+            touched[family.request_id] = family
+        outputs = [self._output(f) for f in touched.values() if not only_finished or f.finished]
+        for family in touched.values():
+            if family.finished:
+                self._forget(family)
+        return outputs, stopped
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """The family's final output, its unfinished samples marked aborted (None if unknown)."""
+        family = self._families.get(request_id)
+        if family is None:
+            return None
+        for sample in family.samples:
+            if sample.finish_reason is None:
+                sample.finish_reason = "abort"
+        self._forget(family)
+        return self._output(family)
+
+    def drop(self, request_id: str) -> None:
+        """Forgets a family without an output (it failed)."""
+        family = self._families.get(request_id)
+        if family is not None:
+            self._forget(family)
+
+    def _forget(self, family: _Family) -> None:
+        self._families.pop(family.request_id, None)
+        for sample_id in family.sample_ids:
+            self._sample_of.pop(sample_id, None)
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self._families)
+
+    @property
+    def request_ids(self) -> list[str]:
+        return list(self._families)
+
+    def _position_logprobs(self, lp: TokenLogprobs, k: int) -> PositionLogprobs:
+        out = {lp.token_id: Logprob(lp.logprob, lp.rank, self._decode_one(lp.token_id))}
+        for rank, (tid, val) in enumerate(zip(lp.top_ids[:k], lp.top_logprobs[:k]), start=1):
+            if tid >= 0:  # -1 pads a vocabulary smaller than k
+                out.setdefault(int(tid), Logprob(float(val), rank, self._decode_one(int(tid))))
+        return out
+
+    def _decode_one(self, token_id: int) -> str | None:
+        return None if self.tokenizer is None else self.tokenizer.decode([token_id])
+
+    def _output(self, family: _Family) -> RequestOutput:
+        outs = [
+            CompletionOutput(
+                index=s.index,
+                text="" if s.detok is None else s.detok.visible_text(s.finish_reason is not None),
+                token_ids=list(s.token_ids),
+                cumulative_logprob=s.cumulative if s.logprobs is not None else None,
+                logprobs=list(s.logprobs) if s.logprobs is not None else None,
+                finish_reason=s.finish_reason,
+                stop_reason=s.stop_reason,
+            )
+            for s in family.samples
+        ]
+        return RequestOutput(
+            family.request_id,
+            family.prompt,
+            family.prompt_token_ids,
+            list(family.prompt_logprobs) if family.prompt_logprobs is not None else None,
+            outs,
+            family.finished,
+        )
