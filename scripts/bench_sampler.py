@@ -45,9 +45,9 @@ def main() -> None:
             counters=jnp.zeros(r, jnp.int32),
             wants_logprobs=jnp.ones(r, bool),
             processor_mask=jnp.zeros((0, r), bool),
-            row_slot=jnp.arange(r, dtype=jnp.int32) if penalties else jnp.full((r,), slots, jnp.int32),
-            reset_slots=jnp.full((r,), slots, jnp.int32),
-            token_slot=jnp.full((r,), slots, jnp.int32),
+            penalty_row=jnp.arange(r, dtype=jnp.int32) if penalties else jnp.full((r,), slots, jnp.int32),
+            reset_rows=jnp.full((r,), slots, jnp.int32),
+            token_row=jnp.full((r,), slots, jnp.int32),
             token_is_output=jnp.zeros(r, bool),
         )
 

@@ -186,12 +186,12 @@ class InputBatch:
         sb.wants_logprobs[:n] = self.wants_logprobs[rows]
         sb.processor_mask[:, :n] = self.processor_mask[:, rows]
         penalized = self.has_penalties[rows]
-        sb.row_slot[:] = no_row
-        sb.row_slot[:n] = np.where(penalized, rows, no_row)
-        sb.reset_slots[:] = no_row
-        sb.reset_slots[:n] = np.where(penalized & (starts == 0), rows, no_row)
-        sb.token_slot[:] = no_row
-        sb.token_slot[:total] = np.where(penalized[seq], rows[seq], no_row)
+        sb.penalty_row[:] = no_row
+        sb.penalty_row[:n] = np.where(penalized, rows, no_row)
+        sb.reset_rows[:] = no_row
+        sb.reset_rows[:n] = np.where(penalized & (starts == 0), rows, no_row)
+        sb.token_row[:] = no_row
+        sb.token_row[:total] = np.where(penalized[seq], rows[seq], no_row)
         sb.token_is_output[:total] = pos >= self.num_prompt[rows][seq]
         sb.bias_ids[:] = self.vocab_size
         for i in np.flatnonzero(self.needs_bias[rows]):

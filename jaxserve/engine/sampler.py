@@ -12,8 +12,8 @@ The parts that sort the vocabulary are left out at trace time (full=False) when 
 no row of the step needs them.
 Keys come from (seed, counter): a seeded request draws the same numbers whatever its neighbours.
 
-Penalties read per-slot token statistics kept on the device across steps (PenaltyState): each
-request with penalties owns a slot; the step counts its tokens into that slot as they enter the
+Penalties read per-row token statistics kept on the device across steps (PenaltyState): each
+request with penalties uses its input-batch row; the step counts its tokens into that row as they enter the
 model (prompt tokens into a mask, generated ones into counts).
 """
 
@@ -46,17 +46,17 @@ class SamplingBatch:
     counters: jax.Array  # [R] i32, tokens generated so far: the key's second half
     wants_logprobs: jax.Array  # [R] bool
     processor_mask: jax.Array  # [num_processors, R] bool
-    row_slot: jax.Array  # [R] i32 penalty slot, num_slots = none
-    reset_slots: jax.Array  # [R] i32 slots to clear before counting (first chunk), num_slots = none
-    token_slot: jax.Array  # [T] i32 penalty slot of each input token, num_slots = none
+    penalty_row: jax.Array  # [R] i32 the sequence's penalty row, num_rows = none
+    reset_rows: jax.Array  # [R] i32 rows to clear before counting (first chunk), num_rows = none
+    token_row: jax.Array  # [T] i32 penalty row of each input token, num_rows = none
     token_is_output: jax.Array  # [T] bool: a generated token (counts) or a prompt token (mask)
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class PenaltyState:
-    output_counts: jax.Array  # [slots, V] i32
-    prompt_mask: jax.Array  # [slots, V] bool
+    output_counts: jax.Array  # [rows, V] i32
+    prompt_mask: jax.Array  # [rows, V] bool
 
 
 @jax.tree_util.register_dataclass
@@ -69,28 +69,28 @@ class SamplerOutput:
     top_logprobs: jax.Array  # [R, MAX_LOGPROBS] f32
 
 
-def new_penalty_state(num_slots: int, vocab_size: int) -> PenaltyState:
-    return PenaltyState(jnp.zeros((num_slots, vocab_size), jnp.int32), jnp.zeros((num_slots, vocab_size), jnp.bool_))
+def new_penalty_state(num_rows: int, vocab_size: int) -> PenaltyState:
+    return PenaltyState(jnp.zeros((num_rows, vocab_size), jnp.int32), jnp.zeros((num_rows, vocab_size), jnp.bool_))
 
 
 def update_penalty_state(state: PenaltyState, tokens: jax.Array, sb: SamplingBatch) -> PenaltyState:
-    """Clears the slots of requests starting afresh, then counts this step's input tokens."""
+    """Clears the rows of requests starting afresh, then counts this step's input tokens."""
     counts, mask = state.output_counts, state.prompt_mask
-    num_slots, vocab = counts.shape
-    reset = sb.reset_slots
+    num_rows, vocab = counts.shape
+    reset = sb.reset_rows
     counts = counts.at[reset].set(jnp.zeros((reset.shape[0], vocab), counts.dtype), mode="drop")
     mask = mask.at[reset].set(jnp.zeros((reset.shape[0], vocab), mask.dtype), mode="drop")
-    slot_out = jnp.where(sb.token_is_output, sb.token_slot, num_slots)
-    slot_prompt = jnp.where(sb.token_is_output, num_slots, sb.token_slot)
-    counts = counts.at[slot_out, tokens].add(1, mode="drop")
-    mask = mask.at[slot_prompt, tokens].set(True, mode="drop")
+    row_out = jnp.where(sb.token_is_output, sb.token_row, num_rows)
+    row_prompt = jnp.where(sb.token_is_output, num_rows, sb.token_row)
+    counts = counts.at[row_out, tokens].add(1, mode="drop")
+    mask = mask.at[row_prompt, tokens].set(True, mode="drop")
     return PenaltyState(counts, mask)
 
 
 def _apply_penalties(logits, state: PenaltyState, sb: SamplingBatch):
-    counts = state.output_counts.at[sb.row_slot].get(mode="fill", fill_value=0)  # [R, V]
+    counts = state.output_counts.at[sb.penalty_row].get(mode="fill", fill_value=0)  # [R, V]
     seen = counts > 0
-    in_prompt = state.prompt_mask.at[sb.row_slot].get(mode="fill", fill_value=False)
+    in_prompt = state.prompt_mask.at[sb.penalty_row].get(mode="fill", fill_value=False)
     rep = sb.repetition_penalty[:, None]
     penalized = jnp.where(logits > 0, logits / rep, logits * rep)
     logits = jnp.where(seen | in_prompt, penalized, logits)
@@ -163,7 +163,7 @@ def sample(
     x = logits
     for i, proc in enumerate(processors):
         x = jnp.where(sb.processor_mask[i][:, None], proc(x), x)
-    x = _apply_penalties(x, penalties, sb)  # neutral for rows without a penalty slot
+    x = _apply_penalties(x, penalties, sb)  # neutral for rows without a penalty row
     rows = jnp.broadcast_to(jnp.arange(num_rows)[:, None], sb.bias_ids.shape)
     x = x.at[rows, sb.bias_ids].add(sb.bias_values, mode="drop")
     greedy_tokens = jnp.argmax(x, axis=-1).astype(jnp.int32)

@@ -146,9 +146,9 @@ def step_input_spec(t: int, r: int, num_page_updates: int, num_processors: int, 
         counters=i32(r),
         wants_logprobs=b(r),
         processor_mask=b(num_processors, r),
-        row_slot=i32(r),
-        reset_slots=i32(r),
-        token_slot=i32(t),
+        penalty_row=i32(r),
+        reset_rows=i32(r),
+        token_row=i32(t),
         token_is_output=b(t),
     )
     return StepInput(

@@ -27,9 +27,9 @@ def batch(rows, **overrides):
         counters=np.zeros(rows, np.int32),
         wants_logprobs=np.ones(rows, bool),
         processor_mask=np.zeros((0, rows), bool),
-        row_slot=np.full(rows, 4, np.int32),
-        reset_slots=np.full(rows, 4, np.int32),
-        token_slot=np.full(1, 4, np.int32),
+        penalty_row=np.full(rows, 4, np.int32),
+        reset_rows=np.full(rows, 4, np.int32),
+        token_row=np.full(1, 4, np.int32),
         token_is_output=np.zeros(1, bool),
     )
     base.update({k: np.asarray(v, base[k].dtype) for k, v in overrides.items()})
@@ -73,21 +73,21 @@ def test_sampled_frequencies_follow_softmax():
 
 def test_penalties_from_counted_tokens():
     state = new_penalty_state(2, V)
-    # slot 0: prompt [1], outputs [2, 2]; slot 1 untouched
+    # row 0: prompt [1], outputs [2, 2]; row 1 untouched
     tokens = jnp.asarray([1, 2, 2], jnp.int32)
-    sb = batch(1, token_slot=[0, 0, 0], token_is_output=[False, True, True], reset_slots=[0], row_slot=[0])
+    sb = batch(1, token_row=[0, 0, 0], token_is_output=[False, True, True], reset_rows=[0], penalty_row=[0])
     state = update_penalty_state(state, tokens, sb)
     assert np.asarray(state.output_counts)[0].tolist() == [0, 0, 2, 0, 0, 0, 0, 0]
     assert np.asarray(state.prompt_mask)[0].tolist()[:3] == [False, True, False]
     flat = jnp.zeros((1, V)).at[0, 1].set(1.0).at[0, 2].set(1.2)
-    freq = batch(1, frequency_penalty=[0.5], row_slot=[0])  # token 2: 1.2 - 2 * 0.5 < token 1
+    freq = batch(1, frequency_penalty=[0.5], penalty_row=[0])  # token 2: 1.2 - 2 * 0.5 < token 1
     assert sample(flat, freq, state).tokens.tolist() == [1]
-    rep = batch(1, repetition_penalty=[2.0], row_slot=[0])  # both seen: 0.5 vs 0.6
+    rep = batch(1, repetition_penalty=[2.0], penalty_row=[0])  # both seen: 0.5 vs 0.6
     assert sample(flat, rep, state).tokens.tolist() == [2]
-    no_slot = batch(1, frequency_penalty=[0.5], row_slot=[2])  # no slot: no penalty
-    assert sample(flat, no_slot, state).tokens.tolist() == [2]
+    no_row = batch(1, frequency_penalty=[0.5], penalty_row=[2])  # no row: no penalty
+    assert sample(flat, no_row, state).tokens.tolist() == [2]
     cleared = update_penalty_state(
-        state, jnp.asarray([5], jnp.int32), batch(1, reset_slots=[0], token_slot=[0], token_is_output=[True])
+        state, jnp.asarray([5], jnp.int32), batch(1, reset_rows=[0], token_row=[0], token_is_output=[True])
     )
     assert np.asarray(cleared.output_counts)[0].tolist() == [0, 0, 0, 0, 0, 1, 0, 0]
 
