@@ -8,7 +8,9 @@ This module is an entry point, and the only place below `jaxserve serve` that re
                                     JAXSERVE_GPU_MEMORY_UTILIZATION, JAXSERVE_LOAD_FORMAT,
                                     JAXSERVE_DTYPE, JAXSERVE_MAX_WAITING_REQUESTS, JAXSERVE_CACHE_DIR ...
     JAXSERVE_SERVED_MODEL_NAME      comma-separated names the API answers to
-    JAXSERVE_API_KEY                required as "Authorization: Bearer <key>" on /v1/*
+    JAXSERVE_API_KEY                required as "Authorization: Bearer <key>" on every route but
+                                    /health and /metrics
+    JAXSERVE_MAX_REQUEST_BODY_BYTES larger request bodies get 413 (default 16 MiB)
     JAXSERVE_FAULT_TOKEN_ID         test-only: steps scheduling a prompt with this token fail
 
 The engine is built in the app's lifespan, so importing this module is cheap.
@@ -49,11 +51,19 @@ def settings_from_env(environ: Mapping[str, str] = os.environ) -> ServerSettings
                 raise ValueError(f"{PREFIX}{field.name.upper()}={value!r}: expected {hints[field.name]}") from None
     names = tuple(n.strip() for n in environ.get(PREFIX + "SERVED_MODEL_NAME", "").split(",") if n.strip())
     fault = environ.get(PREFIX + "FAULT_TOKEN_ID")
+    body_limit = environ.get(PREFIX + "MAX_REQUEST_BODY_BYTES")
+    extra = {}
+    if body_limit:
+        try:
+            extra["max_request_body_bytes"] = int(body_limit)
+        except ValueError:
+            raise ValueError(f"{PREFIX}MAX_REQUEST_BODY_BYTES={body_limit!r}: expected an integer") from None
     return ServerSettings(
         engine=EngineConfig(**engine_args),
         served_model_names=names,
         api_key=environ.get(PREFIX + "API_KEY") or None,
         fault_token_id=int(fault) if fault else None,
+        **extra,
     )
 
 

@@ -97,10 +97,14 @@ def test_settings_from_env():
             "JAXSERVE_SERVED_MODEL_NAME": "a, b",
             "JAXSERVE_API_KEY": "k",
             "JAXSERVE_MAX_WAITING_REQUESTS": "3",
+            "JAXSERVE_MAX_REQUEST_BODY_BYTES": "4096",
         }
     )
+    assert s.max_request_body_bytes == 4096
     assert (s.engine.model, s.engine.max_num_seqs, s.engine.max_model_len) == ("/m", 8, 512)
     assert s.engine.gpu_memory_utilization == 0.5 and s.max_waiting_requests == 3
     assert s.model_names == ("a", "b") and s.api_key == "k"
     with pytest.raises(ValueError, match="JAXSERVE_MAX_NUM_SEQS"):
         settings_from_env({"JAXSERVE_MAX_NUM_SEQS": "many"})
+    with pytest.raises(ValueError, match="JAXSERVE_MAX_REQUEST_BODY_BYTES"):
+        settings_from_env({"JAXSERVE_MAX_REQUEST_BODY_BYTES": "lots"})
