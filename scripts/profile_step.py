@@ -140,10 +140,10 @@ def main() -> None:
     staged = []  # the last staged input buffer, to relaunch alone
     stage = runner._stage
 
-    def keep_last(chunks, t, r):
-        packed, full = stage(chunks, t, r)
-        staged[:] = [(packed, t, r, full)]
-        return packed, full
+    def keep_last(output, t, r, changes=()):
+        packed, step = stage(output, t, r, changes)
+        staged[:] = [(packed, t, r, step.needs_sort)]
+        return packed, step
 
     runner._stage = keep_last
     ms = lambda xs: round(1e3 * float(np.median(xs)), 3)  # noqa: E731
