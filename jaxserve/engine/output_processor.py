@@ -44,10 +44,16 @@ class _Family:
     sample_ids: list[str]
     samples: list[_Sample]
     prompt_logprobs: list[PositionLogprobs | None] | None
+    num_unfinished: int = 0
 
     @property
     def finished(self) -> bool:
-        return all(s.finish_reason is not None for s in self.samples)
+        return self.num_unfinished == 0
+
+    def finish(self, sample: _Sample, reason: str, stop_reason: int | str | None = None) -> None:
+        if sample.finish_reason is None:
+            self.num_unfinished -= 1
+        sample.finish_reason, sample.stop_reason = reason, stop_reason
 
 
 class OutputProcessor:
@@ -81,6 +87,7 @@ class OutputProcessor:
             list(sample_ids),
             samples,
             [None] * len(prompt_token_ids) if wants_prompt_lp else None,
+            num_unfinished=len(samples),
         )
         self._families[request_id] = family
         for sample_id, sample in zip(sample_ids, samples):
@@ -98,23 +105,24 @@ class OutputProcessor:
             k = family.params.prompt_logprobs
             for pos, lp in entries:
                 family.prompt_logprobs[pos] = self._position_logprobs(lp, k)
+        logprobs, finishes, sample_of = step.logprobs, step.finished, self._sample_of
         for sample_id, token in zip(step.request_ids, step.token_ids):
-            family, sample = self._sample_of.get(sample_id, (None, None))
+            family, sample = sample_of.get(sample_id, (None, None))
             if sample is None or sample.finish_reason is not None:  # aborted, or a stop string ended it
                 continue
             sample.token_ids.append(token)
-            lp = step.logprobs.get(sample_id)
+            lp = logprobs.get(sample_id) if logprobs else None
             if lp is not None and sample.logprobs is not None:
                 sample.logprobs.append(self._position_logprobs(lp, family.params.logprobs))
                 sample.cumulative += lp.logprob
-            finished = step.finished.get(sample_id)
+            finished = finishes.get(sample_id) if finishes else None
             stop = None if sample.detok is None else sample.detok.push(token)
             if stop is not None:
-                sample.finish_reason, sample.stop_reason = "stop", stop
+                family.finish(sample, "stop", stop)
                 if finished is None:  # the engine does not know yet
                     stopped.append((sample_id, stop))
             elif finished is not None:
-                sample.finish_reason, sample.stop_reason = finished
+                family.finish(sample, *finished)
             touched[family.request_id] = family
         outputs = [self._output(f) for f in touched.values() if not only_finished or f.finished]
         for family in touched.values():
@@ -129,7 +137,7 @@ class OutputProcessor:
             return None
         for sample in family.samples:
             if sample.finish_reason is None:
-                sample.finish_reason = "abort"
+                family.finish(sample, "abort")
         self._forget(family)
         return self._output(family)
 

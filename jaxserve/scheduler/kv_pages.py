@@ -10,6 +10,9 @@ Pages return to the free list when their last holder frees them. Pure Python.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
+
+NO_PAGES: tuple[int, ...] = ()  # what allocate() returns when nothing was added
 
 
 class KVPageManager:
@@ -36,16 +39,20 @@ class KVPageManager:
     def table(self, request_id: str) -> list[int]:
         return self._tables.get(request_id, [])
 
-    def allocate(self, request_id: str, num_tokens: int) -> list[int] | None:
+    def allocate(self, request_id: str, num_tokens: int) -> Sequence[int] | None:
         """Grows the request's pages to hold num_tokens; returns the pages added (often none), or
         None (and nothing taken) if too few are free."""
-        table = self._tables.setdefault(request_id, [])
-        missing = self.pages_for(num_tokens) - len(table)
+        table = self._tables.get(request_id)
+        missing = -(-num_tokens // self.page_size) - (0 if table is None else len(table))
+        if missing <= 0:  # the common case, a decode step inside its last page
+            return NO_PAGES
+        if table is None:
+            table = self._tables[request_id] = []
         if missing > len(self._free):
             if not table:
                 del self._tables[request_id]
             return None
-        added = [self._free.popleft() for _ in range(max(missing, 0))]
+        added = [self._free.popleft() for _ in range(missing)]
         for page in added:
             self._refs[page] = 1
         table += added

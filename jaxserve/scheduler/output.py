@@ -23,6 +23,7 @@ device).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 
@@ -44,7 +45,7 @@ class SchedulerOutput:
     num_scheduled_tokens: list[int]  # [R]
     num_computed_tokens: list[int]  # [R]
     samples: list[bool]  # [R]
-    new_page_ids: list[list[int]]  # [R]
+    new_page_ids: list[Sequence[int]]  # [R]
     num_tokens: int  # sum of num_scheduled_tokens
 
     @property

@@ -17,10 +17,13 @@ class RequestStatus(enum.Enum):
 
     @property
     def finished(self) -> bool:
-        return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED)
+        return self in FINISHED
 
 
-@dataclasses.dataclass(eq=False)
+FINISHED = frozenset({RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED})
+
+
+@dataclasses.dataclass(eq=False, slots=True)
 class Request:
     request_id: str
     prompt_token_ids: list[int]
@@ -39,23 +42,24 @@ class Request:
     parent_id: str | None = None
     index: int = 0
     prefix_len: int | None = None  # set on a prefix request: compute this many tokens, then fork
+    # Constant for the request's life, computed once (the scheduler reads them every step).
+    num_prompt_tokens: int = dataclasses.field(init=False)
+    max_output_tokens: int = dataclasses.field(init=False)
+
+    def __post_init__(self):
+        self.num_prompt_tokens = len(self.prompt_token_ids)
+        limit = self.max_model_len - self.num_prompt_tokens
+        mt = self.sampling_params.max_tokens
+        self.max_output_tokens = limit if mt is None else min(mt, limit)
 
     @property
     def num_tokens(self) -> int:
         """Prompt and output tokens, the pending ones (ids still on the device) included."""
-        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending
-
-    @property
-    def num_known_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+        return self.num_prompt_tokens + len(self.output_token_ids) + self.num_pending
 
     @property
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids) + self.num_pending
-
-    @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.prompt_token_ids)
 
     def token_ids(self, start: int, stop: int) -> list[int]:
         """Tokens [start, stop) of prompt + output, without joining the two lists (a decode step
@@ -71,12 +75,6 @@ class Request:
     def target_tokens(self) -> int:
         """Tokens to have in the cache before this request samples (or forks)."""
         return self.prefix_len if self.prefix_len is not None else self.num_tokens
-
-    @property
-    def max_output_tokens(self) -> int:
-        limit = self.max_model_len - len(self.prompt_token_ids)
-        mt = self.sampling_params.max_tokens
-        return limit if mt is None else min(mt, limit)
 
     @property
     def family_id(self) -> str:

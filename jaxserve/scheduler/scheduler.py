@@ -29,10 +29,11 @@ from __future__ import annotations
 
 import dataclasses
 from collections import deque
+from collections.abc import Sequence
 
 from jaxserve.scheduler.kv_pages import KVPageManager
 from jaxserve.scheduler.output import NewRequestData, SchedulerOutput, UpdateResult
-from jaxserve.scheduler.request import Request, RequestStatus, sample_ids
+from jaxserve.scheduler.request import FINISHED, Request, RequestStatus, sample_ids
 
 CHILD_SEED_STRIDE = 0x9E3779B9  # child i of an n > 1 request samples with seed + i * stride
 
@@ -142,14 +143,17 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         scheduled: list[Request] = []
         preempted = False
+        allocate = self.kv.allocate
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.target_tokens - req.num_computed_tokens, budget)
-            if n <= 0 or req.num_output_tokens >= req.max_output_tokens:
+            num_outputs = len(req.output_token_ids) + req.num_pending
+            target = req.num_prompt_tokens + num_outputs if req.prefix_len is None else req.prefix_len
+            n = min(target - req.num_computed_tokens, budget)
+            if n <= 0 or num_outputs >= req.max_output_tokens:
                 i += 1  # waiting for its launched steps: a prefix about to fork, or a last token
                 continue
-            while (added := self.kv.allocate(req.request_id, req.num_computed_tokens + n)) is None:
+            while (added := allocate(req.request_id, req.num_computed_tokens + n)) is None:
                 if self._evict_waiting_pages():
                     continue
                 victim = self.running.pop()
@@ -210,16 +214,17 @@ class Scheduler:
         )
         self._grant(grants, req, n, [])
 
-    def _grant(self, grants: _Grants, req: Request, n: int, new_pages: list[int]) -> None:
+    def _grant(self, grants: _Grants, req: Request, n: int, new_pages: Sequence[int]) -> None:
         start = req.num_computed_tokens
-        samples = req.prefix_len is None and start + n == req.num_tokens
+        end = start + n
+        samples = req.prefix_len is None and end == req.num_prompt_tokens + len(req.output_token_ids) + req.num_pending
         grants.ids.append(req.request_id)
         grants.q_lens.append(n)
         grants.starts.append(start)
         grants.samples.append(samples)
         grants.new_pages.append(new_pages)
         grants.num_tokens += n
-        req.num_computed_tokens += n
+        req.num_computed_tokens = end
         req.num_pending += samples
 
     def retry(self, requests: list[str]) -> None:
@@ -279,10 +284,11 @@ class Scheduler:
         if issued is not output:
             raise RuntimeError("scheduler outputs must be updated in the order they were scheduled")
         advanced, finished = [], {}
+        quarantine, samples = self._quarantine, output.samples
         for i, req in enumerate(requests):
-            if self._quarantine:
-                self._quarantine.discard(req.family_id)  # its step succeeded
-            if req.status.finished:  # aborted or finished meanwhile: its token is dropped
+            if quarantine:
+                quarantine.discard(req.family_id)  # its step succeeded
+            if req.status in FINISHED:  # aborted or finished meanwhile: its token is dropped
                 continue
             if req.prefix_len is not None:
                 # Fork once the grant that completes the prompt's shared pages has run (its
@@ -291,7 +297,7 @@ class Scheduler:
                 if req.status is RequestStatus.RUNNING and end == req.prefix_len:
                     self._fork(req)
                 continue
-            if not output.samples[i]:
+            if not samples[i]:
                 continue
             # A request preempted since keeps its token: it is recomputed with it.
             req.num_pending -= 1
@@ -304,8 +310,10 @@ class Scheduler:
 
     def _check_stop(self, req: Request, token: int) -> bool:
         """Finishes the request if its new token ends it (eos, a stop token id, its length)."""
-        params = req.sampling_params
         n_out = len(req.output_token_ids)
+        if n_out < req.max_output_tokens and token not in req.eos_token_ids and not req.sampling_params.stop_token_ids:
+            return False  # the common case, decided without looking further
+        params = req.sampling_params
         if n_out >= params.min_tokens:
             if not params.ignore_eos and token in req.eos_token_ids:
                 self.finish(req.request_id, RequestStatus.FINISHED_STOPPED)
