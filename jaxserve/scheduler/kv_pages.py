@@ -33,9 +33,6 @@ class KVPageManager:
     def usage(self) -> float:
         return 1.0 - len(self._free) / self.num_pages
 
-    def pages_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.page_size)
-
     def table(self, request_id: str) -> list[int]:
         return self._tables.get(request_id, [])
 

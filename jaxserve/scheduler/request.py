@@ -57,10 +57,6 @@ class Request:
         """Prompt and output tokens, the pending ones (ids still on the device) included."""
         return self.num_prompt_tokens + len(self.output_token_ids) + self.num_pending
 
-    @property
-    def num_output_tokens(self) -> int:
-        return len(self.output_token_ids) + self.num_pending
-
     def token_ids(self, start: int, stop: int) -> list[int]:
         """Tokens [start, stop) of prompt + output, without joining the two lists (a decode step
         asks for one token of a long sequence)."""

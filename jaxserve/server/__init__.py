@@ -4,15 +4,18 @@ own thread (AsyncLLM), tokenizing and chat templates in worker threads.
     client ──HTTP──> uvicorn event loop (main thread)
                        parse + validate (pydantic) ── 400/401/404/503 answered here
                        prepare: chat template, tokenize, check length ──> worker thread (to_thread)
-                       AsyncLLM.generate ── command queue ──> engine thread: schedule, step, detokenize
-                       <── per-request asyncio.Queue (call_soon_threadsafe) <── RequestOutputs
+                       AsyncLLM.generate ── command queue ──> engine thread: schedule, step, update
+                       <── each step's token ids (call_soon_threadsafe) -> output processing on
+                           this loop (detokenize, stop strings) -> per-request asyncio.Queue
                        responses/stream chunks (jaxserve.api.responses) ──SSE──> client
 
-The event loop only moves small Python objects and JSON; the engine thread never touches a socket.
+The event loop moves small Python objects and JSON and turns token ids into text; the engine thread
+never touches a socket or a tokenizer.
 A disconnected client cancels its handler, which aborts its engine requests (pages freed).
 
     settings.py  ServerSettings: what the entry points decide (no environment reads below them)
-    app.py       create_app(settings): routes, lifespan (engine built and shut down), error shape
+    app_factory.py  create_app(settings): routes, lifespan (engine built and shut down), error
+                 shape (jaxserve/app.py, the uvicorn entry, calls it with settings from the environment)
     routes.py    the endpoints
     serving.py   Serving: admission (queue limit), prepare off the loop, merged streams, metrics hooks
     metrics.py   Prometheus metrics with vLLM's names under the jaxserve: prefix
@@ -20,7 +23,7 @@ A disconnected client cancels its handler, which aborts its engine requests (pag
     faults.py    test-only fault injection (off unless an entry point turns it on)
 """
 
-from jaxserve.server.app import create_app
+from jaxserve.server.app_factory import create_app
 from jaxserve.server.settings import ServerSettings
 
 __all__ = ["ServerSettings", "create_app"]

@@ -17,7 +17,7 @@ from starlette.testclient import TestClient
 from jaxserve.api.errors import APIError, model_not_found
 from jaxserve.api.json_body import MAX_DEPTH, MAX_INT_DIGITS, parse_json_object
 from jaxserve.api.protocol import CompletionRequest
-from jaxserve.server.app import EXCEPTION_HANDLERS
+from jaxserve.server.app_factory import EXCEPTION_HANDLERS
 from jaxserve.server.http import APIKeyMiddleware, read_model
 
 LIMIT = 1000
