@@ -17,6 +17,9 @@ How to read the table:
     host ms   the median over the timed steps of engine.last_step.host_seconds: the engine's own
               count of its host work for one step (schedule, stage, launch, unpack, update, emit)
     wall ms   the median wall time of one engine.step() call
+    cpu ms    the median CPU time of the thread that calls engine.step() (time.thread_time): little
+              moved by other load on the machine, so the figure to compare runs by; XLA's CPU
+              backend may run the mock's small programs inline in that thread, so it holds them too
     other columns  medians of the other *_seconds fields of StepStats, where the engine has them
               (parts of, or overlapping, the host figure: see StepStats' comments), and
               host-launch = host less launch_seconds. On the CPU backend XLA may run a cheap
@@ -35,7 +38,7 @@ Issue #13's goals on a 2-core machine: <= 1.0 ms host work at 256 rows, and host
     .venv/bin/python scripts/bench_host.py --profile      # cProfile of the 256-row case's timed steps
 
 --output-json writes a list of cases, each {"rows": R, "prefill_tokens": P, "host_ms_per_step": X}
-plus extra keys (wall_ms_per_step, phases_ms, tokens_per_step, steps, load_avg_1m, host_ms_rounds).
+plus extra keys (wall_ms_per_step, thread_cpu_ms_per_step, phases_ms, tokens_per_step, steps, load_avg_1m, host_ms_rounds).
 """
 
 from __future__ import annotations
@@ -184,11 +187,14 @@ def run_case(
             engine.add_request(f"long-{long_added}", prompt, SamplingParams(max_tokens=1, **greedy))
             long_added += 1
 
+    cpu_times = []  # the engine thread's own CPU time per step: robust to other load on the machine
+
     def one_step() -> tuple[float, list]:
         keep_a_prefill_queued()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         outputs = engine.step()
         wall = time.perf_counter() - t0
+        cpu_times.append(time.thread_time() - c0)
         for out in outputs:
             if out.finished:
                 finished.add(out.request_id)
@@ -207,6 +213,7 @@ def run_case(
         one_step()
 
     walls, fields = [], []
+    cpu_times.clear()
     if profiler is not None:
         profiler.enable()
     for _ in range(steps):
@@ -215,6 +222,7 @@ def run_case(
         fields.append(_stats_fields(engine.last_step))
     if profiler is not None:
         profiler.disable()
+    thread_cpu = cpu_times[:steps]
     early = [r for r in decode_ids if r in finished]
     if early:
         raise RuntimeError(f"{len(early)} decode rows finished while timed: raise max_tokens")
@@ -244,6 +252,8 @@ def run_case(
         "prefill_tokens": prefill_tokens,
         "host_ms_per_step": round(host, 4),
         "wall_ms_per_step": round(1e3 * _median(walls), 4),
+        # CPU time of the thread calling step() (XLA's CPU compute may run inline in it, too)
+        "thread_cpu_ms_per_step": round(1e3 * _median(thread_cpu), 4),
         "phases_ms": {k: round(v, 4) for k, v in phases.items()},
         "tokens_per_step": _median(tokens) if tokens else None,
         "steps": steps,
@@ -253,10 +263,11 @@ def run_case(
 
 def format_table(results: list[dict]) -> str:
     phase_names = [k for k in results[0]["phases_ms"]] if results else []
-    head = ["rows", "prefill", "host ms", "wall ms", *(f"{k} ms" for k in phase_names), "tokens"]
+    head = ["rows", "prefill", "host ms", "wall ms", "cpu ms", *(f"{k} ms" for k in phase_names), "tokens"]
     lines = ["  ".join(f"{h:>10}" for h in head) + "  host ms of each round"]
     for r in results:
         cells = [r["rows"], r["prefill_tokens"], f"{r['host_ms_per_step']:.3f}", f"{r['wall_ms_per_step']:.3f}"]
+        cells += [f"{r.get('thread_cpu_ms_per_step', float('nan')):.3f}"]
         cells += [f"{r['phases_ms'].get(k, float('nan')):.3f}" for k in phase_names]
         cells += [r["tokens_per_step"]]
         rounds = " ".join(f"{x:.3f}" for x in r.get("host_ms_rounds", []))

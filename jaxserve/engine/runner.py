@@ -371,10 +371,12 @@ class ModelRunner:
         # A row of q tokens starts at most ceil(q / S) pages: the sum is <= T // S + R + 1.
         return t // self.page_size + r + 1
 
-    def _write_row(self, slot: int, pages) -> None:
-        row = np.zeros(self.pages_per_seq, np.int32)
-        row[: len(pages)] = pages
-        table = self._write_table_row(self.device_state.page_table, np.int32(slot), row)
+    def _write_row(self, row: int, pages) -> None:
+        """Writes one whole row of the device page table (the padding row, or a row whose new
+        pages outnumber what a step's page updates carry)."""
+        padded = np.zeros(self.pages_per_seq, np.int32)
+        padded[: len(pages)] = pages
+        table = self._write_table_row(self.device_state.page_table, np.int32(row), padded)
         self.device_state = dataclasses.replace(self.device_state, page_table=table)
 
     def step_workspace_bytes(self) -> int:
