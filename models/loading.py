@@ -42,6 +42,11 @@ class CheckpointError(ValueError):
 
 def resolve_config(model: str | Path) -> ModelConfig:
     """A model folder, or the name of a shipped preset (`models/presets/<name>.json`)."""
+    if str(model).lower().endswith(".gguf"):  # the engine resolves these first (jaxserve.default_model)
+        raise ModelConfigError(
+            f"{model}: a GGUF file, not a folder; convert it with models.gguf.convert_gguf, or let "
+            "jaxserve.default_model.resolve_model convert it once into the cache"
+        )
     preset = preset_path(str(model))
     if preset is not None and not Path(model).exists():
         return ModelConfig.from_hf_dict(json.loads(preset.read_text()), source=str(preset))

@@ -1,9 +1,12 @@
-"""Convert a llama.cpp GGUF (Llama architecture, byte-level BPE) into a Hugging Face folder.
+"""Convert a llama.cpp GGUF (llama or qwen2 architecture, byte-level BPE vocabulary with the
+gpt2, smollm, llama-bpe or qwen2 pre-tokenizer) into a Hugging Face folder.
 
     python scripts/convert_gguf.py MODEL.gguf OUT_DIR
     python scripts/convert_gguf.py --default      # the bundled SmolLM2 into jaxserve's cache
 
-Writes config.json, tokenizer files with the chat template, and fp32 model.safetensors. No torch.
+Writes config.json, tokenizer files with the chat template, and fp32 safetensors. No torch.
+Serving needs no manual step: `jaxserve serve --model MODEL.gguf` / `LLM("MODEL.gguf")` convert
+once into the cache (jaxserve.default_model.resolve_model).
 """
 
 from __future__ import annotations
