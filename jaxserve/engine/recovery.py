@@ -42,7 +42,9 @@ def recover(
     failed = [f for f in families if scheduler.is_quarantined(f)]
     for family_id in failed:
         scheduler.abort(family_id)
-    if launched or any(leaf.is_deleted() for leaf in jax.tree.leaves(runner.kv_cache)):
+    # Donated buffers a failed program consumed (the sampler and the page-table writer donate the
+    # device state alone) leave nothing to run on: rebuild.
+    if launched or any(leaf.is_deleted() for leaf in jax.tree.leaves((runner.kv_cache, runner.device_state))):
         runner.reset_device_state()
         victims = list(scheduler.requests)  # forked children waiting hold pages too
     else:

@@ -3,7 +3,7 @@
     execute(SchedulerOutput):  input_batch.apply (rows freed, filled, pages appended)
         -> input_batch.stage (numpy over the step's rows, into one packed int32 buffer, padded
            to a bucket) -> one transfer -> model program -> sampler program   [returns at once]
-    InFlightStep.result():     wait -> one copy back -> ModelRunnerOutput (a token per grant,
+    read_back(InFlightStep):   wait -> one copy back -> ModelRunnerOutput (a token per grant,
         logprobs where asked), the tokens also kept in the input batch's rows
 
 It owns the weights, the KV pages, the device state (penalty counts, a page-table row per input

@@ -40,7 +40,7 @@ from sharding import kv_cache_sharding
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class StepInput:
-    """What the host stages per step (one packed buffer, see wire.py). The page table is not sent
+    """What the host stages per step (one packed buffer, see packing.py). The page table is not sent
     whole: it lives on the device, one row per row of the input batch, and each step carries only the
     pages allocated since (page_update_*)."""
 

@@ -2,8 +2,8 @@
 
 Off unless an entry point is told so explicitly (`jaxserve serve --fault-token-id N`, or
 JAXSERVE_FAULT_TOKEN_ID read by jaxserve.app). Then any step that starts a request whose prompt
-contains token N raises, as a device error would: AsyncLLM fails that step's requests (HTTP 500)
-and the engine serves on.
+contains token N raises, as a device error would: the step's requests are retried alone, the one
+that fails again gets HTTP 500, and the engine serves on.
 """
 
 from __future__ import annotations
