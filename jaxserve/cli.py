@@ -82,6 +82,12 @@ def _add_serve_parser(sub) -> None:
         "--no-async-scheduling", action="store_true", help="wait for each step's tokens before scheduling the next"
     )
     serve.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=d.enable_prefix_caching,
+        help="reuse the KV cache of prompt prefixes computed before (default on)",
+    )
+    serve.add_argument(
         "--no-executable-cache",
         action="store_true",
         help="do not keep compiled steps in the cache folder (a warm start then lowers them again)",
@@ -123,6 +129,7 @@ def _serve(args, cache_dir) -> int:
         max_waiting_requests=args.max_waiting_requests,
         row_bucket_growth=args.row_bucket_growth,
         async_scheduling=not args.no_async_scheduling,
+        enable_prefix_caching=args.enable_prefix_caching,
         executable_cache=False if args.no_executable_cache else None,
     )
     settings = ServerSettings(

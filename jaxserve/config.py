@@ -30,6 +30,8 @@ class EngineConfig:
     executable_cache: bool | None = None
     max_waiting_requests: int | None = None
     async_scheduling: bool = True  # schedule step n+1 while step n runs; False: one step at a time
+    # Reuse the KV pages of prompt prefixes already computed (jaxserve/scheduler/kv_pages.py).
+    enable_prefix_caching: bool = True
 
     def __post_init__(self):
         if self.tensor_parallel_size < 1:

@@ -32,6 +32,9 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     logits_processors: Sequence[str] = ()  # names of processors registered with the engine
+    # Prefix caching: requests share cached KV only with requests of the same salt (None: the
+    # unsalted ones); tenants who must not share cache entries send different salts.
+    cache_salt: str | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -81,6 +84,8 @@ class SamplingParams:
             bad("stop", self.stop, "non-empty strings")
         if self.seed is not None and not isinstance(self.seed, int):
             bad("seed", self.seed, "an integer")
+        if self.cache_salt is not None and (not isinstance(self.cache_salt, str) or not self.cache_salt):
+            bad("cache_salt", self.cache_salt, "a non-empty string")
 
     @property
     def greedy(self) -> bool:

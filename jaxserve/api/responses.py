@@ -29,6 +29,7 @@ from jaxserve.api.protocol import (
     CompletionLogprobs,
     CompletionResponse,
     DeltaMessage,
+    PromptTokensDetails,
     TokenLogprob,
     TopLogprob,
     UsageInfo,
@@ -111,7 +112,13 @@ def chat_logprobs(
 def usage_of(outputs: list[RequestOutput | None]) -> UsageInfo:
     prompt = sum(len(o.prompt_token_ids) for o in outputs if o is not None)
     completion = sum(len(c.token_ids) for o in outputs if o is not None for c in o.outputs)
-    return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+    cached = sum(o.num_cached_tokens for o in outputs if o is not None)
+    return UsageInfo(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=prompt + completion,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
+    )
 
 
 @dataclasses.dataclass

@@ -58,6 +58,7 @@ def _params(req, *, max_tokens: int | None, logprobs: int | None, prompt_logprob
             prompt_logprobs=prompt_logprobs,
             skip_special_tokens=req.skip_special_tokens,
             include_stop_str_in_output=req.include_stop_str_in_output,
+            cache_salt=req.cache_salt,
         )
     except ValueError as e:
         raise from_value_error(e) from None

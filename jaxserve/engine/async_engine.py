@@ -35,6 +35,11 @@ class EngineDeadError(RuntimeError):
     pass
 
 
+def _resolve(future: asyncio.Future, value) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
 class AsyncLLM:
     def __init__(self, engine: LLMEngine):
         self.engine = engine
@@ -83,6 +88,15 @@ class AsyncLLM:
         """Called on the event loop: the request ends now; its pages are freed within one step."""
         self._outputs.abort(request_id)
         self._send(("abort", request_id, None))
+
+    async def reset_prefix_cache(self) -> int:
+        """Forgets every cached KV page no request holds, on the engine thread; returns how many."""
+        if self._stopped or not self.is_running:
+            raise EngineDeadError("the engine is shut down")
+        self._bind_loop()
+        done = asyncio.get_running_loop().create_future()
+        self._send(("reset_prefix_cache", None, done))
+        return await done
 
     def shutdown(self) -> None:
         self._stopped = True
@@ -149,6 +163,8 @@ class AsyncLLM:
                         self._to_loop(self._on_failure, [request_id], e)
                 elif kind == "abort":
                     core.abort(request_id)
+                elif kind == "reset_prefix_cache":
+                    self._to_loop(_resolve, payload, core.scheduler.reset_prefix_cache())
                 else:
                     core.finish_stopped(request_id, payload)
             if not core.has_work():

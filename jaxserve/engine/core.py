@@ -36,6 +36,9 @@ class EngineCoreOutput:
     finished: dict[str, tuple[str, int | str | None]]  # request id -> (finish reason, stop token id)
     logprobs: dict[str, TokenLogprobs]  # of the sampled tokens, for requests that asked
     prompt_logprobs: dict[str, list[tuple[int, TokenLogprobs]]]  # request id -> (position, logprobs)
+    # user request id -> prompt tokens found in the prefix cache, for requests admitted since the
+    # last output (before their first token)
+    num_cached_tokens: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -100,6 +103,8 @@ class EngineCore:
         self._rng = np.random.default_rng(seed)
         self._phase = (0.0, 0.0)  # (schedule, stage) seconds of the step launched last
         self._last_finish: float | None = None
+        self.prefix_cache_log_interval = 10.0  # seconds between hit-rate lines while steps run
+        self._prefix_cache_logged = (time.perf_counter(), 0, 0)  # (when, queries, hits)
 
     # -- requests -------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> list[str]:
@@ -171,8 +176,11 @@ class EngineCore:
             update.finished,
             result.logprobs,
             result.prompt_logprobs,
+            self.scheduler.take_num_cached_tokens(),
         )
         now = time.perf_counter()
+        if now - self._prefix_cache_logged[0] >= self.prefix_cache_log_interval:
+            self._log_prefix_cache(now)
         schedule_s, stage_s = self._phase
         update_s = result.host_seconds + (now - t0)
         self.last_step = StepStats(
@@ -189,6 +197,18 @@ class EngineCore:
         self._last_finish = now
         self.stats.add(self.last_step)
         return [output]
+
+    def _log_prefix_cache(self, now: float) -> None:
+        """The prefix cache's hit rate since the last line (and overall), if it was queried."""
+        stats = self.scheduler.prefix_cache
+        _, queries, hits = self._prefix_cache_logged
+        self._prefix_cache_logged = (now, stats.queries, stats.hits)
+        if stats.queries > queries:
+            self.log(
+                f"prefix cache: hit rate {100 * (stats.hits - hits) / (stats.queries - queries):.1f}% of "
+                f"{stats.queries - queries} prompt tokens looked up lately, "
+                f"{100 * stats.hits / stats.queries:.1f}% since start"
+            )
 
     def settle(self) -> list[EngineCoreOutput]:
         """Waits for the step in flight and, if no request is left, frees the rows of the

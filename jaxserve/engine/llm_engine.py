@@ -171,6 +171,21 @@ class LLMEngine:
     def num_preemptions(self) -> int:
         return self.core.scheduler.num_preemptions
 
+    @property
+    def prefix_cache_queries(self) -> int:
+        """Tokens of the requests that looked up the prefix cache when admitted."""
+        return self.core.scheduler.prefix_cache.queries
+
+    @property
+    def prefix_cache_hits(self) -> int:
+        """Of those, the tokens found cached (not computed again)."""
+        return self.core.scheduler.prefix_cache.hits
+
+    def reset_prefix_cache(self) -> int:
+        """Forgets every cached KV page no request holds (pages held stay cached); returns how
+        many were forgotten. Call it on the engine's thread."""
+        return self.core.scheduler.reset_prefix_cache()
+
     def block_until_idle(self) -> None:
         """Once no request is unfinished: waits for the device and frees what finished requests
         left in the runner."""

@@ -45,6 +45,7 @@ class _Family:
     samples: list[_Sample]
     prompt_logprobs: list[PositionLogprobs | None] | None
     num_unfinished: int = 0
+    num_cached_tokens: int = 0
 
     @property
     def finished(self) -> bool:
@@ -98,6 +99,9 @@ class OutputProcessor:
         it finished) and the (sample id, stop string) pairs of samples a stop string ended."""
         touched: dict[str, _Family] = {}
         stopped = []
+        for request_id, cached in step.num_cached_tokens.items():
+            if request_id in self._families:
+                self._families[request_id].num_cached_tokens = cached
         for sample_id, entries in step.prompt_logprobs.items():
             family, sample = self._sample_of.get(sample_id, (None, None))
             if family is None or family.prompt_logprobs is None or sample.index != 0:
@@ -190,4 +194,5 @@ class OutputProcessor:
             list(family.prompt_logprobs) if family.prompt_logprobs is not None else None,
             outs,
             family.finished,
+            family.num_cached_tokens,
         )

@@ -102,7 +102,7 @@ def build_engine(
     )
     scheduler = Scheduler(
         SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, max_model_len),
-        KVPageManager(num_pages, config.page_size),
+        KVPageManager(num_pages, config.page_size, enable_caching=config.enable_prefix_caching),
     )
     return EngineParts(
         tokenizer,

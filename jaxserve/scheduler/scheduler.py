@@ -21,6 +21,16 @@ n > 1: a prompt is computed once. A prefix request computes the prompt's full pa
 page holding its last token); then n children share those pages and each computes the rest
 (1 to page_size tokens) itself before sampling on its own. Child i samples with seed + i * 0x9E3779B9.
 
+Prefix caching (kv_pages.py): a request admitted with nothing computed first looks up the longest
+run of cached full pages matching its tokens (always leaving its last token to compute: it must
+sample), takes them and starts with num_computed_tokens past them. At the end of each schedule(),
+the full pages of the requests it granted whose tokens are all known and computed are cached;
+so are a request's last full pages when it leaves. A page computed by this step is thus found by
+the next schedule() at the earliest, i.e. by a step the device runs after this one. Requests with
+penalties or prompt logprobs take no hit (the device counts, and scores, every prompt token as it
+enters the model); a prefix request that finds all its pages cached forks at once. After a failed
+step every cache entry is forgotten (retry): what the failed step computed may be lost.
+
 What leaves the scheduler is plain data: a SchedulerOutput per step (output.py) and, from
 update(), the positions in that step of the requests that got a token. Request objects stay here.
 """
@@ -43,6 +53,14 @@ class SchedulerConfig:
     max_num_seqs: int
     max_num_batched_tokens: int
     max_model_len: int
+
+
+@dataclasses.dataclass
+class PrefixCacheStats:
+    """Lookups at admission, in tokens (vLLM's prefix_cache_queries / prefix_cache_hits)."""
+
+    queries: int = 0  # tokens of the requests that looked up (prompt + outputs known)
+    hits: int = 0  # of which found cached
 
 
 class _Grants:
@@ -71,6 +89,8 @@ class Scheduler:
         self._issued: deque[tuple[SchedulerOutput, list[Request]]] = deque()  # outputs awaiting update()
         # Families under suspicion after a failed step: each runs alone until a step succeeds.
         self._quarantine: set[str] = set()
+        self.prefix_cache = PrefixCacheStats()
+        self._new_cached: dict[str, int] = {}  # family id -> tokens found cached, since take_num_cached_tokens
 
     # -- requests in -----------------------------------------------------------------------
     def add_request(self, req: Request) -> list[str]:
@@ -87,6 +107,7 @@ class Scheduler:
                 parent_id=req.request_id,
                 index=i,
                 output_token_ids=[],
+                cache_entries=[],
                 seed=(req.seed + i * CHILD_SEED_STRIDE) % 2**32,
             )
             for i, child_id in enumerate(sample_ids(req.request_id, n))
@@ -105,6 +126,7 @@ class Scheduler:
                 parent_id=req.request_id,
                 prefix_len=shared,
                 output_token_ids=[],
+                cache_entries=[],
             )
             self._forks[prefix.request_id] = children
             for child in children:
@@ -137,6 +159,10 @@ class Scheduler:
         self._removed = []
         if requests:
             self._issued.append((out, requests))
+            if self.kv.enable_caching:
+                cache = self._cache_pages
+                for req in requests:
+                    cache(req)
         return out
 
     def _schedule(self, grants: _Grants) -> list[Request]:
@@ -169,14 +195,67 @@ class Scheduler:
         # Admit new work only in a step that preempted nothing: pages are scarce otherwise.
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
-            n = min(req.target_tokens - req.num_computed_tokens, budget)
-            if self.kv.allocate(req.request_id, req.num_computed_tokens + n) is None:
+            cached, entries = self._lookup(req)
+            computed = req.num_computed_tokens + len(cached) * self.kv.page_size
+            n = min(req.target_tokens - computed, budget)
+            if self.kv.allocate(req.request_id, computed + n, cached) is None:
                 break
             self.waiting.popleft()
+            if entries is not None:
+                self._took_cached(req, computed, entries)
+            if n == 0:  # a prefix request whose pages are all cached
+                self._fork(req)
+                continue
             self._admit(grants, req, n)
             scheduled.append(req)
             budget -= n
         return scheduled
+
+    def _lookup(self, req: Request) -> tuple[list[int], list[int] | None]:
+        """The cached pages a waiting request can start on, and their cache entries (None: it may
+        not look: caching off, something computed already, penalties or prompt logprobs)."""
+        params = req.sampling_params
+        if (
+            not self.kv.enable_caching
+            or req.num_computed_tokens
+            or params.has_penalties
+            or params.prompt_logprobs is not None
+        ):
+            return [], None
+        known = req.num_prompt_tokens + len(req.output_token_ids)
+        # At least the last token is computed (its logits pick the next one); a prefix request
+        # needs its shared pages only.
+        limit = req.prefix_len if req.prefix_len is not None else known - 1
+        tokens = req.prompt_token_ids + req.output_token_ids if req.output_token_ids else req.prompt_token_ids
+        return self.kv.lookup(tokens, limit // self.kv.page_size, params.cache_salt)
+
+    def _took_cached(self, req: Request, computed: int, entries: list[int]) -> None:
+        """A request admitted on cached pages (or none found): counted, its chain started."""
+        req.num_computed_tokens = computed
+        req.cache_entries = entries
+        self.prefix_cache.queries += req.num_prompt_tokens + len(req.output_token_ids)
+        self.prefix_cache.hits += computed
+        if req.num_cached_tokens < 0:  # its first admission: what the user is told
+            req.num_cached_tokens = computed
+            self._new_cached[req.family_id] = computed
+
+    def _cache_pages(self, req: Request) -> None:
+        """Caches the request's full pages whose tokens are all computed (by steps scheduled)
+        and known (a decode input still on the device is cached a step later)."""
+        done = min(req.num_computed_tokens, req.num_prompt_tokens + len(req.output_token_ids))
+        if done // self.kv.page_size > len(req.cache_entries):
+            tokens = req.token_ids(0, done)
+            self.kv.cache_pages(req.request_id, req.cache_entries, tokens, req.sampling_params.cache_salt)
+
+    def take_num_cached_tokens(self) -> dict[str, int]:
+        """Family id -> prompt tokens found in the prefix cache, for the families admitted for the
+        first time since the last call."""
+        taken, self._new_cached = self._new_cached, {}
+        return taken
+
+    def reset_prefix_cache(self) -> int:
+        """Forgets every cached page no request holds; returns how many."""
+        return self.kv.reset_cache()
 
     def _schedule_quarantined(self, grants: _Grants) -> list[Request]:
         """One request of a suspected family, alone in the step, so that a failure names it."""
@@ -231,7 +310,7 @@ class Scheduler:
         """After a failed step (and with no other step in flight): these requests lose their pages
         and pending tokens and wait to be recomputed (a waiting one, e.g. an n > 1 child that
         forked onto shared pages, starts over too). Their families run alone until a step of
-        theirs succeeds."""
+        theirs succeeds. The prefix cache forgets every page: the failed step's may hold garbage."""
         self._issued.clear()
         for req in [self.requests[r] for r in requests if r in self.requests]:
             req.num_pending = 0
@@ -240,6 +319,7 @@ class Scheduler:
                 self._preempt(req)
             elif not req.status.finished:
                 self._drop_pages(req)
+        self.kv.reset_cache(referenced_too=True)
 
     def quarantine(self, family_ids) -> None:
         """Each of these families runs alone until a step of it succeeds (after a failed step)."""
@@ -264,9 +344,13 @@ class Scheduler:
         return False
 
     def _drop_pages(self, req: Request) -> None:
-        """Frees the request's pages: its cache is gone, it recomputes from its first token."""
+        """Frees the request's pages (caching its full ones first): it recomputes from its first
+        token, or from what it finds in the prefix cache."""
+        if self.kv.enable_caching:
+            self._cache_pages(req)
         self.kv.free(req.request_id)
         req.num_computed_tokens = 0
+        req.cache_entries = []
 
     def _preempt(self, req: Request) -> None:
         self._drop_pages(req)
@@ -328,9 +412,11 @@ class Scheduler:
 
     def _fork(self, prefix: Request) -> None:
         children = self._forks.pop(prefix.request_id)
+        num_pages = prefix.prefix_len // self.kv.page_size
         for child in reversed(children):  # at the head of the queue, in index order
-            self.kv.share(child.request_id, prefix.request_id, prefix.prefix_len // self.kv.page_size)
+            self.kv.share(child.request_id, prefix.request_id, num_pages)
             child.num_computed_tokens = prefix.prefix_len
+            child.cache_entries = prefix.cache_entries[:num_pages]
             child.status = RequestStatus.WAITING
             self.waiting.appendleft(child)
         self._remove(prefix)
@@ -358,6 +444,8 @@ class Scheduler:
         self._removed.append(req.request_id)
         if not req.status.finished:  # a prefix request, done once its children forked
             req.status = RequestStatus.FINISHED_STOPPED
+        if self.kv.enable_caching:
+            self._cache_pages(req)  # its last pages, completed by tokens known since its last grant
         self.kv.free(req.request_id)
         self.requests.pop(req.request_id, None)
         if req in self.running:

@@ -1,7 +1,8 @@
 """Prometheus metrics (prometheus-client) with vLLM's names under the `jaxserve:` prefix.
 
     engine state, read at scrape time (a collector): num_requests_running, num_requests_waiting,
-        kv_cache_usage_perc (a fraction in [0, 1], as vLLM's), num_preemptions_total
+        kv_cache_usage_perc (a fraction in [0, 1], as vLLM's), num_preemptions_total,
+        prefix_cache_queries_total and prefix_cache_hits_total (tokens, as vLLM v1's)
     per request, observed by the server as outputs arrive: time_to_first_token_seconds,
         inter_token_latency_seconds, e2e_request_latency_seconds, prompt_tokens_total,
         generation_tokens_total, request_success_total{finished_reason}
@@ -109,6 +110,14 @@ class _EngineCollector:
         )
         c.add_metric([self.model_name], engine.num_preemptions)
         yield c
+        counters = (
+            ("prefix_cache_queries", "Prefix cache queries, in queried tokens.", engine.prefix_cache_queries),
+            ("prefix_cache_hits", "Prefix cache hits, in cached tokens.", engine.prefix_cache_hits),
+        )
+        for name, doc, value in counters:
+            c = CounterMetricFamily(PREFIX + name, doc, labels=["model_name"])
+            c.add_metric([self.model_name], value)
+            yield c
 
 
 class Metrics:

@@ -1,7 +1,7 @@
 """The endpoints. Each handler: body -> pydantic -> checks (model, ranges: 400/404) -> Serving.open
 (queue: 503; tokenize off the loop: 400) -> engine stream -> a whole response or SSE chunks.
 
-    POST /v1/completions  /v1/chat/completions  /tokenize  /detokenize
+    POST /v1/completions  /v1/chat/completions  /tokenize  /detokenize  /reset_prefix_cache
     GET  /v1/models  /health  /metrics  /version
 """
 
@@ -227,6 +227,17 @@ async def metrics(request: Request) -> Response:
     return Response(_state(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
+async def reset_prefix_cache(request: Request) -> Response:
+    """vLLM's: forgets the cached KV of earlier prompts (pages no request holds), then 200."""
+    st = _state(request)
+    try:
+        forgotten = await st.llm.reset_prefix_cache()
+    except EngineDeadError as e:
+        raise _engine_error(e) from e
+    logger.info("prefix cache reset: %d pages forgotten", forgotten)
+    return Response(status_code=200)
+
+
 async def version(request: Request) -> Response:
     return JSONResponse({"version": jaxserve.__version__})
 
@@ -240,4 +251,5 @@ ROUTES = [
     Route("/health", health, methods=["GET"]),
     Route("/metrics", metrics, methods=["GET"]),
     Route("/version", version, methods=["GET"]),
+    Route("/reset_prefix_cache", reset_prefix_cache, methods=["POST"]),
 ]

@@ -127,6 +127,7 @@ def test_abort_mid_stream_frees_pages(small):
 
 def test_n_samples_share_the_prompt(small):
     prompt = list(range(1, 23))  # 22 tokens: 5 full pages shared, each child computes the last 2
+    small.reset_prefix_cache()  # earlier tests' prompts (1, 2, 3, ...) would be found cached
     tokens_before = small.stats.tokens
     small.add_request("fam", prompt, SamplingParams(n=3, max_tokens=4, **GREEDY))
     final = {}

@@ -157,3 +157,22 @@ def test_bad_requests_raise_and_queue_nothing(llm):
     with pytest.raises(ValueError, match="empty"):
         llm.generate({"prompt_token_ids": []}, use_tqdm=False)
     assert not llm.engine.has_unfinished_requests()
+
+
+def test_a_request_on_a_cached_500_token_prefix_gives_the_cold_runs_tokens(llm):
+    # fp32: the prefix's KV computed for another request (other chunks, other batch) gives the
+    # tokens of a run that computes it all.
+    tok, engine = llm.get_tokenizer(), llm.engine
+    text = " ".join(f"Fact {i}: {i} times {i} is {i * i}." for i in range(80))
+    prefix = tok(text)["input_ids"][:500]
+    first = prefix + tok(" Why?")["input_ids"]
+    second = prefix + tok(" So, in short")["input_ids"][:4]
+    assert first[500] != second[500] and len(second) + 8 <= 512
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    engine.reset_prefix_cache()
+    cold = llm.generate({"prompt_token_ids": second}, params, use_tqdm=False)[0]
+    engine.reset_prefix_cache()
+    llm.generate({"prompt_token_ids": first}, params, use_tqdm=False)
+    warm = llm.generate({"prompt_token_ids": second}, params, use_tqdm=False)[0]
+    assert cold.num_cached_tokens == 0 and warm.num_cached_tokens == 496  # 31 pages of 16
+    assert warm.outputs[0].token_ids == cold.outputs[0].token_ids
