@@ -148,17 +148,16 @@ class KVPageManager:
         return pages, entries
 
     def cache_pages(self, request_id: str, entries: list[int], token_ids: Sequence[int], salt: str | None) -> None:
-        """Caches the request's pages len(entries) .. len(token_ids) // page_size - 1, whose
-        tokens (token_ids, from the request's first) are all computed; `entries` is the
-        request's chain of entries so far, extended here. A page whose key is cached already
-        (another request computed the same tokens) stays uncached; the chain goes on from the
-        cached entry."""
-        size, table = self.page_size, self._tables[request_id]
-        for i in range(len(entries), len(token_ids) // size):
-            key = (entries[-1] if entries else salt, tuple(token_ids[i * size : (i + 1) * size]))
+        """Caches the request's pages from page len(entries) on, whose tokens (token_ids, whole
+        pages from that page's first token) are all computed; `entries` is the request's chain of
+        entries so far, extended here. A page whose key is cached already (another request
+        computed the same tokens) stays uncached; the chain goes on from the cached entry."""
+        size, table, first = self.page_size, self._tables.get(request_id, ()), len(entries)
+        for j in range(min(len(token_ids) // size, len(table) - first)):
+            key = (entries[-1] if entries else salt, tuple(token_ids[j * size : (j + 1) * size]))
             page = self._cached.get(key)
             if page is None:
-                page = table[i]
+                page = table[first + j]
                 if self._key_of[page] is not None:  # cannot happen: a page is cached once, when full
                     raise RuntimeError(f"page {page} is cached already")
                 self._cached[key] = page

@@ -42,9 +42,11 @@ class Request:
     parent_id: str | None = None
     index: int = 0
     prefix_len: int | None = None  # set on a prefix request: compute this many tokens, then fork
-    # Prefix caching (kv_pages.py): the cache entries of its first pages, in order, and the tokens
+    # Prefix caching (kv_pages.py): the cache entries of its first pages, in order; the computed
+    # count at which its next page is full (the scheduler's: NEVER with caching off); the tokens
     # found cached when first admitted (-1: not admitted yet).
     cache_entries: list[int] = dataclasses.field(default_factory=list)
+    cache_next: int = 1 << 62
     num_cached_tokens: int = -1
     # Constant for the request's life, computed once (the scheduler reads them every step).
     num_prompt_tokens: int = dataclasses.field(init=False)

@@ -46,6 +46,7 @@ from jaxserve.scheduler.output import NewRequestData, SchedulerOutput, UpdateRes
 from jaxserve.scheduler.request import FINISHED, Request, RequestStatus, sample_ids
 
 CHILD_SEED_STRIDE = 0x9E3779B9  # child i of an n > 1 request samples with seed + i * stride
+NEVER = 1 << 62  # Request.cache_next with caching off
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +92,7 @@ class Scheduler:
         self._quarantine: set[str] = set()
         self.prefix_cache = PrefixCacheStats()
         self._new_cached: dict[str, int] = {}  # family id -> tokens found cached, since take_num_cached_tokens
+        self._to_cache: list[Request] = []  # requests whose grants completed a page not cached yet
 
     # -- requests in -----------------------------------------------------------------------
     def add_request(self, req: Request) -> list[str]:
@@ -135,6 +137,7 @@ class Scheduler:
         return [c.request_id for c in children]
 
     def _enqueue(self, req: Request) -> None:
+        self._chain(req, [])
         self.requests[req.request_id] = req
         req.status = RequestStatus.WAITING
         self.waiting.append(req)
@@ -159,10 +162,9 @@ class Scheduler:
         self._removed = []
         if requests:
             self._issued.append((out, requests))
-            if self.kv.enable_caching:
+            if self._to_cache:  # the pages that grants completed, once their tokens are known
                 cache = self._cache_pages
-                for req in requests:
-                    cache(req)
+                self._to_cache = [r for r in self._to_cache if not r.status.finished and not cache(r)]
         return out
 
     def _schedule(self, grants: _Grants) -> list[Request]:
@@ -232,20 +234,32 @@ class Scheduler:
     def _took_cached(self, req: Request, computed: int, entries: list[int]) -> None:
         """A request admitted on cached pages (or none found): counted, its chain started."""
         req.num_computed_tokens = computed
-        req.cache_entries = entries
+        self._chain(req, entries)
         self.prefix_cache.queries += req.num_prompt_tokens + len(req.output_token_ids)
         self.prefix_cache.hits += computed
         if req.num_cached_tokens < 0:  # its first admission: what the user is told
             req.num_cached_tokens = computed
             self._new_cached[req.family_id] = computed
 
-    def _cache_pages(self, req: Request) -> None:
+    def _chain(self, req: Request, entries: list[int]) -> None:
+        """Sets the request's chain of cache entries (its first pages)."""
+        req.cache_entries = entries
+        req.cache_next = (len(entries) + 1) * self.kv.page_size if self.kv.enable_caching else NEVER
+
+    def _cache_pages(self, req: Request) -> bool:
         """Caches the request's full pages whose tokens are all computed (by steps scheduled)
-        and known (a decode input still on the device is cached a step later)."""
-        done = min(req.num_computed_tokens, req.num_prompt_tokens + len(req.output_token_ids))
-        if done // self.kv.page_size > len(req.cache_entries):
-            tokens = req.token_ids(0, done)
-            self.kv.cache_pages(req.request_id, req.cache_entries, tokens, req.sampling_params.cache_salt)
+        and known (a decode input still on the device is cached a step later); returns whether
+        every computed full page is cached now."""
+        if not self.kv.enable_caching:
+            return True
+        size, entries = self.kv.page_size, req.cache_entries
+        computed = req.num_computed_tokens // size * size
+        done = min(computed, (req.num_prompt_tokens + len(req.output_token_ids)) // size * size)
+        if done > len(entries) * size:
+            tokens = req.token_ids(len(entries) * size, done)
+            self.kv.cache_pages(req.request_id, entries, tokens, req.sampling_params.cache_salt)
+            req.cache_next = (len(entries) + 1) * size
+        return done == computed
 
     def take_num_cached_tokens(self) -> dict[str, int]:
         """Family id -> prompt tokens found in the prefix cache, for the families admitted for the
@@ -305,6 +319,8 @@ class Scheduler:
         grants.num_tokens += n
         req.num_computed_tokens = end
         req.num_pending += samples
+        if end >= req.cache_next:  # a page full of computed tokens, to cache
+            self._to_cache.append(req)
 
     def retry(self, requests: list[str]) -> None:
         """After a failed step (and with no other step in flight): these requests lose their pages
@@ -346,11 +362,10 @@ class Scheduler:
     def _drop_pages(self, req: Request) -> None:
         """Frees the request's pages (caching its full ones first): it recomputes from its first
         token, or from what it finds in the prefix cache."""
-        if self.kv.enable_caching:
-            self._cache_pages(req)
+        self._cache_pages(req)
         self.kv.free(req.request_id)
         req.num_computed_tokens = 0
-        req.cache_entries = []
+        self._chain(req, [])
 
     def _preempt(self, req: Request) -> None:
         self._drop_pages(req)
@@ -416,7 +431,7 @@ class Scheduler:
         for child in reversed(children):  # at the head of the queue, in index order
             self.kv.share(child.request_id, prefix.request_id, num_pages)
             child.num_computed_tokens = prefix.prefix_len
-            child.cache_entries = prefix.cache_entries[:num_pages]
+            self._chain(child, prefix.cache_entries[:num_pages])
             child.status = RequestStatus.WAITING
             self.waiting.appendleft(child)
         self._remove(prefix)
@@ -444,8 +459,7 @@ class Scheduler:
         self._removed.append(req.request_id)
         if not req.status.finished:  # a prefix request, done once its children forked
             req.status = RequestStatus.FINISHED_STOPPED
-        if self.kv.enable_caching:
-            self._cache_pages(req)  # its last pages, completed by tokens known since its last grant
+        self._cache_pages(req)  # its last pages, completed by tokens known since its last grant
         self.kv.free(req.request_id)
         self.requests.pop(req.request_id, None)
         if req in self.running:
