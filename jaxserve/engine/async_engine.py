@@ -29,6 +29,7 @@ from jaxserve.engine.recovery import StepFailed
 from jaxserve.outputs import RequestOutput
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.scheduler import sample_ids
+from jaxserve.scheduler.request import check_request_id
 
 
 class EngineDeadError(RuntimeError):
@@ -64,6 +65,7 @@ class AsyncLLM:
         prepared = await asyncio.to_thread(self.engine.prepare, prompt, params)
         self._bind_loop()
         request_id = request_id or f"req-{next(self._ids)}"
+        check_request_id(request_id)
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
         outputs: asyncio.Queue = asyncio.Queue()
@@ -137,10 +139,6 @@ class AsyncLLM:
             self._outputs.drop(request_id)
             self._deliver(request_id, error)
 
-    def _on_fatal(self, error: BaseException) -> None:
-        """The engine dropped every request: each one open here fails."""
-        self._on_failure(self._outputs.request_ids, error)
-
     def _deliver(self, request_id: str, item) -> None:
         stream = self._streams.get(request_id)
         if stream is not None:
@@ -177,8 +175,7 @@ class AsyncLLM:
                 self._to_loop(self._on_failure, e.failed, e.cause)
                 continue
             except Exception as e:  # an unexpected failure: the requests in flight fail; the engine serves on
-                core.fail_all(e)
-                self._to_loop(self._on_fatal, e)
+                self._to_loop(self._on_failure, core.fail_all(e), e)
                 continue
             if steps:
                 self._to_loop(self._on_steps, steps)

@@ -25,6 +25,7 @@ from jaxserve.engine.recovery import StepFailed, fail_all, recover
 from jaxserve.engine.runner import InFlightStep, ModelRunner, TokenLogprobs
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.scheduler import Request, RequestStatus, Scheduler
+from jaxserve.scheduler.request import check_request_id
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -109,6 +110,7 @@ class EngineCore:
     # -- requests -------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> list[str]:
         """Queues a validated request; returns the ids of its samples (n > 1: one per sample)."""
+        check_request_id(request_id)
         if self.scheduler.has_family(request_id):
             raise ValueError(f"request id {request_id!r} is already in use")
         seed = params.seed if params.seed is not None else int(self._rng.integers(2**32))
@@ -142,7 +144,7 @@ class EngineCore:
                 launched = self.runner.execute(sched)
             except Exception as e:  # nothing of it ran; the step in flight still counts
                 outputs += self._finish_in_flight()
-                raise StepFailed(recover(self, sched, [], e, launched=False), e) from e
+                raise StepFailed(recover(self, sched, e, launched=False), e) from e
             self._phase = (t1 - t0, time.perf_counter() - t1)
             outputs += self._finish_in_flight(launched)
             self._in_flight = launched
@@ -162,10 +164,9 @@ class EngineCore:
         try:
             result = self.runner.read_back(step)
         except Exception as e:
-            lost = [] if launched is None else [launched.output]
-            if launched is not None:
-                self.runner.wait_quietly(launched)  # let it end before anything is rebuilt
-            raise StepFailed(recover(self, step.output, lost, e, launched=True), e) from e
+            if launched is not None:  # it read the failed step's cache: let it end, it is rebuilt
+                self.runner.wait_quietly(launched)
+            raise StepFailed(recover(self, step.output, e, launched=True), e) from e
         t0 = time.perf_counter()
         out = step.output
         update = self.scheduler.update(out, result.tokens)
@@ -220,8 +221,8 @@ class EngineCore:
 
     def fail_all(self, error: BaseException) -> list[str]:
         """After an unexpected failure: aborts every request (their cache may be lost) and
-        rebuilds the device state; returns the aborted family ids."""
-        self._ready.clear()
+        rebuilds the device state; returns the aborted family ids. Outputs of steps that did
+        finish still go out with the next step."""
         self._in_flight = None
         return fail_all(self, error)
 

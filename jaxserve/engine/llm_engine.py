@@ -79,7 +79,7 @@ class LLMEngine:
     def add_prepared(self, request_id: str | None, prepared: PreparedRequest) -> str:
         if request_id is None:
             request_id, self._next_id = str(self._next_id), self._next_id + 1
-        if request_id in self.outputs.request_ids:
+        if self.outputs.has(request_id):
             raise ValueError(f"request id {request_id!r} is already in use")
         sample_ids = self.core.add_request(request_id, prepared.prompt_token_ids, prepared.params)
         self.outputs.add(request_id, prepared.prompt, prepared.prompt_token_ids, prepared.params, sample_ids)
@@ -119,15 +119,6 @@ class LLMEngine:
             for sample_id, stop in stopped:
                 self.core.finish_stopped(sample_id, stop)
         return outputs
-
-    def fail_running(self, error: BaseException) -> list[str]:
-        """After an unexpected failure: aborts every request in flight and rebuilds the device
-        state; returns the aborted request ids."""
-        ids = list(dict.fromkeys(self.outputs.request_ids + self.core.fail_all(error)))
-        for request_id in ids:
-            self.outputs.drop(request_id)
-        self._pending.clear()
-        return ids
 
     # -- state ----------------------------------------------------------------------------------
     def has_unfinished_requests(self) -> bool:

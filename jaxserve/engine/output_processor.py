@@ -160,6 +160,9 @@ class OutputProcessor:
     def has_unfinished(self) -> bool:
         return bool(self._families)
 
+    def has(self, request_id: str) -> bool:
+        return request_id in self._families
+
     @property
     def request_ids(self) -> list[str]:
         return list(self._families)

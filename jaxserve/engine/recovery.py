@@ -32,10 +32,9 @@ class StepFailed(RuntimeError):
         self.cause = cause
 
 
-def recover(
-    core: EngineCore, step: SchedulerOutput, lost: list[SchedulerOutput], error: BaseException, *, launched: bool
-) -> list[str]:
-    """After `step` raised (and `lost` with it): returns the family ids failed for good."""
+def recover(core: EngineCore, step: SchedulerOutput, error: BaseException, *, launched: bool) -> list[str]:
+    """After `step` raised: returns the family ids failed for good. launched: the device ran it
+    (and the step launched behind it read its cache)."""
     scheduler, runner = core.scheduler, core.runner
     core.forget_timing()
     families = scheduler.family_ids(step.request_ids)
@@ -48,7 +47,7 @@ def recover(
         runner.reset_device_state()
         victims = list(scheduler.requests)  # forked children waiting hold pages too
     else:
-        victims = list(dict.fromkeys(r for s in (step, *lost) for r in s.request_ids))
+        victims = list(dict.fromkeys(step.request_ids))
     scheduler.retry(victims)
     scheduler.quarantine(f for f in families if f not in failed)
     core.log(f"step failed ({type(error).__name__}: {error}); failed {failed}, retrying {len(victims)} requests")

@@ -83,6 +83,12 @@ class Request:
         return self.parent_id or self.request_id
 
 
+def check_request_id(request_id: str) -> None:
+    """A user's request id may not contain '#': the ids of a request's samples are id#0, id#1, ..."""
+    if "#" in request_id:
+        raise ValueError(f"request id {request_id!r}: '#' is reserved for the ids of a request's samples")
+
+
 def sample_ids(request_id: str, n: int) -> list[str]:
     """The ids of a request's samples: itself, or for n > 1 one child per sample."""
     return [request_id] if n == 1 else [f"{request_id}#{i}" for i in range(n)]
