@@ -5,8 +5,9 @@
     runs the step] -> update(step, sampled tokens) -> UpdateResult (who advanced, who finished);
     finished requests free their pages at once and reach the runner in the next SchedulerOutput
 
-`KVPageManager` owns the page free list and each request's page table; `Scheduler` decides
-who runs, chunking prefills to the token budget and preempting (recompute) when pages run out.
+`KVPageManager` owns the free pages, each request's page table and the prefix cache (full pages
+found again by their tokens); `Scheduler` decides who runs, starting a request past the pages it
+finds cached, chunking prefills to the token budget and preempting (recompute) when pages run out.
 """
 
 from jaxserve.scheduler.kv_pages import KVPageManager

@@ -431,6 +431,7 @@ class Scheduler:
         for child in reversed(children):  # at the head of the queue, in index order
             self.kv.share(child.request_id, prefix.request_id, num_pages)
             child.num_computed_tokens = prefix.prefix_len
+            child.num_cached_tokens = prefix.num_cached_tokens  # the family's, told already
             self._chain(child, prefix.cache_entries[:num_pages])
             child.status = RequestStatus.WAITING
             self.waiting.appendleft(child)
