@@ -175,8 +175,8 @@ class EngineCore:
             [ids[i] for i in update.advanced],
             [tokens[i] for i in update.advanced],
             update.finished,
-            result.logprobs,
-            result.prompt_logprobs,
+            _without(result.logprobs, update.gone),
+            _without(result.prompt_logprobs, update.gone),
             self.scheduler.take_num_cached_tokens(),
         )
         now = time.perf_counter()
@@ -229,3 +229,9 @@ class EngineCore:
     def forget_timing(self) -> None:
         """The next step's period starts afresh (after a failure, or an idle engine)."""
         self._last_finish = None
+
+
+def _without(by_request: dict, gone: set[str]) -> dict:
+    """What a step computed, less the requests that ended before it was read back (their id may
+    already name a new request)."""
+    return {k: v for k, v in by_request.items() if k not in gone} if gone and by_request else by_request

@@ -1,8 +1,9 @@
 """A failed step: retry its requests alone, fail only the one that fails again.
 
-    step raised -> families already under quarantine (they ran alone): failed, aborted
+    step raised -> a request already under quarantine (it ran alone): its family failed, aborted
                 -> the rest of the step (and the step launched behind it) recomputed; each of
-                   its families quarantined: it runs alone until a step of it succeeds
+                   its requests quarantined: it runs alone until a step of it gets as far as
+                   the failed grant did (a failure late in a request is found too)
                 -> if the device ran it (its cache and state derive from the failure) or the
                    donated cache is gone: fresh device state, every live request recomputed
 
@@ -37,8 +38,8 @@ def recover(core: EngineCore, step: SchedulerOutput, error: BaseException, *, la
     (and the step launched behind it read its cache)."""
     scheduler, runner = core.scheduler, core.runner
     core.forget_timing()
-    families = scheduler.family_ids(step.request_ids)
-    failed = [f for f in families if scheduler.is_quarantined(f)]
+    # A suspect runs alone: if it fails again, its family is failed for good.
+    failed = scheduler.family_ids([r for r in step.request_ids if scheduler.is_quarantined(r)])
     for family_id in failed:
         scheduler.abort(family_id)
     # Donated buffers a failed program consumed (the sampler and the page-table writer donate the
@@ -49,7 +50,7 @@ def recover(core: EngineCore, step: SchedulerOutput, error: BaseException, *, la
     else:
         victims = list(dict.fromkeys(step.request_ids))
     scheduler.retry(victims)
-    scheduler.quarantine(f for f in families if f not in failed)
+    scheduler.quarantine(step, spare=set(failed))
     core.log(f"step failed ({type(error).__name__}: {error}); failed {failed}, retrying {len(victims)} requests")
     return failed
 

@@ -60,3 +60,5 @@ class UpdateResult:
 
     advanced: list[int]  # positions in the step's grants
     finished: dict[str, tuple[str, int | str | None]]  # request id -> ("stop" | "length", stop token id)
+    gone: set[str]  # ids of the step's requests that had ended before it was read back: what it
+    # computed for them (logprobs) must not reach a new request that reuses the id

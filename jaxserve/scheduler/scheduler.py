@@ -89,7 +89,9 @@ class Scheduler:
         self._removed: list[str] = []  # ids removed since the last SchedulerOutput
         self._issued: deque[tuple[SchedulerOutput, list[Request]]] = deque()  # outputs awaiting update()
         # Families under suspicion after a failed step: each runs alone until a step succeeds.
-        self._quarantine: set[str] = set()
+        # Requests under suspicion after a failed step, with the position their failed grant
+        # reached: each runs alone until a step of it gets that far.
+        self._quarantine: dict[str, int] = {}
         self.prefix_cache = PrefixCacheStats()
         self._new_cached: dict[str, int] = {}  # family id -> tokens found cached, since take_num_cached_tokens
         self._to_cache: list[Request] = []  # requests whose grants completed a page not cached yet
@@ -272,16 +274,22 @@ class Scheduler:
         return self.kv.reset_cache()
 
     def _schedule_quarantined(self, grants: _Grants) -> list[Request]:
-        """One request of a suspected family, alone in the step, so that a failure names it."""
-        req = next((r for r in [*self.running, *self.waiting] if r.family_id in self._quarantine), None)
+        """One suspected request, alone in the step, so that a failure names it."""
+        req = next((r for r in [*self.running, *self.waiting] if r.request_id in self._quarantine), None)
         if req is None:  # the suspects finished or were aborted
             self._quarantine.clear()
             return self._schedule(grants)
-        n = min(req.target_tokens - req.num_computed_tokens, self.config.max_num_batched_tokens)
         while req not in self.running and len(self.running) >= self.config.max_num_seqs:  # room for it
             self._preempt(self.running.pop())
-        while (added := self.kv.allocate(req.request_id, req.num_computed_tokens + n)) is None:
-            victim = next(r for r in reversed(self.running) if r is not req)  # alone it always fits
+        while True:
+            n = min(req.target_tokens - req.num_computed_tokens, self.config.max_num_batched_tokens)
+            if (added := self.kv.allocate(req.request_id, req.num_computed_tokens + n)) is not None:
+                break
+            if self._evict_waiting_pages(keep=req):  # forked children waiting pin pages too
+                continue
+            victim = next((r for r in reversed(self.running) if r is not req), None)
+            if victim is None:
+                raise RuntimeError(f"request {req.request_id!r} alone does not fit the KV cache")
             self.running.remove(victim)
             self._preempt(victim)
         if req in self.waiting:
@@ -337,24 +345,29 @@ class Scheduler:
                 self._drop_pages(req)
         self.kv.reset_cache(referenced_too=True)
 
-    def quarantine(self, family_ids) -> None:
-        """Each of these families runs alone until a step of it succeeds (after a failed step)."""
-        self._quarantine.update(family_ids)
+    def quarantine(self, output: SchedulerOutput, spare: set[str] = frozenset()) -> None:
+        """After `output` failed: each of its live requests (but those of the families in spare)
+        runs alone until a step of it gets as far as its failed grant did."""
+        for rid, start, n in zip(output.request_ids, output.num_computed_tokens, output.num_scheduled_tokens):
+            req = self.requests.get(rid)
+            if req is not None and req.family_id not in spare:
+                self._quarantine[rid] = max(self._quarantine.get(rid, 0), start + n)
 
-    def is_quarantined(self, family_id: str) -> bool:
-        return family_id in self._quarantine
+    def is_quarantined(self, request_id: str) -> bool:
+        return request_id in self._quarantine
 
     @property
     def has_quarantine(self) -> bool:
         return bool(self._quarantine)
 
-    def _evict_waiting_pages(self) -> bool:
-        """Frees the pages of the newest waiting request that holds some (an n > 1 child that
-        forked onto the prompt's shared pages and has not run yet): it will compute its prompt
-        itself. Pages held by requests that cannot run would otherwise starve running ones.
-        Returns whether any were freed."""
+    def _evict_waiting_pages(self, keep: Request | None = None) -> bool:
+        """Drops the page table of the newest waiting request that holds pages (an n > 1 child
+        that forked onto the prompt's shared pages and has not run yet; not `keep`): it will
+        compute its prompt itself. Pages held by requests that cannot run would otherwise starve
+        running ones. Returns whether a request gave its pages up (a page shared with a sibling
+        is free only once all have)."""
         for req in reversed(self.waiting):
-            if self.kv.table(req.request_id):
+            if req is not keep and self.kv.table(req.request_id):
                 self._drop_pages(req)
                 return True
         return False
@@ -382,12 +395,14 @@ class Scheduler:
         issued, requests = self._issued.popleft()
         if issued is not output:
             raise RuntimeError("scheduler outputs must be updated in the order they were scheduled")
-        advanced, finished = [], {}
+        advanced, finished, gone = [], {}, set()
         quarantine, samples = self._quarantine, output.samples
         for i, req in enumerate(requests):
-            if quarantine:
-                quarantine.discard(req.family_id)  # its step succeeded
+            if quarantine and req.request_id in quarantine:  # cleared once it got past its failure
+                if output.num_computed_tokens[i] + output.num_scheduled_tokens[i] >= quarantine[req.request_id]:
+                    del quarantine[req.request_id]
             if req.status in FINISHED:  # aborted or finished meanwhile: its token is dropped
+                gone.add(req.request_id)
                 continue
             if req.prefix_len is not None:
                 # Fork once the grant that completes the prompt's shared pages has run (its
@@ -405,7 +420,7 @@ class Scheduler:
             advanced.append(i)
             if self._check_stop(req, token):
                 finished[req.request_id] = (req.status.value, req.stop_reason)
-        return UpdateResult(advanced, finished)
+        return UpdateResult(advanced, finished, gone)
 
     def _check_stop(self, req: Request, token: int) -> bool:
         """Finishes the request if its new token ends it (eos, a stop token id, its length)."""

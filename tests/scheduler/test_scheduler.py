@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from jaxserve.sampling_params import SamplingParams
-from jaxserve.scheduler import KVPageManager, Request, RequestStatus, Scheduler, SchedulerConfig
+from jaxserve.scheduler import KVPageManager, Request, RequestStatus, Scheduler, SchedulerConfig, SchedulerOutput
 
 V = 97
 
@@ -167,7 +167,7 @@ def test_a_quarantined_request_waiting_behind_a_full_batch_stays_within_max_num_
     for rid in ("a", "b", "c"):
         s.add_request(req(rid, 3, max_tokens=8))
     step(s)  # a and b run, c waits
-    s.quarantine(["c"])
+    s.quarantine(SchedulerOutput([], [], ["c"], [3], [0], [True], [[]], 3))  # as if c's step had failed
     rows, out = step(s)
     assert rows == [("c", 0, 3)] and len(s.running) <= 2 and set(out.removed_ids) & {"a", "b"}
 
