@@ -272,6 +272,7 @@ def main() -> None:
     p.add_argument("--server-args", default="", help="flags for `jaxserve serve` (model, dtype, sizes)")
     p.add_argument("--base-url", default=None, help="measure this running server instead of starting two")
     p.add_argument("--label", default="server", help="the mode's name with --base-url")
+    p.add_argument("--modes", default="on,off", help="the servers to start, in this order (on: caching on)")
     p.add_argument("--api-key", default=None)
     p.add_argument("--workloads", default=",".join(WORKLOADS))
     p.add_argument("--vocab-size", type=int, default=49152, help="of the served model (SmolLM2: 49152)")
@@ -296,8 +297,10 @@ def main() -> None:
         print(f"{args.label}:", flush=True)
         results[args.label] = asyncio.run(run_all(args.base_url, args))
     else:
-        for mode, caching in (("on", True), ("off", False)):
-            server = Server(shlex.split(args.server_args), caching, args.startup_timeout)
+        for mode in args.modes.split(","):
+            if mode not in ("on", "off"):
+                raise SystemExit(f"--modes: on and off, not {mode!r}")
+            server = Server(shlex.split(args.server_args), mode == "on", args.startup_timeout)
             try:
                 print(f"prefix caching {mode}:", flush=True)
                 results[mode] = asyncio.run(run_all(server.url, args, server.cpu_seconds))

@@ -27,9 +27,10 @@ def test_cached_tokens_salt_metrics_and_reset(client, http):
     second = client.completions.create(model=MODEL_NAME, prompt=prompt[: 3 * PAGE] + [7, 8], **GREEDY)
     assert cached_tokens(first) == 0 and cached_tokens(second) == 3 * PAGE
     after = metric_values(http)
-    assert after["jaxserve:prefix_cache_queries_total"] - before["jaxserve:prefix_cache_queries_total"] == 2 * len(
-        prompt
-    ) - 3
+    assert (
+        after["jaxserve:prefix_cache_queries_total"] - before["jaxserve:prefix_cache_queries_total"]
+        == 2 * len(prompt) - 3
+    )
     assert after["jaxserve:prefix_cache_hits_total"] - before["jaxserve:prefix_cache_hits_total"] == 3 * PAGE
 
     salted = dict(GREEDY, extra_body={"ignore_eos": True, "cache_salt": "tenant-a"})
