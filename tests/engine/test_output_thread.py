@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 
@@ -36,6 +37,7 @@ def test_detokenizing_runs_on_the_event_loop_and_a_stop_string_ends_the_request(
     full = tokenizer.decode(tokens, skip_special_tokens=True)
     stop = full[len(full) // 2 : len(full) // 2 + 2]
     llm = AsyncLLM(engine(tokenizer=tokenizer))
+    e = llm.engine
     try:
 
         async def last(params):
@@ -44,6 +46,10 @@ def test_detokenizing_runs_on_the_event_loop_and_a_stop_string_ends_the_request(
 
         plain = asyncio.run(last(SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)))
         stopped = asyncio.run(last(SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop=[stop])))
+        for _ in range(500):  # the stop reaches the engine thread as a command: let it land
+            if not e.has_unfinished_requests():
+                break
+            time.sleep(0.01)
     finally:
         llm.shutdown()
     assert plain.outputs[0].text == full
@@ -51,6 +57,6 @@ def test_detokenizing_runs_on_the_event_loop_and_a_stop_string_ends_the_request(
     assert out.finish_reason == "stop" and out.stop_reason == stop
     assert out.text == full[: full.find(stop)]
     assert threads and "jaxserve-engine" not in threads  # never on the engine thread
-    e = llm.engine
+    assert not e.has_unfinished_requests()
     e.block_until_idle()
     assert e.scheduler.kv.num_free_pages == e.scheduler.kv.num_pages
