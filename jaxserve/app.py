@@ -20,35 +20,34 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import types
-import typing
 from collections.abc import Mapping
 
 from jaxserve.config import EngineConfig
+from jaxserve.engine_args import PLAN_FIELDS, default_plan, describe_plan, field_type, with_plan
 from jaxserve.server import ServerSettings, create_app
 
 PREFIX = "JAXSERVE_"
-
-
-def _converter(annotation):
-    """int, float or str from a field's type (`int | None` -> int, `str | Path | None` -> str)."""
-    options = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
-    for kind in (bool, int, float):
-        if kind in options:
-            return (lambda v: v.lower() in ("1", "true", "yes")) if kind is bool else kind
-    return str
+# transformers advises at import that PyTorch is absent; jaxserve never needs it.
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
 def settings_from_env(environ: Mapping[str, str] = os.environ) -> ServerSettings:
-    hints = typing.get_type_hints(EngineConfig)
     engine_args = {}
     for field in dataclasses.fields(EngineConfig):
         value = environ.get(PREFIX + field.name.upper())
         if value not in (None, ""):
+            kind = field_type(field)
             try:
-                engine_args[field.name] = _converter(hints[field.name])(value)
+                engine_args[field.name] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
             except ValueError:
-                raise ValueError(f"{PREFIX}{field.name.upper()}={value!r}: expected {hints[field.name]}") from None
+                raise ValueError(f"{PREFIX}{field.name.upper()}={value!r}: expected {kind.__name__}") from None
+    if not any(name in engine_args for name in PLAN_FIELDS):  # the device decides the default plan
+        import jax
+
+        plan = default_plan(jax.default_backend())
+        engine_args, planned = with_plan(engine_args, plan)
+        if planned:
+            print(describe_plan(plan, "env"))
     names = tuple(n.strip() for n in environ.get(PREFIX + "SERVED_MODEL_NAME", "").split(",") if n.strip())
     fault = environ.get(PREFIX + "FAULT_TOKEN_ID")
     body_limit = environ.get(PREFIX + "MAX_REQUEST_BODY_BYTES")

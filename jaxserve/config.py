@@ -24,6 +24,7 @@ class EngineConfig:
     cpu_kv_cache_bytes: int = 1 << 30  # KV budget where the device reports no memory (CPU)
     min_token_bucket: int = 16
     row_bucket_growth: int = 4  # factor between request-count buckets; 0: one per token bucket
+    token_bucket_growth: int = 2  # factor between token-count buckets (powers of two by default)
     cache_dir: str | Path | None = None  # converted default model, XLA compilation cache, compiled steps
     # Keep compiled steps in cache_dir, so a warm start skips lowering them. None: on a GPU only
     # (XLA on the CPU cannot always reload an executable it serialized). One device only, so far.
@@ -41,5 +42,7 @@ class EngineConfig:
         for name in ("max_num_seqs", "max_num_batched_tokens", "page_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.token_bucket_growth < 2:
+            raise ValueError(f"token_bucket_growth must be >= 2, got {self.token_bucket_growth}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")

@@ -10,12 +10,15 @@ steps the engine until all are done, with a progress bar.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 
+import jax
 from tqdm.auto import tqdm
 
 from jaxserve.config import EngineConfig
 from jaxserve.engine.llm_engine import LLMEngine, Prompt
+from jaxserve.engine_args import default_plan, describe_plan, with_plan
 from jaxserve.outputs import RequestOutput
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.tokenizer import chat_prompt_ids
@@ -31,7 +34,15 @@ class LLM:
         **engine_args,
     ):
         """engine_args: any EngineConfig field (load_format, dtype, tensor_parallel_size,
-        max_model_len, max_num_seqs, max_num_batched_tokens, gpu_memory_utilization, seed, ...)."""
+        max_model_len, max_num_seqs, max_num_batched_tokens, gpu_memory_utilization, seed, ...).
+        On a CPU, without any of the plan's fields (engine_args.PLAN_FIELDS), the plan is
+        engine_args.CPU_PLAN: a few small step shapes, so that start-up takes seconds, not minutes."""
+        # An entry point: transformers' advice that PyTorch is absent (jaxserve never needs it) stays quiet.
+        os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+        plan = default_plan(jax.default_backend())
+        engine_args, planned = with_plan(engine_args, plan)
+        if planned:
+            print(describe_plan(plan, "kwargs"))
         self.engine = LLMEngine(
             EngineConfig(model=model, **engine_args), logits_processors=logits_processors, progress=progress
         )

@@ -56,14 +56,11 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a file: make `jaxserve` and `tests.engine.mock_model` importable
-    sys.path.insert(0, str(ROOT))
-
-from jaxserve.config import EngineConfig  # noqa: E402
-from jaxserve.engine.llm_engine import LLMEngine  # noqa: E402
-from jaxserve.sampling_params import SamplingParams  # noqa: E402
-from tests.engine.mock_model import SumModel  # noqa: E402
+from jaxserve.config import EngineConfig
+from jaxserve.engine.llm_engine import LLMEngine
+from jaxserve.engine_args import add_engine_args
+from jaxserve.sampling_params import SamplingParams
+from jaxserve.testing.mock_model import SumModel
 
 V = 101  # the mock model's vocabulary
 DECODE_PROMPT_LEN = 8  # decode rows start from short prompts: their prefill is over in a step or two
@@ -291,10 +288,8 @@ def main() -> None:
     p.add_argument("--warm", type=int, default=20, help="untimed steady steps before timing")
     p.add_argument("--steps", type=int, default=200, help="timed steps per case")
     p.add_argument("--repeats", type=int, default=3, help="rounds over the cases; each reports its least disturbed")
-    p.add_argument("--page-size", type=int, default=16)
-    p.add_argument("--min-token-bucket", type=int, default=16)
-    p.add_argument("--row-bucket-growth", type=int, default=8)
     p.add_argument("--output-json", type=Path, help="write the cases as a JSON list")
+    add_engine_args(p, defaults=dict(row_bucket_growth=8), only=("page_size", "min_token_bucket", "row_bucket_growth"))
     p.add_argument(
         "--profile",
         action="store_true",

@@ -32,22 +32,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pallas_kernels import (  # noqa: E402
+from jaxserve.benchmarks.attention_batch import DT, H, K, N, make_batch
+from jaxserve.benchmarks.device_limits import torch_copy_bandwidth
+from pallas_kernels import (
     ragged_paged_attention,
     ragged_paged_attention_reference,
     write_kv_pages_reference,
 )
-from pallas_kernels.kv_cache_update import write_kv_pages  # noqa: E402
-from pallas_kernels.ragged_paged_attention_config import DECODE_CONFIG, PREFILL_CONFIG, default_splits  # noqa: E402
-from pallas_kernels.ragged_tiles import max_tiles, plan_tiles, rows_into_cells, rows_to_tokens  # noqa: E402
+from pallas_kernels.kv_cache_update import write_kv_pages
+from pallas_kernels.ragged_paged_attention_config import DECODE_CONFIG, PREFILL_CONFIG, default_splits
+from pallas_kernels.ragged_tiles import max_tiles, plan_tiles, rows_into_cells, rows_to_tokens
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from device_limits import torch_copy_bandwidth  # noqa: E402  (scripts/device_limits.py)
-
-N, K, H = 32, 8, 128  # Llama-3.1-8B attention heads
-DT = jnp.bfloat16
 VARIANTS = {  # the two configs the public function picks between by shape (DECODE_CONFIG for decode)
     "decode_cfg": DECODE_CONFIG,  # 1 compute warpgroup (64 rows), block_kv 128, 3 stages, a program per item, auto splits
     "decode_persist": dataclasses.replace(DECODE_CONFIG, num_programs=None),  # persistent: one program per SM
@@ -129,32 +124,6 @@ def ceilings():
         jax.block_until_ready(c)
         ts.append((time.perf_counter() - t) / 10)
     return copy_bw, 2 * 8192**3 / statistics.median(ts)
-
-
-def make_batch(key, q_lens, kv_lens, *, num_heads, num_kv_heads, head_dim, page_size, dtype, pad_rows=1, pad_tokens=0):
-    """Random ragged batch on the device; pages of each sequence scattered by a permutation."""
-    rows = len(q_lens)
-    pps = max(-(-kv // page_size) for kv in kv_lens)
-    num_pages = rows * pps
-    kq, kk, kv_, kp = jax.random.split(key, 4)
-    perm = np.asarray(jax.random.permutation(kp, num_pages)).astype(np.int32)
-    page_table = np.zeros((rows + pad_rows, pps), np.int32)
-    page_table[:rows] = perm.reshape(rows, pps)
-    total = sum(q_lens)
-    cu = np.full(rows + pad_rows + 1, total, np.int32)
-    cu[: rows + 1] = np.concatenate([[0], np.cumsum(q_lens)])
-    lens = np.zeros(rows + pad_rows, np.int32)
-    lens[:rows] = kv_lens
-    shape = (num_pages, page_size, num_kv_heads, head_dim)
-    return dict(
-        q=jax.random.normal(kq, (total + pad_tokens, num_heads, head_dim), dtype),
-        k_pages=jax.random.normal(kk, shape, dtype),
-        v_pages=jax.random.normal(kv_, shape, dtype),
-        kv_lens=jnp.asarray(lens),
-        page_table=jnp.asarray(page_table),
-        cu_q_lens=jnp.asarray(cu),
-        num_seqs=jnp.array([rows], jnp.int32),
-    )
 
 
 def rel_err(out, ref):

@@ -1,49 +1,80 @@
-"""Offline throughput, in the manner of `vllm bench throughput`: random-token prompts of a fixed
-length, a fixed number of output tokens each (ignore_eos), all submitted at once.
+"""Offline throughput with `vllm bench throughput`'s flags and result lines: prompts from vLLM's
+random dataset (--input-len, --output-len, --random-range-ratio, --prefix-len) or a local ShareGPT
+JSON (--dataset-name sharegpt --dataset-path FILE), all submitted at once, each generating its
+output length (ignore_eos, temperature 1.0, --n samples); prints "Throughput: X requests/s, Y total
+tokens/s, Z output tokens/s" and the prompt and output token totals. The engine flags are
+`jaxserve serve`'s (jaxserve/engine_args.py); on a CPU without plan flags the plan is the small one.
 
     python scripts/bench_throughput.py --input-len 128 --output-len 64 --num-prompts 16
-    python scripts/bench_throughput.py --model llama-3.1-8b --load-format dummy \
-        --workloads 1024:1024,128:128,2048:128 --num-prompts 1000
+    python scripts/bench_throughput.py --model llama-3.1-8b --load-format dummy --dtype bfloat16 \
+        --workloads 1024:1024,128:128,2048:128 --num-prompts 1000 --max-num-seqs 256
 
---workloads runs several (input:output) workloads on one engine, one after the other. On a GPU
-each is printed beside its roofline: the time no engine can beat on this device, from the copy
-bandwidth and bf16 matmul rate measured in the same run (see `roofline`).
+Prompts are text made with the engine's tokenizer, as vLLM's are; a model without one (a
+random-weight preset) gets random token ids from its vocabulary. --workloads runs several
+(input:output[:n]) random workloads on one engine, one after the other. On a GPU each is printed
+beside its roofline: the time no engine can beat on this device, from the copy bandwidth and bf16
+matmul rate measured in the same run (see `roofline`).
 
---backend transformers runs transformers' continuous batching (`model.generate_batch`) on the
-same prompts for comparison; it needs torch (the GPU machine has it; on the CPU see
+--backend hf (or transformers) runs transformers' continuous batching (`model.generate_batch`) on
+the same prompts for comparison; it needs torch (the GPU machine has it; on the CPU see
 scripts/make_reference_fixtures.py for a venv). A preset with --load-format dummy is built from
-its config with random weights on the GPU. Prints "Throughput: X requests/s, Y total tokens/s,
-Z output tokens/s". The clock starts after start-up (loading, warm-up compilation) and stops when
-the last request ends.
+its config with random weights on the GPU. The clock starts after start-up (loading, warm-up
+compilation) and stops when the last request ends.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from datetime import date
 from pathlib import Path
 
-import numpy as np
-
-
-def random_prompts(num: int, length: int, vocab: int, seed: int) -> list[list[int]]:
-    rng = np.random.default_rng(seed)
-    return rng.integers(100, vocab - 100, size=(num, length)).tolist()  # clear of special ids at either end
+from jaxserve.benchmarks.datasets import SampleRequest, load_client_tokenizer, random_requests, sharegpt_requests
+from jaxserve.engine_args import add_engine_args, engine_kwargs
 
 
 def parse_workloads(args) -> list[tuple[int, int, int]]:
-    """(input_len, output_len, num_prompts) of each workload: --workloads in:out[:n],... or the
-    single --input-len/--output-len; n defaults to --num-prompts."""
+    """(input_len, output_len, num_prompts) of each random workload: --workloads in:out[:n],... or
+    the single --input-len/--output-len; n defaults to --num-prompts."""
     if not args.workloads:
-        return [(args.input_len, args.output_len, args.num_prompts)]
+        if args.input_len is None:
+            raise SystemExit("the random dataset needs --input-len (or --workloads, or --dataset-path)")
+        return [(args.input_len, args.output_len or 128, args.num_prompts)]
     out = []
     for w in args.workloads.split(","):
         parts = [int(x) for x in w.split(":")]
         out.append((parts[0], parts[1], parts[2] if len(parts) > 2 else args.num_prompts))
     return out
+
+
+def workload_requests(args, tokenizer, vocab_size: int) -> list[tuple[str, list[SampleRequest]]]:
+    """(name, requests) of each workload: the ShareGPT file, or each random workload."""
+    if args.dataset_name == "sharegpt" or (args.dataset_name is None and args.dataset_path):
+        if args.dataset_path is None or tokenizer is None:
+            raise SystemExit("--dataset-name sharegpt needs --dataset-path and a model with a tokenizer")
+        requests = sharegpt_requests(
+            args.dataset_path, tokenizer, args.num_prompts, output_len=args.output_len, seed=args.seed
+        )
+        return [("sharegpt", requests)]
+    return [
+        (
+            f"{i}:{o}",
+            random_requests(
+                n,
+                i,
+                o,
+                tokenizer=tokenizer,
+                vocab_size=vocab_size,
+                range_ratio=args.random_range_ratio,
+                prefix_len=args.prefix_len,
+                seed=args.seed,
+            ),
+        )
+        for i, o, n in parse_workloads(args)
+    ]
 
 
 def roofline(
@@ -117,26 +148,13 @@ def run_jaxserve(args) -> list[dict]:
     from jaxserve import LLM, SamplingParams
 
     t0 = time.perf_counter()
-    llm = LLM(
-        args.model,
-        load_format=args.load_format,
-        dtype=args.dtype,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        max_model_len=args.max_model_len,
-        gpu_memory_utilization=args.gpu_memory_utilization,
-        attention_impl=args.attention_impl,
-        num_kv_pages=args.num_kv_pages,
-        seed=args.seed,
-        page_size=args.page_size,
-        row_bucket_growth=args.row_bucket_growth,
-    )
+    llm = LLM(**engine_kwargs(args))
     startup = time.perf_counter() - t0
     engine = llm.engine
     on_gpu = jax.default_backend() == "gpu"
     limits = {}
     if on_gpu:
-        from device_limits import copy_bandwidth, matmul_rate  # scripts/device_limits.py
+        from jaxserve.benchmarks.device_limits import copy_bandwidth, matmul_rate
 
         limits = dict(copy_bandwidth=copy_bandwidth(), matmul_rate=matmul_rate())
         print(
@@ -146,21 +164,31 @@ def run_jaxserve(args) -> list[dict]:
     weight_bytes = sum(a.nbytes for a in jax.tree.leaves(engine.runner.weights))
     capacity = engine.runner.num_pages * engine.runner.page_size
     results = []
-    for input_len, output_len, num_prompts in parse_workloads(args):
-        prompts = random_prompts(num_prompts, input_len, engine.model_config.vocab_size, args.seed)
-        params = SamplingParams(temperature=1.0, top_p=1.0, ignore_eos=True, max_tokens=output_len)
+    for name, requests in workload_requests(args, llm.get_tokenizer(), engine.model_config.vocab_size):
+        prompts = [r.prompt if isinstance(r.prompt, str) else {"prompt_token_ids": r.prompt} for r in requests]
+        params = [
+            SamplingParams(n=args.n, temperature=1.0, top_p=1.0, ignore_eos=True, max_tokens=r.expected_output_len)
+            for r in requests
+        ]
         before = dataclasses.replace(engine.stats)
         t0 = time.perf_counter()
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+        outs = llm.generate(prompts, params)
         elapsed = time.perf_counter() - t0
-        assert all(len(o.outputs[0].token_ids) == output_len for o in outs)
+        prompt_tokens = sum(len(o.prompt_token_ids) for o in outs)
+        output_tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
+        assert output_tokens == args.n * sum(r.expected_output_len for r in requests)
         steps = engine.stats.steps - before.steps
+        input_len = round(prompt_tokens / len(requests))
+        output_len = round(output_tokens / len(requests) / args.n)
         record = dict(
+            workload=name,
             input_len=input_len,
             output_len=output_len,
-            num_prompts=num_prompts,
+            num_prompts=len(requests),
             elapsed=elapsed,
-            output_tokens_per_second=num_prompts * output_len / elapsed,
+            prompt_tokens=prompt_tokens,
+            output_tokens=output_tokens,
+            output_tokens_per_second=output_tokens / elapsed,
             startup_seconds=startup,
             steps=steps,
             host_ms_per_step=1e3 * (engine.stats.host_seconds - before.host_seconds) / max(steps, 1),
@@ -169,12 +197,12 @@ def run_jaxserve(args) -> list[dict]:
             preemptions=engine.scheduler.num_preemptions,
             device=str(jax.devices()[0].device_kind),
         )
-        line = f"{input_len}:{output_len} x {num_prompts}: {record['output_tokens_per_second']:.0f} output tokens/s"
+        line = f"{name} x {len(requests)}: {record['output_tokens_per_second']:.0f} output tokens/s"
         if limits:
-            concurrency = min(args.max_num_seqs, num_prompts, capacity // (input_len + output_len))
+            concurrency = min(engine.config.max_num_seqs, len(requests), capacity // (input_len + output_len))
             bound = roofline(
                 engine.model_config,
-                num_prompts=num_prompts,
+                num_prompts=len(requests) * args.n,
                 input_len=input_len,
                 output_len=output_len,
                 concurrency=concurrency,
@@ -208,7 +236,7 @@ def build_transformers_model(args):
 
     from models.config import preset_path
 
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "auto": "auto"}[args.dtype]
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}[args.dtype]
     preset = preset_path(str(args.model)) if args.model else None
     if preset is not None and not Path(args.model).is_dir():
         if args.load_format != "dummy":
@@ -221,9 +249,7 @@ def build_transformers_model(args):
                 config, dtype=dtype if dtype != "auto" else torch.bfloat16, attn_implementation="sdpa"
             ).eval()
     if args.model is None or not Path(args.model).is_dir():
-        raise SystemExit(
-            "--backend transformers needs --model: a Hugging Face folder, or a preset with --load-format dummy"
-        )
+        raise SystemExit("--backend hf needs --model: a Hugging Face folder, or a preset with --load-format dummy")
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, attn_implementation="sdpa").eval()
     return model.cuda() if torch.cuda.is_available() else model
 
@@ -237,9 +263,16 @@ def run_transformers(args) -> list[dict]:
     model = build_transformers_model(args)
     startup = time.perf_counter() - t0
     on_gpu = torch.cuda.is_available()
+    folder = args.tokenizer or (args.model if Path(args.model).is_dir() else None)
+    tokenizer = load_client_tokenizer(folder, None) if folder else None
     results = []
-    for input_len, output_len, num_prompts in parse_workloads(args):
-        prompts = random_prompts(num_prompts, input_len, model.config.vocab_size, args.seed)
+    for name, requests in workload_requests(args, tokenizer, model.config.vocab_size):
+        lengths = {r.expected_output_len for r in requests}
+        if len(lengths) > 1:  # one GenerationConfig for the whole batch
+            raise SystemExit("--backend hf runs one output length per workload: leave --random-range-ratio at 0")
+        output_len, num_prompts = lengths.pop(), len(requests)
+        prompts = [r.prompt if isinstance(r.prompt, list) else tokenizer.encode(r.prompt) for r in requests]
+        input_len = round(sum(map(len, prompts)) / num_prompts)
         gen = GenerationConfig(
             max_new_tokens=output_len,
             min_new_tokens=output_len,
@@ -287,10 +320,13 @@ def run_transformers(args) -> list[dict]:
         errors = [o.error for o in outs.values() if o.error]
         assert len(outs) == len(prompts) and all(n == output_len for n in lengths), (lengths[:8], errors[:2])
         record = dict(
+            workload=name,
             input_len=input_len,
             output_len=output_len,
             num_prompts=num_prompts,
             elapsed=elapsed,
+            prompt_tokens=sum(map(len, prompts)),
+            output_tokens=num_prompts * output_len,
             output_tokens_per_second=num_prompts * output_len / elapsed,
             startup_seconds=startup,
             torch_threads=torch.get_num_threads(),
@@ -307,54 +343,74 @@ def run_transformers(args) -> list[dict]:
     return results
 
 
-def main() -> None:
+def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backend", choices=["jaxserve", "transformers"], default="jaxserve")
-    p.add_argument("--model", default=None, help="HF folder or preset (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"])
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
-    p.add_argument("--input-len", type=int, default=128)
-    p.add_argument("--output-len", type=int, default=64)
-    p.add_argument("--workloads", default=None, help="input:output pairs, comma-separated (overrides the two above)")
-    p.add_argument("--num-prompts", type=int, default=16)
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    p.add_argument("--num-kv-pages", type=int, default=None)
-    p.add_argument("--page-size", type=int, default=16)
-    p.add_argument("--row-bucket-growth", type=int, default=4)
-    p.add_argument("--attention-impl", default="auto", choices=["auto", "xla", "pallas", "reference"])
-    p.add_argument("--hf-block-size", type=int, default=256, help="transformers' KV block size (CPU)")
+    p.add_argument("--backend", choices=["jaxserve", "hf", "transformers"], default="jaxserve")
     p.add_argument(
-        "--hf-cuda-graphs", type=int, default=-1, help="transformers on a GPU: 1/0 CUDA graphs on/off; -1 its choice"
+        "--dataset-name",
+        choices=["random", "sharegpt"],
+        default=None,
+        help="default: sharegpt with --dataset-path, else random",
     )
-    p.add_argument(
-        "--hf-async-batching",
-        type=int,
-        default=-1,
-        help="transformers on a GPU: 1/0 async double-buffering; -1 its choice",
-    )
-    p.add_argument(
-        "--hf-compile-level", type=int, default=0, help="transformers: torch.compile level of its steps (0-3)"
-    )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dataset-path", default=None, help="a local ShareGPT JSON")
+    p.add_argument("--input-len", type=int, default=None, help="prompt tokens (random dataset)")
+    p.add_argument("--output-len", type=int, default=None, help="output tokens (default: 128, or ShareGPT's replies)")
+    p.add_argument("--n", type=int, default=1, help="samples per prompt")
+    p.add_argument("--num-prompts", type=int, default=1000)
+    p.add_argument("--random-range-ratio", type=float, default=0.0)
+    p.add_argument("--prefix-len", type=int, default=0, help="a random prefix every prompt shares (random dataset)")
+    p.add_argument("--workloads", default=None, help="random input:output[:n] workloads, comma-separated")
     p.add_argument("--output-json", default=None)
-    args = p.parse_args()
-    if args.backend == "transformers" and args.model is None:
-        args.model = str(Path.home() / ".cache" / "jaxserve" / "models" / "SmolLM2-135M-Instruct")
-    results = (run_jaxserve if args.backend == "jaxserve" else run_transformers)(args)
+    hf = p.add_argument_group("--backend hf (transformers' continuous batching)")
+    hf.add_argument("--hf-block-size", type=int, default=256, help="transformers' KV block size (CPU)")
+    hf.add_argument("--hf-cuda-graphs", type=int, default=-1, help="on a GPU: 1/0 CUDA graphs on/off; -1 its choice")
+    hf.add_argument(
+        "--hf-async-batching", type=int, default=-1, help="on a GPU: 1/0 async double-buffering; -1 its choice"
+    )
+    hf.add_argument("--hf-compile-level", type=int, default=0, help="torch.compile level of its steps (0-3)")
+    add_engine_args(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    # transformers advises at import that PyTorch is absent; jaxserve never needs it.
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    args = make_parser().parse_args(argv)
+    if args.backend == "jaxserve":
+        results = run_jaxserve(args)
+    else:
+        if args.model is None:
+            from jaxserve.default_model import default_model_folder
+
+            args.model = str(default_model_folder())
+        results = run_transformers(args)
     for r in results:
         n, elapsed = r["num_prompts"], r["elapsed"]
-        total_tokens = n * (r["input_len"] + r["output_len"])
-        r.update(requests_per_second=n / elapsed, tokens_per_second=total_tokens / elapsed)
-        print(
-            f"Throughput ({r['input_len']}:{r['output_len']}): {n / elapsed:.2f} requests/s, "
-            f"{total_tokens / elapsed:.2f} total tokens/s, {r['output_tokens_per_second']:.2f} output tokens/s"
+        output_tokens = r.get("output_tokens", n * r["output_len"])
+        prompt_tokens = r.get("prompt_tokens", n * r["input_len"])
+        total = prompt_tokens + output_tokens
+        r.update(
+            elapsed_time=elapsed,
+            num_requests=n,
+            total_num_tokens=total,
+            requests_per_second=n / elapsed,
+            tokens_per_second=total / elapsed,
         )
+        if len(results) > 1:
+            print(f"{r.get('workload', '')}:")
+        print(
+            f"Throughput: {n / elapsed:.2f} requests/s, {total / elapsed:.2f} total tokens/s, "
+            f"{output_tokens / elapsed:.2f} output tokens/s"
+        )
+        print(f"Total num prompt tokens:  {prompt_tokens}")
+        print(f"Total num output tokens:  {output_tokens}")
     if args.output_json:
-        record = dict(vars(args), results=results, date=str(date.today()), host=platform.node())
-        Path(args.output_json).write_text(json.dumps(record, indent=2) + "\n")
+        keys = ("elapsed_time", "num_requests", "total_num_tokens", "requests_per_second", "tokens_per_second")
+        record = dict(results[0] if len(results) == 1 else {}, **{k: results[-1][k] for k in keys})
+        args_record = {k: v for k, v in vars(args).items() if not k.startswith("_")}
+        record.update(args=args_record, results=results, date=str(date.today()), host=platform.node())
+        Path(args.output_json).write_text(json.dumps(record, indent=2, default=str) + "\n")
+    return results
 
 
 if __name__ == "__main__":

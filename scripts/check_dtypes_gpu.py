@@ -24,6 +24,8 @@ import time
 import traceback
 from pathlib import Path
 
+from jaxserve.engine_args import add_engine_args, engine_kwargs
+
 PROMPT = "The capital of France is"
 FALLBACK_PRESET = "smollm2-135m"
 
@@ -67,18 +69,7 @@ def run_dtype(dtype: str, args, model: str | None, load_format: str) -> dict:
         )
         record.update(chosen=choice.impl, reason=choice.reason, head_dim=cfg.head_dim)
         t0 = time.perf_counter()
-        llm = LLM(
-            model,
-            load_format=load_format,
-            dtype=dtype,
-            attention_impl=args.attention_impl,
-            page_size=args.page_size,
-            max_num_seqs=args.max_num_seqs,
-            max_num_batched_tokens=args.max_num_batched_tokens,
-            num_kv_pages=args.num_kv_pages,
-            cache_dir=args.cache_dir,
-            progress=False,
-        )
+        llm = LLM(**{**engine_kwargs(args), "model": model, "load_format": load_format, "dtype": dtype}, progress=False)
         record["start_seconds"] = round(time.perf_counter() - t0, 2)
         record["built_with"] = built_attention_impl(llm)
         tokenizer = llm.get_tokenizer()
@@ -99,17 +90,11 @@ def run_dtype(dtype: str, args, model: str | None, load_format: str) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="folder or preset; default: the embedded SmolLM2-135M-Instruct")
-    p.add_argument("--load-format", default="auto", help="auto (a folder) or dummy (a preset's random weights)")
     p.add_argument("--dtypes", default="float32,float16,bfloat16")
-    p.add_argument("--attention-impl", default="auto")
     p.add_argument("--max-tokens", type=int, default=8)
-    p.add_argument("--page-size", type=int, default=16)
-    p.add_argument("--max-num-seqs", type=int, default=4)
-    p.add_argument("--max-num-batched-tokens", type=int, default=64)
-    p.add_argument("--num-kv-pages", type=int, default=64, help="a small fixed KV cache: each dtype's engine is quick")
-    p.add_argument("--cache-dir", default=None)
     p.add_argument("--output-json", type=Path, default=None)
+    # A small plan and a small fixed KV cache: each dtype's engine is quick.
+    add_engine_args(p, defaults=dict(max_num_seqs=4, max_num_batched_tokens=64, num_kv_pages=64), skip=("dtype",))
     args = p.parse_args()
 
     import jax

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxserve.engine_args import add_engine_args, engine_kwargs
+
 
 def greedy_run(llm, prompts, steps: int = 32) -> list[tuple[list[int], list[float], list[int]]]:
     """Each prompt's greedy tokens, at each step the margin (nats) of the chosen token over the
@@ -71,16 +73,19 @@ def compare_greedy(ours, theirs, tie: float = 0.125) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="llama-3.2-1b")
-    p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--attention-impl", default="pallas")
-    p.add_argument("--load-format", default="dummy", help="dummy (a preset's config) or auto (a checkpoint folder)")
     p.add_argument(
         "--compare-with", default="xla,reference", help="attention implementations to match greedy tokens against"
     )
-    p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--max-num-batched-tokens", type=int, default=512)
-    p.add_argument("--max-model-len", type=int, default=4096)
+    defaults = dict(
+        model="llama-3.2-1b",
+        dtype="bfloat16",
+        attention_impl="pallas",
+        load_format="dummy",
+        max_num_seqs=64,
+        max_num_batched_tokens=512,
+        max_model_len=4096,
+    )
+    add_engine_args(p, defaults=defaults)
     p.add_argument("--out", default=".")
     args = p.parse_args()
 
@@ -89,17 +94,13 @@ def main() -> None:
     from jaxserve import LLM, SamplingParams
     from jaxserve.engine.memory_plan import page_bytes
 
-    report: dict = {"device": jax.devices()[0].device_kind, "args": vars(args), "date": time.strftime("%Y-%m-%d")}
-    common = dict(
-        load_format=args.load_format,
-        dtype=args.dtype,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        max_model_len=args.max_model_len,
-        seed=0,
-    )
+    shown = {k: v for k, v in vars(args).items() if not k.startswith("_")}
+    report: dict = {"device": jax.devices()[0].device_kind, "args": shown, "date": time.strftime("%Y-%m-%d")}
+    common = {**engine_kwargs(args), "seed": 0}
+    for name in ("attention_impl", "gpu_memory_utilization"):  # set below, per engine
+        common.pop(name, None)
     t0 = time.perf_counter()
-    llm = LLM(args.model, attention_impl=args.attention_impl, gpu_memory_utilization=0.9, **common)
+    llm = LLM(attention_impl=args.attention_impl, gpu_memory_utilization=0.9, **common)
     report["startup_seconds"] = time.perf_counter() - t0
     engine = llm.engine
     stats = jax.local_devices()[0].memory_stats() or {}
@@ -165,7 +166,7 @@ def main() -> None:
 
     del llm, engine
     for other in [o for o in args.compare_with.split(",") if o and o != args.attention_impl]:
-        peer = LLM(args.model, attention_impl=other, gpu_memory_utilization=0.3, progress=False, **common)
+        peer = LLM(attention_impl=other, gpu_memory_utilization=0.3, progress=False, **common)
         result = compare_greedy(ours, greedy_run(peer, prompts))
         del peer
         report[f"greedy_vs_{other}"] = result

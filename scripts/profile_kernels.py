@@ -18,19 +18,14 @@ XLA ops of its wrapper: tile plan, q and output reorders).
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import jax
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench_kernels import DT, H, K, N, make_batch  # noqa: E402
-from profile_step import traced  # noqa: E402
-
-from pallas_kernels import ragged_paged_attention  # noqa: E402
+from jaxserve.benchmarks.attention_batch import DT, H, K, N, make_batch
+from jaxserve.benchmarks.traces import traced
+from pallas_kernels import ragged_paged_attention
 
 
 def main() -> None:

@@ -16,62 +16,15 @@ Run it once per XLA_FLAGS variant to compare runtime settings (e.g. command buff
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
-
-def summarise_trace(path: str, top: int = 12) -> list[dict]:
-    """Per plane and line of an .xplane.pb: events, their union busy time and the top names."""
-    from jax.profiler import ProfileData
-
-    lines = []
-    for plane in ProfileData.from_file(path).planes:
-        if plane.name.startswith("/host:metadata"):
-            continue
-        for line in plane.lines:
-            events = [(e.name, e.start_ns, e.duration_ns) for e in line.events]
-            if not events:
-                continue
-            by_name: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
-            spans = sorted((s, s + d) for _, s, d in events)
-            busy, end = 0.0, -1.0
-            for s, e in spans:  # union of the events' intervals
-                if e > end:
-                    busy += e - max(s, end)
-                    end = e
-            for name, _, d in events:
-                if "profiler.py" in name or "contextlib.py" in name:  # the trace's own frames
-                    continue
-                by_name[name][0] += 1
-                by_name[name][1] += d
-            ranked = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]
-            lines.append(
-                dict(
-                    plane=plane.name,
-                    line=line.name,
-                    events=len(events),
-                    busy_ms=busy / 1e6,
-                    span_ms=(spans[-1][1] - spans[0][0]) / 1e6,
-                    top=[dict(name=n[:120], count=c, ms=d / 1e6) for n, (c, d) in ranked],
-                )
-            )
-    return lines
-
-
-def traced(folder: Path, run) -> list[dict]:
-    """Runs run() under the JAX profiler, writing its trace to `folder`; the trace's summary."""
-    import jax
-
-    with jax.profiler.trace(str(folder)):
-        run()
-    files = glob.glob(str(folder / "**" / "*.xplane.pb"), recursive=True)
-    return summarise_trace(files[-1]) if files else []
+from jaxserve.benchmarks.traces import traced
+from jaxserve.engine_args import add_engine_args, engine_kwargs
 
 
 def print_trace(lines: list[dict], keep) -> None:
@@ -86,17 +39,17 @@ def print_trace(lines: list[dict], keep) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="llama-3.1-8b")
     p.add_argument("--batches", default="1,32,128")
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--steps", type=int, default=48)
     p.add_argument("--trace-steps", type=int, default=6)
-    p.add_argument("--max-num-batched-tokens", type=int, default=1024)
     p.add_argument(
         "--prefill-lens", default="", help="also time one idle request of each prompt length to its first token"
     )
     p.add_argument("--label", default=os.environ.get("XLA_FLAGS", "") or "default")
     p.add_argument("--out", default=".")
+    defaults = dict(model="llama-3.1-8b", load_format="dummy", max_num_batched_tokens=1024, row_bucket_growth=0)
+    add_engine_args(p, defaults=defaults)
     args = p.parse_args()
 
     import jax
@@ -108,12 +61,11 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",") if b]
     prefill_lens = [int(n) for n in args.prefill_lens.split(",") if n]
     t0 = time.perf_counter()
-    llm = LLM(
-        args.model,
-        load_format="dummy",
-        max_num_seqs=max(batches, default=1),
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        max_model_len=max(
+    kwargs = engine_kwargs(args)
+    kwargs.setdefault("max_num_seqs", max(batches, default=1))
+    kwargs.setdefault(
+        "max_model_len",
+        max(
             [
                 args.input_len
                 + 2 * args.steps
@@ -123,14 +75,14 @@ def main() -> None:
                 *(n + 16 for n in prefill_lens),
             ]
         ),
-        row_bucket_growth=0,
     )
+    llm = LLM(**kwargs)
     record = dict(
         label=args.label,
         device=jax.devices()[0].device_kind,
         date=time.strftime("%Y-%m-%d"),
         startup_seconds=time.perf_counter() - t0,
-        args=vars(args),
+        args={k: v for k, v in vars(args).items() if not k.startswith("_")},
         batches=[],
     )
     print(f"[{args.label}] start-up {record['startup_seconds']:.1f} s", flush=True)

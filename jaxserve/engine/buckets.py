@@ -1,6 +1,6 @@
 """The fixed plan of compiled shapes: token-count buckets x request-count buckets.
 
-    tokens T: powers of two from min_tokens up to max_num_batched_tokens (and that maximum)
+    tokens T: min_tokens times powers of token_growth (2) up to max_num_batched_tokens (and that maximum)
     rows   R: powers of four (row_growth) up to min(T, max_num_seqs) (and that maximum), for each T
 
 A step with t tokens from r requests runs at the smallest (T >= t, R >= r) of the plan.
@@ -27,11 +27,19 @@ class BucketPlan:
 
     @classmethod
     def make(
-        cls, max_num_batched_tokens: int, max_num_seqs: int, min_tokens: int = 16, row_growth: int = 4
+        cls,
+        max_num_batched_tokens: int,
+        max_num_seqs: int,
+        min_tokens: int = 16,
+        row_growth: int = 4,
+        token_growth: int = 2,
     ) -> BucketPlan:
         """row_growth: the factor between row buckets; 0 compiles one row bucket per T (its
-        maximum), trading padded rows for fewer compiled shapes (faster start-up)."""
-        tokens = tuple(_ladder(min(min_tokens, max_num_batched_tokens), 2, max_num_batched_tokens))
+        maximum), trading padded rows for fewer compiled shapes (faster start-up). token_growth:
+        the factor between token buckets; larger trades padded tokens for fewer shapes."""
+        if token_growth < 2:
+            raise ValueError(f"token_growth must be >= 2, got {token_growth}")
+        tokens = tuple(_ladder(min(min_tokens, max_num_batched_tokens), token_growth, max_num_batched_tokens))
         top = {t: min(t, max_num_seqs) for t in tokens}
         rows = {t: (top[t],) if row_growth == 0 else tuple(_ladder(1, row_growth, top[t])) for t in tokens}
         return cls(tokens, rows)

@@ -20,7 +20,7 @@ import jax
 from jax.sharding import Mesh
 
 from jaxserve.config import EngineConfig
-from jaxserve.default_model import default_cache_dir, resolve_model
+from jaxserve.default_model import DEFAULT_MODEL_NAME, default_cache_dir, is_gguf, resolve_model
 from jaxserve.engine import compile_counter
 from jaxserve.engine.attention_choice import DeviceInfo, choose_attention_impl
 from jaxserve.engine.buckets import BucketPlan
@@ -52,7 +52,11 @@ def build_engine(
     model, tokenizer = build_model_and_tokenizer(config, model, tokenizer, progress=progress, log=log)
     log(f"model and tokenizer ready in {time.perf_counter() - t0:.1f} s")
     plan = BucketPlan.make(
-        config.max_num_batched_tokens, config.max_num_seqs, config.min_token_bucket, config.row_bucket_growth
+        config.max_num_batched_tokens,
+        config.max_num_seqs,
+        config.min_token_bucket,
+        config.row_bucket_growth,
+        config.token_bucket_growth,
     )
     log(plan.describe())
     eos = set(model.config.eos_token_ids)
@@ -94,6 +98,10 @@ def build_engine(
             runner.devices,
             *runner.executable_cache_key(),
         )
+    log(
+        f"warm-up: compiling {len(plan.shapes)} step shape{'s' * (len(plan.shapes) != 1)} (or loading them from the compilation "
+        "cache), then running each once"
+    )
     took = runner.warm_up(progress=progress, cache=cache)
     log(
         f"warm-up compiled {len(plan.shapes)} step shapes in {took.total:.1f} s ({took.cached_programs} "
@@ -135,6 +143,11 @@ def build_model_and_tokenizer(
 ):
     enable_compilation_cache(config.cache_dir)
     if model is None:
+        if config.model is None or is_gguf(config.model):
+            log(
+                f"model: {config.model or DEFAULT_MODEL_NAME}, from a GGUF file (converted into the cache "
+                "folder at its first use, then read from there)"
+            )
         folder = resolve_model(config.model, config.cache_dir)
         cfg = resolve_config(folder)
         # Before any weights load: an explicit "pallas" that cannot run raises here.
@@ -156,5 +169,6 @@ def build_model_and_tokenizer(
             # A folder without tokenizer files (random-weight presets, bare checkpoints) serves
             # token ids only; one whose tokenizer files fail to load is an error.
             if config.tokenizer or any((tok_folder / f).is_file() for f in TOKENIZER_FILES):
+                log(f"loading the tokenizer from {tok_folder}")
                 tokenizer = load_tokenizer(tok_folder)
     return model, tokenizer
