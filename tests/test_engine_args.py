@@ -163,7 +163,12 @@ def test_scripts_neither_redeclare_engine_flags_nor_edit_sys_path(script):
 
 def test_make_serve_passes_host_and_port_and_leaves_the_plan_alone():
     out = subprocess.run(
-        ["make", "-n", "serve", "PORT=8100", "HOST=0.0.0.0"], cwd=ROOT, capture_output=True, text=True, check=True
+        # --no-print-directory: under `make test` the nested make would add "Leaving directory" lines
+        ["make", "--no-print-directory", "-n", "serve", "PORT=8100", "HOST=0.0.0.0"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.strip()
     line = out.splitlines()[-1]
     assert line.endswith("jaxserve serve --host 0.0.0.0 --port 8100"), line
