@@ -8,6 +8,8 @@ from collections.abc import Sequence
 MAX_LOGPROBS = 20  # top alternatives returned per token (OpenAI's top_logprobs cap)
 MAX_LOGIT_BIAS = 300  # entries in logit_bias (OpenAI's cap)
 MAX_STOP_TOKEN_IDS = 64
+# A temperature below this samples as greedy (as vLLM): dividing logits by 1e-40 gives inf - inf = NaN.
+GREEDY_BELOW_TEMPERATURE = 1e-5
 
 
 @dataclasses.dataclass
@@ -44,6 +46,8 @@ class SamplingParams:
         self.logit_bias = {int(k): float(v) for k, v in (self.logit_bias or {}).items()}
         self.logits_processors = tuple(self.logits_processors)
         self._validate()
+        if self.temperature < GREEDY_BELOW_TEMPERATURE:
+            self.temperature = 0.0
 
     def _validate(self) -> None:
         def bad(name, value, rule):

@@ -245,6 +245,15 @@ def test_sampling_params_validation(kwargs, match):
         SamplingParams(**kwargs)
 
 
+def test_a_tiny_temperature_samples_greedily(small):
+    """Below 1e-5 the temperature is greedy, as in vLLM (logits / 1e-40 overflow to NaN)."""
+    assert SamplingParams(temperature=1e-40).temperature == 0 == SamplingParams(temperature=5e-6).temperature
+    assert SamplingParams(temperature=1e-5).temperature == 1e-5
+    prompt = [1, 2, 3]
+    out = run(small, {0: [("t", prompt, SamplingParams(temperature=1e-40, max_tokens=6, ignore_eos=True))]})
+    assert out["t"].outputs[0].token_ids == next_tokens(prompt, 6, V)
+
+
 def test_a_failing_request_fails_alone_and_the_rest_is_served():
     e = engine(num_pages=64, page_size=4, budget=32, seqs=4)
 
