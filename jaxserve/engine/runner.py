@@ -14,6 +14,7 @@ running is not waited for: the next step reads it on the device (prev_seq).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
 import time
@@ -47,6 +48,7 @@ from models import allocate_kv_cache
 from sharding import kv_cache_sharding
 
 MAX_EOS_IDS = 16
+INPUT_BUFFERS_PER_SHAPE = 3  # see ModelRunner._input_buffer
 BIAS_WIDTH = MAX_LOGIT_BIAS + MAX_STOP_TOKEN_IDS + MAX_EOS_IDS  # user biases + eos/stop suppression before min_tokens
 
 
@@ -140,6 +142,7 @@ class ModelRunner:
         self.mesh = getattr(model, "mesh", None)
         self._replicated = None if self.mesh is None else NamedSharding(self.mesh, PartitionSpec())
         self._packings: dict[tuple[int, int], tuple[Packing, Packing]] = {}
+        self._input_buffers: dict[tuple[int, int], collections.deque] = {}  # (t, r) -> (buffer, views), in turn
         self._compiled: dict[tuple[int, int], CompiledStep] = {}  # filled by warm_up
         self._compiled_prompt_logprobs: dict[int, object] = {}  # token bucket -> executable
         self.reset_device_state()
@@ -400,11 +403,24 @@ class ModelRunner:
 
     def _stage(self, output: SchedulerOutput, t: int, r: int, changes=()) -> tuple[np.ndarray, StagedStep]:
         """The step's packed input buffer (and what reading it back needs)."""
-        packing, _ = self._packing(t, r)
-        buffer, x = packing.new()
+        buffer, x = self._input_buffer(t, r)
         staged = self.input_batch.stage(output, x, self.eos_token_ids)
         self._stage_page_updates(changes, x)
         return buffer, staged
+
+    def _input_buffer(self, t: int, r: int):
+        """A zeroed input buffer of shape (t, r) and its views (building the views costs more
+        than the rest of a small step's staging). Each shape's buffers are used in turn: the
+        loop keeps at most two steps launched, so the device is done with a buffer (and the
+        transfer that read it) by the time it comes round again."""
+        ring = self._input_buffers.get((t, r))
+        if ring is None:
+            packing, _ = self._packing(t, r)
+            ring = self._input_buffers[t, r] = collections.deque(packing.new() for _ in range(INPUT_BUFFERS_PER_SHAPE))
+        ring.rotate(-1)
+        buffer, views = ring[-1]
+        buffer.fill(0)
+        return buffer, views
 
     def _stage_page_updates(self, changes, x) -> None:
         """Sends the page-table entries the input batch changed; a row with more new pages than

@@ -51,12 +51,14 @@ class Request:
     # Constant for the request's life, computed once (the scheduler reads them every step).
     num_prompt_tokens: int = dataclasses.field(init=False)
     max_output_tokens: int = dataclasses.field(init=False)
+    may_stop_on: frozenset[int] = dataclasses.field(init=False)  # eos and stop ids: a token outside never stops it
 
     def __post_init__(self):
         self.num_prompt_tokens = len(self.prompt_token_ids)
         limit = self.max_model_len - self.num_prompt_tokens
         mt = self.sampling_params.max_tokens
         self.max_output_tokens = limit if mt is None else min(mt, limit)
+        self.may_stop_on = self.eos_token_ids | frozenset(self.sampling_params.stop_token_ids)
 
     @property
     def num_tokens(self) -> int:

@@ -174,25 +174,30 @@ class Scheduler:
         scheduled: list[Request] = []
         preempted = False
         allocate = self.kv.allocate
+        running, grant = self.running, self._grant
         i = 0
-        while i < len(self.running) and budget > 0:
-            req = self.running[i]
+        # The hot loop of a step (once per running request): keep it lean.
+        while i < len(running) and budget > 0:
+            req = running[i]
             num_outputs = len(req.output_token_ids) + req.num_pending
             target = req.num_prompt_tokens + num_outputs if req.prefix_len is None else req.prefix_len
-            n = min(target - req.num_computed_tokens, budget)
+            start = req.num_computed_tokens
+            n = target - start
             if n <= 0 or num_outputs >= req.max_output_tokens:
                 i += 1  # waiting for its launched steps: a prefix about to fork, or a last token
                 continue
-            while (added := allocate(req.request_id, req.num_computed_tokens + n)) is None:
+            if n > budget:
+                n = budget
+            while (added := allocate(req.request_id, start + n)) is None:
                 if self._evict_waiting_pages():
                     continue
-                victim = self.running.pop()
+                victim = running.pop()
                 self._preempt(victim)
                 preempted = True
                 if victim is req:
                     break
             else:
-                self._grant(grants, req, n, added)
+                grant(grants, req, n, added, start + n == target and req.prefix_len is None)
                 scheduled.append(req)
                 budget -= n
                 i += 1
@@ -296,8 +301,13 @@ class Scheduler:
             self.waiting.remove(req)
             self._admit(grants, req, n)
         else:
-            self._grant(grants, req, n, added)
+            self._grant(grants, req, n, added, self._ends_at_last_token(req, n))
         return [req]
+
+    @staticmethod
+    def _ends_at_last_token(req: Request, n: int) -> bool:
+        """Whether a grant of n tokens reaches the request's last token, so that it samples."""
+        return req.prefix_len is None and req.num_computed_tokens + n == req.num_tokens
 
     def _admit(self, grants: _Grants, req: Request, n: int) -> None:
         """A waiting request starts running: the runner gets it in full."""
@@ -313,12 +323,12 @@ class Scheduler:
                 list(self.kv.table(req.request_id)),
             )
         )
-        self._grant(grants, req, n, [])
+        self._grant(grants, req, n, [], self._ends_at_last_token(req, n))
 
-    def _grant(self, grants: _Grants, req: Request, n: int, new_pages: Sequence[int]) -> None:
+    def _grant(self, grants: _Grants, req: Request, n: int, new_pages: Sequence[int], samples: bool) -> None:
+        """samples: the grant ends at the request's last token (its logits pick the next one)."""
         start = req.num_computed_tokens
         end = start + n
-        samples = req.prefix_len is None and end == req.num_prompt_tokens + len(req.output_token_ids) + req.num_pending
         grants.ids.append(req.request_id)
         grants.q_lens.append(n)
         grants.starts.append(start)
@@ -416,17 +426,17 @@ class Scheduler:
             # A request preempted since keeps its token: it is recomputed with it.
             req.num_pending -= 1
             token = tokens[i]
-            req.output_token_ids.append(token)
+            outputs = req.output_token_ids
+            outputs.append(token)
             advanced.append(i)
-            if self._check_stop(req, token):
+            # The common case (no stop id, short of its length) is decided here, without a call.
+            if (token in req.may_stop_on or len(outputs) >= req.max_output_tokens) and self._check_stop(req, token):
                 finished[req.request_id] = (req.status.value, req.stop_reason)
         return UpdateResult(advanced, finished, gone)
 
     def _check_stop(self, req: Request, token: int) -> bool:
         """Finishes the request if its new token ends it (eos, a stop token id, its length)."""
         n_out = len(req.output_token_ids)
-        if n_out < req.max_output_tokens and token not in req.eos_token_ids and not req.sampling_params.stop_token_ids:
-            return False  # the common case, decided without looking further
         params = req.sampling_params
         if n_out >= params.min_tokens:
             if not params.ignore_eos and token in req.eos_token_ids:
