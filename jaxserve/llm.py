@@ -10,6 +10,7 @@ steps the engine until all are done, with a progress bar.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Sequence
 
@@ -20,7 +21,7 @@ from jaxserve.config import EngineConfig
 from jaxserve.engine.llm_engine import LLMEngine, Prompt
 from jaxserve.engine_args import default_plan, describe_plan, with_plan
 from jaxserve.outputs import RequestOutput
-from jaxserve.sampling_params import SamplingParams
+from jaxserve.sampling_params import RequestOutputKind, SamplingParams
 from jaxserve.tokenizer import chat_prompt_ids
 
 
@@ -90,7 +91,10 @@ class LLM:
         ids = []
         try:
             for prompt, p in zip(prompts, params, strict=True):
-                ids.append(engine.add_request(None, prompt, p))
+                # Only the final outputs are returned: intermediate ones are never built. A copy,
+                # so that the caller's params are left as they were.
+                final_only = dataclasses.replace(p, output_kind=RequestOutputKind.FINAL_ONLY)
+                ids.append(engine.add_request(None, prompt, final_only))
         except Exception:
             for rid in ids:
                 engine.abort_request(rid)
@@ -101,7 +105,7 @@ class LLM:
         with tqdm(total=len(ids), desc="Generating", unit="req", disable=not use_tqdm) as bar:
             try:
                 while len(final) < len(ids):
-                    for out in engine.step(only_finished=True):
+                    for out in engine.step():
                         if out.finished and out.request_id in wanted and out.request_id not in final:
                             final[out.request_id] = out
                             bar.update(1)

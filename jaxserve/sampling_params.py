@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 from collections.abc import Sequence
 
 MAX_LOGPROBS = 20  # top alternatives returned per token (OpenAI's top_logprobs cap)
@@ -10,6 +11,14 @@ MAX_LOGIT_BIAS = 300  # entries in logit_bias (OpenAI's cap)
 MAX_STOP_TOKEN_IDS = 64
 # A temperature below this samples as greedy (as vLLM): dividing logits by 1e-40 gives inf - inf = NaN.
 GREEDY_BELOW_TEMPERATURE = 1e-5
+
+
+class RequestOutputKind(enum.Enum):
+    """What each RequestOutput of a request holds (vLLM's names and values)."""
+
+    CUMULATIVE = 0  # everything so far, every step (each output is a snapshot)
+    DELTA = 1  # what is new since the previous output: new text, token ids and logprobs
+    FINAL_ONLY = 2  # one output, when the request finishes
 
 
 @dataclasses.dataclass
@@ -37,6 +46,7 @@ class SamplingParams:
     # Prefix caching: requests share cached KV only with requests of the same salt (None: the
     # unsalted ones); tenants who must not share cache entries send different salts.
     cache_salt: str | None = None
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -90,6 +100,8 @@ class SamplingParams:
             bad("seed", self.seed, "an integer")
         if self.cache_salt is not None and (not isinstance(self.cache_salt, str) or not self.cache_salt):
             bad("cache_salt", self.cache_salt, "a non-empty string")
+        if not isinstance(self.output_kind, RequestOutputKind):
+            bad("output_kind", self.output_kind, "a RequestOutputKind")
 
     @property
     def greedy(self) -> bool:

@@ -5,7 +5,8 @@ mock model of tests/engine/mock_model.py (SumModel: one paged-attention call, no
 of) through the real paged KV cache. The device's share of a step is then tiny, so what is left is
 what Python does per step: the figure that decides whether a GPU waits for the host.
 
-Cases (all greedy, ignore_eos, max_tokens large enough that no row finishes while timed):
+Cases (all greedy, ignore_eos, max_tokens large enough that no row finishes while timed; the
+requests' outputs are DELTA, as the server streams them, unless --output-kind says otherwise):
 
     rows=1, 8, 64, 256, prefill=0   pure decode: every request's prefill is done first, then
                                     --warm steps, then --steps timed steps of steady decode
@@ -59,7 +60,7 @@ from pathlib import Path
 from jaxserve.config import EngineConfig
 from jaxserve.engine.llm_engine import LLMEngine
 from jaxserve.engine_args import add_engine_args
-from jaxserve.sampling_params import SamplingParams
+from jaxserve.sampling_params import RequestOutputKind, SamplingParams
 from jaxserve.testing.mock_model import SumModel
 
 V = 101  # the mock model's vocabulary
@@ -158,6 +159,7 @@ def run_case(
     warm: int = 20,
     steps: int = 200,
     profiler: cProfile.Profile | None = None,
+    output_kind: RequestOutputKind = RequestOutputKind.DELTA,
     log=print,
 ) -> dict:
     """Runs one case on an idle engine and leaves it idle. Returns {"rows", "prefill_tokens",
@@ -167,7 +169,7 @@ def run_case(
     load_before = os.getloadavg()[0]
     budget = engine.config.max_num_batched_tokens
     max_tokens = decode_max_tokens(rows, budget, warm, steps)
-    greedy = dict(temperature=0.0, ignore_eos=True)
+    greedy = dict(temperature=0.0, ignore_eos=True, output_kind=output_kind)
     decode_ids = [f"decode-{i}" for i in range(rows)]
     for i, rid in enumerate(decode_ids):
         prompt = [(i + j) % V for j in range(DECODE_PROMPT_LEN)]
@@ -289,6 +291,12 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=200, help="timed steps per case")
     p.add_argument("--repeats", type=int, default=3, help="rounds over the cases; each reports its least disturbed")
     p.add_argument("--output-json", type=Path, help="write the cases as a JSON list")
+    p.add_argument(
+        "--output-kind",
+        choices=[k.name.lower() for k in RequestOutputKind],
+        default="delta",
+        help="the requests' output kind: delta (as the server streams), final_only (as LLM.generate), cumulative",
+    )
     add_engine_args(p, defaults=dict(row_bucket_growth=8), only=("page_size", "min_token_bucket", "row_bucket_growth"))
     p.add_argument(
         "--profile",
@@ -297,6 +305,7 @@ def main() -> None:
     )
     args = p.parse_args()
 
+    kind = RequestOutputKind[args.output_kind.upper()]
     engine_cases = cases = parse_cases(args.cases)  # the engine is sized for all of them (same plan)
     if args.profile:
         cases = [(max(r for r, pf in cases if pf == 0), 0)]
@@ -317,7 +326,9 @@ def main() -> None:
         for i, (rows, prefill) in enumerate(cases, 1):
             log(f"[round {rep + 1}/{repeats}, case {i}/{len(cases)}] rows={rows} prefill={prefill}: ", end="")
             t0 = time.perf_counter()
-            r = run_case(engine, rows, prefill, warm=args.warm, steps=args.steps, profiler=profiler, log=log)
+            r = run_case(
+                engine, rows, prefill, warm=args.warm, steps=args.steps, profiler=profiler, output_kind=kind, log=log
+            )
             runs[rows, prefill].append(r)
             log(
                 f"host {r['host_ms_per_step']:.3f} ms/step, wall {r['wall_ms_per_step']:.3f} ms/step ({time.perf_counter() - t0:.1f} s)"
@@ -330,7 +341,8 @@ def main() -> None:
 
     print(
         f"host work per engine step, mock model on {jax.default_backend()} ({jax.devices()[0].device_kind}), "
-        f"median of {args.steps} steps after {args.warm} warm, best of {repeats} rounds; {os.cpu_count()} cores, load average "
+        f"{kind.name} outputs, median of {args.steps} steps after {args.warm} warm, best of {repeats} rounds; "
+        f"{os.cpu_count()} cores, load average "
         f"{os.getloadavg()[0]:.1f}" + (" -- UNDER cProfile, times inflated" if profiler else "")
     )
     print(format_table(results))

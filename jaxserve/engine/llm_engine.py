@@ -92,10 +92,10 @@ class LLMEngine:
             self._pending.append(final)
 
     # -- one step -------------------------------------------------------------------------------
-    def step(self, only_finished: bool = False) -> list[RequestOutput]:
-        """One engine step (EngineCore.step) and its outputs. Outputs trail the device by one step.
-        only_finished: return just the requests that finished (offline callers), skipping the
-        snapshots of the others. Raises StepFailed naming the requests that failed for good."""
+    def step(self) -> list[RequestOutput]:
+        """One engine step (EngineCore.step) and its outputs (each request's as its output_kind
+        says). Outputs trail the device by one step. Raises StepFailed naming the requests that
+        failed for good."""
         outputs, self._pending = self._pending, []
         try:
             core_outputs = self.core.step()
@@ -105,16 +105,16 @@ class LLMEngine:
             self._pending = outputs
             raise
         t0 = time.perf_counter()
-        outputs += self._process(core_outputs, only_finished)
+        outputs += self._process(core_outputs)
         if core_outputs and self.core.last_step is not None:
             self.core.last_step.output_seconds = time.perf_counter() - t0
             self.core.last_step.host_seconds += self.core.last_step.output_seconds
         return outputs
 
-    def _process(self, core_outputs, only_finished: bool = False) -> list[RequestOutput]:
+    def _process(self, core_outputs) -> list[RequestOutput]:
         outputs = []
         for core_output in core_outputs:
-            emitted, stopped = self.outputs.process(core_output, only_finished)
+            emitted, stopped = self.outputs.process(core_output)
             outputs += emitted
             for sample_id, stop in stopped:
                 self.core.finish_stopped(sample_id, stop)

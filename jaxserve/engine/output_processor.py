@@ -2,7 +2,10 @@
 
     process(step output):  for each request that advanced: append its token, its logprobs
         (decoded), detokenize incrementally and look for stop strings
-        -> a RequestOutput for each family touched (one per user request: n samples together)
+        -> a RequestOutput for each family touched (one per user request: n samples together),
+           shaped by its params' output_kind: CUMULATIVE a snapshot of everything so far,
+           DELTA what is new since its last output (the samples that changed), FINAL_ONLY one
+           output when it finishes. Only CUMULATIVE costs work that grows with the output.
         -> the samples a stop string ended, for the engine core to finish
 
 It runs wherever its caller wants (LLMEngine: the engine's thread; AsyncLLM: the event loop),
@@ -17,7 +20,9 @@ from jaxserve.engine.core import EngineCoreOutput
 from jaxserve.engine.detokenizer import IncrementalDetokenizer
 from jaxserve.engine.runner import TokenLogprobs
 from jaxserve.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
-from jaxserve.sampling_params import SamplingParams
+from jaxserve.sampling_params import RequestOutputKind, SamplingParams
+
+CUMULATIVE, DELTA, FINAL_ONLY = RequestOutputKind.CUMULATIVE, RequestOutputKind.DELTA, RequestOutputKind.FINAL_ONLY
 
 
 @dataclasses.dataclass
@@ -31,6 +36,10 @@ class _Sample:
     cumulative: float = 0.0
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    # DELTA: what earlier outputs carried
+    sent_tokens: int = 0
+    sent_chars: int = 0
+    sent_finish: bool = False
 
 
 @dataclasses.dataclass
@@ -46,6 +55,7 @@ class _Family:
     prompt_logprobs: list[PositionLogprobs | None] | None
     num_unfinished: int = 0
     num_cached_tokens: int = 0
+    sent_prompt_logprobs: bool = False  # DELTA: the first output carries them
 
     @property
     def finished(self) -> bool:
@@ -94,9 +104,9 @@ class OutputProcessor:
         for sample_id, sample in zip(sample_ids, samples):
             self._sample_of[sample_id] = (family, sample)
 
-    def process(self, step: EngineCoreOutput, only_finished: bool = False) -> tuple[list[RequestOutput], list]:
-        """Returns the RequestOutputs of the families this step touched (only_finished: of those
-        it finished) and the (sample id, stop string) pairs of samples a stop string ended."""
+    def process(self, step: EngineCoreOutput) -> tuple[list[RequestOutput], list]:
+        """Returns the RequestOutputs of the families this step touched (FINAL_ONLY ones: if it
+        finished them) and the (sample id, stop string) pairs of samples a stop string ended."""
         touched: dict[str, _Family] = {}
         stopped = []
         for request_id, cached in step.num_cached_tokens.items():
@@ -128,7 +138,7 @@ class OutputProcessor:
             elif finished is not None:
                 family.finish(sample, *finished)
             touched[family.request_id] = family
-        outputs = [self._output(f) for f in touched.values() if not only_finished or f.finished]
+        outputs = [self._output(f) for f in touched.values() if f.finished or f.params.output_kind is not FINAL_ONLY]
         for family in touched.values():
             if family.finished:
                 self._forget(family)
@@ -178,24 +188,60 @@ class OutputProcessor:
         return None if self.tokenizer is None else self.tokenizer.decode([token_id])
 
     def _output(self, family: _Family) -> RequestOutput:
-        outs = [
-            CompletionOutput(
-                index=s.index,
-                text="" if s.detok is None else s.detok.visible_text(s.finish_reason is not None),
-                token_ids=list(s.token_ids),
-                cumulative_logprob=s.cumulative if s.logprobs is not None else None,
-                logprobs=list(s.logprobs) if s.logprobs is not None else None,
-                finish_reason=s.finish_reason,
-                stop_reason=s.stop_reason,
-            )
-            for s in family.samples
-        ]
+        kind = family.params.output_kind
+        if kind is DELTA:
+            outs = [out for s in family.samples if (out := self._delta(s)) is not None]
+            prompt_logprobs = None if family.sent_prompt_logprobs else family.prompt_logprobs
+            family.sent_prompt_logprobs = True
+        else:
+            # A FINAL_ONLY output is the family's last: its lists are handed over, not copied.
+            copy = list if kind is CUMULATIVE else _same
+            outs = [
+                CompletionOutput(
+                    index=s.index,
+                    text="" if s.detok is None else s.detok.visible_text(s.finish_reason is not None),
+                    token_ids=copy(s.token_ids),
+                    cumulative_logprob=s.cumulative if s.logprobs is not None else None,
+                    logprobs=copy(s.logprobs) if s.logprobs is not None else None,
+                    finish_reason=s.finish_reason,
+                    stop_reason=s.stop_reason,
+                )
+                for s in family.samples
+            ]
+            prompt_logprobs = family.prompt_logprobs
+            if prompt_logprobs is not None:
+                prompt_logprobs = copy(prompt_logprobs)
         return RequestOutput(
             family.request_id,
             family.prompt,
             family.prompt_token_ids,
-            list(family.prompt_logprobs) if family.prompt_logprobs is not None else None,
+            prompt_logprobs,
             outs,
             family.finished,
             family.num_cached_tokens,
         )
+
+    @staticmethod
+    def _delta(s: _Sample) -> CompletionOutput | None:
+        """What the sample has that its earlier outputs did not carry (None: nothing)."""
+        finished = s.finish_reason is not None
+        text = "" if s.detok is None else s.detok.visible_text(finished)
+        new_finish = finished and not s.sent_finish
+        if len(s.token_ids) == s.sent_tokens and len(text) == s.sent_chars and not new_finish:
+            return None
+        first = s.sent_tokens
+        out = CompletionOutput(
+            index=s.index,
+            text=text[s.sent_chars :],
+            token_ids=s.token_ids[first:],
+            cumulative_logprob=s.cumulative if s.logprobs is not None else None,
+            logprobs=s.logprobs[first:] if s.logprobs is not None else None,
+            finish_reason=s.finish_reason,
+            stop_reason=s.stop_reason,
+        )
+        s.sent_tokens, s.sent_chars, s.sent_finish = len(s.token_ids), len(text), finished
+        return out
+
+
+def _same(x):
+    return x
