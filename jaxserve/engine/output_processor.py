@@ -2,7 +2,9 @@
 
     process(step output):  for each request that advanced: append its token, its logprobs
         (decoded), detokenize incrementally and look for stop strings
-        -> a RequestOutput for each family touched (one per user request: n samples together)
+        -> a RequestOutput for each family touched (one per user request: n samples together);
+           a finished one carries its timeline (RequestMetrics: queued here, first admitted,
+           first and last token, stamped once per request or per step)
         -> the samples a stop string ended, for the engine core to finish
 
 It runs wherever its caller wants (LLMEngine: the engine's thread; AsyncLLM: the event loop),
