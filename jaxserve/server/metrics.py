@@ -3,7 +3,8 @@ under the `jaxserve:` prefix: a dashboard written for vLLM reads ours once `vllm
 
     engine state, read at scrape time (_EngineCollector): num_requests_running, num_requests_waiting,
         kv_cache_usage_perc (a fraction in [0, 1]; also as vLLM's older gpu_cache_usage_perc),
-        num_preemptions_total, prefix_cache_queries_total and prefix_cache_hits_total (tokens)
+        num_preemptions_total, prefix_cache_queries_total and prefix_cache_hits_total (tokens),
+        cache_config_info (1, the KV plan in its labels: page size, pages, prefix caching)
     per step (AsyncLLM's on_step): iteration_tokens_total (tokens the step computed)
     per output, as the server receives it (RequestObserver): time_to_first_token_seconds,
         inter_token_latency_seconds (also as vLLM's older time_per_output_token_seconds),
@@ -73,9 +74,14 @@ class _EngineCollector:
 
     def __init__(self, engine, model_name: str):
         self.engine, self.model_name = engine, model_name
+        self.cache_config = engine.cache_config  # fixed at start-up
 
     def collect(self):
         engine = self.engine
+        # vLLM's info gauge: no model_name label, the configuration in the labels
+        info = GaugeMetricFamily(PREFIX + "cache_config_info", "The KV cache plan.", labels=list(self.cache_config))
+        info.add_metric(list(self.cache_config.values()), 1)
+        yield info
         gauges = (
             ("num_requests_running", "Sequences in the running batch.", engine.num_requests_running),
             ("num_requests_waiting", "Sequences waiting to be scheduled.", engine.num_requests_waiting),

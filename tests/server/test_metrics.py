@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from jaxserve.outputs import CompletionOutput
 from jaxserve.server.metrics import buckets_1_2_5, request_finish_reason
-from tests.server.conftest import MAX_MODEL_LEN, MODEL_NAME, ROOT, metric_values, wait_idle
+from tests.server.conftest import ENGINE_ENV, MAX_MODEL_LEN, MODEL_NAME, ROOT, metric_values, wait_idle
 
 DASHBOARD = ROOT / "docs" / "grafana" / "jaxserve-dashboard.json"
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
@@ -119,6 +119,16 @@ def test_every_dashboard_query_resolves_against_a_live_scrape(client, http):
     ):
         assert ("jaxserve:" + family, MODEL_NAME) in samples, family
     assert "jaxserve:gpu_cache_usage_perc" in types and "jaxserve:kv_cache_usage_perc" in names
+
+
+def test_cache_config_info_names_the_kv_plan(http):
+    (info,) = [f for f in text_string_to_metric_families(http.get("/metrics").text) if f.name.endswith("_info")]
+    (sample,) = info.samples
+    assert info.name == "jaxserve:cache_config_info" and sample.value == 1
+    assert (
+        sample.labels["block_size"] == "16" and sample.labels["num_gpu_blocks"] == ENGINE_ENV["JAXSERVE_NUM_KV_PAGES"]
+    )
+    assert sample.labels["enable_prefix_caching"] == "True"
 
 
 # -- values -------------------------------------------------------------------------------------
