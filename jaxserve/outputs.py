@@ -30,6 +30,33 @@ class CompletionOutput:
         return self.finish_reason is not None
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class RequestMetrics:
+    """A finished request's timeline, in time.perf_counter() seconds (vLLM's per-request stats).
+    Tokens are stamped when the engine read them back from the device, once per step."""
+
+    queued: float  # handed to the engine (tokenized and validated)
+    scheduled: float  # first admitted by the scheduler (a preempted request keeps its first)
+    first_token: float
+    last_token: float
+
+    @property
+    def queue_time(self) -> float:
+        return self.scheduled - self.queued
+
+    @property
+    def prefill_time(self) -> float:
+        return self.first_token - self.scheduled
+
+    @property
+    def decode_time(self) -> float:
+        return self.last_token - self.first_token
+
+    @property
+    def inference_time(self) -> float:
+        return self.last_token - self.scheduled
+
+
 @dataclasses.dataclass(slots=True)
 class RequestOutput:
     request_id: str
@@ -39,3 +66,4 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache (not computed again)
+    metrics: RequestMetrics | None = None  # on the final output of a request the engine finished

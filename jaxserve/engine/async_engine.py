@@ -20,7 +20,7 @@ import asyncio
 import itertools
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from jaxserve.engine.core import EngineCoreOutput
 from jaxserve.engine.llm_engine import LLMEngine, Prompt
@@ -42,8 +42,10 @@ def _resolve(future: asyncio.Future, value) -> None:
 
 
 class AsyncLLM:
-    def __init__(self, engine: LLMEngine):
+    def __init__(self, engine: LLMEngine, on_step: Callable[[EngineCoreOutput], None] | None = None):
+        """on_step: called on the event loop with each step's output (per-step metrics)."""
         self.engine = engine
+        self._on_step = on_step
         self._core = engine.core
         self._outputs = OutputProcessor(engine.tokenizer)  # touched only on the event loop
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -128,6 +130,8 @@ class AsyncLLM:
     # -- on the event loop ----------------------------------------------------------------------
     def _on_steps(self, steps: list[EngineCoreOutput]) -> None:
         for step in steps:
+            if self._on_step is not None:
+                self._on_step(step)
             emitted, stopped = self._outputs.process(step)
             for sample_id, stop in stopped:
                 self._send(("stop", sample_id, stop))

@@ -40,6 +40,11 @@ class EngineCoreOutput:
     # user request id -> prompt tokens found in the prefix cache, for requests admitted since the
     # last output (before their first token)
     num_cached_tokens: dict[str, int] = dataclasses.field(default_factory=dict)
+    # user request id -> when first admitted (time.perf_counter), for requests admitted since the
+    # last output (before their first token): the end of their queue time
+    scheduled_at: dict[str, float] = dataclasses.field(default_factory=dict)
+    num_tokens: int = 0  # tokens the step computed (prompt chunks and decode inputs)
+    timestamp: float = 0.0  # when its tokens were read back from the device (time.perf_counter)
 
 
 @dataclasses.dataclass
@@ -178,6 +183,9 @@ class EngineCore:
             _without(result.logprobs, update.gone),
             _without(result.prompt_logprobs, update.gone),
             self.scheduler.take_num_cached_tokens(),
+            self.scheduler.take_scheduled(),
+            out.num_tokens,
+            t0,
         )
         now = time.perf_counter()
         if now - self._prefix_cache_logged[0] >= self.prefix_cache_log_interval:

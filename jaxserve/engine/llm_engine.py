@@ -159,6 +159,17 @@ class LLMEngine:
         return len(self.core.scheduler.waiting)
 
     @property
+    def cache_config(self) -> dict[str, str]:
+        """The KV cache as planned at start-up, in vLLM's cache_config_info terms."""
+        kv = self.core.scheduler.kv
+        return {
+            "block_size": str(kv.page_size),
+            "num_gpu_blocks": str(kv.num_pages),
+            "enable_prefix_caching": str(kv.enable_caching),
+            "gpu_memory_utilization": str(self.config.gpu_memory_utilization),
+        }
+
+    @property
     def num_preemptions(self) -> int:
         return self.core.scheduler.num_preemptions
 

@@ -6,6 +6,8 @@
            shaped by its params' output_kind: CUMULATIVE a snapshot of everything so far,
            DELTA what is new since its last output (the samples that changed), FINAL_ONLY one
            output when it finishes. Only CUMULATIVE costs work that grows with the output.
+           A finished family's output carries its timeline (RequestMetrics: queued here,
+           first admitted, first and last token, stamped once per request or per step).
         -> the samples a stop string ended, for the engine core to finish
 
 It runs wherever its caller wants (LLMEngine: the engine's thread; AsyncLLM: the event loop),
@@ -15,11 +17,12 @@ never touches the scheduler or the device, and owns all per-family state of what
 from __future__ import annotations
 
 import dataclasses
+import time
 
 from jaxserve.engine.core import EngineCoreOutput
 from jaxserve.engine.detokenizer import IncrementalDetokenizer
 from jaxserve.engine.runner import TokenLogprobs
-from jaxserve.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
+from jaxserve.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestMetrics, RequestOutput
 from jaxserve.sampling_params import RequestOutputKind, SamplingParams
 
 CUMULATIVE, DELTA, FINAL_ONLY = RequestOutputKind.CUMULATIVE, RequestOutputKind.DELTA, RequestOutputKind.FINAL_ONLY
@@ -56,6 +59,10 @@ class _Family:
     num_unfinished: int = 0
     num_cached_tokens: int = 0
     sent_prompt_logprobs: bool = False  # DELTA: the first output carries them
+    # its timeline (time.perf_counter): added here, first admitted, first token read back
+    queued_at: float = 0.0
+    scheduled_at: float | None = None
+    first_token_at: float | None = None
 
     @property
     def finished(self) -> bool:
@@ -99,6 +106,7 @@ class OutputProcessor:
             samples,
             [None] * len(prompt_token_ids) if wants_prompt_lp else None,
             num_unfinished=len(samples),
+            queued_at=time.perf_counter(),
         )
         self._families[request_id] = family
         for sample_id, sample in zip(sample_ids, samples):
@@ -112,6 +120,10 @@ class OutputProcessor:
         for request_id, cached in step.num_cached_tokens.items():
             if request_id in self._families:
                 self._families[request_id].num_cached_tokens = cached
+        for request_id, at in step.scheduled_at.items():
+            family = self._families.get(request_id)
+            if family is not None and family.scheduled_at is None:  # a later sibling's is not the family's
+                family.scheduled_at = at
         for sample_id, entries in step.prompt_logprobs.items():
             family, sample = self._sample_of.get(sample_id, (None, None))
             if family is None or family.prompt_logprobs is None or sample.index != 0:
@@ -138,10 +150,15 @@ class OutputProcessor:
             elif finished is not None:
                 family.finish(sample, *finished)
             touched[family.request_id] = family
-        outputs = [self._output(f) for f in touched.values() if f.finished or f.params.output_kind is not FINAL_ONLY]
+        outputs = []
         for family in touched.values():
+            if family.first_token_at is None:
+                family.first_token_at = step.timestamp
             if family.finished:
+                outputs.append(self._output(family, finished_at=step.timestamp))
                 self._forget(family)
+            elif family.params.output_kind is not FINAL_ONLY:
+                outputs.append(self._output(family))
         return outputs, stopped
 
     def abort(self, request_id: str) -> RequestOutput | None:
@@ -187,7 +204,8 @@ class OutputProcessor:
     def _decode_one(self, token_id: int) -> str | None:
         return None if self.tokenizer is None else self.tokenizer.decode([token_id])
 
-    def _output(self, family: _Family) -> RequestOutput:
+    def _output(self, family: _Family, finished_at: float | None = None) -> RequestOutput:
+        """finished_at: when the engine finished it (its last token read back), for its metrics."""
         kind = family.params.output_kind
         if kind is DELTA:
             outs = [out for s in family.samples if (out := self._delta(s)) is not None]
@@ -219,7 +237,15 @@ class OutputProcessor:
             outs,
             family.finished,
             family.num_cached_tokens,
+            None if finished_at is None else self._metrics(family, finished_at),
         )
+
+    @staticmethod
+    def _metrics(family: _Family, finished_at: float) -> RequestMetrics:
+        first_token = family.first_token_at if family.first_token_at is not None else finished_at
+        # no admission seen (its report was lost with a failed step): its queue ended by its first token
+        scheduled = family.scheduled_at if family.scheduled_at is not None else first_token
+        return RequestMetrics(family.queued_at, scheduled, first_token, finished_at)
 
     @staticmethod
     def _delta(s: _Sample) -> CompletionOutput | None:

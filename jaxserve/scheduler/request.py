@@ -48,6 +48,7 @@ class Request:
     cache_entries: list[int] = dataclasses.field(default_factory=list)
     cache_next: int = 1 << 62
     num_cached_tokens: int = -1
+    scheduled_at: float | None = None  # when first admitted (time.perf_counter): its queue time ends
     # Constant for the request's life, computed once (the scheduler reads them every step).
     num_prompt_tokens: int = dataclasses.field(init=False)
     max_output_tokens: int = dataclasses.field(init=False)

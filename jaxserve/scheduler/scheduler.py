@@ -38,6 +38,7 @@ update(), the positions in that step of the requests that got a token. Request o
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections import deque
 from collections.abc import Sequence
 
@@ -94,6 +95,7 @@ class Scheduler:
         self._quarantine: dict[str, int] = {}
         self.prefix_cache = PrefixCacheStats()
         self._new_cached: dict[str, int] = {}  # family id -> tokens found cached, since take_num_cached_tokens
+        self._new_scheduled: dict[str, float] = {}  # family id -> when first admitted, since take_scheduled
         self._to_cache: list[Request] = []  # requests whose grants completed a page not cached yet
 
     # -- requests in -----------------------------------------------------------------------
@@ -210,6 +212,7 @@ class Scheduler:
             if self.kv.allocate(req.request_id, computed + n, cached) is None:
                 break
             self.waiting.popleft()
+            self._first_admission(req)
             if entries is not None:
                 self._took_cached(req, computed, entries)
             if n == 0:  # a prefix request whose pages are all cached
@@ -248,6 +251,13 @@ class Scheduler:
             req.num_cached_tokens = computed
             self._new_cached[req.family_id] = computed
 
+    def _first_admission(self, req: Request) -> None:
+        """Stamps a request's first admission (a resumed one keeps its first): per request, not
+        per step. Its family's stamp is its first member's."""
+        if req.scheduled_at is None:
+            req.scheduled_at = now = time.perf_counter()
+            self._new_scheduled.setdefault(req.family_id, now)
+
     def _chain(self, req: Request, entries: list[int]) -> None:
         """Sets the request's chain of cache entries (its first pages)."""
         req.cache_entries = entries
@@ -272,6 +282,12 @@ class Scheduler:
         """Family id -> prompt tokens found in the prefix cache, for the families admitted for the
         first time since the last call."""
         taken, self._new_cached = self._new_cached, {}
+        return taken
+
+    def take_scheduled(self) -> dict[str, float]:
+        """Family id -> when it was first admitted (time.perf_counter), for the families whose
+        first member was admitted since the last call (a later sibling may name its family again)."""
+        taken, self._new_scheduled = self._new_scheduled, {}
         return taken
 
     def reset_prefix_cache(self) -> int:
@@ -299,6 +315,7 @@ class Scheduler:
             self._preempt(victim)
         if req in self.waiting:
             self.waiting.remove(req)
+            self._first_admission(req)
             self._admit(grants, req, n)
         else:
             self._grant(grants, req, n, added, self._ends_at_last_token(req, n))
@@ -457,6 +474,7 @@ class Scheduler:
             self.kv.share(child.request_id, prefix.request_id, num_pages)
             child.num_computed_tokens = prefix.prefix_len
             child.num_cached_tokens = prefix.num_cached_tokens  # the family's, told already
+            child.scheduled_at = prefix.scheduled_at  # the family's, told already
             self._chain(child, prefix.cache_entries[:num_pages])
             child.status = RequestStatus.WAITING
             self.waiting.appendleft(child)

@@ -72,8 +72,8 @@ def create_app(settings: ServerSettings = ServerSettings(), *, engine: LLMEngine
         if settings.fault_token_id is not None:
             inject_step_failure(built, settings.fault_token_id)
         token_bytes = None if built.tokenizer is None else await asyncio.to_thread(TokenBytes, built.tokenizer)
-        llm = AsyncLLM(built)
         metrics = Metrics(built, settings.model_names[0])
+        llm = AsyncLLM(built, on_step=metrics.step)
         serving = Serving(llm, settings, metrics)
         app.state.jaxserve = ServerState(settings, built, llm, serving, metrics, token_bytes)
         try:

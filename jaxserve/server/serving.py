@@ -68,24 +68,10 @@ class Serving:
 
     async def observed(self, engine_id: str, prep: PreparedRequest, arrival: float) -> AsyncIterator[RequestOutput]:
         """One engine request's outputs, with its latencies and token counts recorded."""
-        m = self.metrics
+        observer = self.metrics.observer(prep.params, arrival)
         prompt = {"prompt": prep.prompt, "prompt_token_ids": prep.prompt_token_ids}
-        tokens, last = 0, None
         async for out in self.llm.generate(prompt, prep.params, engine_id):
-            now = time.perf_counter()
-            n = sum(len(c.token_ids) for c in out.outputs)
-            if n > tokens:
-                if last is None:
-                    m.ttft.observe(now - arrival)
-                    m.prompt_tokens.inc(len(out.prompt_token_ids))
-                else:
-                    m.itl.observe(now - last)
-                m.generation_tokens.inc(n - tokens)
-                tokens, last = n, now
-            if out.finished:
-                m.e2e.observe(now - arrival)
-                for c in out.outputs:
-                    m.success(c.finish_reason)
+            observer.output(out, time.perf_counter())
             yield out
 
 

@@ -217,3 +217,26 @@ def test_children_of_a_family_get_distinct_seeds_from_the_scheduler():
         "p#1": (7 + 0x9E3779B9) % 2**32,
         "p#2": (7 + 2 * 0x9E3779B9) % 2**32,
     }
+
+
+def test_first_admission_is_stamped_once_per_family():
+    s = make(budget=32, seqs=4, pages=5, page_size=4)  # a preemption, as in the test above
+    a, b = req("a", 8, max_tokens=8), req("b", 8, max_tokens=8)
+    s.add_request(a)
+    s.add_request(b)
+    step(s)
+    stamps = s.take_scheduled()
+    assert stamps == {"a": a.scheduled_at, "b": b.scheduled_at} and a.scheduled_at <= b.scheduled_at
+    first_b = b.scheduled_at
+    while s.has_unfinished:
+        step(s)
+    assert s.num_preemptions >= 1 and b.scheduled_at == first_b  # re-admitted, not re-stamped
+    assert s.take_scheduled() == {}
+
+    s = make()
+    s.add_request(req("f", 9, max_tokens=2, n=3))  # a prefix request computes 8 shared tokens, then forks
+    step(s)
+    assert list(s.take_scheduled()) == ["f"]
+    while s.has_unfinished:
+        step(s)
+    assert s.take_scheduled() == {}  # the children carry the family's stamp
