@@ -27,7 +27,7 @@ def main() -> None:
     import jax.numpy as jnp
 
     from jaxserve.engine import sampler as S
-    from jaxserve.sampling_params import MAX_LOGIT_BIAS
+    from jaxserve.sampling_params import MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS
 
     def batch(r: int, cut: bool, sampled: bool, penalties: bool, slots: int) -> S.SamplingBatch:
         f = lambda v: jnp.full((r,), v, jnp.float32)  # noqa: E731
@@ -39,8 +39,8 @@ def main() -> None:
             repetition_penalty=f(1.1 if penalties else 1.0),
             presence_penalty=f(0.0),
             frequency_penalty=f(0.0),
-            bias_ids=jnp.full((r, MAX_LOGIT_BIAS), args.vocab, jnp.int32),
-            bias_values=jnp.zeros((r, MAX_LOGIT_BIAS)),
+            bias_row=jnp.full((r,), slots, jnp.int32),  # the table's empty row
+            ban_stops=jnp.zeros(r, bool),
             seeds=jnp.arange(r, dtype=jnp.uint32),
             counters=jnp.zeros(r, jnp.int32),
             wants_logprobs=jnp.ones(r, bool),
@@ -63,11 +63,12 @@ def main() -> None:
     for r in (int(x) for x in args.rows.split(",")):
         logits = jax.random.normal(jax.random.key(0), (r, args.vocab), jnp.float32) * 3
         state = S.new_penalty_state(r, args.vocab)
+        bias = S.new_logit_bias(r, args.vocab, MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS)
         plain, full = batch(r, False, False, False, r), batch(r, True, True, True, r)
         parts = {
             "read logits (max)": (jax.jit(lambda x: jnp.max(x, axis=-1)), logits),
-            "sample: greedy rows": (jax.jit(S.sample), logits, plain, state),
-            "sample: top-k/p, penalties, temperature": (jax.jit(S.sample), logits, full, state),
+            "sample: greedy rows": (jax.jit(S.sample), logits, plain, state, bias),
+            "sample: top-k/p, penalties, temperature": (jax.jit(S.sample), logits, full, state, bias),
             "sort": (jax.jit(lambda x: jnp.sort(x, axis=-1)), logits),
             "truncate": (jax.jit(S._truncate), logits, full),
             "draw": (jax.jit(S._draw), logits, full),

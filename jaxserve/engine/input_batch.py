@@ -7,6 +7,9 @@
     row r:  token_ids[r, :num_known[r]]   prompt, then outputs read back from the device
             page_table[r, :num_pages[r]]   the request's pages (the device holds the same table)
             sampling columns               temperature, top_k, ..., written once when filled
+            logit bias                     a row with logit_bias or min_tokens is listed in
+                                           bias_writes when filled: the runner writes its
+                                           device LogitBias row before the step
 
 A *row* is a request's place here, and also its row of the device page table and penalty
 counts. A step gathers the rows it grants, in the SchedulerOutput's order: sequence i of the step
@@ -36,10 +39,10 @@ class InputBatch:
         num_pages: int,
         vocab_size: int,
         processor_names: list[str],
-        max_bias: int,
     ):
         self.max_rows, self.page_size, self.num_pages = max_rows, page_size, num_pages
-        self.vocab_size, self.processor_names, self.max_bias = vocab_size, processor_names, max_bias
+        self.vocab_size, self.processor_names = vocab_size, processor_names
+        self.bias_writes: list[int] = []  # rows filled since the last take_bias_writes() that need their bias written
         self.row_of: dict[str, int] = {}
         self._free = list(range(max_rows - 1, -1, -1))  # pop() hands out row 0 first
         i32 = lambda *shape: np.zeros(shape, np.int32)  # noqa: E731
@@ -56,6 +59,7 @@ class InputBatch:
         b = lambda: np.zeros(max_rows, bool)  # noqa: E731
         self.temperature, self.top_p, self.min_p = f32(), f32(), f32()
         self.top_k = i32(max_rows)
+        self.min_tokens = i32(max_rows)
         self.repetition_penalty, self.presence_penalty, self.frequency_penalty = f32(), f32(), f32()
         self.seed = np.zeros(max_rows, np.uint32)
         self.wants_logprobs, self.has_penalties, self.needs_bias, self.needs_sort = b(), b(), b(), b()
@@ -112,6 +116,9 @@ class InputBatch:
         self.wants_prompt_logprobs[row] = p.prompt_logprobs is not None
         self.has_penalties[row] = p.has_penalties
         self.needs_bias[row] = bool(p.logit_bias) or p.min_tokens > 0
+        self.min_tokens[row] = p.min_tokens
+        if self.needs_bias[row]:
+            self.bias_writes.append(row)
         cuts = -1 < p.top_k < self.vocab_size or p.top_p < 1 or p.min_p > 0
         self.needs_sort[row] = (p.temperature > 0 and cuts) or bool(p.logprobs)
         for j, name in enumerate(self.processor_names):
@@ -119,7 +126,7 @@ class InputBatch:
         return row
 
     # -- one step's inputs ----------------------------------------------------------------------
-    def stage(self, out: SchedulerOutput, x, eos_token_ids: frozenset[int]) -> StagedStep:
+    def stage(self, out: SchedulerOutput, x) -> StagedStep:
         """Writes the step's inputs into x (the packed buffer's views, zeroed; shapes of the
         step's bucket) and returns what reading its result back needs."""
         n = out.num_rows
@@ -155,7 +162,7 @@ class InputBatch:
         x.num_seqs[0] = n
         x.table_rows[:] = self.max_rows  # the device table's last row: all zeros
         x.table_rows[:n] = rows
-        self._stage_sampling(x.sampling, rows, starts, q_lens, seq, pos, total, eos_token_ids)
+        self._stage_sampling(x.sampling, rows, starts, q_lens, seq, pos, total)
         # The sequences that sample this step are where the next step finds their tokens.
         self.last_seq[:] = -1
         sampling_seqs = np.flatnonzero(samples).astype(np.int32)
@@ -170,7 +177,7 @@ class InputBatch:
             needs_sort=bool(self.needs_sort[rows].any()),
         )
 
-    def _stage_sampling(self, sb, rows, starts, q_lens, seq, pos, total, eos_token_ids) -> None:
+    def _stage_sampling(self, sb, rows, starts, q_lens, seq, pos, total) -> None:
         """Sampling inputs gathered from the rows; padding sequences greedy with nothing to apply."""
         n, no_row = len(rows), self.max_rows
         sb.temperature[:n], sb.top_p[:n], sb.min_p[:n] = self.temperature[rows], self.top_p[rows], self.min_p[rows]
@@ -193,18 +200,22 @@ class InputBatch:
         sb.token_row[:] = no_row
         sb.token_row[:total] = np.where(penalized[seq], rows[seq], no_row)
         sb.token_is_output[:total] = pos >= self.num_prompt[rows][seq]
-        sb.bias_ids[:] = self.vocab_size
-        for i in np.flatnonzero(self.needs_bias[rows]):
-            self._stage_bias(self.params[rows[i]], int(counters[i]), eos_token_ids, sb.bias_ids[i], sb.bias_values[i])
+        sb.bias_row[:] = no_row
+        sb.bias_row[:n] = np.where(self.needs_bias[rows], rows, no_row)
+        sb.ban_stops[:n] = counters < self.min_tokens[rows]
 
-    def _stage_bias(self, p, sample_index: int, eos_token_ids, bias_ids: np.ndarray, bias_values: np.ndarray) -> None:
-        """logit_bias, plus -inf on eos and stop ids while fewer than min_tokens are out."""
-        bias = dict(p.logit_bias)
-        if sample_index < p.min_tokens:
+    def take_bias_writes(self, eos_token_ids: frozenset[int]) -> list[tuple[int, list, list, list]]:
+        """(row, logit_bias ids, their values, the ids banned before min_tokens) for each row
+        filled since the last call whose request has a logit_bias or min_tokens."""
+        writes = []
+        for row in self.bias_writes:
+            p = self.params[row]
+            if p is None:  # freed again before its first step
+                continue
             banned = set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos_token_ids))
-            bias.update({tok: -np.inf for tok in banned})
-        bias_ids[: len(bias)] = list(bias.keys())
-        bias_values[: len(bias)] = list(bias.values())
+            writes.append((row, list(p.logit_bias), list(p.logit_bias.values()), sorted(banned)))
+        self.bias_writes = []
+        return writes
 
     # -- results --------------------------------------------------------------------------------
     def record(self, staged: StagedStep, tokens: np.ndarray) -> None:

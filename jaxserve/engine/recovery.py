@@ -61,7 +61,7 @@ def fail_all(core: EngineCore, error: BaseException) -> list[str]:
     families = scheduler.family_ids(list(scheduler.requests))
     for family_id in families:
         scheduler.abort(family_id)
-    scheduler.retry([])  # no step is in flight any more
+    scheduler.forget_issued()  # no step is in flight any more
     core.runner.reset_device_state()
     core.forget_timing()
     core.log(f"step failed ({type(error).__name__}: {error}); aborted {len(families)} requests")

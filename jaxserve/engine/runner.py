@@ -32,12 +32,13 @@ from jaxserve.engine.buckets import BucketPlan
 from jaxserve.engine.executable_cache import ExecutableCache
 from jaxserve.engine.input_batch import InputBatch, StagedStep
 from jaxserve.engine.packing import Packing
-from jaxserve.engine.sampler import LogitsProcessor, new_penalty_state
+from jaxserve.engine.sampler import LogitsProcessor, new_logit_bias, new_penalty_state
 from jaxserve.engine.step import (
     DeviceState,
     make_prompt_logprobs,
     make_sampler,
     make_step,
+    make_write_logit_bias_row,
     make_write_table_row,
     sampler_output_spec,
     step_input_spec,
@@ -49,7 +50,7 @@ from sharding import kv_cache_sharding
 
 MAX_EOS_IDS = 16
 INPUT_BUFFERS_PER_SHAPE = 3  # see ModelRunner._input_buffer
-BIAS_WIDTH = MAX_LOGIT_BIAS + MAX_STOP_TOKEN_IDS + MAX_EOS_IDS  # user biases + eos/stop suppression before min_tokens
+BANNED_WIDTH = MAX_STOP_TOKEN_IDS + MAX_EOS_IDS  # the ids a row bans before min_tokens: stop ids and eos
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,6 +150,7 @@ class ModelRunner:
         self._step = make_step(self.graphdef, treedef, self.mesh)
         self._sampler = make_sampler([fn for _, fn in processors], self.mesh)
         self._write_table_row = make_write_table_row(self._replicated)
+        self._write_logit_bias_row = make_write_logit_bias_row(self._replicated)
         self._prompt_logprobs = make_prompt_logprobs(self.graphdef)
         # Tests and fault drills: called with each SchedulerOutput once it is applied, before
         # staging; what it raises fails the step as a device error would.
@@ -172,6 +174,7 @@ class ModelRunner:
             penalties=new_penalty_state(self.num_rows, cfg.vocab_size),
             page_table=jnp.zeros((self.num_rows + 1, self.pages_per_seq), jnp.int32),
             last_tokens=jnp.zeros(self.max_step_rows, jnp.int32),
+            logit_bias=new_logit_bias(self.num_rows, cfg.vocab_size, MAX_LOGIT_BIAS, BANNED_WIDTH),
         )
         self.device_state = state if self.mesh is None else jax.device_put(state, self._replicated)
         self.input_batch = InputBatch(
@@ -182,7 +185,6 @@ class ModelRunner:
             num_pages=self.num_pages,
             vocab_size=cfg.vocab_size,
             processor_names=self.processor_names,
-            max_bias=BIAS_WIDTH,
         )
 
     # -- warm-up ------------------------------------------------------------------------------
@@ -249,8 +251,9 @@ class ModelRunner:
             r = self.plan.row_buckets[t][0]
             _, hidden = self._run(self._stage(EMPTY_STEP, t, r)[0], t, r, False)
             self._compiled_prompt_logprobs[t](self.state, hidden, np.zeros(t, np.int32), np.zeros(t, np.int32))
-        # The padding row (num_rows) is all zeros and stays so.
+        # The padding rows (num_rows) are empty and stay so: writing them compiles the writers.
         self._write_row(self.num_rows, [])
+        self._write_bias_row(self.num_rows, [], [], [])
         jax.block_until_ready(self.kv_cache)
         report.run = time.perf_counter() - t1
         report.total = time.perf_counter() - t0
@@ -293,6 +296,8 @@ class ModelRunner:
         returns at once while the device works (None if it grants nothing)."""
         t0 = time.perf_counter()
         changes = self.input_batch.apply(output)
+        for write in self.input_batch.take_bias_writes(self.eos_token_ids):
+            self._write_bias_row(*write)
         if self.fault_hook is not None:
             self.fault_hook(output)
         if not output.num_rows:
@@ -365,7 +370,7 @@ class ModelRunner:
         as jit keys its cache on them."""
         if (t, r) not in self._packings:
             self._packings[t, r] = (
-                Packing(step_input_spec(t, r, self._max_page_updates(t, r), len(self.processor_names), BIAS_WIDTH)),
+                Packing(step_input_spec(t, r, self._max_page_updates(t, r), len(self.processor_names))),
                 Packing(sampler_output_spec(r)),
             )
         return self._packings[t, r]
@@ -381,6 +386,19 @@ class ModelRunner:
         padded[: len(pages)] = pages
         table = self._write_table_row(self.device_state.page_table, np.int32(row), padded)
         self.device_state = dataclasses.replace(self.device_state, page_table=table)
+
+    def _write_bias_row(self, row: int, ids: list[int], values: list[float], banned: list[int]) -> None:
+        """Writes one row of the device LogitBias table (a request with logit_bias or min_tokens
+        took that row), padded with the vocabulary size, which the sampler drops."""
+        bias, vocab = self.device_state.logit_bias, self.config.vocab_size
+        padded_ids = np.full(bias.ids.shape[1], vocab, np.int32)
+        padded_ids[: len(ids)] = ids
+        padded_values = np.zeros(bias.values.shape[1], np.float32)
+        padded_values[: len(values)] = values
+        padded_banned = np.full(bias.stop_ids.shape[1], vocab, np.int32)
+        padded_banned[: len(banned)] = banned
+        bias = self._write_logit_bias_row(bias, np.int32(row), padded_ids, padded_values, padded_banned)
+        self.device_state = dataclasses.replace(self.device_state, logit_bias=bias)
 
     def step_workspace_bytes(self) -> int:
         """Device memory the largest step needs beyond its inputs (XLA's temporaries plus the
@@ -404,7 +422,7 @@ class ModelRunner:
     def _stage(self, output: SchedulerOutput, t: int, r: int, changes=()) -> tuple[np.ndarray, StagedStep]:
         """The step's packed input buffer (and what reading it back needs)."""
         buffer, x = self._input_buffer(t, r)
-        staged = self.input_batch.stage(output, x, self.eos_token_ids)
+        staged = self.input_batch.stage(output, x)
         self._stage_page_updates(changes, x)
         return buffer, staged
 

@@ -12,6 +12,11 @@ The parts that sort the vocabulary are left out at trace time (full=False) when 
 no row of the step needs them.
 Keys come from (seed, counter): a seeded request draws the same numbers whatever its neighbours.
 
+logit_bias and the ban on eos/stop ids before min_tokens come from a table kept on the device
+(LogitBias), one row per input-batch row, written once when a request takes its row: a step
+sends each sequence's table row and whether its stop ids are banned, never the entries
+themselves (300 + 80 per row, most of them unused padding, were 97% of a 256-row step's inputs).
+
 Penalties read per-row token statistics kept on the device across steps (PenaltyState): each
 request with penalties uses its input-batch row; the step counts its tokens into that row as they enter the
 model (prompt tokens into a mask, generated ones into counts).
@@ -40,8 +45,8 @@ class SamplingBatch:
     repetition_penalty: jax.Array  # [R] f32
     presence_penalty: jax.Array  # [R] f32
     frequency_penalty: jax.Array  # [R] f32
-    bias_ids: jax.Array  # [R, B] i32, padding = V (dropped)
-    bias_values: jax.Array  # [R, B] f32 (-inf suppresses eos before min_tokens)
+    bias_row: jax.Array  # [R] i32 the sequence's LogitBias row; rows = the empty last row
+    ban_stops: jax.Array  # [R] bool: fewer than min_tokens out, its eos and stop ids are banned
     seeds: jax.Array  # [R] u32
     counters: jax.Array  # [R] i32, tokens generated so far: the key's second half
     wants_logprobs: jax.Array  # [R] bool
@@ -61,6 +66,16 @@ class PenaltyState:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
+class LogitBias:
+    """Per-row logit bias on the device; the last row is empty (rows without any bias use it)."""
+
+    ids: jax.Array  # [rows + 1, B] i32, padding = V (dropped)
+    values: jax.Array  # [rows + 1, B] f32
+    stop_ids: jax.Array  # [rows + 1, S] i32: eos and stop ids, banned while ban_stops; padding = V
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
 class SamplerOutput:
     tokens: jax.Array  # [R] i32
     logprobs: jax.Array  # [R] f32 of the chosen tokens
@@ -71,6 +86,19 @@ class SamplerOutput:
 
 def new_penalty_state(num_rows: int, vocab_size: int) -> PenaltyState:
     return PenaltyState(jnp.zeros((num_rows, vocab_size), jnp.int32), jnp.zeros((num_rows, vocab_size), jnp.bool_))
+
+
+def new_logit_bias(num_rows: int, vocab_size: int, width: int, stops_width: int) -> LogitBias:
+    return LogitBias(
+        jnp.full((num_rows + 1, width), vocab_size, jnp.int32),
+        jnp.zeros((num_rows + 1, width), jnp.float32),
+        jnp.full((num_rows + 1, stops_width), vocab_size, jnp.int32),
+    )
+
+
+def write_logit_bias_row(bias: LogitBias, row, ids, values, stop_ids) -> LogitBias:
+    """The table with row `row` replaced (ids [B], values [B], stop_ids [S], padded with V)."""
+    return LogitBias(bias.ids.at[row].set(ids), bias.values.at[row].set(values), bias.stop_ids.at[row].set(stop_ids))
 
 
 def update_penalty_state(state: PenaltyState, tokens: jax.Array, sb: SamplingBatch) -> PenaltyState:
@@ -96,6 +124,17 @@ def _apply_penalties(logits, state: PenaltyState, sb: SamplingBatch):
     logits = jnp.where(seen | in_prompt, penalized, logits)
     logits = logits - sb.frequency_penalty[:, None] * counts - sb.presence_penalty[:, None] * seen
     return logits
+
+
+def _apply_bias(logits, bias: LogitBias, sb: SamplingBatch):
+    """Adds each sequence's logit_bias, then bans its eos and stop ids where ban_stops."""
+    num_rows, vocab = logits.shape
+    ids = bias.ids[sb.bias_row]  # [R, B]
+    rows = jnp.broadcast_to(jnp.arange(num_rows)[:, None], ids.shape)
+    logits = logits.at[rows, ids].add(bias.values[sb.bias_row], mode="drop")
+    stops = jnp.where(sb.ban_stops[:, None], bias.stop_ids[sb.bias_row], vocab)  # [R, S]
+    rows = jnp.broadcast_to(jnp.arange(num_rows)[:, None], stops.shape)
+    return logits.at[rows, stops].set(-jnp.inf, mode="drop")
 
 
 def _truncate(logits, sb: SamplingBatch):
@@ -152,6 +191,7 @@ def sample(
     logits: jax.Array,  # [R, V] f32
     sb: SamplingBatch,
     penalties: PenaltyState,
+    bias: LogitBias,
     processors: Sequence[LogitsProcessor] = (),
     *,
     full: bool = True,
@@ -164,8 +204,7 @@ def sample(
     for i, proc in enumerate(processors):
         x = jnp.where(sb.processor_mask[i][:, None], proc(x), x)
     x = _apply_penalties(x, penalties, sb)  # neutral for rows without a penalty row
-    rows = jnp.broadcast_to(jnp.arange(num_rows)[:, None], sb.bias_ids.shape)
-    x = x.at[rows, sb.bias_ids].add(sb.bias_values, mode="drop")
+    x = _apply_bias(x, bias, sb)
     greedy_tokens = jnp.argmax(x, axis=-1).astype(jnp.int32)
 
     is_sampled = sb.temperature > 0

@@ -24,6 +24,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxserve.engine.sampler import (
+    LogitBias,
     LogitsProcessor,
     PenaltyState,
     SamplerOutput,
@@ -31,6 +32,7 @@ from jaxserve.engine.sampler import (
     sample,
     top_logprobs,
     update_penalty_state,
+    write_logit_bias_row,
 )
 from jaxserve.sampling_params import MAX_LOGPROBS
 from models import LlamaForCausalLM, RaggedBatch
@@ -66,6 +68,7 @@ class DeviceState:
     penalties: PenaltyState
     page_table: jax.Array  # [rows + 1, P_max] i32; the last row stays zero (padding sequences)
     last_tokens: jax.Array  # [R_max] i32: the previous step's sampled token per row
+    logit_bias: LogitBias  # written per row when a request with logit_bias or min_tokens takes it
 
 
 def make_step(graphdef: nnx.GraphDef, treedef, mesh: Mesh | None = None):
@@ -101,7 +104,7 @@ def make_step(graphdef: nnx.GraphDef, treedef, mesh: Mesh | None = None):
             penalties, table, hidden, logits = jax.lax.with_sharding_constraint(
                 (penalties, table, hidden, logits), replicated
             )
-        return kv_cache, DeviceState(penalties, table, state.last_tokens), logits, hidden
+        return kv_cache, DeviceState(penalties, table, state.last_tokens, state.logit_bias), logits, hidden
 
     return jax.jit(step, donate_argnames=("kv_cache", "state"), static_argnames=("input_packing",))
 
@@ -112,7 +115,7 @@ def make_sampler(processors: Sequence[LogitsProcessor] = (), mesh: Mesh | None =
 
     def sampler(logits, state: DeviceState, packed, *, input_packing, output_packing, full):
         inputs: StepInput = input_packing.unpack(packed)
-        out = sample(logits, inputs.sampling, state.penalties, processors, full=full)
+        out = sample(logits, inputs.sampling, state.penalties, state.logit_bias, processors, full=full)
         last_tokens = jnp.zeros_like(state.last_tokens).at[: out.tokens.shape[0]].set(out.tokens)
         if mesh is not None:
             last_tokens = jax.lax.with_sharding_constraint(last_tokens, NamedSharding(mesh, PartitionSpec()))
@@ -127,7 +130,12 @@ def make_write_table_row(sharding: NamedSharding | None = None):
     return jax.jit(lambda table, row, pages: table.at[row].set(pages), donate_argnums=0, out_shardings=sharding)
 
 
-def step_input_spec(t: int, r: int, num_page_updates: int, num_processors: int, bias_width: int) -> StepInput:
+def make_write_logit_bias_row(sharding: NamedSharding | None = None):
+    """(LogitBias, row, ids [B], values [B], stop_ids [S]) -> LogitBias with that row replaced."""
+    return jax.jit(write_logit_bias_row, donate_argnums=0, out_shardings=sharding)
+
+
+def step_input_spec(t: int, r: int, num_page_updates: int, num_processors: int) -> StepInput:
     """The shapes and dtypes of a (t, r) step's inputs: the template of its packed buffer."""
     i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
     f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
@@ -140,8 +148,8 @@ def step_input_spec(t: int, r: int, num_page_updates: int, num_processors: int, 
         repetition_penalty=f32(r),
         presence_penalty=f32(r),
         frequency_penalty=f32(r),
-        bias_ids=i32(r, bias_width),
-        bias_values=f32(r, bias_width),
+        bias_row=i32(r),
+        ban_stops=b(r),
         seeds=jax.ShapeDtypeStruct((r,), jnp.uint32),
         counters=i32(r),
         wants_logprobs=b(r),

@@ -357,12 +357,16 @@ class Scheduler:
         if end >= req.cache_next:  # a page full of computed tokens, to cache
             self._to_cache.append(req)
 
+    def forget_issued(self) -> None:
+        """The outputs scheduled but not updated will never be: no step is in flight any more."""
+        self._issued.clear()
+
     def retry(self, requests: list[str]) -> None:
         """After a failed step (and with no other step in flight): these requests lose their pages
         and pending tokens and wait to be recomputed (a waiting one, e.g. an n > 1 child that
         forked onto shared pages, starts over too). Their families run alone until a step of
         theirs succeeds. The prefix cache forgets every page: the failed step's may hold garbage."""
-        self._issued.clear()
+        self.forget_issued()
         for req in [self.requests[r] for r in requests if r in self.requests]:
             req.num_pending = 0
             if req.status is RequestStatus.RUNNING:
