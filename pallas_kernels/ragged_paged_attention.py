@@ -545,7 +545,7 @@ def ragged_paged_attention(
     if q.shape[2] % 64 or q.shape[2] > 256:
         raise ValueError(f"head_dim must be a multiple of 64 up to 256, got {q.shape[2]}")
     if q.dtype != k_pages.dtype and not is_fp8(k_pages.dtype):
-        raise ValueError(f"k_pages dtype {k_pages.dtype} is neither q's ({q.dtype}) nor fp8")
+        raise ValueError(f"k_pages dtype {k_pages.dtype} must be q dtype {q.dtype} or fp8")
     allowed = (jnp.bfloat16, jnp.float16) if not interpret else (jnp.bfloat16, jnp.float16, jnp.float32)
     if q.dtype not in map(jnp.dtype, allowed):
         raise ValueError(
