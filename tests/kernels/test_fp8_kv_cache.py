@@ -120,6 +120,8 @@ KERNEL_CASES = [
     (E4M3, [1, 1, 37, 5, 1], [1, 300, 37, 700, 17], 1, 64, 16, SMALL),
     (E5M2, [1, 20, 1, 3], [129, 20, 600, 64], 4, 128, 32, SMALL),
     (E4M3, [1, 1, 70, 3], [900, 5, 70, 130], 8, 128, 128, WIDE),
+    # None: picked by shape, PREFILL_CONFIG (two warpgroups taking turns, persistent programs)
+    (E5M2, [40, 1, 9], [40, 300, 200], 2, 64, 16, None),
     (E5M2, [1, 1, 1, 1], [700, 1, 129, 1000], 4, 64, 64, RaggedPagedAttentionConfig(block_kv=64, kv_splits=4)),
 ]
 
