@@ -184,3 +184,19 @@ def test_kernel_fp8_lowers_for_hopper(fmt, head_dim, rows):
     fn = functools.partial(ragged_paged_attention, sm_scale=0.1)
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
+
+
+@pytest.mark.parametrize("fmt", [jnp.float8_e4m3fn, jnp.float8_e5m2])
+def test_writer_fp8_lowers_for_hopper(fmt):
+    """The compiled writer with fp8 pages (bf16 rows quantized, then 1-byte TMA rows) lowers on the CPU."""
+    sd = jax.ShapeDtypeStruct
+    pages = sd((64, 16, 8, 128), fmt)
+    rows = sd((256, 8, 128), jnp.bfloat16)
+    scale = sd((), jnp.float32)
+    text = (
+        jax.jit(write_kv_pages, donate_argnums=(0, 1))
+        .trace(pages, pages, rows, rows, sd((256,), jnp.int32), scale, scale)
+        .lower(lowering_platforms=("cuda",))
+        .as_text()
+    )
+    assert "mosaic_gpu" in text
