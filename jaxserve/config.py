@@ -5,6 +5,9 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+# kv_cache_dtype names (vLLM's) -> the pages' dtype; "auto": the model's own.
+KV_CACHE_DTYPES = {"fp8": "float8_e4m3fn", "fp8_e4m3": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2"}
+
 
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
@@ -33,6 +36,12 @@ class EngineConfig:
     async_scheduling: bool = True  # schedule step n+1 while step n runs; False: one step at a time
     # Reuse the KV pages of prompt prefixes already computed (jaxserve/scheduler/kv_pages.py).
     enable_prefix_caching: bool = True
+    # KV pages: "auto" (the model's dtype) or fp8 ("fp8" = "fp8_e4m3", "fp8_e5m2"), half of bf16's
+    # bytes; fp8 pages hold K and V divided by a scale per layer (1.0, as vLLM's default).
+    kv_cache_dtype: str = "auto"
+    # Estimate the scales from the first prefill (vLLM's --calculate-kv-scales): not built yet, so
+    # refused rather than ignored.
+    calculate_kv_scales: bool = False
 
     def __post_init__(self):
         if self.tensor_parallel_size < 1:
@@ -44,5 +53,19 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.token_bucket_growth < 2:
             raise ValueError(f"token_bucket_growth must be >= 2, got {self.token_bucket_growth}")
+        if self.kv_cache_dtype != "auto" and self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(
+                f"kv_cache_dtype must be 'auto' or one of {list(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}"
+            )
+        if self.calculate_kv_scales:
+            raise ValueError(
+                "calculate_kv_scales is not implemented: fp8 KV scales are 1.0 (vLLM's default); "
+                "drop --calculate-kv-scales"
+            )
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+
+    @property
+    def kv_dtype_name(self) -> str | None:
+        """The fp8 format of the KV pages, as a numpy dtype name; None: the model's dtype."""
+        return KV_CACHE_DTYPES.get(self.kv_cache_dtype)

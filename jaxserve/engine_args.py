@@ -78,6 +78,12 @@ FLAGS: dict[str, Flag] = {
     ),
     "async_scheduling": Flag(help="schedule step n+1 while step n runs"),
     "enable_prefix_caching": Flag(help="reuse the KV cache of prompt prefixes computed before"),
+    "kv_cache_dtype": Flag(
+        choices=("auto", "fp8", "fp8_e4m3", "fp8_e5m2"),
+        help="KV pages: auto (the model's dtype) or fp8 (= fp8_e4m3; fp8_e5m2: more range, less precision), "
+        "half of bf16's bytes, scales 1.0",
+    ),
+    "calculate_kv_scales": Flag(help="estimate the fp8 KV scales from the first prefill: not implemented, refused"),
 }
 
 

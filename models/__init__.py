@@ -5,7 +5,7 @@ config.json | preset name -> ModelConfig -> abstract model (shapes only)
     -> LlamaForCausalLM(tokens, kv_cache, RaggedBatch) -> hidden -> logits(rows)
 """
 
-from models.attention import LayerKVCache, RaggedBatch, allocate_kv_cache, paged_attention
+from models.attention import LayerKVCache, RaggedBatch, allocate_kv_cache, kv_cache_shardings, paged_attention
 from models.config import ModelConfig, ModelConfigError, preset_names
 from models.llama import LlamaForCausalLM, abstract_model, create_model
 
@@ -18,6 +18,7 @@ __all__ = [
     "abstract_model",
     "allocate_kv_cache",
     "create_model",
+    "kv_cache_shardings",
     "paged_attention",
     "preset_names",
 ]

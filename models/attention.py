@@ -21,7 +21,9 @@ to an implementation:
 "reference" and "xla" write the new K/V with the XLA scatter `write_kv_pages_reference`, "pallas" with the
 Mosaic GPU writer `write_kv_pages` (both in place when donated).
 KV cache layout: per layer, k and v pages [P, S, K, H]; the kernel reads one head's [S, H] slice of
-a page per TMA copy.
+a page per TMA copy. Pages are the model's dtype or fp8 (float8_e4m3fn / float8_e5m2): then they
+hold K / k_scale and V / v_scale, saturated (`pallas_kernels.kv_quant`), with one f32 scale per
+layer for K and one for V carried beside the pages (1.0 unless set).
 """
 
 from __future__ import annotations
@@ -57,6 +59,11 @@ class RaggedBatch:
 class LayerKVCache:
     k: jax.Array  # [P, S, K, H]
     v: jax.Array  # [P, S, K, H]
+    k_scale: jax.Array  # [] f32: k holds K / k_scale
+    v_scale: jax.Array  # [] f32: v holds V / v_scale
+
+    def with_pages(self, k: jax.Array, v: jax.Array) -> LayerKVCache:
+        return LayerKVCache(k, v, self.k_scale, self.v_scale)
 
 
 KVCache = list[LayerKVCache]  # one entry per layer
@@ -65,14 +72,22 @@ KVCache = list[LayerKVCache]  # one entry per layer
 def allocate_kv_cache(
     num_layers: int, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int, dtype, sharding=None
 ) -> KVCache:
-    """Zeroed pages, created on the device(s) directly (jit with out_shardings, no host copy)."""
+    """Zeroed pages of `dtype` (the model's, or fp8) and scales 1.0, created on the device(s)
+    directly (jit with out_shardings, no host copy). sharding: the pages' (`kv_cache_shardings`)."""
     shape = (num_pages, page_size, num_kv_heads, head_dim)
 
     def zeros():
-        return [LayerKVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(num_layers)]
+        one = jnp.ones((), jnp.float32)
+        return [LayerKVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), one, one) for _ in range(num_layers)]
 
-    jit_kwargs = {} if sharding is None else {"out_shardings": sharding}
+    jit_kwargs = {} if sharding is None else {"out_shardings": kv_cache_shardings(num_layers, sharding)}
     return jax.jit(zeros, **jit_kwargs)()
+
+
+def kv_cache_shardings(num_layers: int, page_sharding) -> KVCache:
+    """The cache's placement, leaf by leaf: pages as `page_sharding`, scales replicated."""
+    scale = jax.sharding.NamedSharding(page_sharding.mesh, jax.sharding.PartitionSpec())
+    return [LayerKVCache(page_sharding, page_sharding, scale, scale) for _ in range(num_layers)]
 
 
 AttentionImpl = Callable[..., tuple[jax.Array, LayerKVCache]]
@@ -82,18 +97,29 @@ def _after_scatter(attend) -> AttentionImpl:
     """An implementation that writes the new K/V with the XLA scatter, then calls `attend`."""
 
     def impl(q, k, v, cache: LayerKVCache, batch: RaggedBatch, *, sm_scale: float):
-        k_pages, v_pages = write_kv_pages_reference(cache.k, cache.v, k, v, batch.slot_mapping)
+        scales = dict(k_scale=cache.k_scale, v_scale=cache.v_scale)
+        k_pages, v_pages = write_kv_pages_reference(cache.k, cache.v, k, v, batch.slot_mapping, **scales)
         out = attend(
-            q, k_pages, v_pages, batch.kv_lens, batch.page_table, batch.cu_q_lens, batch.num_seqs, sm_scale=sm_scale
+            q,
+            k_pages,
+            v_pages,
+            batch.kv_lens,
+            batch.page_table,
+            batch.cu_q_lens,
+            batch.num_seqs,
+            sm_scale=sm_scale,
+            **scales,
         )
-        return out, LayerKVCache(k_pages, v_pages)
+        return out, cache.with_pages(k_pages, v_pages)
 
     return impl
 
 
 def _pallas(q, k, v, cache: LayerKVCache, batch: RaggedBatch, *, sm_scale: float):
     interpret = jax.default_backend() != "gpu"
-    k_pages, v_pages = write_kv_pages(cache.k, cache.v, k, v, batch.slot_mapping, interpret=interpret)
+    k_pages, v_pages = write_kv_pages(
+        cache.k, cache.v, k, v, batch.slot_mapping, cache.k_scale, cache.v_scale, interpret=interpret
+    )
     out = ragged_paged_attention(
         q,
         k_pages,
@@ -102,10 +128,12 @@ def _pallas(q, k, v, cache: LayerKVCache, batch: RaggedBatch, *, sm_scale: float
         batch.page_table,
         batch.cu_q_lens,
         batch.num_seqs,
+        cache.k_scale,
+        cache.v_scale,
         sm_scale=sm_scale,
         interpret=interpret,
     )
-    return out, LayerKVCache(k_pages, v_pages)
+    return out, cache.with_pages(k_pages, v_pages)
 
 
 ATTENTION_IMPLS: dict[str, AttentionImpl] = {

@@ -4,7 +4,8 @@
 
 Imports only JAX. `models.attention` picks an implementation by name; the references define
 the semantics every kernel is tested against. Kernels are Mosaic GPU (Hopper, sm_90); their tests
-run the same kernel bodies in Pallas GPU interpret mode on the CPU.
+run the same kernel bodies in Pallas GPU interpret mode on the CPU. Pages may be fp8 with a scale
+for K and one for V (`kv_quant`: the writers quantize, the attention functions dequantize).
 """
 
 from pallas_kernels.kv_cache_update import write_kv_pages, write_kv_pages_reference

@@ -4,11 +4,14 @@
     k_new, v_new     [T, K, H]      this step's keys and values, one row per token
     slot_mapping     [T] int32      flat slot page * S + offset of each token; padding tokens carry
                                     a slot outside [0, P * S) and are dropped, never written
+    k_scale, v_scale []  f32        fp8 pages store k_new / k_scale, saturated (`kv_quant.quantize`)
 
 Two implementations of the same function: `write_kv_pages` (Mosaic GPU: each program stages a
 few tokens' K and V rows in shared memory with one TMA load each, then stores every row to its
 page slot with one TMA store of [K, H]) and `write_kv_pages_reference` (an XLA scatter). The
-pages are aliased input -> output, so under a donating jit both write in place.
+pages are aliased input -> output, so under a donating jit both write in place. Both quantize the
+new rows first (one elementwise pass over [T, K, H], fused by XLA into the rows' producer): the
+kernel then moves fp8 bytes, half of bf16's.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.kv_quant import quantize
 
 
 def check_inputs(k_pages, v_pages, k_new, v_new, slot_mapping) -> None:
@@ -77,14 +82,22 @@ def _write_block(
 
 @functools.partial(jax.jit, static_argnames=("tokens_per_block", "interpret"))
 def write_kv_pages(
-    k_pages, v_pages, k_new, v_new, slot_mapping, *, tokens_per_block: int = 32, interpret: bool = False
+    k_pages,
+    v_pages,
+    k_new,
+    v_new,
+    slot_mapping,
+    k_scale=1.0,
+    v_scale=1.0,
+    *,
+    tokens_per_block: int = 32,
+    interpret: bool = False,
 ):
     """The Mosaic GPU writer (Hopper; `interpret=True` runs it on the CPU). tokens_per_block is
     reduced to a divisor of T (32 was faster than 8 at 256 and 2048 tokens on an H200,
     docs/benchmarks.md). -> (k_pages, v_pages)."""
     check_inputs(k_pages, v_pages, k_new, v_new, slot_mapping)
-    if k_new.dtype != k_pages.dtype or v_new.dtype != v_pages.dtype:
-        k_new, v_new = k_new.astype(k_pages.dtype), v_new.astype(v_pages.dtype)
+    k_new, v_new = quantize(k_new, k_scale, k_pages.dtype), quantize(v_new, v_scale, v_pages.dtype)
     num_pages, page_size, num_kv_heads, head_dim = k_pages.shape
     num_tokens = k_new.shape[0]
     if num_tokens == 0:
@@ -106,16 +119,16 @@ def write_kv_pages(
     return jax.freeze(k_ref), jax.freeze(v_ref)
 
 
-def write_kv_pages_reference(k_pages, v_pages, k_new, v_new, slot_mapping):
-    """Scatters each token's K/V row to its slot; out-of-range slots (padding) are dropped."""
+def write_kv_pages_reference(k_pages, v_pages, k_new, v_new, slot_mapping, k_scale=1.0, v_scale=1.0):
+    """Scatters each token's K/V row (quantized) to its slot; out-of-range slots (padding) are dropped."""
     check_inputs(k_pages, v_pages, k_new, v_new, slot_mapping)
     k_pages, v_pages, k_new, v_new, slot_mapping = map(jnp.asarray, (k_pages, v_pages, k_new, v_new, slot_mapping))
     num_pages, page_size, num_kv_heads, head_dim = k_pages.shape
 
-    def scatter(pages, new):
+    def scatter(pages, new, scale):
         flat = pages.reshape(num_pages * page_size, num_kv_heads, head_dim)
         slots = jnp.where(slot_mapping < 0, num_pages * page_size, slot_mapping)  # negative: dropped, not wrapped
-        flat = flat.at[slots].set(new.astype(pages.dtype), mode="drop")
+        flat = flat.at[slots].set(quantize(new, scale, pages.dtype), mode="drop")
         return flat.reshape(pages.shape)
 
-    return scatter(k_pages, k_new), scatter(v_pages, v_new)
+    return scatter(k_pages, k_new, k_scale), scatter(v_pages, v_new, v_scale)

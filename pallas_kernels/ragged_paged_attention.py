@@ -9,6 +9,7 @@ One call serves decode (q_len = 1), prefill and chunked prefill (q_len > 1), mix
     page_table [R, P_max]     page ids of each sequence, in order
     cu_q_lens  [R+1]          sequence r owns q rows cu_q_lens[r] : cu_q_lens[r+1]
     num_seqs   [1]            live sequences; rows r >= num_seqs are padding and skipped
+    k_scale    []             f32; pages hold K / k_scale (v_scale the same): 1 unless fp8
 
 Query i of sequence r sits at cache position kv_lens[r] - q_len[r] + i and sees positions <= it.
 Rows of q past cu_q_lens[num_seqs] are padding: their output is zero.
@@ -33,13 +34,21 @@ one K/V block's place in the shared-memory ring; neither is a (KV cache) slot. P
     memory warpgroup:  for each block of block_kv cache tokens: page ids from page_table,
                        one TMA copy per page --> k/v smem stage (num_stages stages, a ring whose
                        position counts on over items)
-    compute warpgroups (64 rows each):  S = q K^T (wgmma) -> causal mask on the last blocks ->
+    compute warpgroups (64 rows each):  S = q K^T (wgmma) * k_scale -> causal mask on the last blocks ->
                        online softmax (exp2, f32) -> O += P V (wgmma) -> free the stage
                        (with `pingpong`, two warpgroups alternate: one's softmax under the
                        other's matmuls)
-    O / l --> the item's q buffer --> TMA store of the first 8/16/32/64 rows covering the valid
+    O / l * v_scale --> the item's q buffer --> TMA store of the first 8/16/32/64 rows covering the valid
                        ones, into the tile's own cells; the wrapper gathers rows back. The buffer
                        goes back to the memory warpgroup once that store has read it.
+
+FP8 pages (float8_e4m3fn / float8_e5m2) travel as fp8 from HBM into the ring (half the bytes). wgmma
+would multiply fp8 operands, but only K-major ones: K^T (QK's B) is, V (PV's B, [keys, H]) is not,
+and 8-bit operands cannot be transposed; q and P would also have to be rounded to fp8. So each
+compute warpgroup widens the stage's fp8 tile through registers into its own 16-bit tile buffer
+(64 rows at a time), frees the ring stage at once, and multiplies in the model's dtype as before:
+the HBM traffic halves, the tensor-core work stays. The scales cost one multiply per score and per
+output element.
 """
 
 from __future__ import annotations
@@ -53,6 +62,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.kv_quant import is_fp8
 from pallas_kernels.ragged_paged_attention_config import (
     RaggedPagedAttentionConfig,
     default_config,
@@ -68,11 +78,24 @@ _RCP_LN2 = 1.4426950408889634  # log2(x) = ln(x) / ln(2)
 
 
 def _smem_transforms(dtype, head_dim):
-    """Swizzled 128-byte rows, the layout wgmma reads its shared-memory operands in."""
-    elems = 128 // jnp.dtype(dtype).itemsize
-    if head_dim % elems:
-        raise ValueError(f"head_dim {head_dim} must be a multiple of {elems} for {jnp.dtype(dtype).name}")
-    return (plgpu.TilingTransform((8, elems)), plgpu.SwizzleTransform(128))
+    """Swizzled rows of up to 128 bytes, the layout wgmma reads its shared-memory operands in (an fp8
+    tile of head_dim 64 has 64-byte rows)."""
+    itemsize = jnp.dtype(dtype).itemsize
+    swizzle = min(128, head_dim * itemsize)
+    if swizzle < 64 or head_dim % (swizzle // itemsize):
+        raise ValueError(f"head_dim {head_dim} must be a multiple of {128 // itemsize} for {jnp.dtype(dtype).name}")
+    return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
+
+
+def _widen(src, dst):
+    """An fp8 tile in shared memory [block_kv, H] -> the same values in dst's 16-bit dtype, 64 rows
+    at a time through registers (loaded in the layout made for widening 8-bit values, relaid for
+    the 16-bit store; fp8 converts to 16-bit floats through f32 on every ptxas)."""
+    for r in range(0, src.shape[0], _WG_ROWS):
+        rows = pl.ds(r, _WG_ROWS)
+        x = plgpu.load(src.at[rows], layout=plgpu.Layout.WGMMA_UPCAST_2X)
+        x = x.astype(jnp.float32).astype(dst.dtype)
+        dst.at[rows][...] = plgpu.layout_cast(x, plgpu.Layout.WGMMA)
 
 
 def _kernel(
@@ -85,10 +108,12 @@ def _kernel(
     kv_lens_ref,
     page_table_ref,
     cu_q_lens_ref,  # [R], [R, P_max], [R+1]
+    scales_ref,  # [2] f32: k_scale, v_scale
     q_ref,
     k_ref,
     v_ref,  # [K, cells, H], [P, S, K, H], [P, S, K, H]
     *refs,  # out [K, cells, H]; or, split: out [splits, K, cells, H], lse [splits, K, cells]; scratch
+    # (q/out, K ring, V ring, P, [lse], [16-bit K/V tile per compute warpgroup: fp8 pages]), barriers
     group,
     page_size,
     pages_per_block,
@@ -104,10 +129,11 @@ def _kernel(
     pingpong,
 ):
     if num_splits > 1:
-        out_ref, lse_ref, q_smem, k_smem, v_smem, p_smem, lse_smem, *barriers = refs
+        out_ref, lse_ref, q_smem, k_smem, v_smem, p_smem, lse_smem, *refs = refs
     else:
-        out_ref, q_smem, k_smem, v_smem, p_smem, *barriers = refs
+        out_ref, q_smem, k_smem, v_smem, p_smem, *refs = refs
         lse_ref = lse_smem = None
+    kv_tile, *barriers = refs  # kv_tile None: 16-bit pages, multiplied from the ring
     k_full, v_full, q_full, k_free, v_free, q_free, sched = barriers
     dtype = q_ref.dtype
     head_dim = q_ref.shape[-1]
@@ -231,6 +257,8 @@ def _kernel(
         if acc_in_place and num_wgs > 1:
             plgpu.set_max_registers(232, action="increase")
         layout = plgpu.Layout.WGMMA
+        score_scale = scales_ref[0] * scale_log2  # softmax in base 2; K's scale on the scores
+        v_scale = scales_ref[1]
 
         def item_body(r, count):
             it = item(r)
@@ -252,20 +280,32 @@ def _kernel(
             l = plgpu.layout_cast(jnp.full((_WG_ROWS,), 0.0, jnp.float32), layout.reduce(1))
             acc = plgpu.layout_cast(jnp.full((_WG_ROWS, head_dim), 0.0, jnp.float32), layout)
 
+            def operand(ring, full, free, stage):
+                """The stage's K or V tile as a wgmma operand; with fp8 pages, widened into this
+                warpgroup's tile buffer and the stage freed at once. -> (operand, free it after use)"""
+                plgpu.barrier_wait(full.at[stage])
+                if kv_tile is None:
+                    return ring.at[stage], True
+                _widen(ring.at[stage], kv_tile.at[wg])
+                plgpu.barrier_arrive(free.at[stage])
+                plgpu.commit_smem()  # the widened tile, visible to the tensor cores
+                return kv_tile.at[wg], False
+
             def step_fn(step, carry, *, masked):
                 acc, m, l = carry
                 stage = lax.rem(count + step - first_step, num_stages)
-                plgpu.barrier_wait(k_full.at[stage])
+                k_operand, free_k = operand(k_smem, k_full, k_free, stage)
 
                 def qk(acc_ref):
-                    plgpu.wgmma(acc_ref, q_view, k_smem.at[stage].T)
+                    plgpu.wgmma(acc_ref, q_view, k_operand.T)
                     if pingpong:
                         sched_sync()
                     return acc_ref[...]
 
                 s = pl.run_scoped(qk, plgpu.ACC((_WG_ROWS, block_kv), jnp.float32))
-                plgpu.barrier_arrive(k_free.at[stage])
-                s = s * scale_log2
+                if free_k:
+                    plgpu.barrier_arrive(k_free.at[stage])
+                s = s * score_scale
                 if masked:  # rows past the tile's end reuse its last token
                     shape = (_WG_ROWS, block_kv)
                     rows = q_row + plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=layout)
@@ -284,10 +324,10 @@ def _kernel(
                 if pingpong:  # softmax done: let the other warpgroup's matmuls go, then take ours
                     acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
                     plgpu.barrier_arrive(sched)
-                    plgpu.barrier_wait(v_full.at[stage])
+                    v_operand, free_v = operand(v_smem, v_full, v_free, stage)
                     plgpu.barrier_wait(sched)
                 else:
-                    plgpu.barrier_wait(v_full.at[stage])
+                    v_operand, free_v = operand(v_smem, v_full, v_free, stage)
 
                 if p_from_registers:
                     p_operand = p16
@@ -299,17 +339,18 @@ def _kernel(
                 if acc_in_place:  # compiled path: wgmma accumulates into the registers it is given
 
                     def pv_into(acc_ref):
-                        plgpu.wgmma(acc_ref, p_operand, v_smem.at[stage])
+                        plgpu.wgmma(acc_ref, p_operand, v_operand)
 
                     acc = pl.run_state(pv_into)(plgpu.ACC.init(acc))
                 else:  # GPU interpret mode lacks run_state: a fresh accumulator plus an add
 
                     def pv(acc_ref):
-                        plgpu.wgmma(acc_ref, p_operand, v_smem.at[stage])
+                        plgpu.wgmma(acc_ref, p_operand, v_operand)
                         return acc_ref[...]
 
                     acc = acc + pl.run_scoped(pv, plgpu.ACC((_WG_ROWS, head_dim), jnp.float32))
-                plgpu.barrier_arrive(v_free.at[stage])
+                if free_v:
+                    plgpu.barrier_arrive(v_free.at[stage])
                 return acc, m_new, l
 
             carry = (acc, m, l)
@@ -323,7 +364,7 @@ def _kernel(
                 lse_smem.at[wg][...] = jnp.where(l == 0.0, -jnp.inf, m + jnp.log(l_safe) * _RCP_LN2)
             else:
                 l_safe = l
-            acc = acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])
+            acc = acc * lax.broadcast_in_dim(v_scale / l_safe, acc.shape, [0])
             q_view[...] = acc.astype(dtype)  # q is read no more: its buffer takes the output
             plgpu.commit_smem()
             out_view = out_ref.at[it["split"]] if num_splits > 1 else out_ref
@@ -357,7 +398,9 @@ def _combine_splits(parts, lse):
     return num / weight.sum(axis=0)[..., None]
 
 
-def _attention_call(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, *, sm_scale, config, interpret):
+def _attention_call(
+    q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, k_scale, v_scale, *, sm_scale, config, interpret
+):
     num_tokens, num_heads, head_dim = q.shape
     _, page_size, num_kv_heads, _ = k_pages.shape
     num_rows = page_table.shape[0]
@@ -386,6 +429,7 @@ def _attention_call(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seq
     cells = num_cells(num_tokens, group, num_tiles, tile_rows)
 
     transforms = _smem_transforms(q.dtype, head_dim)
+    kv_transforms = _smem_transforms(k_pages.dtype, head_dim)
     num_stages = config.num_stages
     kv_block = (num_stages, block_kv, head_dim)
     pages_per_block = block_kv // page_size
@@ -417,8 +461,8 @@ def _attention_call(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seq
     out_shape = jax.ShapeDtypeStruct((num_kv_heads, cells, head_dim), q.dtype)
     scratch = [
         plgpu.SMEM((2, num_wgs, _WG_ROWS, head_dim), q.dtype, transforms=transforms),  # q / out, two items
-        plgpu.SMEM(kv_block, k_pages.dtype, transforms=transforms),
-        plgpu.SMEM(kv_block, v_pages.dtype, transforms=transforms),
+        plgpu.SMEM(kv_block, k_pages.dtype, transforms=kv_transforms),
+        plgpu.SMEM(kv_block, v_pages.dtype, transforms=kv_transforms),
         p_scratch,
     ]
     barriers = [
@@ -436,6 +480,9 @@ def _attention_call(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seq
             jax.ShapeDtypeStruct((num_splits, num_kv_heads, cells), jnp.float32),
         )
         scratch.append(plgpu.SMEM((num_wgs, _WG_ROWS), jnp.float32))
+    # fp8 pages: each compute warpgroup's K (then V) tile widened to q's dtype, the wgmma operand.
+    widen = is_fp8(k_pages.dtype)
+    scratch.append(plgpu.SMEM((num_wgs, block_kv, head_dim), q.dtype, transforms=transforms) if widen else None)
     call = plgpu.kernel(
         kernel,
         out_type=out_shape,
@@ -458,6 +505,7 @@ def _attention_call(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seq
         kv_lens,
         page_table,
         cu_q_lens,
+        jnp.stack([k_scale, v_scale]).astype(jnp.float32),
         qg,
         k_pages,
         v_pages,
@@ -481,6 +529,8 @@ def ragged_paged_attention(
     page_table: jax.Array,  # [R, P_max] int32
     cu_q_lens: jax.Array,  # [R+1] int32
     num_seqs: jax.Array,  # [1] int32
+    k_scale: float | jax.Array = 1.0,  # [] f32: the pages hold K / k_scale
+    v_scale: float | jax.Array = 1.0,  # [] f32: the pages hold V / v_scale
     *,
     sm_scale: float,
     config: RaggedPagedAttentionConfig | None = None,
@@ -488,13 +538,14 @@ def ragged_paged_attention(
 ) -> jax.Array:  # [T, N, H]
     """The Mosaic GPU kernel (Hopper; `interpret=True` runs the same body on the CPU).
 
-    Every page_table entry up to page (kv_lens[r] - 1) // S of a live row must be a valid page id;
-    the rest are never read. config None picks by shape (`default_config`)."""
+    Pages are q's dtype or fp8 (float8_e4m3fn, float8_e5m2). Every page_table entry up to page
+    (kv_lens[r] - 1) // S of a live row must be a valid page id; the rest are never read. config
+    None picks by shape (`default_config`)."""
     check_inputs(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs)
     if q.shape[2] % 64 or q.shape[2] > 256:
         raise ValueError(f"head_dim must be a multiple of 64 up to 256, got {q.shape[2]}")
-    if q.dtype != k_pages.dtype:
-        raise ValueError(f"q dtype {q.dtype} differs from k_pages dtype {k_pages.dtype}")
+    if q.dtype != k_pages.dtype and not is_fp8(k_pages.dtype):
+        raise ValueError(f"k_pages dtype {k_pages.dtype} must be q dtype {q.dtype} or fp8")
     allowed = (jnp.bfloat16, jnp.float16) if not interpret else (jnp.bfloat16, jnp.float16, jnp.float32)
     if q.dtype not in map(jnp.dtype, allowed):
         raise ValueError(
@@ -514,6 +565,8 @@ def ragged_paged_attention(
         page_table,
         cu_q_lens,
         num_seqs,
+        jnp.asarray(k_scale, jnp.float32),
+        jnp.asarray(v_scale, jnp.float32),
         sm_scale=sm_scale,
         config=config,
         interpret=interpret,

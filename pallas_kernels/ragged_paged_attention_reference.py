@@ -6,13 +6,16 @@
                            each token gathers its sequence's pages and attends (f32 softmax)
 
 Arguments as in `ragged_paged_attention` (the Mosaic GPU kernel); `ragged_paged_attention_xla`
-is the same semantics in plain XLA for the CPU.
+is the same semantics in plain XLA for the CPU. Pages may be fp8 (`kv_quant`): they stand for
+pages * k_scale (K) and pages * v_scale (V), applied to the scores and to the output.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from pallas_kernels.kv_quant import is_fp8
 
 
 def check_inputs(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs) -> None:
@@ -63,6 +66,8 @@ def ragged_paged_attention_reference(
     num_seqs: jax.Array,  # [1] int32
     *,
     sm_scale: float,
+    k_scale: float | jax.Array = 1.0,  # [] f32: the pages hold K / k_scale
+    v_scale: float | jax.Array = 1.0,  # [] f32: the pages hold V / v_scale
     tokens_per_chunk: int = 64,
 ) -> jax.Array:  # [T, N, H]
     """Pure jnp: each query token gathers its sequence's pages and attends (XLA gather, f32 softmax)."""
@@ -81,12 +86,14 @@ def ragged_paged_attention_reference(
         q_t, r, pos = args  # [N, H], [], []
         k = k_pages[page_table[r]].reshape(max_kv, num_kv_heads, head_dim)
         v = v_pages[page_table[r]].reshape(max_kv, num_kv_heads, head_dim)
+        if is_fp8(k.dtype):
+            k = k.astype(jnp.float32)
         q_t = q_t.reshape(num_kv_heads, group, head_dim)
-        s = jnp.einsum("kgh,lkh->kgl", q_t, k, preferred_element_type=jnp.float32) * sm_scale
+        s = jnp.einsum("kgh,lkh->kgl", q_t, k, preferred_element_type=jnp.float32) * (sm_scale * k_scale)
         visible = jnp.arange(max_kv) <= pos
         s = jnp.where(visible, s, -jnp.inf)
         p = jax.nn.softmax(s, axis=-1)
-        o = jnp.einsum("kgl,lkh->kgh", p, v.astype(jnp.float32))
+        o = jnp.einsum("kgl,lkh->kgh", p, v.astype(jnp.float32)) * v_scale
         return o.reshape(num_heads, head_dim)
 
     out = jax.lax.map(attend_one, (q, seq, q_pos), batch_size=tokens_per_chunk)

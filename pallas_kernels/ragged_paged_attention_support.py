@@ -1,21 +1,24 @@
 """What the ragged paged attention kernel (and its K/V page writer) can run: dtype, head_dim, page
 size and device, asked before anything is built.
 
-    unmet_requirements(dtype, head_dim, page_size, interpret=..., compute_capability=...)
+    unmet_requirements(dtype, head_dim, page_size, interpret=..., compute_capability=..., kv_dtype=...)
         -> []                       the kernel runs these, with the configs it picks by shape
         -> ["needs ...", ...]       each requirement these miss, named
 
 Compiled (Mosaic GPU) the kernel needs:
     a Hopper GPU            compute capability 9.x: wgmma and TMA (Ampere has neither; Blackwell
                             has TMA but no wgmma)
-    bfloat16 or float16     wgmma's 16-bit operands (float32 runs in interpret mode only)
+    bfloat16 or float16     wgmma's 16-bit operands (float32 runs in interpret mode only); the pages
+                            that dtype or fp8 (float8_e4m3fn, float8_e5m2: widened to it in the kernel)
     head_dim                a multiple of 64 (one 128-byte swizzled row) up to 256
     page size               a multiple of 8 up to 256 whose K/V block max(S, block_kv) is a whole
                             number of pages and a multiple of 64 (the PV wgmma's K): S in
                             8, 16, 32, 64, 128 or 192, 256
     shared memory           the config's q buffers and K/V ring fit Hopper's 227 KiB: at 16 bits
                             head_dim 64 with any page size above, head_dim 128 with S <= 128;
-                            head_dim 192 and 256 never fit with DECODE_CONFIG / PREFILL_CONFIG
+                            head_dim 192 and 256 never fit with DECODE_CONFIG / PREFILL_CONFIG;
+                            fp8 pages halve the ring and add one 16-bit K/V tile per compute
+                            warpgroup (head_dim 128, S <= 128 fits)
 Interpret mode (any backend; tests) needs only the dtype (float32 too), head_dim and page size.
 `ragged_paged_attention` itself checks the dtype, head_dim and page size when called; the shared
 memory it finds too big only when Mosaic GPU lowers it (tests/engine/test_attention_choice.py
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from pallas_kernels.kv_quant import is_fp8
 from pallas_kernels.ragged_paged_attention_config import DECODE_CONFIG, PREFILL_CONFIG, RaggedPagedAttentionConfig
 
 COMPILED_DTYPES = ("bfloat16", "float16")
@@ -37,19 +41,24 @@ _WG_ROWS = 64  # query rows per compute warpgroup (ragged_paged_attention._WG_RO
 _CONFIGS = (DECODE_CONFIG, PREFILL_CONFIG)  # what `default_config` picks from
 
 
-def shared_memory_bytes(config: RaggedPagedAttentionConfig, head_dim: int, page_size: int, itemsize: int) -> int:
+def shared_memory_bytes(
+    config: RaggedPagedAttentionConfig, head_dim: int, page_size: int, itemsize: int, kv_itemsize: int | None = None
+) -> int:
     """Shared memory the compiled kernel allocates for one program, as `_attention_call` lays it out:
-    two q/out buffers per compute warpgroup, the K and V rings, P's buffer (unless P stays in
-    registers), the split log-sum-exp rows (counted always: splits are picked per batch) and the
+    two q/out buffers per compute warpgroup, the K and V rings (of kv_itemsize; default itemsize),
+    P's buffer (unless P stays in registers), the split log-sum-exp rows (counted always: splits
+    are picked per batch), with 8-bit pages a widened K/V tile per compute warpgroup, and the
     barriers (8 bytes each)."""
+    kv_itemsize = kv_itemsize or itemsize
     wgs, stages = config.compute_warpgroups, config.num_stages
     block_kv = max(page_size, config.block_kv)
     q = 2 * wgs * _WG_ROWS * head_dim * itemsize
-    ring = 2 * stages * block_kv * head_dim * itemsize
+    ring = 2 * stages * block_kv * head_dim * kv_itemsize
     p = 0 if config.p_from_registers else wgs * _WG_ROWS * block_kv * itemsize
     lse = wgs * _WG_ROWS * 4
+    tile = wgs * block_kv * head_dim * itemsize if kv_itemsize == 1 else 0
     barriers = 8 * (4 * stages + 5)  # k/v full and free per stage; q full and free x 2; sched
-    return q + ring + p + lse + barriers
+    return q + ring + p + lse + tile + barriers
 
 
 def _blocks_fit(page_size: int) -> bool:
@@ -59,12 +68,22 @@ def _blocks_fit(page_size: int) -> bool:
 
 
 def unmet_requirements(
-    dtype, head_dim: int, page_size: int, *, interpret: bool = False, compute_capability: str | None = None
+    dtype,
+    head_dim: int,
+    page_size: int,
+    *,
+    interpret: bool = False,
+    compute_capability: str | None = None,
+    kv_dtype=None,
 ) -> list[str]:
     """Each thing the kernel needs that these lack, as "needs ..." phrases; [] when it runs them.
-    compute_capability: the CUDA GPU's ("9.0"), None where there is none; ignored when interpreting."""
+    compute_capability: the CUDA GPU's ("9.0"), None where there is none; ignored when interpreting.
+    kv_dtype: the pages' (None: dtype)."""
     name = jnp.dtype(dtype).name
+    kv_name = jnp.dtype(kv_dtype if kv_dtype is not None else dtype).name
     unmet = []
+    if kv_name != name and not is_fp8(kv_name):
+        unmet.append(f"needs KV pages of the model's dtype ({name}) or fp8; got {kv_name}")
     if not interpret:
         major = compute_capability.split(".")[0] if compute_capability else None
         if major != "9":
@@ -88,7 +107,8 @@ def unmet_requirements(
         )
     if not interpret and head_ok and page_ok:
         itemsize = jnp.dtype(name if name in COMPILED_DTYPES else COMPILED_DTYPES[0]).itemsize
-        need = max(shared_memory_bytes(c, head_dim, page_size, itemsize) for c in _CONFIGS)
+        kv_itemsize = 1 if is_fp8(kv_name) else itemsize
+        need = max(shared_memory_bytes(c, head_dim, page_size, itemsize, kv_itemsize) for c in _CONFIGS)
         if need > HOPPER_SMEM_BYTES:
             unmet.append(
                 f"needs its q buffers and K/V ring within {HOPPER_SMEM_BYTES // 1024} KiB of shared memory "

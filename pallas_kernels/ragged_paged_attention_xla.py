@@ -7,7 +7,8 @@ longest live sequence's last page, and each query token keeps an online softmax
     m [T, K, G]  running max      l [T, K, G]  running sum      acc [T, K, G, H]  running output
 
 updated with that token's own page p (gathered [T, S, K, H]). Tokens past their own length mask
-the page out. Padding tokens (past cu_q_lens[num_seqs]) output zero.
+the page out. Padding tokens (past cu_q_lens[num_seqs]) output zero. fp8 pages: k_scale multiplies
+the scores, v_scale the output.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ import jax.numpy as jnp
 from pallas_kernels.ragged_paged_attention_reference import check_inputs, query_rows
 
 
-def ragged_paged_attention_xla(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, *, sm_scale: float):
+def ragged_paged_attention_xla(
+    q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, *, sm_scale: float, k_scale=1.0, v_scale=1.0
+):
     check_inputs(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs)
     q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs = map(
         jnp.asarray, (q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs)
@@ -31,7 +34,7 @@ def ragged_paged_attention_xla(q, k_pages, v_pages, kv_lens, page_table, cu_q_le
     q_pos = jnp.where(valid, q_pos, -1)  # padding sees nothing
     num_pages = jnp.max(q_pos) // page_size + 1
 
-    qf = q.astype(jnp.float32).reshape(num_tokens, num_kv_heads, group, head_dim) * sm_scale
+    qf = q.astype(jnp.float32).reshape(num_tokens, num_kv_heads, group, head_dim) * (sm_scale * k_scale)
     tables = page_table[seq]  # [T, P_max]
 
     def visit_page(p, carry):
@@ -54,6 +57,6 @@ def ragged_paged_attention_xla(q, k_pages, v_pages, kv_lens, page_table, cu_q_le
         jnp.zeros((num_tokens, num_kv_heads, group, head_dim), jnp.float32),
     )
     _, l, acc = jax.lax.fori_loop(0, num_pages, visit_page, init)
-    out = acc / jnp.where(l == 0, 1.0, l)[..., None]
+    out = acc * (v_scale / jnp.where(l == 0, 1.0, l))[..., None]
     out = jnp.where(valid[:, None, None, None], out, 0.0)
     return out.reshape(num_tokens, num_heads, head_dim).astype(q.dtype)

@@ -13,7 +13,8 @@ Prompts are text made with the engine's tokenizer, as vLLM's are; a model withou
 random-weight preset) gets random token ids from its vocabulary. --workloads runs several
 (input:output[:n]) random workloads on one engine, one after the other. On a GPU each is printed
 beside its roofline: the time no engine can beat on this device, from the copy bandwidth and bf16
-matmul rate measured in the same run (see `roofline`).
+matmul rate measured in the same run (see `roofline`), and beside the serial bound for bf16 and for
+fp8 KV pages (--kv-cache-dtype picks the engine's; the KV capacity in tokens is printed).
 
 --backend hf (or transformers) runs transformers' continuous batching (`model.generate_batch`) on
 the same prompts for comparison; it needs torch (the GPU machine has it; on the CPU see
@@ -163,6 +164,8 @@ def run_jaxserve(args) -> list[dict]:
         )
     weight_bytes = sum(a.nbytes for a in jax.tree.leaves(engine.runner.weights))
     capacity = engine.runner.num_pages * engine.runner.page_size
+    kv_dtype = engine.runner.kv_cache_dtype
+    print(f"KV cache: {engine.config.kv_cache_dtype} ({kv_dtype.name}), {capacity} tokens")
     results = []
     for name, requests in workload_requests(args, llm.get_tokenizer(), engine.model_config.vocab_size):
         prompts = [r.prompt if isinstance(r.prompt, str) else {"prompt_token_ids": r.prompt} for r in requests]
@@ -194,6 +197,8 @@ def run_jaxserve(args) -> list[dict]:
             host_ms_per_step=1e3 * (engine.stats.host_seconds - before.host_seconds) / max(steps, 1),
             wait_ms_per_step=1e3 * (engine.stats.wait_seconds - before.wait_seconds) / max(steps, 1),
             compilations_after_warmup=engine.num_compilations_since_warmup,
+            kv_cache_dtype=kv_dtype.name,
+            kv_capacity_tokens=capacity,
             preemptions=engine.scheduler.num_preemptions,
             device=str(jax.devices()[0].device_kind),
         )
@@ -207,10 +212,26 @@ def run_jaxserve(args) -> list[dict]:
                 output_len=output_len,
                 concurrency=concurrency,
                 weight_bytes=weight_bytes,
+                dtype_bytes=kv_dtype.itemsize,
                 **limits,
             )
+            # the serial bound with 2- and 1-byte K/V at this run's concurrency (fp8 KV fits more)
+            serial_by_kv = {
+                kv: roofline(
+                    engine.model_config,
+                    num_prompts=len(requests) * args.n,
+                    input_len=input_len,
+                    output_len=output_len,
+                    concurrency=concurrency,
+                    weight_bytes=weight_bytes,
+                    dtype_bytes=nbytes,
+                    **limits,
+                )["serial_output_tokens_per_second"]
+                for kv, nbytes in (("bf16", 2), ("fp8", 1))
+            }
             record.update(
                 limits,
+                serial_bound_by_kv_dtype=serial_by_kv,
                 roofline=bound,
                 fraction_of_roofline=bound["seconds"] / elapsed,
                 fraction_of_serial_bound=bound["serial_seconds"] / elapsed,
@@ -219,7 +240,8 @@ def run_jaxserve(args) -> list[dict]:
                 f"; roofline {bound['output_tokens_per_second']:.0f} (compute {bound['compute_seconds']:.1f} s, "
                 f"memory {bound['memory_seconds']:.1f} s at {concurrency} sequences at once): "
                 f"{100 * record['fraction_of_roofline']:.0f}% of it; serial bound "
-                f"{bound['serial_output_tokens_per_second']:.0f}: {100 * record['fraction_of_serial_bound']:.0f}% of it"
+                f"{bound['serial_output_tokens_per_second']:.0f}: {100 * record['fraction_of_serial_bound']:.0f}% of it "
+                f"(serial bound with bf16 KV {serial_by_kv['bf16']:.0f}, with fp8 KV {serial_by_kv['fp8']:.0f})"
             )
         print(
             line + f"; {steps} steps, host work {record['host_ms_per_step']:.2f} ms/step, blocked on the device "

@@ -105,7 +105,7 @@ def main() -> None:
     engine = llm.engine
     stats = jax.local_devices()[0].memory_stats() or {}
     weights = sum(a.nbytes for a in jax.tree.leaves(engine.runner.state))
-    per_token = page_bytes(engine.runner, 1)  # the runner has the model's config and dtype
+    per_token = page_bytes(engine.runner, 1, engine.runner.kv_cache_dtype)  # the runner has the model config
     capacity = engine.scheduler.kv.num_pages * engine.config.page_size
     if "bytes_limit" in stats:  # a GPU
         ideal = (0.9 * stats["bytes_limit"] - weights) / per_token

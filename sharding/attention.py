@@ -19,9 +19,19 @@ from sharding.mesh import TP_AXIS
 
 
 def shard_over_heads(fn: Callable, mesh: Mesh) -> Callable:
-    """fn(q, k, v, cache, batch) -> (out, cache), run per shard over the mesh's "tp" axis."""
+    """fn(q, k, v, cache, batch) -> (out, cache), run per shard over the mesh's "tp" axis. The
+    cache's pages [P, S, K, H] split by kv head; its scalars (the fp8 scales) whole on each."""
     heads = PartitionSpec(None, TP_AXIS, None)
     pages = PartitionSpec(None, None, TP_AXIS, None)
-    return jax.shard_map(
-        fn, mesh=mesh, in_specs=(heads, heads, heads, pages, PartitionSpec()), out_specs=(heads, pages), check_vma=False
-    )
+
+    def run(q, k, v, cache, batch):
+        cache_spec = jax.tree.map(lambda a: pages if a.ndim == 4 else PartitionSpec(), cache)
+        return jax.shard_map(
+            fn,
+            mesh=mesh,
+            in_specs=(heads, heads, heads, cache_spec, PartitionSpec()),
+            out_specs=(heads, cache_spec),
+            check_vma=False,
+        )(q, k, v, cache, batch)
+
+    return run

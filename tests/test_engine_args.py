@@ -63,6 +63,29 @@ def test_vllm_flag_names_and_ours():
         serve_parser().parse_args(["serve", "--dtype", "int3"])
 
 
+def test_kv_cache_dtype_by_flag_keyword_and_environment():
+    """vLLM's names: fp8 = fp8_e4m3, fp8_e5m2; --calculate-kv-scales refused, never ignored."""
+    for name, dtype in (
+        ("auto", None),
+        ("fp8", "float8_e4m3fn"),
+        ("fp8_e4m3", "float8_e4m3fn"),
+        ("fp8_e5m2", "float8_e5m2"),
+    ):
+        c = engine_config(serve_parser().parse_args(["serve", "--kv-cache-dtype", name]))
+        assert (c.kv_cache_dtype, c.kv_dtype_name) == (name, dtype)
+        assert EngineConfig(kv_cache_dtype=name) == c
+    with pytest.raises(SystemExit):
+        serve_parser().parse_args(["serve", "--kv-cache-dtype", "int8"])
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        EngineConfig(kv_cache_dtype="fp8_e4m3fn")
+    with pytest.raises(ValueError, match="calculate_kv_scales is not implemented"):
+        engine_config(serve_parser().parse_args(["serve", "--calculate-kv-scales"]))
+    from jaxserve.app import settings_from_env
+
+    env = {"JAXSERVE_KV_CACHE_DTYPE": "fp8_e5m2", "JAXSERVE_MAX_NUM_SEQS": "8"}
+    assert settings_from_env(env).engine.kv_dtype_name == "float8_e5m2"
+
+
 def test_the_cpu_plan_only_when_no_plan_field_is_set():
     logged = []
     args = serve_parser().parse_args(["serve", "--port", "8100", "--max-model-len", "512"])

@@ -52,16 +52,25 @@ class AttentionChoice:
         return f"attention: {self.impl} ({self.reason})"
 
 
-def choose_attention_impl(requested: str, dtype, head_dim: int, page_size: int, device: DeviceInfo) -> AttentionChoice:
+def choose_attention_impl(
+    requested: str, dtype, head_dim: int, page_size: int, device: DeviceInfo, kv_dtype=None
+) -> AttentionChoice:
+    """kv_dtype: the KV pages' (fp8), None: the model's dtype."""
     if requested not in ATTENTION_IMPLS:
         raise ValueError(f"unknown attention_impl {requested!r}; choose one of {list(ATTENTION_IMPLS)}")
     name = jnp.dtype(dtype).name
-    what = f"{name}, head_dim {head_dim}, page size {page_size} on {device.describe()}"
+    kv = "" if kv_dtype is None else f" with {jnp.dtype(kv_dtype).name} KV pages"
+    what = f"{name}{kv}, head_dim {head_dim}, page size {page_size} on {device.describe()}"
     if requested in ("xla", "reference"):
         return AttentionChoice(requested, f"asked for; runs {what}")
     on_gpu = device.platform == "gpu"
     unmet = unmet_requirements(
-        dtype, head_dim, page_size, interpret=not on_gpu, compute_capability=device.compute_capability
+        dtype,
+        head_dim,
+        page_size,
+        interpret=not on_gpu,
+        compute_capability=device.compute_capability,
+        kv_dtype=kv_dtype,
     )
     if requested == "pallas":
         if unmet:

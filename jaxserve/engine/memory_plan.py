@@ -2,7 +2,8 @@
 
 step workspace (measured once per model, plan and code version; then read back from the
 cache folder) -> KV budget: gpu_memory_utilization x device memory - weights - workspace
--> pages = budget / page bytes; max_model_len capped by what one sequence can hold
+-> pages = budget / page bytes (of the KV dtype: fp8 pages are half of bf16's); max_model_len
+capped by what one sequence can hold
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ def step_workspace(config: EngineConfig, model, shapes, processor_names, measure
         shapes,
         config.max_num_seqs,
         config.page_size,
+        config.kv_cache_dtype,
         config.tensor_parallel_size,
         list(processor_names),
     )
@@ -45,10 +47,16 @@ def step_workspace(config: EngineConfig, model, shapes, processor_names, measure
     return workspace
 
 
-def page_bytes(model, page_size: int) -> int:
-    """Bytes of one page across all layers and all devices (kv heads as served)."""
+def kv_dtype(config: EngineConfig, model) -> jnp.dtype:
+    """The KV pages' dtype: the model's, or the fp8 format asked for."""
+    return jnp.dtype(config.kv_dtype_name or model.dtype)
+
+
+def page_bytes(model, page_size: int, dtype=None) -> int:
+    """Bytes of one page across all layers and all devices (kv heads as served), of `dtype` (None:
+    the model's)."""
     cfg = model.config
-    itemsize = jnp.dtype(model.dtype).itemsize
+    itemsize = jnp.dtype(dtype or model.dtype).itemsize
     return 2 * cfg.num_layers * page_size * cfg.num_kv_heads * cfg.head_dim * itemsize
 
 
@@ -57,7 +65,8 @@ def plan_kv_cache(config: EngineConfig, model, *, workspace_bytes: int = 0, log:
     what is already in use (weights) and the step's workspace; on a device that reports no memory
     (the CPU), cpu_kv_cache_bytes."""
     cfg = model.config
-    per_page = page_bytes(model, config.page_size)
+    dtype = kv_dtype(config, model)
+    per_page = page_bytes(model, config.page_size, dtype)
     stats = jax.local_devices()[0].memory_stats() or {}
     if config.num_kv_pages is not None:
         num_pages = config.num_kv_pages
@@ -84,7 +93,7 @@ def plan_kv_cache(config: EngineConfig, model, *, workspace_bytes: int = 0, log:
     else:
         max_model_len = min(limit, capacity)
     log(
-        f"KV cache: {num_pages} pages x {config.page_size} tokens = {capacity} tokens "
-        f"({num_pages * per_page / 2**30:.2f} GiB); max_model_len {max_model_len}"
+        f"KV cache ({config.kv_cache_dtype}: {dtype.name}): {num_pages} pages x {config.page_size} tokens = "
+        f"{capacity} tokens fit ({num_pages * per_page / 2**30:.2f} GiB); max_model_len {max_model_len}"
     )
     return max_model_len, num_pages

@@ -125,6 +125,7 @@ class ModelRunner:
         max_num_seqs: int,
         processors: Sequence[tuple[str, LogitsProcessor]] = (),
         eos_token_ids: frozenset[int] = frozenset(),
+        kv_cache_dtype=None,  # the pages' dtype (fp8 or the model's); None: the model's
     ):
         cfg = model.config
         self.config = cfg
@@ -140,6 +141,7 @@ class ModelRunner:
         self.graphdef, self.state = nnx.split(model)
         self.weights, treedef = jax.tree.flatten(self.state)
         self.dtype = model.dtype
+        self.kv_cache_dtype = jnp.dtype(kv_cache_dtype or model.dtype)
         self.mesh = getattr(model, "mesh", None)
         self._replicated = None if self.mesh is None else NamedSharding(self.mesh, PartitionSpec())
         self._packings: dict[tuple[int, int], tuple[Packing, Packing]] = {}
@@ -167,7 +169,7 @@ class ModelRunner:
             self.page_size,
             cfg.num_kv_heads,
             cfg.head_dim,
-            self.dtype,
+            self.kv_cache_dtype,
             None if self.mesh is None else kv_cache_sharding(self.mesh),
         )
         state = DeviceState(

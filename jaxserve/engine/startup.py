@@ -75,6 +75,7 @@ def build_engine(
             max_num_seqs=config.max_num_seqs,
             processors=processors,
             eos_token_ids=eos_token_ids,
+            kv_cache_dtype=config.kv_dtype_name,
         )
 
     workspace, t0 = 0, time.perf_counter()
@@ -152,7 +153,12 @@ def build_model_and_tokenizer(
         cfg = resolve_config(folder)
         # Before any weights load: an explicit "pallas" that cannot run raises here.
         choice = choose_attention_impl(
-            config.attention_impl, resolve_dtype(config.dtype, cfg), cfg.head_dim, config.page_size, DeviceInfo.of()
+            config.attention_impl,
+            resolve_dtype(config.dtype, cfg),
+            cfg.head_dim,
+            config.page_size,
+            DeviceInfo.of(),
+            kv_dtype=config.kv_dtype_name,
         )
         log(choice.describe())
         model = load_model(

@@ -35,7 +35,7 @@ from jaxserve.engine.sampler import (
     write_logit_bias_row,
 )
 from jaxserve.sampling_params import MAX_LOGPROBS
-from models import LlamaForCausalLM, RaggedBatch
+from models import LlamaForCausalLM, RaggedBatch, kv_cache_shardings
 from sharding import kv_cache_sharding
 
 
@@ -100,7 +100,9 @@ def make_step(graphdef: nnx.GraphDef, treedef, mesh: Mesh | None = None):
             # n+1's inputs exactly (a new placement would recompile); lm_head is split by
             # vocabulary, and sampling must see it whole.
             replicated = NamedSharding(mesh, PartitionSpec())
-            kv_cache = jax.lax.with_sharding_constraint(kv_cache, kv_cache_sharding(mesh))
+            kv_cache = jax.lax.with_sharding_constraint(
+                kv_cache, kv_cache_shardings(len(kv_cache), kv_cache_sharding(mesh))
+            )
             penalties, table, hidden, logits = jax.lax.with_sharding_constraint(
                 (penalties, table, hidden, logits), replicated
             )

@@ -30,8 +30,10 @@ def greedy_generate(
     *,
     eos_token_ids: Sequence[int] = (),
     page_size: int = 16,
+    kv_cache_dtype=None,
 ) -> list[list[int]]:
-    """The greedy continuation (new token ids, eos included if reached) of each prompt."""
+    """The greedy continuation (new token ids, eos included if reached) of each prompt.
+    kv_cache_dtype: the pages' (fp8), None: the model's dtype."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     cfg = model.config
@@ -40,7 +42,8 @@ def greedy_generate(
     pages_per_seq = math.ceil((max(map(len, prompts)) + max_new_tokens) / page_size)
     num_pages = pages_per_seq * len(prompts)
     dtype = model.dtype
-    kv_cache = allocate_kv_cache(cfg.num_layers, num_pages, page_size, cfg.num_kv_heads, cfg.head_dim, dtype)
+    kv_dtype = kv_cache_dtype or dtype
+    kv_cache = allocate_kv_cache(cfg.num_layers, num_pages, page_size, cfg.num_kv_heads, cfg.head_dim, kv_dtype)
     pages = [list(range(i * pages_per_seq, (i + 1) * pages_per_seq)) for i in range(len(prompts))]
     shape = dict(num_rows=len(prompts), pages_per_seq=pages_per_seq, page_size=page_size, num_pages=num_pages)
 

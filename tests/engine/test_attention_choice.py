@@ -61,6 +61,20 @@ def test_auto_reasons_name_what_is_missing():
     assert "shared memory" in choose_attention_impl("auto", jnp.bfloat16, 128, 256, H200).reason
 
 
+@pytest.mark.parametrize("kv_dtype", [jnp.float8_e4m3fn, jnp.float8_e5m2])
+def test_fp8_kv_pages_on_hopper(kv_dtype):
+    """fp8 pages halve the ring and add a widened 16-bit tile per compute warpgroup: head_dim 64
+    and 128 with pages 16-128 fit; pages of another 16-bit dtype do not run."""
+    for head_dim in (64, 128):
+        for page_size in (16, 32, 64, 128):
+            choice = choose_attention_impl("auto", jnp.bfloat16, head_dim, page_size, H100, kv_dtype=kv_dtype)
+            assert choice.impl == "pallas", choice.reason
+            assert jnp.dtype(kv_dtype).name in choice.reason
+    assert "shared memory" in choose_attention_impl("auto", jnp.bfloat16, 256, 16, H100, kv_dtype=kv_dtype).reason
+    other = choose_attention_impl("auto", jnp.bfloat16, 128, 16, H100, kv_dtype=jnp.float16)
+    assert other.impl == "xla" and "fp8" in other.reason
+
+
 @pytest.mark.parametrize("device", [A100, B200], ids=["a100", "b200"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_dim", [64, 128, 96])

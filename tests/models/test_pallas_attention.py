@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from jaxserve.testing.greedy import greedy_generate
 from models.config import ModelConfig
@@ -40,11 +42,16 @@ def small_config() -> ModelConfig:
     return ModelConfig(**{k: v for k, v in cfg.items() if k in fields})
 
 
-def test_same_greedy_tokens_reference_and_pallas():
+@pytest.mark.parametrize("kv_cache_dtype", [None, jnp.float8_e4m3fn])
+def test_same_greedy_tokens_reference_and_pallas(kv_cache_dtype):
+    """fp8 pages too: the Mosaic GPU writer and kernel against the XLA scatter and the reference,
+    through the model (the same quantized pages; the kernel widens them exactly for fp32 q)."""
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, 128, n).tolist() for n in (3, 40)]
     tokens = {
-        impl: greedy_generate(create_model(small_config(), attention_impl=impl, seed=0), prompts, 4)
+        impl: greedy_generate(
+            create_model(small_config(), attention_impl=impl, seed=0), prompts, 4, kv_cache_dtype=kv_cache_dtype
+        )
         for impl in ("reference", "pallas")
     }
     assert tokens["pallas"] == tokens["reference"]

@@ -39,6 +39,19 @@ def test_bench_throughput_prints_vllms_lines(tmp_path, capsys):
     assert record["results"][0]["compilations_after_warmup"] == 0
 
 
+def test_bench_throughput_with_fp8_kv_reports_its_capacity(tmp_path, capsys):
+    out = tmp_path / "t.json"
+    argv = f"--input-len 12 --output-len 3 --num-prompts 2 --output-json {out} --kv-cache-dtype fp8 {ENGINE}".split()
+    load_script("bench_throughput").main(argv)
+    assert "KV cache: fp8 (float8_e4m3fn), 1024 tokens" in capsys.readouterr().out
+    result = json.loads(out.read_text())["results"][0]
+    assert (result["kv_cache_dtype"], result["kv_capacity_tokens"], result["compilations_after_warmup"]) == (
+        "float8_e4m3fn",
+        1024,
+        0,
+    )
+
+
 def test_bench_throughput_random_needs_an_input_len():
     with pytest.raises(SystemExit, match="--input-len"):
         load_script("bench_throughput").main(f"--num-prompts 2 {ENGINE}".split())

@@ -1,0 +1,231 @@
+"""FP8 KV pages on the GPU (issue 19): the compiled kernels checked against their references, then
+decode timed against bf16 pages and the copy bandwidth of the same run. One call:
+
+    PYTHONUNBUFFERED=1 python3 scripts/check_fp8_gpu.py --out $OUT
+
+1. the copy bandwidth of this run (PyTorch's device copy where it sees the GPU, else JAX's);
+2. the writer: Mosaic GPU against the XLA scatter, bit-exact, for float8_e4m3fn and float8_e5m2;
+3. the attention kernel, compiled, on fp8 pages against the f32 reference on the same pages
+   (scales != 1): decode, prefill and mixed batches, GQA 1/4/8, head_dim 64/128, pages 16-128,
+   the configs picked by shape and a forced split; bf16 q, so within 1e-2 (relative, norm);
+4. decode at batch x 2048 (Llama-3.1-8B heads: 32 q, 8 kv, head_dim 128): bf16 pages and each fp8
+   format, the config picked by shape and --fp8-variants; bytes read / time / copy bandwidth.
+Prints a markdown table last; every number goes to OUT/fp8.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxserve.benchmarks.attention_batch import DT, H, K, N, make_batch
+from jaxserve.benchmarks.device_limits import copy_bandwidth
+from pallas_kernels import ragged_paged_attention, ragged_paged_attention_reference
+from pallas_kernels.kv_cache_update import write_kv_pages, write_kv_pages_reference
+from pallas_kernels.kv_quant import quantize
+from pallas_kernels.ragged_paged_attention_config import DECODE_CONFIG, RaggedPagedAttentionConfig
+
+FORMATS = {"fp8_e4m3": jnp.float8_e4m3fn, "fp8_e5m2": jnp.float8_e5m2}
+VARIANTS = {  # decode configs timed on fp8 pages besides the one picked by shape
+    "stages4": dataclasses.replace(DECODE_CONFIG, num_stages=4),  # the fp8 ring is half: one more stage fits
+    "block64x6": dataclasses.replace(DECODE_CONFIG, block_kv=64, num_stages=6),
+    "persist": dataclasses.replace(DECODE_CONFIG, num_programs=None),
+}
+SCALES = dict(k_scale=0.75, v_scale=1.5)
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def timeit(fn, args, lens_index, calls):
+    """Median seconds per call of `calls` calls chained in one jit (each call's lengths depend on the
+    last output through a 0 XLA cannot know, so nothing is hoisted or merged)."""
+
+    def chain(*args):
+        args, out = list(args), None
+        for _ in range(calls):
+            if out is not None:
+                args[lens_index] = args[lens_index] + (out.reshape(-1)[0].astype(jnp.float32) > 3e38).astype(jnp.int32)
+            out = fn(*args)
+        return out
+
+    run = jax.jit(chain)
+    jax.block_until_ready(run(*args))
+    jax.block_until_ready(run(*args))
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        jax.block_until_ready(run(*args))
+        times.append((time.perf_counter() - t) / calls)
+    return statistics.median(times)
+
+
+def rel_err(out, ref):
+    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref)) if np.all(np.isfinite(out)) else float("nan")
+
+
+def check_writer(results):
+    key = jax.random.key(5)
+    for name, fmt in FORMATS.items():
+        pages = quantize(jax.random.normal(key, (64, 64, 8, 128), jnp.float32), 1.0, fmt)
+        rows = jax.random.normal(jax.random.key(6), (256, 8, 128), DT) * 50  # some saturate
+        slots = jnp.asarray(np.random.default_rng(0).permutation(64 * 64)[:256].astype(np.int32)).at[3].set(-1)
+        got = write_kv_pages(pages, pages, rows, rows, slots, 0.125, 0.5)
+        want = write_kv_pages_reference(pages, pages, rows, rows, slots, 0.125, 0.5)
+        same = all(
+            bool(jnp.all(jax.lax.bitcast_convert_type(g, jnp.uint8) == jax.lax.bitcast_convert_type(w, jnp.uint8)))
+            for g, w in zip(got, want)
+        )
+        results["writer"].append(dict(format=name, bit_exact=same))
+        log(f"writer {name}: {'bit-exact' if same else 'DIFFERS'} against the XLA scatter")
+
+
+def check_kernel(results):
+    cases = [  # (q_lens, kv_lens, group, head_dim, page_size, config)
+        ([1] * 8, [2048, 1, 17, 129, 700, 64, 1000, 333], 4, 128, 16, None),  # decode (auto splits)
+        ([1] * 8, [2048, 1, 17, 129, 700, 64, 1000, 333], 8, 128, 64, None),
+        ([1] * 4, [900, 31, 2048, 5], 1, 64, 128, None),
+        ([512, 77, 1], [512, 600, 1500], 4, 128, 64, None),  # prefill and chunked prefill, mixed
+        ([300, 1, 1, 20], [300, 2000, 40, 1020], 8, 64, 32, None),
+        ([1, 1, 70, 3], [2000, 5, 70, 130], 4, 128, 16, dataclasses.replace(DECODE_CONFIG, kv_splits=4)),
+        ([128, 1], [128, 777], 1, 128, 128, RaggedPagedAttentionConfig(compute_warpgroups=2, pingpong=False)),
+    ]
+    for name, fmt in FORMATS.items():
+        for i, (q_lens, kv_lens, group, head_dim, page_size, config) in enumerate(cases):
+            args = make_batch(
+                jax.random.key(i),
+                q_lens,
+                kv_lens,
+                num_heads=group * 4,
+                num_kv_heads=4,
+                head_dim=head_dim,
+                page_size=page_size,
+                dtype=jnp.float32,
+                pad_tokens=5,
+            )
+            args["q"] = args["q"].astype(DT)
+            args["k_pages"] = quantize(args["k_pages"], SCALES["k_scale"], fmt)
+            args["v_pages"] = quantize(args["v_pages"], SCALES["v_scale"], fmt)
+            row = dict(format=name, case=i, group=group, head_dim=head_dim, page_size=page_size)
+            try:
+                out = ragged_paged_attention(**args, **SCALES, sm_scale=head_dim**-0.5, config=config)
+                ref = ragged_paged_attention_reference(**args, **SCALES, sm_scale=head_dim**-0.5)
+                total = sum(q_lens)
+                row["rel_err"] = rel_err(out[:total], ref[:total])
+                row["padding_zero"] = bool(jnp.all(out[total:] == 0))
+                row["ok"] = row["rel_err"] <= 1e-2 and row["padding_zero"]
+            except Exception as e:  # noqa: BLE001
+                row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:600]}")
+            results["correctness"].append(row)
+            log(f"kernel {name} case {i} (G={group} H={head_dim} S={page_size}): {row}")
+
+
+def bench_decode(results, copy_bw, batches, kv_len, page_sizes, variants, save):
+    for page_size in page_sizes:
+        for b in batches:
+            base = make_batch(
+                jax.random.key(b),
+                [1] * b,
+                [kv_len] * b,
+                num_heads=N,
+                num_kv_heads=K,
+                head_dim=H,
+                page_size=page_size,
+                dtype=DT,
+                pad_rows=0,
+            )
+            names = list(base)
+            lens_index = names.index("kv_lens")
+            calls = 16 if b * kv_len >= 64 * 2048 else 64
+            row = dict(batch=b, kv_len=kv_len, page_size=page_size)
+            for kv_name, fmt in {"bf16": DT, **FORMATS}.items():
+                args = dict(base)
+                if kv_name != "bf16":
+                    args["k_pages"] = quantize(base["k_pages"], 1.0, fmt)
+                    args["v_pages"] = quantize(base["v_pages"], 1.0, fmt)
+                itemsize = jnp.dtype(fmt).itemsize
+                nbytes = 2 * b * kv_len * K * H * itemsize + 2 * b * N * H * 2  # pages read, q read, out written
+                configs = {"auto": None} | ({v: VARIANTS[v] for v in variants} if kv_name != "bf16" else {})
+                for cname, cfg in configs.items():
+                    fn = lambda *a, cfg=cfg: ragged_paged_attention(*a, sm_scale=H**-0.5, config=cfg)  # noqa: E731
+                    key = f"{kv_name}_{cname}"
+                    try:
+                        t = timeit(fn, [args[n] for n in names], lens_index, calls)
+                        row[key] = dict(us=t * 1e6, bytes=nbytes, of_copy=nbytes / t / copy_bw)
+                    except Exception as e:  # noqa: BLE001
+                        row[key] = dict(error=f"{type(e).__name__}: {str(e)[:400]}")
+                    log(f"decode B={b} kv={kv_len} S={page_size} {key}: {row[key]}")
+                del args
+            results["decode"].append(row)
+            save()
+            del base
+
+
+def markdown(results):
+    lines = [
+        f"device {results['device']}, {results['date']}, copy bandwidth {results['copy_bandwidth'] / 1e12:.2f} TB/s",
+        "",
+        "| batch x kv | S | pages, config | us | of copy bandwidth |",
+        "|---|---|---|---|---|",
+    ]
+    for row in results["decode"]:
+        for key, v in row.items():
+            if isinstance(v, dict):
+                cell = f"{v['us']:.1f} | {v['of_copy']:.0%}" if "us" in v else f"failed | {v['error'][:60]}"
+                lines.append(f"| {row['batch']} x {row['kv_len']} | {row['page_size']} | {key} | {cell} |")
+    bad = [r for r in results["correctness"] if not r.get("ok")]
+    lines.append("")
+    lines.append(f"kernel checks: {len(results['correctness']) - len(bad)}/{len(results['correctness'])} within 1e-2")
+    lines.append(f"writer: {[(w['format'], w['bit_exact']) for w in results['writer']]}")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--batches", default="1,64,256")
+    ap.add_argument("--kv-len", type=int, default=2048)
+    ap.add_argument("--page-sizes", default="64,16")
+    ap.add_argument("--fp8-variants", default="stages4", help=f"of {list(VARIANTS)}; '' for none")
+    ap.add_argument("--skip-checks", action="store_true")
+    args = ap.parse_args()
+    results = dict(
+        device=jax.devices()[0].device_kind,
+        date=datetime.date.today().isoformat(),
+        jax=jax.__version__,
+        writer=[],
+        correctness=[],
+        decode=[],
+    )
+    results["copy_bandwidth"] = copy_bw = copy_bandwidth()
+    log(f"{results['device']}: copy bandwidth {copy_bw / 1e12:.2f} TB/s")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def save():  # after each part: a run cut short still leaves what it measured
+        (out / "fp8.json").write_text(json.dumps(results, indent=1))
+
+    if not args.skip_checks:
+        check_writer(results)
+        check_kernel(results)
+        save()
+    variants = [v for v in args.fp8_variants.split(",") if v]
+    batches = [int(b) for b in args.batches.split(",")]
+    page_sizes = [int(s) for s in args.page_sizes.split(",")]
+    bench_decode(results, copy_bw, batches, args.kv_len, page_sizes, variants, save)
+    log(markdown(results))
+
+
+if __name__ == "__main__":
+    main()
