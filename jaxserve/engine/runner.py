@@ -41,6 +41,7 @@ from jaxserve.engine.step import (
     sampler_output_spec,
     step_input_spec,
 )
+from jaxserve.engine.structured_outputs import GrammarBitmask
 from jaxserve.sampling_params import MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS
 from jaxserve.scheduler.output import SchedulerOutput
 from models import allocate_kv_cache
@@ -142,6 +143,8 @@ class ModelRunner:
         self._packings: dict[tuple[int, int], tuple[Packing, Packing]] = {}
         self._compiled: dict[tuple[int, int], CompiledStep] = {}  # filled by warm_up
         self._compiled_prompt_logprobs: dict[int, object] = {}  # token bucket -> executable
+        self.bitmask_words = -(-cfg.vocab_size // 32)  # the grammar bitmask's width: 32 tokens a word
+        self._all_allowed: dict[int, jax.Array] = {}  # r -> [r, W] all ones, on the device
         self.reset_device_state()
         self._step = make_step(self.graphdef, treedef, self.mesh)
         self._sampler = make_sampler([fn for _, fn in processors], self.mesh)
@@ -272,6 +275,7 @@ class ModelRunner:
             self.pages_per_seq,
             self.num_rows,
             self.processor_names,
+            ("grammar bitmask", self.bitmask_words),  # the sampler takes a bitmask argument
         )
 
     def _run_once(self, t: int, r: int) -> None:
@@ -285,9 +289,10 @@ class ModelRunner:
         return self._prompt_logprobs.lower(self.state, hidden, rows, rows)
 
     # -- one step -----------------------------------------------------------------------------
-    def execute(self, output: SchedulerOutput) -> InFlightStep | None:
+    def execute(self, output: SchedulerOutput, bitmask: GrammarBitmask | None = None) -> InFlightStep | None:
         """Applies the SchedulerOutput to the input batch, stages the step and launches it;
-        returns at once while the device works (None if it grants nothing)."""
+        returns at once while the device works (None if it grants nothing). bitmask: the
+        grammar masks of the step's constrained sequences (None: the step has none)."""
         t0 = time.perf_counter()
         changes = self.input_batch.apply(output)
         if self.fault_hook is not None:
@@ -298,7 +303,8 @@ class ModelRunner:
         t, r = self.plan.pick(output.num_tokens, output.num_rows)
         packed, staged = self._stage(output, t, r, changes)
         t1 = time.perf_counter()
-        sampled, hidden = self._run(packed, t, r, staged.needs_sort)  # returns once launched (async dispatch)
+        masks = self._bitmask(bitmask, r)
+        sampled, hidden = self._run(packed, t, r, staged.needs_sort, masks)  # returns once launched (async dispatch)
         sampled.copy_to_host_async()
         t2 = time.perf_counter()
         return InFlightStep(output, staged, sampled, self._packing(t, r)[1], hidden, t, t2 - t0, t2 - t1)
@@ -333,7 +339,20 @@ class ModelRunner:
         except Exception:
             pass
 
-    def _run(self, packed: np.ndarray, t: int, r: int, full: bool):
+    def _bitmask(self, bitmask: GrammarBitmask | None, r: int):
+        """The sampler's [r, W] mask: all ones (kept on the device) but the constrained sequences'."""
+        if bitmask is None:
+            if r not in self._all_allowed:
+                ones = np.full((r, self.bitmask_words), -1, np.int32)
+                self._all_allowed[r] = jax.device_put(ones, self._replicated)
+            return self._all_allowed[r]
+        masks = np.full((r, self.bitmask_words), -1, np.int32)
+        masks[bitmask.seqs] = bitmask.words
+        return jax.device_put(masks, self._replicated)
+
+    def _run(self, packed: np.ndarray, t: int, r: int, full: bool, bitmask=None):
+        if bitmask is None:
+            bitmask = self._bitmask(None, r)
         compiled = self._compiled[t, r]
         packed = jax.device_put(packed, self._replicated)  # one transfer, read by both programs
         # Each program's outputs are kept before the next launches: the inputs they replace were
@@ -342,7 +361,7 @@ class ModelRunner:
             self.weights, self.kv_cache, self.device_state, packed
         )
         self.device_state, sampled = (compiled.full_sampler if full else compiled.sampler)(
-            logits, self.device_state, packed
+            logits, self.device_state, packed, bitmask
         )
         return sampled, hidden
 
@@ -353,8 +372,15 @@ class ModelRunner:
         if name == "model":
             return self._step.lower(self.weights, self.kv_cache, self.device_state, packed, input_packing=inputs)
         logits = jax.ShapeDtypeStruct((r, self.config.vocab_size), jnp.float32, sharding=self._replicated)
+        bitmask = self._bitmask(None, r)
         return self._sampler.lower(
-            logits, self.device_state, packed, input_packing=inputs, output_packing=outputs, full=name == "full_sampler"
+            logits,
+            self.device_state,
+            packed,
+            bitmask,
+            input_packing=inputs,
+            output_packing=outputs,
+            full=name == "full_sampler",
         )
 
     def _packing(self, t: int, r: int) -> tuple[Packing, Packing]:

@@ -1,7 +1,7 @@
 """On-device sampling: logits [R, V] of one step -> a token per row, with its logprob.
 
     raw logits --log_softmax--> logprobs (returned: the model's own, as vLLM does by default)
-    raw logits -> user logits processors -> penalties -> logit_bias -> greedy pick
+    raw logits -> user logits processors -> penalties -> logit_bias -> grammar bitmask -> greedy pick
                -> / temperature -> top_k / top_p / min_p cut -> inverse-CDF draw with the row's key
 
 Each request is one row with its own parameters, so one batch mixes greedy and sampled rows.
@@ -11,6 +11,10 @@ waiting for it, which blocks the launch of a step until the device has reached i
 The parts that sort the vocabulary are left out at trace time (full=False) when the host knows
 no row of the step needs them.
 Keys come from (seed, counter): a seeded request draws the same numbers whatever its neighbours.
+
+The grammar bitmask (structured outputs) is packed on the host, 32 tokens per int32 word, and
+unpacked here: a row without a grammar is all ones, and a step without any constrained row
+passes one all-ones array kept on the device (nothing uploaded, the same program).
 
 Penalties read per-row token statistics kept on the device across steps (PenaltyState): each
 request with penalties uses its input-batch row; the step counts its tokens into that row as they enter the
@@ -140,6 +144,14 @@ def _draw(logits, sb: SamplingBatch, block: int = 256):
     return (chosen * block + jnp.minimum(offset, last)).astype(jnp.int32)
 
 
+def apply_bitmask(logits: jax.Array, bitmask: jax.Array) -> jax.Array:
+    """-inf where the row's bit is 0. logits [R, V], bitmask [R, ceil(V / 32)] i32."""
+    rows, vocab = logits.shape
+    bits = (bitmask[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1  # [R, W, 32]
+    allowed = bits.reshape(rows, -1)[:, :vocab].astype(jnp.bool_)
+    return jnp.where(allowed, logits, -jnp.inf)
+
+
 def top_logprobs(logprobs: jax.Array) -> tuple[jax.Array, jax.Array]:
     """The MAX_LOGPROBS most likely ids [R, k] and logprobs, padded with id -1 if V is smaller."""
     k = min(MAX_LOGPROBS, logprobs.shape[-1])
@@ -155,6 +167,7 @@ def sample(
     processors: Sequence[LogitsProcessor] = (),
     *,
     full: bool = True,
+    bitmask: jax.Array | None = None,  # [R, ceil(V / 32)] i32; None: no grammar in this program
 ) -> SamplerOutput:
     """full=False leaves out what sorts the vocabulary: the top_k/top_p/min_p cut (the rows' own
     parameters must not ask for it) and the top logprobs (returned as zeros)."""
@@ -166,6 +179,8 @@ def sample(
     x = _apply_penalties(x, penalties, sb)  # neutral for rows without a penalty row
     rows = jnp.broadcast_to(jnp.arange(num_rows)[:, None], sb.bias_ids.shape)
     x = x.at[rows, sb.bias_ids].add(sb.bias_values, mode="drop")
+    if bitmask is not None:
+        x = apply_bitmask(x, bitmask)
     greedy_tokens = jnp.argmax(x, axis=-1).astype(jnp.int32)
 
     is_sampled = sb.temperature > 0
