@@ -1,0 +1,83 @@
+"""Tool-call parsers and tool plans, without a server."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from jaxserve.api.errors import APIError
+from jaxserve.api.protocol import ChatCompletionRequest
+from jaxserve.api.tool_parsers import get_parser
+from jaxserve.api.tools import tool_plan, with_tools_in_text
+
+TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+
+
+def test_hermes_turns_tool_call_blocks_into_calls():
+    text = (
+        "Let me check.\n<tool_call>\n"
+        '{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+        '<tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>'
+    )
+    content, calls = get_parser("hermes").extract(text)
+    assert content == "Let me check."
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [
+        ("get_weather", {"city": "Paris"}),
+        ("add", {"a": 1, "b": 2}),
+    ]
+
+
+def test_hermes_keeps_text_without_a_valid_call():
+    parser = get_parser("hermes")
+    assert parser.extract("Just text.") == ("Just text.", [])
+    content, calls = parser.extract("<tool_call>{not json</tool_call>")
+    assert calls == [] and content == "<tool_call>{not json</tool_call>"
+
+
+def test_hermes_streams_content_up_to_a_possible_call():
+    parser = get_parser("hermes")
+    assert parser.content_end("Hello <tool") == len("Hello ")
+    assert parser.content_end("Hello <tool_call>{") == len("Hello ")
+    assert parser.content_end("Hello world") == len("Hello world")
+
+
+def test_llama3_json_and_mistral():
+    content, calls = get_parser("llama3_json").extract(
+        '<|python_tag|>{"name": "a", "parameters": {"x": 1}}; {"name": "b", "parameters": {}}'
+    )
+    assert content is None and [c.name for c in calls] == ["a", "b"] and json.loads(calls[0].arguments) == {"x": 1}
+    assert get_parser("llama3_json").extract("No call here {x}") == ("No call here {x}", [])
+    assert get_parser("llama3_json").content_end('{"name"') == 0
+    content, calls = get_parser("mistral").extract('Sure. [TOOL_CALLS][{"name": "f", "arguments": {"q": "z"}}]')
+    assert content == "Sure." and calls[0].name == "f" and json.loads(calls[0].arguments) == {"q": "z"}
+
+
+def _request(**kw):
+    return ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], **kw)
+
+
+def test_tool_plans():
+    assert tool_plan(_request(), None) is None
+    with pytest.raises(APIError, match="enable-auto-tool-choice"):
+        tool_plan(_request(tools=[TOOL]), None)  # "auto" by default, no parser configured
+    with pytest.raises(APIError, match="not among the tools"):
+        tool_plan(_request(tools=[TOOL], tool_choice={"type": "function", "function": {"name": "nope"}}), None)
+    with pytest.raises(APIError, match="needs `tools`"):
+        tool_plan(_request(tool_choice="required"), None)
+    plan = tool_plan(_request(tools=[TOOL], tool_choice="required", parallel_tool_calls=False), None)
+    schema = plan.grammar().json
+    assert schema["minItems"] == schema["maxItems"] == 1
+    assert plan.extract('[{"name": "get_weather", "arguments": {"city": "X"}}]')[1][0].name == "get_weather"
+    assert tool_plan(_request(tools=[TOOL], tool_choice="none"), None).offered is None
+
+
+def test_tools_and_calls_written_for_a_template_without_them():
+    messages = [
+        {"role": "user", "content": "w?"},
+        {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f", "arguments": '{"a": 1}'}}]},
+        {"role": "tool", "content": "3"},
+    ]
+    out = with_tools_in_text(messages, [TOOL])
+    assert out[0]["role"] == "system" and "<tools>" in out[0]["content"] and "get_weather" in out[0]["content"]
+    assert out[2]["content"] == '<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>'
