@@ -12,10 +12,17 @@ device. A request that finishes in step n (eos, a stop string) has also run in s
 token is dropped. Requests under quarantine after a failure (recovery.py) run one step at a time,
 so there the loop waits for each step before scheduling the next.
 
-Structured outputs (structured_outputs.py): while a constrained request is live the loop also
-waits for each step before scheduling the next, since a grammar's mask for a request's next
-token needs its previous one; each step's tokens advance the matchers, a complete grammar ends
-its request, and the step's bitmask goes to the runner with the SchedulerOutput.
+Structured outputs (structured_outputs.py): a grammar's mask for a request's next token needs
+its previous one, which may be step n's token still on the device. So while a constrained
+request is live, step n+1's model program is launched first (it reads that token on the device),
+then step n is waited for and its tokens advance the matchers, and only then are step n+1's masks
+computed and its sampler launched:
+
+    schedule n+1 -> launch model n+1 -> wait for n -> update n, matchers accept n's tokens
+    -> bitmask of n+1 -> launch sampler n+1
+
+The device runs model n+1 while the host reads back step n and computes the masks; a complete
+grammar ends its request (its token of step n+1 is dropped like any finished request's).
 """
 
 from __future__ import annotations
@@ -153,19 +160,20 @@ class EngineCore:
             matchers = self.matchers
             if matchers:
                 matchers.retain(self.scheduler.requests)
-            if self.scheduler.has_quarantine or not self.async_scheduling or matchers:
+            if self.scheduler.has_quarantine or not self.async_scheduling:
                 outputs += self._finish_in_flight()
             t0 = time.perf_counter()
             sched = self.scheduler.schedule()
-            bitmask = matchers.bitmask(sched.request_ids, sched.samples) if matchers else None
             t1 = time.perf_counter()
-            try:
-                launched = self.runner.execute(sched, bitmask)
+            try:  # with constrained requests, the sampler waits for the masks (below)
+                launched = self.runner.execute(sched, defer_sampler=bool(matchers))
             except Exception as e:  # nothing of it ran; the step in flight still counts
                 outputs += self._finish_in_flight()
                 raise StepFailed(recover(self, sched, e, launched=False), e) from e
             self._phase = (t1 - t0, time.perf_counter() - t1)
             outputs += self._finish_in_flight(launched)
+            if launched is not None and launched.pending_sampler is not None:
+                self._launch_sampler(launched)
             self._in_flight = launched
             if not self.scheduler.has_unfinished:  # idle: settle what the last requests left behind
                 outputs += self.settle()
@@ -220,6 +228,19 @@ class EngineCore:
         self._last_finish = now
         self.stats.add(self.last_step)
         return [output]
+
+    def _launch_sampler(self, launched: InFlightStep) -> None:
+        """The masks of the step launched without its sampler (its matchers have seen every token
+        before it now), then its sampler."""
+        t0 = time.perf_counter()
+        out = launched.output
+        bitmask = self.matchers.bitmask(out.request_ids, out.samples)
+        try:
+            self.runner.launch_sampler(launched, bitmask)
+        except Exception as e:  # its model program ran: the device state is rebuilt
+            raise StepFailed(recover(self, out, e, launched=True), e) from e
+        schedule_s, stage_s = self._phase
+        self._phase = (schedule_s, stage_s + time.perf_counter() - t0)
 
     def _finish_complete_grammars(self, done: list[str], finished: dict) -> dict:
         """Ends the requests whose grammar is complete ("stop"), unless the step ended them already."""

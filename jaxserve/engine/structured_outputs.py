@@ -7,12 +7,13 @@ packed bitmask of the tokens each may take next.
     after each step         --Matchers.accept--> each constrained request's new token advances its
         matcher (exactly once per token: only tokens Scheduler.update appended); a grammar that is
         complete ends its request ("stop")
-    before each launch      --Matchers.bitmask--> GrammarBitmask: [n, W] int32 for the step's
+    before each sampler     --Matchers.bitmask--> GrammarBitmask: [n, W] int32 for the step's
         constrained grants that sample (W = ceil(V / 32), V the model's logits width); the runner
         scatters it into an all-ones [R, W] array for the sampler
 
-A mask needs the request's previous token, so EngineCore steps synchronously while a constrained
-request is live (no step is in flight when the next is scheduled): no mask ever lags a token.
+A mask needs the request's previous token, which may still be on the device: EngineCore launches
+a step's model program first and its sampler only once the step before has been read back and
+its tokens accepted (core.py), so no mask ever lags a token.
 Token ids past the tokenizer's vocabulary (the model's padded rows) stay 0 in a constrained row.
 """
 

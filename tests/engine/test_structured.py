@@ -156,6 +156,43 @@ def test_preempted_request_resumes_its_grammar_once(llm):
             (victim,) = sched.running
             sched.running.remove(victim)
             sched._preempt(victim)
+            # As after a preemption inside schedule(): the step in flight is read back before the
+            # request is admitted again (with the token it had pending).
+            engine.block_until_idle()
     assert victim.num_preemptions == 1
     assert final.outputs[0].text == alone.outputs[0].text
+    engine.block_until_idle()
+
+
+def test_a_failed_sampler_launch_recomputes_and_the_grammar_holds(llm):
+    """The sampler launched after the masks fails once (its model program ran): every request
+    recomputes, and the constrained one ends as it does undisturbed."""
+    from jaxserve.engine.recovery import StepFailed
+
+    p = _prompt(llm, "Describe a person as JSON.")
+    params = SamplingParams(temperature=0, max_tokens=60, structured_outputs=StructuredOutputsParams(json=PERSON))
+    (alone,) = llm.generate([p], params, use_tqdm=False)
+    engine = llm.engine
+    launch, fired = engine.runner.launch_sampler, []
+
+    def failing(step, bitmask):
+        if len(fired) == 0 and engine.scheduler.requests["f"].output_token_ids:
+            fired.append(1)
+            raise RuntimeError("injected: sampler launch failed")
+        return launch(step, bitmask)
+
+    engine.runner.launch_sampler = failing
+    try:
+        engine.add_request("f", p, params)
+        final = None
+        while final is None:
+            try:
+                outs = engine.step()
+            except StepFailed as e:
+                assert e.failed == []
+                continue
+            final = next((o for o in outs if o.finished), None)
+    finally:
+        engine.runner.launch_sampler = launch
+    assert fired and final.outputs[0].text == alone.outputs[0].text
     engine.block_until_idle()
