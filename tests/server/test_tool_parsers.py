@@ -81,3 +81,39 @@ def test_tools_and_calls_written_for_a_template_without_them():
     out = with_tools_in_text(messages, [TOOL])
     assert out[0]["role"] == "system" and "<tools>" in out[0]["content"] and "get_weather" in out[0]["content"]
     assert out[2]["content"] == '<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>'
+
+
+def _outputs(text: str, step: int):
+    """Cumulative RequestOutputs of text growing `step` characters at a time, the last finished."""
+    from jaxserve.outputs import CompletionOutput, RequestOutput
+
+    cuts = list(range(step, len(text), step)) + [len(text)]
+    for k, end in enumerate(cuts):
+        done = k == len(cuts) - 1
+        c = CompletionOutput(0, text[:end], list(range(end)), None, None, "stop" if done else None)
+        yield RequestOutput("r", None, [1], None, [c], done)
+
+
+def test_auto_stream_and_whole_reply_agree_on_a_hermes_call():
+    from jaxserve.api.responses import ChatBuilder
+
+    text = 'Sure, checking.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    plan = tool_plan(_request(tools=[TOOL]), "hermes")
+    final = list(_outputs(text, 5))[-1]
+    whole = ChatBuilder("id", "m", 1, tools=plan).response(final).choices[0]
+    assert whole.finish_reason == "tool_calls" and whole.message.content == "Sure, checking."
+    assert whole.message.tool_calls[0].function.name == "get_weather"
+    builder = ChatBuilder("id", "m", 1, tools=plan)
+    content, calls, finish = "", [], None
+    for out in _outputs(text, 5):
+        for chunk in builder.chunks(out):
+            d = chunk.model_dump()["choices"][0]
+            assert "<tool" not in (d["delta"].get("content") or "")
+            content += d["delta"].get("content") or ""
+            calls += d["delta"].get("tool_calls") or []
+            finish = d["finish_reason"] or finish
+    assert content.strip() == whole.message.content and finish == "tool_calls"
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in calls] == [
+        (c.function.name, c.function.arguments) for c in whole.message.tool_calls
+    ]
+    assert calls[0]["id"].startswith("call_") and calls[0]["type"] == "function" and calls[0]["index"] == 0
