@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import statistics
 import time
 from datetime import date
 from pathlib import Path
@@ -57,6 +58,7 @@ SCHEMA = {
 
 def run(llm, prompts, params, label: str) -> tuple[dict, list[int]]:
     engine = llm.engine
+    llm.reset_prefix_cache()  # each run computes its prompts: the same prompts run several times
     before = dataclasses.replace(engine.stats)
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
@@ -83,6 +85,7 @@ def main(argv=None) -> None:
     parser.add_argument("--input-len", type=int, default=64)
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--num-prompts", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=1, help="run the two modes this many times, alternating")
     parser.add_argument("--output-json", default=None, help="write the records here")
     add_engine_args(parser)
     args = parser.parse_args(argv)
@@ -112,24 +115,25 @@ def main(argv=None) -> None:
         for i in range(len(prompts))
     ]
     records = []
-    record, lengths = run(llm, prompts, constrained, "json_schema")
-    records.append(record)
-    matched = [
-        SamplingParams(temperature=1.0, seed=(args.seed or 0) + i, max_tokens=n, ignore_eos=True)
-        for i, n in enumerate(lengths)
-    ]
-    records.append(run(llm, prompts, matched, "unconstrained")[0])
+    for repeat in range(args.repeats):  # alternating, so that drift in the machine's load hits both
+        record, lengths = run(llm, prompts, constrained, "json_schema")
+        matched = [
+            SamplingParams(temperature=1.0, seed=(args.seed or 0) + i, max_tokens=n, ignore_eos=True)
+            for i, n in enumerate(lengths)
+        ]
+        records += [dict(record, repeat=repeat), dict(run(llm, prompts, matched, "unconstrained")[0], repeat=repeat)]
     device = str(jax.devices()[0].device_kind)
     for r in records:
         r.update(device=device, date=str(date.today()), max_num_seqs=llm.engine.config.max_num_seqs)
         print(json.dumps(r))
-    base = records[1]["output_tokens_per_second"]
-    print(f"\n{'mode':<20} {'output tok/s':>12} {'% of unconstrained':>19} {'host ms/step':>13} {'steps':>6}")
-    for r in records:
-        print(
-            f"{r['mode']:<20} {r['output_tokens_per_second']:>12.1f} {100 * r['output_tokens_per_second'] / base:>18.1f}% "
-            f"{r['host_ms_per_step']:>13.2f} {r['steps']:>6}"
-        )
+    print(f"\n{'mode':<14} {'output tok/s (median)':>22} {'host ms/step (median)':>22} {'steps':>6}")
+    medians = {}
+    for mode in ("json_schema", "unconstrained"):
+        rs = [r for r in records if r["mode"] == mode]
+        medians[mode] = statistics.median(r["output_tokens_per_second"] for r in rs)
+        host = statistics.median(r["host_ms_per_step"] for r in rs)
+        print(f"{mode:<14} {medians[mode]:>22.1f} {host:>22.2f} {rs[0]['steps']:>6}")
+    print(f"json_schema: {100 * medians['json_schema'] / medians['unconstrained']:.1f}% of unconstrained throughput")
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump(records, f, indent=1)
