@@ -96,7 +96,8 @@ class ToolPlan:
                 return text, []
             return None, [ParsedCall(c["name"], json.dumps(c["arguments"], ensure_ascii=False)) for c in items]
         if self.mode == "auto":
-            return self.parser.extract(text)
+            content, calls = self.parser.extract(text)
+            return content, calls if self.parallel else calls[:1]  # parallel_tool_calls: false keeps one
         return text, []
 
 

@@ -70,6 +70,9 @@ def test_tool_plans():
     assert schema["minItems"] == schema["maxItems"] == 1
     assert plan.extract('[{"name": "get_weather", "arguments": {"city": "X"}}]')[1][0].name == "get_weather"
     assert tool_plan(_request(tools=[TOOL], tool_choice="none"), None).offered is None
+    two = '<tool_call>{"name": "a", "arguments": {}}</tool_call><tool_call>{"name": "b", "arguments": {}}</tool_call>'
+    assert len(tool_plan(_request(tools=[TOOL]), "hermes").extract(two)[1]) == 2
+    assert len(tool_plan(_request(tools=[TOOL], parallel_tool_calls=False), "hermes").extract(two)[1]) == 1
 
 
 def test_tools_and_calls_written_for_a_template_without_them():
