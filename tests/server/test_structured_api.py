@@ -265,7 +265,7 @@ def test_bad_requests_get_400_and_the_server_serves_on(http, body, problem):
     assert http.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2}).status_code == 200
 
 
-def test_no_field_is_silently_ignored(http):
+def test_no_field_is_silently_ignored(http, smol_server):
     image = {"type": "image_url", "image_url": {"url": "http://x/y.png"}}
     r = http.post(
         "/v1/chat/completions",
@@ -277,6 +277,8 @@ def test_no_field_is_silently_ignored(http):
         json={"model": MODEL, "messages": _ask("hi"), "max_tokens": 2, "some_future_field": 1, "best_of": 1},
     )
     assert r.status_code == 200  # unknown fields are ignored (and logged once); best_of == n is served
+    http.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 1, "some_future_field": 2})
+    assert smol_server.output().count("'some_future_field'") == 1
     assert http.get(f"/v1/models/{MODEL}").json()["id"] == MODEL
     r = http.get("/v1/models/unknown-model")
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
