@@ -120,3 +120,29 @@ def test_auto_stream_and_whole_reply_agree_on_a_hermes_call():
         (c.function.name, c.function.arguments) for c in whole.message.tool_calls
     ]
     assert calls[0]["id"].startswith("call_") and calls[0]["type"] == "function" and calls[0]["index"] == 0
+
+
+def test_a_template_that_takes_tools_gets_them_and_the_history_as_is():
+    from jaxserve.api.protocol import ChatMessage
+    from jaxserve.api.translate import chat_prompt
+
+    class Tokenizer:  # Qwen2.5-like: its template reads `tools` and `tool_calls` itself
+        chat_template = "{% if tools %}...{% endif %}{% for m in messages %}{{ m.tool_calls }}{% endfor %}"
+
+        def apply_chat_template(self, messages, add_generation_prompt, tokenize, **kw):
+            self.seen = (messages, kw)
+            return "text"
+
+        def __call__(self, text, add_special_tokens):
+            return {"input_ids": [1, 2]}
+
+    tok = Tokenizer()
+    call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    messages = [
+        ChatMessage(role="user", content="w?"),
+        ChatMessage(role="assistant", content=None, tool_calls=[call]),
+        ChatMessage(role="tool", content="3", tool_call_id="c"),
+    ]
+    assert chat_prompt(tok, messages, tools=[TOOL])["prompt_token_ids"] == [1, 2]
+    seen, kw = tok.seen
+    assert kw == {"tools": [TOOL]} and seen[1]["tool_calls"] == [call] and seen[2]["tool_call_id"] == "c"
