@@ -14,10 +14,10 @@ import os
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
 
 from jaxserve.outputs import CompletionOutput, RequestOutput  # noqa: E402
-from jaxserve.sampling_params import RequestOutputKind, SamplingParams  # noqa: E402
+from jaxserve.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "CompletionOutput", "RequestOutput", "RequestOutputKind", "SamplingParams"]
+__all__ = ["LLM", "CompletionOutput", "RequestOutput", "RequestOutputKind", "SamplingParams", "StructuredOutputsParams"]
 
 
 def __getattr__(name: str):

@@ -11,6 +11,8 @@ This module is an entry point, and the only place below `jaxserve serve` that re
     JAXSERVE_API_KEY                required as "Authorization: Bearer <key>" on every route but
                                     /health and /metrics
     JAXSERVE_MAX_REQUEST_BODY_BYTES larger request bodies get 413 (default 16 MiB)
+    JAXSERVE_ENABLE_AUTO_TOOL_CHOICE 1: tool_choice "auto" parses tool calls (needs the parser)
+    JAXSERVE_TOOL_CALL_PARSER       hermes | llama3_json | mistral
     JAXSERVE_FAULT_TOKEN_ID         test-only: steps scheduling a prompt with this token fail
 
 The engine is built in the app's lifespan, so importing this module is cheap.
@@ -62,6 +64,8 @@ def settings_from_env(environ: Mapping[str, str] = os.environ) -> ServerSettings
         served_model_names=names,
         api_key=environ.get(PREFIX + "API_KEY") or None,
         fault_token_id=int(fault) if fault else None,
+        enable_auto_tool_choice=environ.get(PREFIX + "ENABLE_AUTO_TOOL_CHOICE", "").lower() in ("1", "true", "yes"),
+        tool_call_parser=environ.get(PREFIX + "TOOL_CALL_PARSER") or None,
         **extra,
     )
 

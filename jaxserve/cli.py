@@ -63,6 +63,14 @@ def _add_serve_parser(sub) -> None:
         default=None,
         help="larger request bodies are refused with 413 (default 16 MiB)",
     )
+    serve.add_argument(
+        "--enable-auto-tool-choice",
+        action="store_true",
+        help='tool_choice "auto": parse tool calls out of the model\'s text (needs --tool-call-parser)',
+    )
+    serve.add_argument(
+        "--tool-call-parser", default=None, choices=["hermes", "llama3_json", "mistral"], help="the tool-call format"
+    )
     serve.add_argument("--uvicorn-log-level", default="info")
     serve.add_argument("--fault-token-id", type=int, default=None, help=argparse.SUPPRESS)  # tests only
     add_engine_args(serve)
@@ -85,6 +93,8 @@ def _serve(args, cache_dir) -> int:
         api_key=args.api_key or os.environ.get("JAXSERVE_API_KEY") or None,
         max_request_body_bytes=args.max_request_body_bytes or DEFAULT_MAX_REQUEST_BODY_BYTES,
         fault_token_id=args.fault_token_id,
+        enable_auto_tool_choice=args.enable_auto_tool_choice,
+        tool_call_parser=args.tool_call_parser,
     )
     server = uvicorn.Server(
         uvicorn.Config(

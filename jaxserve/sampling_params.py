@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import json as _json
 from collections.abc import Sequence
 
 MAX_LOGPROBS = 20  # top alternatives returned per token (OpenAI's top_logprobs cap)
@@ -19,6 +20,52 @@ class RequestOutputKind(enum.Enum):
     CUMULATIVE = 0  # everything so far, every step (each output is a snapshot)
     DELTA = 1  # what is new since the previous output: new text, token ids and logprobs
     FINAL_ONLY = 2  # one output, when the request finishes
+
+
+@dataclasses.dataclass(frozen=True)
+class StructuredOutputsParams:
+    """A grammar the output must match (vLLM's field names); exactly one is set.
+
+    json: a JSON schema (dict, or its JSON text); json_object: any JSON object; regex: a regular
+    expression (Rust regex syntax); choice: one of these strings exactly; grammar: a Lark grammar
+    (llguidance's dialect; GBNF with `::=` rules is converted)."""
+
+    json: dict | str | None = None
+    regex: str | None = None
+    choice: Sequence[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    def __post_init__(self):
+        if self.choice is not None:
+            object.__setattr__(self, "choice", tuple(self.choice))
+        given = [name for name in KINDS if getattr(self, name) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError(
+                f"structured_outputs needs exactly one of {', '.join(KINDS)}; got {', '.join(given) or 'none'}"
+            )
+        kind = given[0]
+        value = getattr(self, kind)
+        if kind == "json" and not isinstance(value, (dict, str)):
+            raise ValueError(f"structured_outputs.json must be a JSON schema (an object), got {type(value).__name__}")
+        if kind in ("regex", "grammar") and (not isinstance(value, str) or not value):
+            raise ValueError(f"structured_outputs.{kind} must be a non-empty string")
+        if kind == "choice" and (not value or not all(isinstance(c, str) and c for c in value)):
+            raise ValueError("structured_outputs.choice must be a non-empty list of non-empty strings")
+        if kind == "json_object" and value is not True:
+            raise ValueError("structured_outputs.json_object must be true")
+
+    @property
+    def kind(self) -> str:
+        return next(name for name in KINDS if getattr(self, name) not in (None, False))
+
+    def key(self) -> tuple[str, str]:
+        """A hashable spelling of the grammar (the compiled-grammar cache's key)."""
+        kind, value = self.kind, getattr(self, self.kind)
+        return kind, _json.dumps(value, sort_keys=True) if kind in ("json", "choice") else str(value)
+
+
+KINDS = ("json", "regex", "choice", "grammar", "json_object")
 
 
 @dataclasses.dataclass
@@ -47,6 +94,8 @@ class SamplingParams:
     # unsalted ones); tenants who must not share cache entries send different salts.
     cache_salt: str | None = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    # Constrained decoding: every output token keeps the text inside this grammar.
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -55,6 +104,8 @@ class SamplingParams:
         self.stop_token_ids = [int(t) for t in (self.stop_token_ids or [])]
         self.logit_bias = {int(k): float(v) for k, v in (self.logit_bias or {}).items()}
         self.logits_processors = tuple(self.logits_processors)
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
         self._validate()
         if self.temperature < GREEDY_BELOW_TEMPERATURE:
             self.temperature = 0.0
@@ -102,6 +153,9 @@ class SamplingParams:
             bad("cache_salt", self.cache_salt, "a non-empty string")
         if not isinstance(self.output_kind, RequestOutputKind):
             bad("output_kind", self.output_kind, "a RequestOutputKind")
+        so = self.structured_outputs
+        if so is not None and not isinstance(so, StructuredOutputsParams):
+            bad("structured_outputs", so, "a StructuredOutputsParams")
 
     @property
     def greedy(self) -> bool:

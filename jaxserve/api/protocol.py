@@ -1,16 +1,17 @@
 """OpenAI request and response schemas (pydantic), with vLLM's sampling extras.
 
 Requests are strict (a string where a number belongs is a 400, not a silent conversion; no NaN or
-infinity, which no sampling field means) and ignore fields they do not know, as OpenAI's clients send a few we have no use for. Responses
+infinity, which no sampling field means) and keep fields they do not know aside (model_extra), as
+OpenAI's clients send a few we have no use for: the server logs each such name once. Responses
 are serialized whole (an absent value is null), except stream deltas, which carry only what changed.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 # -- requests ------------------------------------------------------------------------------------
 
@@ -23,8 +24,64 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(_Request):
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False, populate_by_name=True)
+
+    name: str
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")  # None: any JSON object
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_when_json_schema(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError('`json_schema` is required when type is "json_schema"')
+        return self
+
+
+class StructuredOutputsField(_Request):
+    """vLLM's `structured_outputs`: exactly one of json, regex, choice, grammar (json_object)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False, populate_by_name=True)
+
+    json_spec: dict[str, Any] | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
+class FunctionDefinition(_Request):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Request):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedFunction(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
 class _SamplingFields(_Request):
-    """Fields shared by both endpoints; translate.sampling_params checks their ranges."""
+    """Fields shared by both endpoints; translate.sampling_params checks their ranges. Fields we do
+    not know are kept in model_extra (logged once per name by the server), not refused."""
+
+    model_config = ConfigDict(strict=True, extra="allow", allow_inf_nan=False)
 
     model: str | None = None
     temperature: float | None = None
@@ -48,6 +105,15 @@ class _SamplingFields(_Request):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     cache_salt: str | None = None  # prefix caching: requests share cached KV only within one salt
+    # Structured outputs (at most one of these): OpenAI's response_format, vLLM's
+    # structured_outputs, and vLLM's older guided_* fields.
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsField | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    best_of: int | None = None  # only best_of == n (or unset) is served; more is refused
 
 
 class CompletionRequest(_SamplingFields):
@@ -56,6 +122,7 @@ class CompletionRequest(_SamplingFields):
     max_tokens: int | None = 16
     logprobs: int | None = None
     echo: bool = False
+    suffix: str | None = None  # refused (no fill-in-the-middle)
 
     @model_validator(mode="after")
     def _prompt_not_messages(self):
@@ -71,12 +138,28 @@ class TextPart(_Request):
     text: str
 
 
+class ContentPart(BaseModel):
+    """A content part of a type other than text: refused (the model takes text only)."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str
+
+
 class ChatMessage(BaseModel):
-    # name, tool_call_id ... reach the template as given
+    # name, tool_call_id, tool_calls ... reach the template as given
     model_config = ConfigDict(strict=True, extra="allow", allow_inf_nan=False)
 
     role: str
-    content: str | list[TextPart] | None = None
+    content: str | list[TextPart | ContentPart] | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _text_only(cls, content):
+        if isinstance(content, list):
+            for part in content:
+                if not isinstance(part, TextPart):
+                    raise ValueError(f"this model takes text only: content parts of type {part.type!r} are refused")
+        return content
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -87,6 +170,9 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = None
     add_generation_prompt: bool = True
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
 
     @model_validator(mode="after")
     def _messages_not_prompt(self):
@@ -176,11 +262,42 @@ class ChatLogprobs(_Response):
     refusal: list[TokenLogprob] | None = None
 
 
+class FunctionCall(_Response):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCall(_Response):
+    id: str
+    type: str = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(_Response):
     role: str = "assistant"
     content: str | None = None
     refusal: str | None = None
-    tool_calls: list = Field(default_factory=list)
+    tool_calls: list[ToolCall] = Field(default_factory=list)
+
+
+class FunctionCallDelta(_Response):
+    name: str | None = None
+    arguments: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _only_what_changed(self, handler):
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class ToolCallDelta(_Response):
+    index: int
+    id: str | None = None
+    type: str | None = None
+    function: FunctionCallDelta | None = None
+
+    @model_serializer(mode="wrap")
+    def _only_what_changed(self, handler):
+        return {k: v for k, v in handler(self).items() if v is not None}
 
 
 class ChatChoice(_Response):
@@ -204,6 +321,7 @@ class ChatCompletionResponse(_Response):
 class DeltaMessage(_Response):
     role: str | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
     @model_serializer(mode="wrap")
     def _only_what_changed(self, handler):  # OpenAI's deltas leave out what did not change

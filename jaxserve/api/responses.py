@@ -7,6 +7,10 @@ much it already sent and emits only the difference:
     out.outputs[i].text      "The capital of France is"     sent_chars = 10  -> delta "al of France is"
     out.outputs[i].token_ids [ ... 7 ids ... ]              sent_tokens = 3  -> logprobs of 4 tokens
 
+With tools (tools.ToolPlan), a choice's text becomes content and tool_calls when it finishes
+(finish_reason "tool_calls" if it made any); a stream sends as content only what can no longer
+turn out to be a call, and the calls as OpenAI's tool_calls deltas at the end.
+
 Logprobs name tokens by their own bytes (jaxserve.api.token_bytes) where the server has a
 tokenizer, else by the engine's Logprob.decoded_token; nothing here decodes text.
 """
@@ -29,12 +33,17 @@ from jaxserve.api.protocol import (
     CompletionLogprobs,
     CompletionResponse,
     DeltaMessage,
+    FunctionCall,
+    FunctionCallDelta,
     PromptTokensDetails,
     TokenLogprob,
+    ToolCall,
+    ToolCallDelta,
     TopLogprob,
     UsageInfo,
 )
 from jaxserve.api.token_bytes import TokenBytes
+from jaxserve.api.tools import ToolPlan, new_call_id
 from jaxserve.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
 
 
@@ -227,11 +236,26 @@ class ChatBuilder:
         top_logprobs: int | None = None,
         include_usage: bool = False,
         vocab: TokenBytes | None = None,
+        tools: ToolPlan | None = None,
     ):
         self.id, self.model, self.n, self.top_logprobs, self.vocab = request_id, model, n, top_logprobs, vocab
         self.created = int(time.time())
         self.include_usage = include_usage
+        self.tools = tools if tools is not None and tools.parses_calls else None
         self._sent = [_Sent() for _ in range(n)]
+
+    def _message(self, c: CompletionOutput) -> tuple[AssistantMessage, str | None]:
+        """The finished choice's message and finish reason (tool calls parsed out of its text)."""
+        if self.tools is None or c.finish_reason is None:
+            return AssistantMessage(content=c.text), c.finish_reason
+        content, calls = self.tools.extract(c.text)
+        if not calls:
+            return AssistantMessage(content=content), c.finish_reason
+        tool_calls = [
+            ToolCall(id=new_call_id(), function=FunctionCall(name=call.name, arguments=call.arguments))
+            for call in calls
+        ]
+        return AssistantMessage(content=content, tool_calls=tool_calls), "tool_calls"
 
     def _logprobs(self, c: CompletionOutput, start: int) -> ChatLogprobs | None:
         if self.top_logprobs is None:
@@ -239,16 +263,18 @@ class ChatBuilder:
         return chat_logprobs(c.token_ids[start:], (c.logprobs or [])[start:], self.top_logprobs, self.vocab)
 
     def response(self, out: RequestOutput) -> ChatCompletionResponse:
-        choices = [
-            ChatChoice(
-                index=c.index,
-                message=AssistantMessage(content=c.text),
-                logprobs=self._logprobs(c, 0),
-                finish_reason=c.finish_reason,
-                stop_reason=c.stop_reason,
+        choices = []
+        for c in out.outputs:
+            message, finish_reason = self._message(c)
+            choices.append(
+                ChatChoice(
+                    index=c.index,
+                    message=message,
+                    logprobs=self._logprobs(c, 0),
+                    finish_reason=finish_reason,
+                    stop_reason=c.stop_reason,
+                )
             )
-            for c in out.outputs
-        ]
         return ChatCompletionResponse(
             id=self.id, created=self.created, model=self.model, choices=choices, usage=usage_of([out])
         )
@@ -267,6 +293,8 @@ class ChatBuilder:
         ]
 
     def chunks(self, out: RequestOutput) -> list[ChatCompletionChunk]:
+        if self.tools is not None:
+            return self._tool_chunks(out)
         chunks = []
         for c in out.outputs:
             sent = self._sent[c.index]
@@ -280,6 +308,49 @@ class ChatBuilder:
                 choice.stop_reason = c.stop_reason
             sent.chars, sent.tokens, sent.done = len(c.text), len(c.token_ids), c.finish_reason is not None
             chunks.append(self._chunk([choice]))
+        return chunks
+
+    def _tool_chunks(self, out: RequestOutput) -> list[ChatCompletionChunk]:
+        """Content up to where a call may begin; at the end, the rest of the content and the
+        calls (each one delta carrying its id, name and whole arguments)."""
+        chunks = []
+        for c in out.outputs:
+            sent = self._sent[c.index]
+            if sent.done:
+                continue
+            if c.finish_reason is None:
+                end = self.tools.content_end(c.text)
+                if end > sent.chars:
+                    delta = DeltaMessage(content=c.text[sent.chars : end])
+                    chunks.append(self._chunk([ChatChunkChoice(index=c.index, delta=delta)]))
+                    sent.chars = end
+                continue
+            message, finish_reason = self._message(c)
+            content = message.content or ""
+            streamed = c.text[: sent.chars].strip()  # the parsed content is stripped
+            rest = content[len(streamed) :] if content.startswith(streamed) else ""
+            if rest:
+                chunks.append(self._chunk([ChatChunkChoice(index=c.index, delta=DeltaMessage(content=rest))]))
+            if message.tool_calls:
+                deltas = [
+                    ToolCallDelta(
+                        index=k,
+                        id=call.id,
+                        type="function",
+                        function=FunctionCallDelta(name=call.function.name, arguments=call.function.arguments),
+                    )
+                    for k, call in enumerate(message.tool_calls)
+                ]
+                chunks.append(self._chunk([ChatChunkChoice(index=c.index, delta=DeltaMessage(tool_calls=deltas))]))
+            final = ChatChunkChoice(
+                index=c.index,
+                delta=DeltaMessage(),
+                logprobs=self._logprobs(c, sent.tokens),
+                finish_reason=finish_reason,
+                stop_reason=c.stop_reason,
+            )
+            chunks.append(self._chunk([final]))
+            sent.chars, sent.tokens, sent.done = len(c.text), len(c.token_ids), True
         return chunks
 
     def _chunk(self, choices, usage: UsageInfo | None = None) -> ChatCompletionChunk:

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from jaxserve.api.errors import bad_request, from_value_error, model_not_found
 from jaxserve.api.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
-from jaxserve.sampling_params import SamplingParams
+from jaxserve.api.structured import structured_spec
+from jaxserve.api.tools import ToolPlan, with_tools_in_text
+from jaxserve.sampling_params import SamplingParams, StructuredOutputsParams
 
 
 def completion_prompts(req: CompletionRequest) -> list[str | list[int]]:
@@ -36,7 +38,22 @@ def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
         raise bad_request("logit_bias keys must be token ids (integers as strings)", param="logit_bias") from None
 
 
-def _params(req, *, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
+def _params(
+    req,
+    *,
+    max_tokens: int | None,
+    logprobs: int | None,
+    prompt_logprobs: int | None = None,
+    grammar: StructuredOutputsParams | None = None,
+) -> SamplingParams:
+    if req.best_of is not None and req.best_of != req.n:
+        raise bad_request(
+            f"best_of ({req.best_of}) other than n ({req.n}) is not supported: ask for n samples instead",
+            param="best_of",
+        )
+    spec = structured_spec(req)
+    if spec is not None and grammar is not None:
+        raise bad_request("a forced tool choice already constrains the reply: drop the response format", param="tools")
     try:
         return SamplingParams(
             n=req.n,
@@ -59,12 +76,15 @@ def _params(req, *, max_tokens: int | None, logprobs: int | None, prompt_logprob
             skip_special_tokens=req.skip_special_tokens,
             include_stop_str_in_output=req.include_stop_str_in_output,
             cache_salt=req.cache_salt,
+            structured_outputs=grammar or spec,
         )
     except ValueError as e:
         raise from_value_error(e) from None
 
 
 def completion_params(req: CompletionRequest) -> SamplingParams:
+    if req.suffix is not None:
+        raise bad_request("suffix is not supported (no fill-in-the-middle)", param="suffix")
     # echo with logprobs reports the prompt's logprobs too, as OpenAI's legacy endpoint did
     return _params(
         req,
@@ -74,10 +94,10 @@ def completion_params(req: CompletionRequest) -> SamplingParams:
     )
 
 
-def chat_params(req: ChatCompletionRequest) -> SamplingParams:
+def chat_params(req: ChatCompletionRequest, tools: ToolPlan | None = None) -> SamplingParams:
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    return _params(req, max_tokens=max_tokens, logprobs=logprobs)
+    return _params(req, max_tokens=max_tokens, logprobs=logprobs, grammar=tools.grammar() if tools else None)
 
 
 def template_messages(messages: list[ChatMessage]) -> list[dict]:
@@ -92,13 +112,23 @@ def template_messages(messages: list[ChatMessage]) -> list[dict]:
     return out
 
 
-def chat_prompt(tokenizer, messages: list[ChatMessage], add_generation_prompt: bool = True) -> dict:
-    """The engine prompt of a conversation: {"prompt": rendered text, "prompt_token_ids": ids}."""
-    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+def chat_prompt(
+    tokenizer, messages: list[ChatMessage], add_generation_prompt: bool = True, tools: list[dict] | None = None
+) -> dict:
+    """The engine prompt of a conversation: {"prompt": rendered text, "prompt_token_ids": ids}.
+    tools: offered to the template (one that does not know tools gets them in a system message)."""
+    template = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
+    if not template:
         raise bad_request("this model's tokenizer has no chat template: use /v1/completions", param="messages")
+    rendered = template_messages(messages)
+    extra = {}
+    if "tools" in template:
+        extra["tools"] = tools
+    elif tools or any(m.get("tool_calls") for m in rendered):
+        rendered = with_tools_in_text(rendered, tools)
     try:
         text = tokenizer.apply_chat_template(
-            template_messages(messages), add_generation_prompt=add_generation_prompt, tokenize=False
+            rendered, add_generation_prompt=add_generation_prompt, tokenize=False, **extra
         )
     except Exception as e:  # a template may refuse a conversation (roles out of order ...)
         raise bad_request(f"the chat template refused these messages: {e}", param="messages") from None

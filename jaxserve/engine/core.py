@@ -11,6 +11,18 @@ Step n+1 is scheduled before step n's tokens are known: its decode tokens are re
 device. A request that finishes in step n (eos, a stop string) has also run in step n+1: that
 token is dropped. Requests under quarantine after a failure (recovery.py) run one step at a time,
 so there the loop waits for each step before scheduling the next.
+
+Structured outputs (structured_outputs.py): a grammar's mask for a request's next token needs
+its previous one, which may be step n's token still on the device. So while a constrained
+request is live, step n+1's model program is launched first (it reads that token on the device),
+then step n is waited for and its tokens advance the matchers, and only then are step n+1's masks
+computed and its sampler launched:
+
+    schedule n+1 -> launch model n+1 -> wait for n -> update n, matchers accept n's tokens
+    -> bitmask of n+1 -> launch sampler n+1
+
+The device runs model n+1 while the host reads back step n and computes the masks; a complete
+grammar ends its request (its token of step n+1 is dropped like any finished request's).
 """
 
 from __future__ import annotations
@@ -23,6 +35,7 @@ import numpy as np
 
 from jaxserve.engine.recovery import StepFailed, fail_all, recover
 from jaxserve.engine.runner import InFlightStep, ModelRunner, TokenLogprobs
+from jaxserve.engine.structured_outputs import GrammarCompiler, Matchers
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.scheduler import Request, RequestStatus, Scheduler
 from jaxserve.scheduler.request import check_request_id
@@ -97,6 +110,7 @@ class EngineCore:
         max_model_len: int,
         async_scheduling: bool = True,
         seed: int | None = None,
+        grammars: GrammarCompiler | None = None,
         log: Callable = print,
     ):
         self.scheduler, self.runner = scheduler, runner
@@ -111,6 +125,7 @@ class EngineCore:
         self._last_finish: float | None = None
         self.prefix_cache_log_interval = 10.0  # seconds between hit-rate lines while steps run
         self._prefix_cache_logged = (time.perf_counter(), 0, 0)  # (when, queries, hits)
+        self.matchers = Matchers(grammars) if grammars is not None else None
 
     # -- requests -------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> list[str]:
@@ -120,7 +135,14 @@ class EngineCore:
             raise ValueError(f"request id {request_id!r} is already in use")
         seed = params.seed if params.seed is not None else int(self._rng.integers(2**32))
         req = Request(request_id, prompt_token_ids, params, self.eos_token_ids, self.max_model_len, seed=seed % 2**32)
-        return self.scheduler.add_request(req)
+        spec = params.structured_outputs
+        if spec is not None and self.matchers is None:
+            raise ValueError("structured outputs need a tokenizer: this engine has none")
+        matchers = [self.matchers.compiler.compile(spec)] if spec is not None else []  # raises before queueing
+        sample_ids = self.scheduler.add_request(req)
+        if matchers:
+            self.matchers.add(sample_ids, spec, first=matchers[0])
+        return sample_ids
 
     def abort(self, family_id: str) -> None:
         self.scheduler.abort(family_id)
@@ -140,18 +162,23 @@ class EngineCore:
         on the first step, and two when a step in flight had to finish before one alone)."""
         outputs, self._ready = self._ready, []
         try:
+            matchers = self.matchers
+            if matchers:
+                matchers.retain(self.scheduler.requests)
             if self.scheduler.has_quarantine or not self.async_scheduling:
                 outputs += self._finish_in_flight()
             t0 = time.perf_counter()
             sched = self.scheduler.schedule()
             t1 = time.perf_counter()
-            try:
-                launched = self.runner.execute(sched)
+            try:  # with constrained requests, the sampler waits for the masks (below)
+                launched = self.runner.execute(sched, defer_sampler=bool(matchers))
             except Exception as e:  # nothing of it ran; the step in flight still counts
                 outputs += self._finish_in_flight()
                 raise StepFailed(recover(self, sched, e, launched=False), e) from e
             self._phase = (t1 - t0, time.perf_counter() - t1)
             outputs += self._finish_in_flight(launched)
+            if launched is not None and launched.pending_sampler is not None:
+                self._launch_sampler(launched)
             self._in_flight = launched
             if not self.scheduler.has_unfinished:  # idle: settle what the last requests left behind
                 outputs += self.settle()
@@ -176,10 +203,13 @@ class EngineCore:
         out = step.output
         update = self.scheduler.update(out, result.tokens)
         ids, tokens = out.request_ids, result.tokens
+        finished = update.finished
+        if self.matchers:
+            finished = self._finish_complete_grammars(self.matchers.accept(ids, tokens, update.advanced), finished)
         output = EngineCoreOutput(
             [ids[i] for i in update.advanced],
             [tokens[i] for i in update.advanced],
-            update.finished,
+            finished,
             _without(result.logprobs, update.gone),
             _without(result.prompt_logprobs, update.gone),
             self.scheduler.take_num_cached_tokens(),
@@ -206,6 +236,27 @@ class EngineCore:
         self._last_finish = now
         self.stats.add(self.last_step)
         return [output]
+
+    def _launch_sampler(self, launched: InFlightStep) -> None:
+        """The masks of the step launched without its sampler (its matchers have seen every token
+        before it now), then its sampler."""
+        t0 = time.perf_counter()
+        out = launched.output
+        bitmask = self.matchers.bitmask(out.request_ids, out.samples)
+        try:
+            self.runner.launch_sampler(launched, bitmask)
+        except Exception as e:  # its model program ran: the device state is rebuilt
+            raise StepFailed(recover(self, out, e, launched=True), e) from e
+        schedule_s, stage_s = self._phase
+        self._phase = (schedule_s, stage_s + time.perf_counter() - t0)
+
+    def _finish_complete_grammars(self, done: list[str], finished: dict) -> dict:
+        """Ends the requests whose grammar is complete ("stop"), unless the step ended them already."""
+        for request_id in done:
+            if request_id not in finished:
+                self.scheduler.finish(request_id, RequestStatus.FINISHED_STOPPED)
+                finished = {**finished, request_id: (RequestStatus.FINISHED_STOPPED.value, None)}
+        return finished
 
     def _log_prefix_cache(self, now: float) -> None:
         """The prefix cache's hit rate since the last line (and overall), if it was queried."""

@@ -3,7 +3,8 @@
     prompt (text | token ids | {"prompt_token_ids": [...]} | {"prompt": text})
         -> token ids (the tokenizer adds the special tokens it is made to add)
         -> validated against the model (vocabulary, context length) and the engine (logits
-           processors registered, a tokenizer for stop strings): ValueError names what is wrong
+           processors registered, a tokenizer for stop strings, a grammar that compiles):
+           ValueError names what is wrong
 
 No engine state is read or written: it is safe on any thread (the server calls it in workers).
 """
@@ -26,8 +27,8 @@ class PreparedRequest(NamedTuple):
 
 
 class InputProcessor:
-    def __init__(self, tokenizer, *, vocab_size: int, max_model_len: int, processor_names: list[str]):
-        self.tokenizer = tokenizer
+    def __init__(self, tokenizer, *, vocab_size: int, max_model_len: int, processor_names: list[str], grammars=None):
+        self.tokenizer, self.grammars = tokenizer, grammars  # grammars: structured_outputs.GrammarCompiler
         self.vocab_size, self.max_model_len, self.processor_names = vocab_size, max_model_len, processor_names
 
     def prepare(self, prompt: Prompt, params: SamplingParams | None = None) -> PreparedRequest:
@@ -73,3 +74,7 @@ class InputProcessor:
             raise ValueError(f"unknown logits processors {sorted(unknown)}; registered: {self.processor_names}")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer")
+        if params.structured_outputs is not None:
+            if self.grammars is None:
+                raise ValueError("structured outputs need a tokenizer: this engine has none")
+            self.grammars.compile(params.structured_outputs)  # compiled and cached, or ValueError

@@ -23,6 +23,7 @@ from jaxserve.engine.input_processor import InputProcessor, PreparedRequest, Pro
 from jaxserve.engine.output_processor import OutputProcessor
 from jaxserve.engine.recovery import StepFailed
 from jaxserve.engine.startup import build_engine
+from jaxserve.engine.structured_outputs import GrammarCompiler
 from jaxserve.outputs import RequestOutput
 from jaxserve.sampling_params import SamplingParams
 
@@ -48,6 +49,9 @@ class LLMEngine:
         self.tokenizer, self.model_config, self.plan = parts.tokenizer, parts.model_config, parts.plan
         self.max_model_len = parts.max_model_len
         self.compilations_after_warmup = parts.compilations_after_warmup
+        # Structured outputs: grammars are compiled when a request is prepared (a bad one is a
+        # ValueError before anything is queued) and cached for the core's matchers.
+        self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size) if self.tokenizer else None
         self.core = EngineCore(
             parts.scheduler,
             parts.runner,
@@ -55,6 +59,7 @@ class LLMEngine:
             max_model_len=parts.max_model_len,
             async_scheduling=config.async_scheduling,
             seed=config.seed,
+            grammars=self.grammars,
             log=log,
         )
         self.inputs = InputProcessor(
@@ -62,6 +67,7 @@ class LLMEngine:
             vocab_size=self.model_config.vocab_size,
             max_model_len=self.max_model_len,
             processor_names=[name for name, _ in processors],
+            grammars=self.grammars,
         )
         self.outputs = OutputProcessor(self.tokenizer)
         self._pending: list[RequestOutput] = []  # aborts' final outputs, returned by the next step

@@ -43,6 +43,7 @@ from jaxserve.engine.step import (
     sampler_output_spec,
     step_input_spec,
 )
+from jaxserve.engine.structured_outputs import GrammarBitmask
 from jaxserve.sampling_params import MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS
 from jaxserve.scheduler.output import SchedulerOutput
 from models import allocate_kv_cache
@@ -108,6 +109,9 @@ class InFlightStep:
     num_tokens: int
     stage_seconds: float  # applying, staging and launching it
     launch_seconds: float  # of which launching (the compiled call and the read-back request)
+    # Launched without its sampler (execute(defer_sampler=True)): (packed inputs on the device,
+    # logits, r, full) until launch_sampler() runs it with the step's grammar bitmask.
+    pending_sampler: tuple | None = None
 
 
 EMPTY_STEP = SchedulerOutput([], [], [], [], [], [], [], 0)
@@ -148,6 +152,8 @@ class ModelRunner:
         self._input_buffers: dict[tuple[int, int], collections.deque] = {}  # (t, r) -> (buffer, views), in turn
         self._compiled: dict[tuple[int, int], CompiledStep] = {}  # filled by warm_up
         self._compiled_prompt_logprobs: dict[int, object] = {}  # token bucket -> executable
+        self.bitmask_words = -(-cfg.vocab_size // 32)  # the grammar bitmask's width: 32 tokens a word
+        self._all_allowed: dict[int, jax.Array] = {}  # r -> [r, W] all ones, on the device
         self.reset_device_state()
         self._step = make_step(self.graphdef, treedef, self.mesh)
         self._sampler = make_sampler([fn for _, fn in processors], self.mesh)
@@ -280,6 +286,7 @@ class ModelRunner:
             self.pages_per_seq,
             self.num_rows,
             self.processor_names,
+            ("grammar bitmask", self.bitmask_words),  # the sampler takes a bitmask argument
         )
 
     def _run_once(self, t: int, r: int) -> None:
@@ -293,9 +300,14 @@ class ModelRunner:
         return self._prompt_logprobs.lower(self.state, hidden, rows, rows)
 
     # -- one step -----------------------------------------------------------------------------
-    def execute(self, output: SchedulerOutput) -> InFlightStep | None:
+    def execute(
+        self, output: SchedulerOutput, bitmask: GrammarBitmask | None = None, *, defer_sampler: bool = False
+    ) -> InFlightStep | None:
         """Applies the SchedulerOutput to the input batch, stages the step and launches it;
-        returns at once while the device works (None if it grants nothing)."""
+        returns at once while the device works (None if it grants nothing). bitmask: the
+        grammar masks of the step's constrained sequences (None: the step has none).
+        defer_sampler: launch the model program only; launch_sampler(step, bitmask) launches the
+        sampler once the masks are known (they need the tokens of the step still in flight)."""
         t0 = time.perf_counter()
         changes = self.input_batch.apply(output)
         for write in self.input_batch.take_bias_writes(self.eos_token_ids):
@@ -308,10 +320,24 @@ class ModelRunner:
         t, r = self.plan.pick(output.num_tokens, output.num_rows)
         packed, staged = self._stage(output, t, r, changes)
         t1 = time.perf_counter()
-        sampled, hidden = self._run(packed, t, r, staged.needs_sort)  # returns once launched (async dispatch)
+        if defer_sampler:
+            packed, logits, hidden = self._launch_model(packed, t, r)
+            t2 = time.perf_counter()
+            step = InFlightStep(output, staged, None, self._packing(t, r)[1], hidden, t, t2 - t0, t2 - t1)
+            step.pending_sampler = (packed, logits, r, staged.needs_sort)
+            return step
+        masks = self._bitmask(bitmask, r)
+        sampled, hidden = self._run(packed, t, r, staged.needs_sort, masks)  # returns once launched (async dispatch)
         sampled.copy_to_host_async()
         t2 = time.perf_counter()
         return InFlightStep(output, staged, sampled, self._packing(t, r)[1], hidden, t, t2 - t0, t2 - t1)
+
+    def launch_sampler(self, step: InFlightStep, bitmask: GrammarBitmask | None) -> None:
+        """Launches the sampler of a step execute(defer_sampler=True) launched, with its masks."""
+        packed, logits, r, full = step.pending_sampler
+        step.pending_sampler = None
+        step.sampled = self._launch_sampler(packed, logits, step.num_tokens, r, full, self._bitmask(bitmask, r))
+        step.sampled.copy_to_host_async()
 
     def read_back(self, step: InFlightStep) -> ModelRunnerOutput:
         """Waits for the step, reads its packed output once, keeps the sampled tokens in the
@@ -339,22 +365,43 @@ class ModelRunner:
     def wait_quietly(step: InFlightStep) -> None:
         """Waits for a step whose result no longer matters (it read a failed step's cache)."""
         try:
-            jax.block_until_ready(step.sampled)
+            jax.block_until_ready((step.sampled, step.hidden))  # a deferred sampler: the model alone
         except Exception:
             pass
 
-    def _run(self, packed: np.ndarray, t: int, r: int, full: bool):
-        compiled = self._compiled[t, r]
+    def _bitmask(self, bitmask: GrammarBitmask | None, r: int):
+        """The sampler's [r, W] mask: all ones (kept on the device) but the constrained sequences'."""
+        if bitmask is None:
+            if r not in self._all_allowed:
+                ones = np.full((r, self.bitmask_words), -1, np.int32)
+                self._all_allowed[r] = jax.device_put(ones, self._replicated)
+            return self._all_allowed[r]
+        masks = np.full((r, self.bitmask_words), -1, np.int32)
+        masks[bitmask.seqs] = bitmask.words
+        return jax.device_put(masks, self._replicated)
+
+    def _run(self, packed: np.ndarray, t: int, r: int, full: bool, bitmask=None):
+        if bitmask is None:
+            bitmask = self._bitmask(None, r)
+        packed, logits, hidden = self._launch_model(packed, t, r)
+        return self._launch_sampler(packed, logits, t, r, full, bitmask), hidden
+
+    def _launch_model(self, packed: np.ndarray, t: int, r: int):
+        """(packed inputs on the device, logits, hidden) of the model program, launched."""
         packed = jax.device_put(packed, self._replicated)  # one transfer, read by both programs
         # Each program's outputs are kept before the next launches: the inputs they replace were
         # donated, so a failure in between must leave valid arrays behind.
-        self.kv_cache, self.device_state, logits, hidden = compiled.model(
+        self.kv_cache, self.device_state, logits, hidden = self._compiled[t, r].model(
             self.weights, self.kv_cache, self.device_state, packed
         )
+        return packed, logits, hidden
+
+    def _launch_sampler(self, packed, logits, t: int, r: int, full: bool, bitmask):
+        compiled = self._compiled[t, r]
         self.device_state, sampled = (compiled.full_sampler if full else compiled.sampler)(
-            logits, self.device_state, packed
+            logits, self.device_state, packed, bitmask
         )
-        return sampled, hidden
+        return sampled
 
     def _lower(self, t: int, r: int, name: str):
         """The lowered program `name` (one of PROGRAMS) of shape (t, r)."""
@@ -363,8 +410,15 @@ class ModelRunner:
         if name == "model":
             return self._step.lower(self.weights, self.kv_cache, self.device_state, packed, input_packing=inputs)
         logits = jax.ShapeDtypeStruct((r, self.config.vocab_size), jnp.float32, sharding=self._replicated)
+        bitmask = self._bitmask(None, r)
         return self._sampler.lower(
-            logits, self.device_state, packed, input_packing=inputs, output_packing=outputs, full=name == "full_sampler"
+            logits,
+            self.device_state,
+            packed,
+            bitmask,
+            input_packing=inputs,
+            output_packing=outputs,
+            full=name == "full_sampler",
         )
 
     def _packing(self, t: int, r: int) -> tuple[Packing, Packing]:

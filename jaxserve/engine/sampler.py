@@ -1,7 +1,7 @@
 """On-device sampling: logits [R, V] of one step -> a token per row, with its logprob.
 
     raw logits --log_softmax--> logprobs (returned: the model's own, as vLLM does by default)
-    raw logits -> user logits processors -> penalties -> logit_bias -> greedy pick
+    raw logits -> user logits processors -> penalties -> logit_bias -> grammar bitmask -> greedy pick
                -> / temperature -> top_k / top_p / min_p cut -> inverse-CDF draw with the row's key
 
 Each request is one row with its own parameters, so one batch mixes greedy and sampled rows.
@@ -16,6 +16,10 @@ logit_bias and the ban on eos/stop ids before min_tokens come from a table kept 
 (LogitBias), one row per input-batch row, written once when a request takes its row: a step
 sends each sequence's table row and whether its stop ids are banned, never the entries
 themselves (300 + 80 per row, most of them unused padding, were 97% of a 256-row step's inputs).
+
+The grammar bitmask (structured outputs) is packed on the host, 32 tokens per int32 word, and
+unpacked here: a row without a grammar is all ones, and a step without any constrained row
+passes one all-ones array kept on the device (nothing uploaded, the same program).
 
 Penalties read per-row token statistics kept on the device across steps (PenaltyState): each
 request with penalties uses its input-batch row; the step counts its tokens into that row as they enter the
@@ -179,6 +183,14 @@ def _draw(logits, sb: SamplingBatch, block: int = 256):
     return (chosen * block + jnp.minimum(offset, last)).astype(jnp.int32)
 
 
+def apply_bitmask(logits: jax.Array, bitmask: jax.Array) -> jax.Array:
+    """-inf where the row's bit is 0. logits [R, V], bitmask [R, ceil(V / 32)] i32."""
+    rows, vocab = logits.shape
+    bits = (bitmask[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1  # [R, W, 32]
+    allowed = bits.reshape(rows, -1)[:, :vocab].astype(jnp.bool_)
+    return jnp.where(allowed, logits, -jnp.inf)
+
+
 def top_logprobs(logprobs: jax.Array) -> tuple[jax.Array, jax.Array]:
     """The MAX_LOGPROBS most likely ids [R, k] and logprobs, padded with id -1 if V is smaller."""
     k = min(MAX_LOGPROBS, logprobs.shape[-1])
@@ -195,6 +207,7 @@ def sample(
     processors: Sequence[LogitsProcessor] = (),
     *,
     full: bool = True,
+    bitmask: jax.Array | None = None,  # [R, ceil(V / 32)] i32; None: no grammar in this program
 ) -> SamplerOutput:
     """full=False leaves out what sorts the vocabulary: the top_k/top_p/min_p cut (the rows' own
     parameters must not ask for it) and the top logprobs (returned as zeros)."""
@@ -205,6 +218,8 @@ def sample(
         x = jnp.where(sb.processor_mask[i][:, None], proc(x), x)
     x = _apply_penalties(x, penalties, sb)  # neutral for rows without a penalty row
     x = _apply_bias(x, bias, sb)
+    if bitmask is not None:
+        x = apply_bitmask(x, bitmask)
     greedy_tokens = jnp.argmax(x, axis=-1).astype(jnp.int32)
 
     is_sampled = sb.temperature > 0

@@ -1,7 +1,7 @@
 """The compiled step, two programs per bucket shape that the host launches back to back:
 
     model:   (weights, KV cache, device state, packed inputs) -> (KV cache, device state, logits, hidden)
-    sampler: (logits, device state, packed inputs) -> (device state, one packed output buffer)
+    sampler: (logits, device state, packed inputs, grammar bitmask) -> (device state, one packed output buffer)
 
 The KV cache and the device state (penalty counts, page table, last sampled tokens) are donated,
 so XLA updates them in place. The sampler comes in two variants, and the host, which knows every
@@ -112,12 +112,14 @@ def make_step(graphdef: nnx.GraphDef, treedef, mesh: Mesh | None = None):
 
 
 def make_sampler(processors: Sequence[LogitsProcessor] = (), mesh: Mesh | None = None):
-    """sampler(logits, DeviceState, packed inputs, *, input_packing, output_packing, full)
-    -> (DeviceState with this step's tokens as last_tokens, packed SamplerOutput)."""
+    """sampler(logits, DeviceState, packed inputs, bitmask [R, ceil(V / 32)] i32, *, input_packing,
+    output_packing, full) -> (DeviceState with this step's tokens as last_tokens, packed SamplerOutput).
+    The bitmask is a separate argument, not part of the packed buffer: steps without a grammar
+    pass an all-ones array that stays on the device."""
 
-    def sampler(logits, state: DeviceState, packed, *, input_packing, output_packing, full):
+    def sampler(logits, state: DeviceState, packed, bitmask, *, input_packing, output_packing, full):
         inputs: StepInput = input_packing.unpack(packed)
-        out = sample(logits, inputs.sampling, state.penalties, state.logit_bias, processors, full=full)
+        out = sample(logits, inputs.sampling, state.penalties, state.logit_bias, processors, full=full, bitmask=bitmask)
         last_tokens = jnp.zeros_like(state.last_tokens).at[: out.tokens.shape[0]].set(out.tokens)
         if mesh is not None:
             last_tokens = jax.lax.with_sharding_constraint(last_tokens, NamedSharding(mesh, PartitionSpec()))

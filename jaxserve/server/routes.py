@@ -2,7 +2,7 @@
 (queue: 503; tokenize off the loop: 400) -> engine stream -> a whole response or SSE chunks.
 
     POST /v1/completions  /v1/chat/completions  /tokenize  /detokenize  /reset_prefix_cache
-    GET  /v1/models  /health  /metrics  /version
+    GET  /v1/models  /v1/models/{id}  /health  /metrics  /version
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 import jaxserve
-from jaxserve.api.errors import APIError, bad_request, from_value_error, internal
+from jaxserve.api.errors import APIError, bad_request, from_value_error, internal, model_not_found
 from jaxserve.api.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -27,6 +27,7 @@ from jaxserve.api.protocol import (
     TokenizeRequest,
 )
 from jaxserve.api.responses import ChatBuilder, CompletionBuilder, EchoPrompt
+from jaxserve.api.tools import tool_plan
 from jaxserve.api.translate import chat_params, chat_prompt, check_model, completion_params, completion_prompts
 from jaxserve.engine.async_engine import EngineDeadError
 from jaxserve.server.http import SSE_DONE, SSEResponse, cancel_on_disconnect, json_response, read_model, sse_data
@@ -39,8 +40,16 @@ def _state(request: Request):
     return request.app.state.jaxserve
 
 
+_unknown_fields_logged: set[str] = set()
+
+
 async def _read[M](request: Request, model: type[M]) -> M:
-    return await read_model(request, model, _state(request).settings.max_request_body_bytes)
+    body = await read_model(request, model, _state(request).settings.max_request_body_bytes)
+    for name in getattr(body, "model_extra", None) or ():  # ignored, as vLLM does, but said once
+        if name not in _unknown_fields_logged:
+            _unknown_fields_logged.add(name)
+            logger.warning("ignoring the unknown request field %r (logged once per field name)", name)
+    return body
 
 
 def _engine_error(e: Exception) -> APIError:
@@ -139,17 +148,24 @@ async def chat_completions(request: Request) -> Response:
     body = await _read(request, ChatCompletionRequest)
     st = _state(request)
     model = check_model(body.model, st.model_names)
-    params = chat_params(body)
+    tools = tool_plan(body, st.settings.tool_call_parser if st.settings.enable_auto_tool_choice else None)
+    params = chat_params(body, tools)
     tokenizer = st.engine.tokenizer
 
     def render():  # the chat template and the tokenizer: run by Serving in a worker thread
-        return chat_prompt(tokenizer, body.messages, body.add_generation_prompt)
+        return chat_prompt(tokenizer, body.messages, body.add_generation_prompt, tools.offered if tools else None)
 
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     req = await st.serving.open(rid, [render], params, arrival)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     builder = ChatBuilder(
-        rid, model, params.n, top_logprobs=params.logprobs, include_usage=include_usage, vocab=st.token_bytes
+        rid,
+        model,
+        params.n,
+        top_logprobs=params.logprobs,
+        include_usage=include_usage,
+        vocab=st.token_bytes,
+        tools=tools,
     )
     if not body.stream:
         return await _respond(request, req, lambda outs: builder.response(outs[0]))
@@ -214,6 +230,16 @@ async def models(request: Request) -> Response:
     return json_response(ModelList(data=cards))
 
 
+async def model_card(request: Request) -> Response:
+    st = _state(request)
+    name = request.path_params["model_id"]
+    if name not in st.model_names:
+        raise model_not_found(name)
+    return json_response(
+        ModelCard(id=name, root=st.settings.engine.model or name, max_model_len=st.engine.max_model_len)
+    )
+
+
 async def health(request: Request) -> Response:
     st = _state(request)
     if not st.engine_alive():
@@ -246,6 +272,7 @@ ROUTES = [
     Route("/v1/completions", completions, methods=["POST"]),
     Route("/v1/chat/completions", chat_completions, methods=["POST"]),
     Route("/v1/models", models, methods=["GET"]),
+    Route("/v1/models/{model_id:path}", model_card, methods=["GET"]),
     Route("/tokenize", tokenize, methods=["POST"]),
     Route("/detokenize", detokenize, methods=["POST"]),
     Route("/health", health, methods=["GET"]),

@@ -20,6 +20,20 @@ class ServerSettings:
     max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES  # larger bodies: 413
     retry_after_s: int = 1  # the Retry-After of a 503 when the waiting queue is full
     fault_token_id: int | None = None  # test-only: a step scheduling a prompt with this token fails
+    # tool_choice "auto": parse tool calls out of the model's text with this parser (vLLM's flags)
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str | None = None  # hermes | llama3_json | mistral
+
+    def __post_init__(self):
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (hermes, llama3_json or mistral)")
+        if self.tool_call_parser is not None:
+            from jaxserve.api.tool_parsers import PARSERS
+
+            if self.tool_call_parser not in PARSERS:
+                raise ValueError(
+                    f"unknown --tool-call-parser {self.tool_call_parser!r}; choose one of {', '.join(PARSERS)}"
+                )
 
     @property
     def model_names(self) -> tuple[str, ...]:

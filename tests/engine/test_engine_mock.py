@@ -310,12 +310,12 @@ def test_a_device_failure_after_launch_recomputes_every_live_request():
     e = engine(budget=16, seqs=2)
     run, fired = e.runner._run, []
 
-    def failing_run(packed, t, r, full):
+    def failing_run(packed, t, r, full, bitmask=None):
         if not fired and any(req.request_id == "fam#0" and req.output_token_ids for req in list(e.scheduler.running)):
             fired.append(1)
             e.runner._compiled[t, r].model(e.runner.weights, e.runner.kv_cache, e.runner.device_state, packed)
             raise RuntimeError("injected after the device consumed its inputs")
-        return run(packed, t, r, full)
+        return run(packed, t, r, full, bitmask)
 
     e.runner._run = failing_run
     _family_gets_exact_tokens(e, n=3, max_tokens=6)
