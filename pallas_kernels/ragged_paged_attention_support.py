@@ -37,6 +37,9 @@ INTERPRET_DTYPES = ("bfloat16", "float16", "float32")
 HOPPER_SMEM_BYTES = 227 * 1024  # shared memory one thread block may use on sm_90
 MAX_HEAD_DIM = 256
 MAX_PAGE_SIZE = 256
+# fp8 pages of 128 tokens failed to lower through Mosaic GPU on an H200 (2026-11-25, a tiling
+# error on an 8-bit tile: scripts/check_fp8_gpu.py); pages of 16-64 tokens passed its checks.
+MAX_FP8_PAGE_SIZE = 64
 _WG_ROWS = 64  # query rows per compute warpgroup (ragged_paged_attention._WG_ROWS)
 _CONFIGS = (DECODE_CONFIG, PREFILL_CONFIG)  # what `default_config` picks from
 
@@ -105,6 +108,9 @@ def unmet_requirements(
         unmet.append(
             f"needs a page size whose K/V blocks are whole pages and multiples of 64 ({sizes}); got {page_size}"
         )
+    if not interpret and page_ok and is_fp8(kv_name) and page_size > MAX_FP8_PAGE_SIZE:
+        page_ok = False
+        unmet.append(f"needs a page size up to {MAX_FP8_PAGE_SIZE} with fp8 KV pages; got {page_size}")
     if not interpret and head_ok and page_ok:
         itemsize = jnp.dtype(name if name in COMPILED_DTYPES else COMPILED_DTYPES[0]).itemsize
         kv_itemsize = 1 if is_fp8(kv_name) else itemsize

@@ -64,9 +64,9 @@ def test_auto_reasons_name_what_is_missing():
 @pytest.mark.parametrize("kv_dtype", [jnp.float8_e4m3fn, jnp.float8_e5m2])
 def test_fp8_kv_pages_on_hopper(kv_dtype):
     """fp8 pages halve the ring and add a widened 16-bit tile per compute warpgroup: head_dim 64
-    and 128 with pages 16-128 fit; pages of another 16-bit dtype do not run."""
+    and 128 with pages 16-64 fit (128 is below); pages of another 16-bit dtype do not run."""
     for head_dim in (64, 128):
-        for page_size in (16, 32, 64, 128):
+        for page_size in (16, 32, 64):
             choice = choose_attention_impl("auto", jnp.bfloat16, head_dim, page_size, H100, kv_dtype=kv_dtype)
             assert choice.impl == "pallas", choice.reason
             assert jnp.dtype(kv_dtype).name in choice.reason
@@ -222,3 +222,14 @@ def _lowers_for_hopper(dtype, head_dim, page_size) -> bool:
 def test_requirements_match_the_lowering(dtype, head_dim, page_size):
     runs = not unmet_requirements(dtype, head_dim, page_size, compute_capability="9.0")
     assert runs == _lowers_for_hopper(dtype, head_dim, page_size)
+
+
+def test_fp8_pages_of_128_tokens_take_the_xla_path():
+    """They failed to lower through Mosaic GPU on an H200; auto falls back, and pallas says why."""
+    fp8 = jnp.float8_e4m3fn
+    assert choose_attention_impl("auto", jnp.bfloat16, 128, 64, H100, kv_dtype=fp8).impl == "pallas"
+    other = choose_attention_impl("auto", jnp.bfloat16, 128, 128, H100, kv_dtype=fp8)
+    assert other.impl == "xla" and "up to 64 with fp8" in other.reason
+    assert choose_attention_impl("auto", jnp.bfloat16, 128, 128, H100).impl == "pallas"  # bf16 pages: fine
+    with pytest.raises(ValueError, match="up to 64 with fp8"):
+        choose_attention_impl("pallas", jnp.bfloat16, 128, 128, H100, kv_dtype=fp8)
