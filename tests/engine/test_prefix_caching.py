@@ -56,7 +56,8 @@ def poison_freed_pages(e, also_cached: bool = False):
             pages |= set(added)
         if pages:
             index = jnp.asarray(sorted(pages))
-            e.runner.kv_cache = jax.tree.map(lambda a: a.at[index].set(POISON), e.runner.kv_cache)
+            # the pages (the per-layer K/V scales are scalars: left alone)
+            e.runner.kv_cache = jax.tree.map(lambda a: a.at[index].set(POISON) if a.ndim else a, e.runner.kv_cache)
 
     e.runner.fault_hook = hook
 
