@@ -12,6 +12,8 @@ This module is an entry point, and the only place below `jaxserve serve` that re
                                     /health and /metrics
     JAXSERVE_MAX_REQUEST_BODY_BYTES larger request bodies get 413 (default 16 MiB)
     JAXSERVE_FAULT_TOKEN_ID         test-only: steps scheduling a prompt with this token fail
+    JAXSERVE_ENGINE_IN_PROCESS      1: the engine core on a thread of the server's process (debugging);
+                                    0: in a process of its own
 
 The engine is built in the app's lifespan, so importing this module is cheap.
 """
@@ -23,6 +25,7 @@ import os
 from collections.abc import Mapping
 
 from jaxserve.config import EngineConfig
+from jaxserve.engine.core_client import leave_the_device_to_the_engine
 from jaxserve.engine_args import PLAN_FIELDS, default_plan, describe_plan, field_type, with_plan
 from jaxserve.server import ServerSettings, create_app
 
@@ -32,6 +35,10 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
 def settings_from_env(environ: Mapping[str, str] = os.environ) -> ServerSettings:
+    flag = environ.get(PREFIX + "ENGINE_IN_PROCESS")
+    in_process = ServerSettings.engine_in_process if flag in (None, "") else flag.lower() in ("1", "true", "yes")
+    if not in_process:
+        leave_the_device_to_the_engine()  # before the plan below initialises JAX here
     engine_args = {}
     for field in dataclasses.fields(EngineConfig):
         value = environ.get(PREFIX + field.name.upper())
@@ -62,6 +69,7 @@ def settings_from_env(environ: Mapping[str, str] = os.environ) -> ServerSettings
         served_model_names=names,
         api_key=environ.get(PREFIX + "API_KEY") or None,
         fault_token_id=int(fault) if fault else None,
+        engine_in_process=in_process,
         **extra,
     )
 

@@ -64,6 +64,12 @@ def _add_serve_parser(sub) -> None:
         help="larger request bodies are refused with 413 (default 16 MiB)",
     )
     serve.add_argument("--uvicorn-log-level", default="info")
+    serve.add_argument(
+        "--engine-in-process",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run the engine core on a thread of the server's process (debugging) instead of a process of its own",
+    )
     serve.add_argument("--fault-token-id", type=int, default=None, help=argparse.SUPPRESS)  # tests only
     add_engine_args(serve)
 
@@ -72,11 +78,15 @@ def _serve(args, cache_dir) -> int:
     print("jaxserve serve: importing JAX, the engine and the server", flush=True)
     import signal
 
-    import jax
-    import uvicorn
-
+    from jaxserve.engine.core_client import leave_the_device_to_the_engine
     from jaxserve.server import ServerSettings, create_app
     from jaxserve.server.settings import DEFAULT_MAX_REQUEST_BODY_BYTES
+
+    in_process = ServerSettings.engine_in_process if args.engine_in_process is None else args.engine_in_process
+    if not in_process:
+        leave_the_device_to_the_engine()  # before JAX is initialised here to pick the plan
+    import jax
+    import uvicorn
 
     engine = engine_config(args, plan=default_plan(jax.default_backend()), model=args.model_tag, cache_dir=cache_dir)
     settings = ServerSettings(
@@ -85,6 +95,7 @@ def _serve(args, cache_dir) -> int:
         api_key=args.api_key or os.environ.get("JAXSERVE_API_KEY") or None,
         max_request_body_bytes=args.max_request_body_bytes or DEFAULT_MAX_REQUEST_BODY_BYTES,
         fault_token_id=args.fault_token_id,
+        engine_in_process=in_process,
     )
     server = uvicorn.Server(
         uvicorn.Config(

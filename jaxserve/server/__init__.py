@@ -20,7 +20,6 @@ A disconnected client cancels its handler, which aborts its engine requests (pag
     serving.py   Serving: admission (queue limit), prepare off the loop, merged streams, metrics hooks
     metrics.py   Prometheus metrics with vLLM's names under the jaxserve: prefix
     http.py      request body -> pydantic, SSE response, auth middleware, cancel on disconnect
-    faults.py    test-only fault injection (off unless an entry point turns it on)
 """
 
 from jaxserve.server.app_factory import create_app

@@ -20,6 +20,9 @@ class ServerSettings:
     max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES  # larger bodies: 413
     retry_after_s: int = 1  # the Retry-After of a 503 when the waiting queue is full
     fault_token_id: int | None = None  # test-only: a step scheduling a prompt with this token fails
+    # The engine core on a thread of the server's process (debugging) rather than in a process of
+    # its own (jaxserve/engine/core_process.py)
+    engine_in_process: bool = True
 
     @property
     def model_names(self) -> tuple[str, ...]:
