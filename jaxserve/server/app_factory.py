@@ -38,6 +38,7 @@ from jaxserve.server.serving import Serving
 from jaxserve.server.settings import ServerSettings
 
 logger = logging.getLogger(__name__)
+ENGINE_DEATH_GRACE_S = 1.0
 
 
 @dataclasses.dataclass
@@ -85,8 +86,9 @@ def create_app(settings: ServerSettings = ServerSettings(), *, engine: LLMEngine
         def on_dead(error: BaseException) -> None:
             logger.error("the engine died (%s): open requests failed; stopping the server", error)
             died.append(error)
-            # a moment for the error events to reach the clients, then uvicorn's graceful stop
-            asyncio.get_running_loop().call_later(0.2, os.kill, os.getpid(), signal.SIGTERM)
+            # a moment for the error events to reach the clients and for a load balancer to see
+            # /health 503, then uvicorn's graceful stop
+            asyncio.get_running_loop().call_later(ENGINE_DEATH_GRACE_S, os.kill, os.getpid(), signal.SIGTERM)
 
         if engine is not None or settings.engine_in_process:
             built = engine or await asyncio.to_thread(LLMEngine, settings.engine)
