@@ -112,9 +112,9 @@ class AsyncLLM:
         self._streams[request_id] = outputs
         ids = sample_ids(request_id, prepared.params.n)
         self._outputs.add(request_id, prepared.prompt, prepared.prompt_token_ids, prepared.params, ids)
-        self._core.send(AddRequest(request_id, prepared.prompt_token_ids, prepared.params))
         finished = False
         try:
+            self._core.send(AddRequest(request_id, prepared.prompt_token_ids, prepared.params))
             while not finished:
                 item = await outputs.get()
                 if isinstance(item, BaseException):

@@ -92,7 +92,12 @@ class RemoteEngine:
         )
 
     def prepare(self, prompt: Prompt, params: SamplingParams | None = None) -> PreparedRequest:
-        return self.inputs.prepare(prompt, params)
+        prepared = self.inputs.prepare(prompt, params)
+        try:  # what cannot cross to the engine process is the request's fault (a 400), found here
+            encoder.encode(prepared.params)
+        except (OverflowError, msgspec.EncodeError) as e:
+            raise ValueError(f"a sampling parameter is out of range: {e}") from None
+        return prepared
 
     @property
     def stats(self) -> EngineStats:
