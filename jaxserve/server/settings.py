@@ -22,7 +22,7 @@ class ServerSettings:
     fault_token_id: int | None = None  # test-only: a step scheduling a prompt with this token fails
     # The engine core on a thread of the server's process (debugging) rather than in a process of
     # its own (jaxserve/engine/core_process.py)
-    engine_in_process: bool = True
+    engine_in_process: bool = False
 
     @property
     def model_names(self) -> tuple[str, ...]:
