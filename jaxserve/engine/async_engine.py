@@ -21,6 +21,7 @@ its requests isolated (recovery.py); only a request that fails alone gets the er
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import queue
 import threading
@@ -86,6 +87,8 @@ class AsyncLLM:
         self._on_step, self._on_dead = on_step, on_dead
         self._outputs = OutputProcessor(engine.tokenizer)  # touched only on the event loop
         self._loop: asyncio.AbstractEventLoop | None = None
+        with contextlib.suppress(RuntimeError):  # built on a loop (a server's lifespan): a death reaches it
+            self._loop = asyncio.get_running_loop()  # even before the first request
         self._streams: dict[str, asyncio.Queue] = {}
         self._calls: dict[int, asyncio.Future] = {}
         self._ids = itertools.count()

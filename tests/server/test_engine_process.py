@@ -143,3 +143,12 @@ def test_sigkill_of_the_api_server_takes_the_engine_process_with_it(tiny_chat_mo
         assert wait_until(lambda: not alive(engine), timeout=10)
     finally:
         server.stop()
+
+
+def test_engine_killed_while_idle_the_server_exits_non_zero(tiny_chat_model):
+    server = start_server(tiny_chat_model)
+    try:
+        os.kill(engine_pid(server), signal.SIGKILL)
+        assert server.proc.wait(timeout=30) == 1, server.output()
+    finally:
+        server.stop()
