@@ -8,6 +8,7 @@
 #   scripts/bench_engine_process.sh                    # Llama-3.1-8B dummy bf16, the GPU plan
 #   ENGINE_FLAGS="--dtype float32 --max-num-seqs 16 --max-num-batched-tokens 512" INPUT_LEN=128 \
 #       OUTPUT_LEN=64 NUM_PROMPTS=64 RATES="" scripts/bench_engine_process.sh   # SmolLM2 on a CPU
+# Needs what the server needs (starlette, uvicorn, pydantic, pyzmq, msgspec, httpx) beside JAX.
 set -euo pipefail
 PYTHON=${PYTHON:-python3}
 RESULTS=${RESULTS:-${OUT:-bench-engine-process}}
@@ -30,7 +31,8 @@ serve_and_bench() {  # $1: process | thread
     $PYTHON -m jaxserve serve $ENGINE_FLAGS --port "$PORT" $flag --uvicorn-log-level warning \
         >"$RESULTS/server-$mode.log" 2>&1 &
     local server=$!
-    until curl -sf "http://127.0.0.1:$PORT/health" >/dev/null; do
+    until $PYTHON -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)" \
+        "http://127.0.0.1:$PORT/health" 2>/dev/null; do
         kill -0 $server 2>/dev/null || { tail -50 "$RESULTS/server-$mode.log"; return 1; }
         sleep 1
     done
