@@ -18,11 +18,14 @@ OUTPUT_LEN=${OUTPUT_LEN:-128}
 NUM_PROMPTS=${NUM_PROMPTS:-500}
 RATES=${RATES:-"1:16 4:40 16:100"}  # rate:prompts
 PORT=${PORT:-8011}
+MODES=${MODES:-"offline process thread"}  # a subset splits the work over several calls
 mkdir -p "$RESULTS"
 
-# shellcheck disable=SC2086
-$PYTHON scripts/bench_throughput.py $ENGINE_FLAGS --input-len "$INPUT_LEN" --output-len "$OUTPUT_LEN" \
-    --num-prompts "$NUM_PROMPTS" --output-json "$RESULTS/offline.json" | tee "$RESULTS/offline.txt"
+offline() {
+    # shellcheck disable=SC2086
+    $PYTHON scripts/bench_throughput.py $ENGINE_FLAGS --input-len "$INPUT_LEN" --output-len "$OUTPUT_LEN" \
+        --num-prompts "$NUM_PROMPTS" --output-json "$RESULTS/offline.json" | tee "$RESULTS/offline.txt"
+}
 
 serve_and_bench() {  # $1: process | thread
     local mode=$1 flag=--no-engine-in-process
@@ -49,6 +52,7 @@ serve_and_bench() {  # $1: process | thread
     wait $server || true
 }
 
-serve_and_bench process
-serve_and_bench thread
+for mode in $MODES; do
+    if [ "$mode" = offline ]; then offline; else serve_and_bench "$mode"; fi
+done
 grep -H "output tokens/s\|Output token throughput\|GET /health" "$RESULTS"/*.txt
