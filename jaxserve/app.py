@@ -14,6 +14,8 @@ This module is an entry point, and the only place below `jaxserve serve` that re
     JAXSERVE_ENABLE_AUTO_TOOL_CHOICE 1: tool_choice "auto" parses tool calls (needs the parser)
     JAXSERVE_TOOL_CALL_PARSER       hermes | llama3_json | mistral
     JAXSERVE_FAULT_TOKEN_ID         test-only: steps scheduling a prompt with this token fail
+    JAXSERVE_ENGINE_IN_PROCESS      1: the engine core on a thread of the server's process (debugging);
+                                    0: in a process of its own
 
 The engine is built in the app's lifespan, so importing this module is cheap.
 """
@@ -25,6 +27,7 @@ import os
 from collections.abc import Mapping
 
 from jaxserve.config import EngineConfig
+from jaxserve.engine.core_client import leave_the_device_to_the_engine
 from jaxserve.engine_args import PLAN_FIELDS, default_plan, describe_plan, field_type, with_plan
 from jaxserve.server import ServerSettings, create_app
 
@@ -34,6 +37,10 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
 def settings_from_env(environ: Mapping[str, str] = os.environ) -> ServerSettings:
+    flag = environ.get(PREFIX + "ENGINE_IN_PROCESS")
+    in_process = ServerSettings.engine_in_process if flag in (None, "") else flag.lower() in ("1", "true", "yes")
+    if not in_process:
+        leave_the_device_to_the_engine()  # before the plan below initialises JAX here
     engine_args = {}
     for field in dataclasses.fields(EngineConfig):
         value = environ.get(PREFIX + field.name.upper())
@@ -66,6 +73,7 @@ def settings_from_env(environ: Mapping[str, str] = os.environ) -> ServerSettings
         fault_token_id=int(fault) if fault else None,
         enable_auto_tool_choice=environ.get(PREFIX + "ENABLE_AUTO_TOOL_CHOICE", "").lower() in ("1", "true", "yes"),
         tool_call_parser=environ.get(PREFIX + "TOOL_CALL_PARSER") or None,
+        engine_in_process=in_process,
         **extra,
     )
 

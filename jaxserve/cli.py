@@ -72,6 +72,12 @@ def _add_serve_parser(sub) -> None:
         "--tool-call-parser", default=None, choices=["hermes", "llama3_json", "mistral"], help="the tool-call format"
     )
     serve.add_argument("--uvicorn-log-level", default="info")
+    serve.add_argument(
+        "--engine-in-process",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run the engine core on a thread of the server's process (debugging) instead of a process of its own",
+    )
     serve.add_argument("--fault-token-id", type=int, default=None, help=argparse.SUPPRESS)  # tests only
     add_engine_args(serve)
 
@@ -80,11 +86,15 @@ def _serve(args, cache_dir) -> int:
     print("jaxserve serve: importing JAX, the engine and the server", flush=True)
     import signal
 
-    import jax
-    import uvicorn
-
+    from jaxserve.engine.core_client import leave_the_device_to_the_engine
     from jaxserve.server import ServerSettings, create_app
     from jaxserve.server.settings import DEFAULT_MAX_REQUEST_BODY_BYTES
+
+    in_process = ServerSettings.engine_in_process if args.engine_in_process is None else args.engine_in_process
+    if not in_process:
+        leave_the_device_to_the_engine()  # before JAX is initialised here to pick the plan
+    import jax
+    import uvicorn
 
     engine = engine_config(args, plan=default_plan(jax.default_backend()), model=args.model_tag, cache_dir=cache_dir)
     settings = ServerSettings(
@@ -95,6 +105,7 @@ def _serve(args, cache_dir) -> int:
         fault_token_id=args.fault_token_id,
         enable_auto_tool_choice=args.enable_auto_tool_choice,
         tool_call_parser=args.tool_call_parser,
+        engine_in_process=in_process,
     )
     server = uvicorn.Server(
         uvicorn.Config(

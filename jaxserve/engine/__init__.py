@@ -11,6 +11,8 @@ recovery          a failed step: its requests retried alone, only a repeat offen
 startup           model, memory plan (memory_plan.py), runner, warm-up, executable cache
 
 llm_engine.LLMEngine   all of it on the caller's thread (LLM, tests, benchmarks)
-async_engine.AsyncLLM  the core on a thread of its own, outputs on the event loop (server)
+async_engine.AsyncLLM  outputs on the event loop (server); the core elsewhere: EngineThread (a
+                       thread here) or core_client.EngineCoreClient (the engine process,
+                       core_process.py); both run core_loop.CoreLoop on messages.py's messages
 compile_counter        proves nothing compiles after warm-up
 """

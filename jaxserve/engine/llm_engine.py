@@ -153,6 +153,10 @@ class LLMEngine:
         return compile_counter.compilations() - self.compilations_after_warmup
 
     @property
+    def vocab_size(self) -> int:
+        return self.model_config.vocab_size
+
+    @property
     def kv_cache_usage(self) -> float:
         return self.core.scheduler.kv.usage
 

@@ -1,16 +1,17 @@
-"""The OpenAI-compatible HTTP server: starlette routes on uvicorn's event loop, the engine on its
-own thread (AsyncLLM), tokenizing and chat templates in worker threads.
+"""The OpenAI-compatible HTTP server: starlette routes on uvicorn's event loop, the engine core in a
+process of its own (AsyncLLM over an EngineCoreClient; on a thread with engine_in_process),
+tokenizing and chat templates in worker threads.
 
     client ──HTTP──> uvicorn event loop (main thread)
                        parse + validate (pydantic) ── 400/401/404/503 answered here
                        prepare: chat template, tokenize, check length ──> worker thread (to_thread)
-                       AsyncLLM.generate ── command queue ──> engine thread: schedule, step, update
-                       <── each step's token ids (call_soon_threadsafe) -> output processing on
+                       AsyncLLM.generate ── AddRequest (ZMQ) ──> engine process: schedule, step, update
+                       <── each step's token ids (Steps) -> output processing on
                            this loop (detokenize, stop strings) -> per-request asyncio.Queue
                        responses/stream chunks (jaxserve.api.responses) ──SSE──> client
 
-The event loop moves small Python objects and JSON and turns token ids into text; the engine thread
-never touches a socket or a tokenizer.
+The event loop moves small Python objects and JSON and turns token ids into text; the engine core
+never touches an HTTP socket or a tokenizer.
 A disconnected client cancels its handler, which aborts its engine requests (pages freed).
 
     settings.py  ServerSettings: what the entry points decide (no environment reads below them)
@@ -20,7 +21,6 @@ A disconnected client cancels its handler, which aborts its engine requests (pag
     serving.py   Serving: admission (queue limit), prepare off the loop, merged streams, metrics hooks
     metrics.py   Prometheus metrics with vLLM's names under the jaxserve: prefix
     http.py      request body -> pydantic, SSE response, auth middleware, cancel on disconnect
-    faults.py    test-only fault injection (off unless an entry point turns it on)
 """
 
 from jaxserve.server.app_factory import create_app

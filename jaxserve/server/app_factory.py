@@ -1,9 +1,14 @@
-"""create_app(settings) -> a Starlette app whose lifespan builds the engine and shuts it down.
+"""create_app(settings) -> a Starlette app whose lifespan starts the engine and shuts it down.
 
-start-up:  LLMEngine (load, warm-up compile: minutes on a CPU) -> AsyncLLM (engine thread)
+start-up:  the engine process (core_process.py: load, warm-up compile: minutes on a CPU), then
+           AsyncLLM over its EngineCoreClient; or, with settings.engine_in_process (or an engine
+           given, in tests), LLMEngine here and AsyncLLM with the core on a thread
 serving:   routes (jaxserve.server.routes) on the event loop
 shut-down: uvicorn stops accepting, waits for requests in flight (SIGTERM), then the engine
-           thread is stopped
+           process (or thread) is stopped
+engine death: the streams in flight have failed (AsyncLLM), /health answers 503; the server stops
+           itself (SIGTERM to its own process: uvicorn's graceful stop) and exits with status 1,
+           for a supervisor to restart it
 """
 
 from __future__ import annotations
@@ -11,6 +16,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
+import os
+import signal
+import sys
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -19,19 +28,23 @@ from starlette.middleware import Middleware
 from jaxserve.api.errors import APIError, internal
 from jaxserve.api.token_bytes import TokenBytes
 from jaxserve.engine.async_engine import AsyncLLM
+from jaxserve.engine.core_client import EngineCoreClient, RemoteEngine
+from jaxserve.engine.faults import inject_step_failure
 from jaxserve.engine.llm_engine import LLMEngine
-from jaxserve.server.faults import inject_step_failure
 from jaxserve.server.http import APIKeyMiddleware, error_response
 from jaxserve.server.metrics import Metrics
 from jaxserve.server.routes import ROUTES
 from jaxserve.server.serving import Serving
 from jaxserve.server.settings import ServerSettings
 
+logger = logging.getLogger(__name__)
+ENGINE_DEATH_GRACE_S = 1.0
+
 
 @dataclasses.dataclass
 class ServerState:
     settings: ServerSettings
-    engine: LLMEngine
+    engine: LLMEngine | RemoteEngine
     llm: AsyncLLM
     serving: Serving
     metrics: Metrics
@@ -42,7 +55,7 @@ class ServerState:
         return list(self.settings.model_names)
 
     def engine_alive(self) -> bool:
-        return self.llm._thread.is_alive()  # AsyncLLM's loop survives step failures; a dead thread is a bug
+        return self.llm.is_running
 
 
 async def on_api_error(request, e: APIError):
@@ -68,18 +81,40 @@ def create_app(settings: ServerSettings = ServerSettings(), *, engine: LLMEngine
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
-        built = engine or await asyncio.to_thread(LLMEngine, settings.engine)
-        if settings.fault_token_id is not None:
-            inject_step_failure(built, settings.fault_token_id)
+        died: list[BaseException] = []
+
+        def on_dead(error: BaseException) -> None:
+            logger.error("the engine died (%s): open requests failed; stopping the server", error)
+            died.append(error)
+            # a moment for the error events to reach the clients and for a load balancer to see
+            # /health 503, then uvicorn's graceful stop
+            asyncio.get_running_loop().call_later(ENGINE_DEATH_GRACE_S, os.kill, os.getpid(), signal.SIGTERM)
+
+        if engine is not None or settings.engine_in_process:
+            built = engine or await asyncio.to_thread(LLMEngine, settings.engine)
+            if settings.fault_token_id is not None:
+                inject_step_failure(built, settings.fault_token_id)
+            core = None
+        else:
+            core = EngineCoreClient(settings.engine, fault_token_id=settings.fault_token_id)
+            try:
+                built = await core.start()
+            except BaseException:
+                core.shutdown()
+                raise
         token_bytes = None if built.tokenizer is None else await asyncio.to_thread(TokenBytes, built.tokenizer)
         metrics = Metrics(built, settings.model_names[0])
-        llm = AsyncLLM(built, on_step=metrics.step)
+        llm = AsyncLLM(built, on_step=metrics.step, core=core, on_dead=on_dead)
         serving = Serving(llm, settings, metrics)
         app.state.jaxserve = ServerState(settings, built, llm, serving, metrics, token_bytes)
         try:
             yield
         finally:
             llm.shutdown()
+            if died:  # exit non-zero whichever entry point runs us, for a supervisor to restart the server
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(1)
 
     return Starlette(
         routes=ROUTES,

@@ -19,8 +19,10 @@ under the `jaxserve:` prefix: a dashboard written for vLLM reads ours once `vllm
 A request is one engine request (one prompt), whatever its n: it counts once in every per-request
 family, so that success, TTFT and e2e counts agree. (vLLM v1 fans n out into child requests and
 counts each child in those, and the parent once only in request_params_n and
-request_max_num_generation_tokens.) Scrapes read a few integers the engine thread writes (list
-lengths, a free-page count): atomic under the GIL, at worst one step stale. Each app owns its registry, so several apps (tests) can live in one process.
+request_max_num_generation_tokens.) Scrapes read a few numbers of the engine's state: with the
+engine in its own process, those the last step message brought (core_client.RemoteEngine); on a
+thread, the integers it writes (list lengths, a free-page count), atomic under the GIL. Either way
+at worst one step stale. Each app owns its registry, so several apps (tests) can live in one process.
 """
 
 from __future__ import annotations

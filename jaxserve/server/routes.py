@@ -213,7 +213,7 @@ async def tokenize(request: Request) -> Response:
 async def detokenize(request: Request) -> Response:
     body = await _read(request, DetokenizeRequest)
     st, tokenizer = _tokenizer_for(request, body.model)
-    vocab = st.engine.model_config.vocab_size
+    vocab = st.engine.vocab_size
     outside = [t for t in body.tokens if not 0 <= t < vocab]
     if outside:
         raise bad_request(f"token ids out of the vocabulary [0, {vocab}): {outside[:5]}", param="tokens")

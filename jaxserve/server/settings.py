@@ -23,6 +23,9 @@ class ServerSettings:
     # tool_choice "auto": parse tool calls out of the model's text with this parser (vLLM's flags)
     enable_auto_tool_choice: bool = False
     tool_call_parser: str | None = None  # hermes | llama3_json | mistral
+    # The engine core on a thread of the server's process (debugging) rather than in a process of
+    # its own (jaxserve/engine/core_process.py)
+    engine_in_process: bool = False
 
     def __post_init__(self):
         if self.enable_auto_tool_choice and self.tool_call_parser is None:
