@@ -19,6 +19,7 @@ NUM_PROMPTS=${NUM_PROMPTS:-500}
 RATES=${RATES:-"1:16 4:40 16:100"}  # rate:prompts
 PORT=${PORT:-8011}
 MODES=${MODES:-"offline process thread"}  # a subset splits the work over several calls
+CLIENT_FLAGS=${CLIENT_FLAGS:-}  # more bench_serving flags, e.g. "--tokenizer FOLDER" for a preset without one
 mkdir -p "$RESULTS"
 
 offline() {
@@ -42,6 +43,8 @@ serve_and_bench() {  # $1: process | thread
     local common=(--base-url "http://127.0.0.1:$PORT" --input-len "$INPUT_LEN" --output-len "$OUTPUT_LEN"
         --ignore-eos --probe-interval 0.1 --disable-tqdm --percentile-metrics ttft,tpot,itl,e2el
         --metric-percentiles 50,99 --save-result --result-dir "$RESULTS")
+    # shellcheck disable=SC2206
+    common+=($CLIENT_FLAGS)
     $PYTHON scripts/bench_serving.py "${common[@]}" --num-prompts "$NUM_PROMPTS" --request-rate inf \
         --result-filename "serving-$mode-rate-inf.json" | tee "$RESULTS/serving-$mode-rate-inf.txt"
     for pair in $RATES; do
