@@ -438,8 +438,7 @@ class ModelRunner:
     def _write_row(self, row: int, pages) -> None:
         """Writes one whole row of the device page table (the padding row, or a row whose new
         pages outnumber what a step's page updates carry)."""
-        padded = np.zeros(self.pages_per_seq, np.int32)
-        padded[: len(pages)] = pages
+        padded = _padded(pages, self.pages_per_seq, 0, np.int32)
         table = self._write_table_row(self.device_state.page_table, np.int32(row), padded)
         self.device_state = dataclasses.replace(self.device_state, page_table=table)
 
@@ -447,13 +446,13 @@ class ModelRunner:
         """Writes one row of the device LogitBias table (a request with logit_bias or min_tokens
         took that row), padded with the vocabulary size, which the sampler drops."""
         bias, vocab = self.device_state.logit_bias, self.config.vocab_size
-        padded_ids = np.full(bias.ids.shape[1], vocab, np.int32)
-        padded_ids[: len(ids)] = ids
-        padded_values = np.zeros(bias.values.shape[1], np.float32)
-        padded_values[: len(values)] = values
-        padded_banned = np.full(bias.stop_ids.shape[1], vocab, np.int32)
-        padded_banned[: len(banned)] = banned
-        bias = self._write_logit_bias_row(bias, np.int32(row), padded_ids, padded_values, padded_banned)
+        bias = self._write_logit_bias_row(
+            bias,
+            np.int32(row),
+            _padded(ids, bias.ids.shape[1], vocab, np.int32),
+            _padded(values, bias.values.shape[1], 0, np.float32),
+            _padded(banned, bias.stop_ids.shape[1], vocab, np.int32),
+        )
         self.device_state = dataclasses.replace(self.device_state, logit_bias=bias)
 
     def step_workspace_bytes(self) -> int:
@@ -545,3 +544,10 @@ class ModelRunner:
                 (pos, TokenLogprobs(targets[j], float(chosen[j]), int(ranks[j]), top_ids[j], top_vals[j]))
             )
         return result
+
+
+def _padded(values, width: int, fill, dtype) -> np.ndarray:
+    """values in a [width] array, the rest `fill`: one row of a device table, written whole."""
+    row = np.full(width, fill, dtype)
+    row[: len(values)] = values
+    return row
