@@ -46,9 +46,13 @@ FP8 pages (float8_e4m3fn / float8_e5m2) travel as fp8 from HBM into the ring (ha
 would multiply fp8 operands, but only K-major ones: K^T (QK's B) is, V (PV's B, [keys, H]) is not,
 and 8-bit operands cannot be transposed; q and P would also have to be rounded to fp8. So each
 compute warpgroup widens the stage's fp8 tile through registers into its own 16-bit tile buffer
-(64 rows at a time), frees the ring stage at once, and multiplies in the model's dtype as before:
-the HBM traffic halves, the tensor-core work stays. The scales cost one multiply per score and per
-output element.
+(64 rows at a time: relaid in 8 bits, then converted), frees the ring stage at once, and
+multiplies in 16 bits. The 16-bit type is f16, whatever q's: Hopper converts a pair of fp8 values
+to f16 in one instruction and has none for bf16 (fp8 -> bf16 goes through f32, three more per
+pair, and bounded the kernel at a third of copy bandwidth). The wrapper rounds q to f16 (bf16's
+range is clipped to f16's; f16 keeps more of the mantissa), the kernel writes the output in the
+pages' own units (|x| <= the format's largest value, which f16 holds), and the wrapper applies the
+V scale in f32 and casts back to q's dtype. The K scale costs one multiply per score.
 """
 
 from __future__ import annotations
@@ -89,13 +93,16 @@ def _smem_transforms(dtype, head_dim):
 
 def _widen(src, dst):
     """An fp8 tile in shared memory [block_kv, H] -> the same values in dst's 16-bit dtype, 64 rows
-    at a time through registers (loaded in the layout made for widening 8-bit values, relaid for
-    the 16-bit store; fp8 converts to 16-bit floats through f32 on every ptxas)."""
+    at a time through registers: loaded in the layout made for 8-bit values (4 bytes a thread),
+    relaid to wgmma's while still 8-bit (one shuffle per 4 values), then converted (to f16: one
+    instruction per pair; to bf16: through f32)."""
     for r in range(0, src.shape[0], _WG_ROWS):
         rows = pl.ds(r, _WG_ROWS)
         x = plgpu.load(src.at[rows], layout=plgpu.Layout.WGMMA_UPCAST_2X)
-        x = x.astype(jnp.float32).astype(dst.dtype)
-        dst.at[rows][...] = plgpu.layout_cast(x, plgpu.Layout.WGMMA)
+        x = plgpu.layout_cast(x, plgpu.Layout.WGMMA)
+        if dst.dtype != jnp.float16:
+            x = x.astype(jnp.float32)
+        dst.at[rows][...] = x.astype(dst.dtype)
 
 
 def _kernel(
@@ -404,6 +411,11 @@ def _attention_call(
     num_tokens, num_heads, head_dim = q.shape
     _, page_size, num_kv_heads, _ = k_pages.shape
     num_rows = page_table.shape[0]
+    out_dtype, out_scale = q.dtype, None
+    if is_fp8(k_pages.dtype) and q.dtype.itemsize == 2:  # f16 inside (the module's docstring says why)
+        top = float(jnp.finfo(jnp.float16).max)
+        q = jnp.clip(q, -top, top).astype(jnp.float16)
+        v_scale, out_scale = jnp.float32(1), v_scale
     group = num_heads // num_kv_heads
     num_wgs = config.compute_warpgroups
     tile_rows = num_wgs * _WG_ROWS
@@ -459,8 +471,11 @@ def _attention_call(
         pingpong=config.pingpong and num_wgs == 2,
     )
     out_shape = jax.ShapeDtypeStruct((num_kv_heads, cells, head_dim), q.dtype)
+    # q / out buffers: two, so that a program's next item loads under this one; one when every
+    # program runs a single item (decode's default), which frees 16 KiB per warpgroup.
+    q_buffers = 1 if num_programs == max_items else 2
     scratch = [
-        plgpu.SMEM((2, num_wgs, _WG_ROWS, head_dim), q.dtype, transforms=transforms),  # q / out, two items
+        plgpu.SMEM((q_buffers, num_wgs, _WG_ROWS, head_dim), q.dtype, transforms=transforms),
         plgpu.SMEM(kv_block, k_pages.dtype, transforms=kv_transforms),
         plgpu.SMEM(kv_block, v_pages.dtype, transforms=kv_transforms),
         p_scratch,
@@ -512,12 +527,14 @@ def _attention_call(
     )
     if num_splits > 1:
         parts, lse = out
-        out = _combine_splits(parts[:, :, row_cell], lse[:, :, row_cell]).astype(q.dtype)
+        out = _combine_splits(parts[:, :, row_cell], lse[:, :, row_cell])
     else:
         out = out[:, row_cell]
-    out = rows_to_tokens(out, num_tokens, num_heads)
+    if out_scale is not None:
+        out = out.astype(jnp.float32) * out_scale
+    out = rows_to_tokens(out.astype(out_dtype), num_tokens, num_heads)
     valid = jnp.arange(num_tokens) < cu_q_lens[num_seqs[0]]
-    return jnp.where(valid[:, None, None], out, jnp.zeros((), q.dtype))  # rows nobody wrote: padding tokens
+    return jnp.where(valid[:, None, None], out, jnp.zeros((), out_dtype))  # rows nobody wrote: padding tokens
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "config", "interpret"))

@@ -39,6 +39,10 @@ VARIANTS = {  # decode configs timed on fp8 pages besides the one picked by shap
     "stages4": dataclasses.replace(DECODE_CONFIG, num_stages=4),  # the fp8 ring is half: one more stage fits
     "block64x6": dataclasses.replace(DECODE_CONFIG, block_kv=64, num_stages=6),
     "persist": dataclasses.replace(DECODE_CONFIG, num_programs=None),
+    # smaller shared-memory footprints: two programs per SM where registers allow
+    "block64x2": dataclasses.replace(DECODE_CONFIG, block_kv=64, num_stages=2),
+    "block64x3": dataclasses.replace(DECODE_CONFIG, block_kv=64, num_stages=3),
+    "block128x2": dataclasses.replace(DECODE_CONFIG, num_stages=2),
 }
 SCALES = dict(k_scale=0.75, v_scale=1.5)
 
