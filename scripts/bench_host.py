@@ -62,6 +62,7 @@ from jaxserve.engine.llm_engine import LLMEngine
 from jaxserve.engine_args import add_engine_args
 from jaxserve.sampling_params import RequestOutputKind, SamplingParams
 from jaxserve.testing.mock_model import SumModel
+from sharding import make_mesh
 
 V = 101  # the mock model's vocabulary
 DECODE_PROMPT_LEN = 8  # decode rows start from short prompts: their prefill is over in a step or two
@@ -111,9 +112,12 @@ def build_engine(
     page_size: int = 16,
     min_token_bucket: int = 16,
     row_bucket_growth: int = 8,
+    tensor_parallel_size: int = 1,
 ) -> LLMEngine:
     """One engine for all the cases. row_bucket_growth=8 gives row buckets 1, 8, 64, 256: each
-    decode case runs at a compiled shape with no padded rows."""
+    decode case runs at a compiled shape with no padded rows. tensor_parallel_size > 1: the mock
+    model on a mesh of that many devices (its KV pages split by kv head, the step's inputs and
+    outputs replicated), so the engine's own tensor-parallel path runs."""
     max_rows = max(r for r, _ in cases)
     budget = max(max(r + p for r, p in cases), min_token_bucket)
     max_tokens = decode_max_tokens(max_rows, budget, warm, steps)
@@ -131,8 +135,11 @@ def build_engine(
         max_model_len=max_len,
         min_token_bucket=min(min_token_bucket, budget),
         row_bucket_growth=row_bucket_growth,
+        tensor_parallel_size=tensor_parallel_size,
     )
-    return LLMEngine(config, model=SumModel(V, max_len=max(4096, max_len)), tokenizer=None, progress=False, log=_quiet)
+    mesh = None if tensor_parallel_size == 1 else make_mesh(tensor_parallel_size)
+    model = SumModel(V, max_len=max(4096, max_len), mesh=mesh)
+    return LLMEngine(config, model=model, tokenizer=None, progress=False, log=_quiet)
 
 
 def _quiet(*_args, **_kwargs) -> None:
@@ -297,7 +304,11 @@ def main() -> None:
         default="delta",
         help="the requests' output kind: delta (as the server streams), final_only (as LLM.generate), cumulative",
     )
-    add_engine_args(p, defaults=dict(row_bucket_growth=8), only=("page_size", "min_token_bucket", "row_bucket_growth"))
+    add_engine_args(
+        p,
+        defaults=dict(row_bucket_growth=8),
+        only=("page_size", "min_token_bucket", "row_bucket_growth", "tensor_parallel_size"),
+    )
     p.add_argument(
         "--profile",
         action="store_true",
@@ -315,7 +326,13 @@ def main() -> None:
     log(f"building the engine (mock model, {jax.default_backend()} backend) for cases {engine_cases} ...")
     t0 = time.perf_counter()
     engine = build_engine(
-        engine_cases, args.warm, args.steps, args.page_size, args.min_token_bucket, args.row_bucket_growth
+        engine_cases,
+        args.warm,
+        args.steps,
+        args.page_size,
+        args.min_token_bucket,
+        args.row_bucket_growth,
+        args.tensor_parallel_size,
     )
     log(f"engine ready in {time.perf_counter() - t0:.1f} s ({len(engine.plan.shapes)} step shapes compiled)")
 
@@ -337,10 +354,12 @@ def main() -> None:
     for case_runs in runs.values():  # the least disturbed round: the smallest median host time
         best = dict(min(case_runs, key=lambda r: r["host_ms_per_step"]))
         best["host_ms_rounds"] = [r["host_ms_per_step"] for r in case_runs]
+        best["tensor_parallel_size"] = args.tensor_parallel_size
         results.append(best)
 
     print(
         f"host work per engine step, mock model on {jax.default_backend()} ({jax.devices()[0].device_kind}), "
+        f"tensor parallel {args.tensor_parallel_size} ({jax.device_count()} devices visible), "
         f"{kind.name} outputs, median of {args.steps} steps after {args.warm} warm, best of {repeats} rounds; "
         f"{os.cpu_count()} cores, load average "
         f"{os.getloadavg()[0]:.1f}" + (" -- UNDER cProfile, times inflated" if profiler else "")
