@@ -267,12 +267,36 @@ def run_case(
     }
 
 
+def tp_ratios(results: list[dict], base_tp: int, tp: int) -> str:
+    """Per case, tp's figures over base_tp's (host ms, the engine thread's CPU ms, and host less
+    the compiled calls and the transfer, which on the CPU backend include the fake devices' work)."""
+    by = {(r["tensor_parallel_size"], r["rows"], r["prefill_tokens"]): r for r in results}
+    lines = [f"tp {tp} / tp {base_tp} (issue #20's goal: host work <= 1.2x):"]
+    for (t, rows, prefill), r in by.items():
+        if t != tp or (base_tp, rows, prefill) not in by:
+            continue
+        b = by[base_tp, rows, prefill]
+        ratio = lambda get: get(r) / get(b) if get(b) else float("nan")  # noqa: E731
+        lines.append(
+            f"  rows={rows} prefill={prefill}: host {ratio(lambda x: x['host_ms_per_step']):.2f}x, "
+            f"cpu {ratio(lambda x: x['thread_cpu_ms_per_step']):.2f}x, "
+            f"host-launch {ratio(lambda x: x['phases_ms'].get('host-launch', float('nan'))):.2f}x"
+        )
+    return "\n".join(lines)
+
+
 def format_table(results: list[dict]) -> str:
     phase_names = [k for k in results[0]["phases_ms"]] if results else []
-    head = ["rows", "prefill", "host ms", "wall ms", "cpu ms", *(f"{k} ms" for k in phase_names), "tokens"]
+    head = ["tp", "rows", "prefill", "host ms", "wall ms", "cpu ms", *(f"{k} ms" for k in phase_names), "tokens"]
     lines = ["  ".join(f"{h:>10}" for h in head) + "  host ms of each round"]
     for r in results:
-        cells = [r["rows"], r["prefill_tokens"], f"{r['host_ms_per_step']:.3f}", f"{r['wall_ms_per_step']:.3f}"]
+        cells = [
+            r.get("tensor_parallel_size", 1),
+            r["rows"],
+            r["prefill_tokens"],
+            f"{r['host_ms_per_step']:.3f}",
+            f"{r['wall_ms_per_step']:.3f}",
+        ]
         cells += [f"{r.get('thread_cpu_ms_per_step', float('nan')):.3f}"]
         cells += [f"{r['phases_ms'].get(k, float('nan')):.3f}" for k in phase_names]
         cells += [r["tokens_per_step"]]
@@ -310,6 +334,13 @@ def main() -> None:
         only=("page_size", "min_token_bucket", "row_bucket_growth", "tensor_parallel_size"),
     )
     p.add_argument(
+        "--compare-tensor-parallel-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="also run every case at this tp size, in the same rounds, and print the ratios (issue #20: tp 8 <= 1.2x tp 1)",
+    )
+    p.add_argument(
         "--profile",
         action="store_true",
         help="run only the largest pure-decode case under cProfile (timed steps only); print the top 25 functions",
@@ -323,51 +354,76 @@ def main() -> None:
     log = lambda *a, end="\n": print(*a, file=sys.stderr, flush=True, end=end)  # noqa: E731
     import jax
 
-    log(f"building the engine (mock model, {jax.default_backend()} backend) for cases {engine_cases} ...")
-    t0 = time.perf_counter()
-    engine = build_engine(
-        engine_cases,
-        args.warm,
-        args.steps,
-        args.page_size,
-        args.min_token_bucket,
-        args.row_bucket_growth,
-        args.tensor_parallel_size,
-    )
-    log(f"engine ready in {time.perf_counter() - t0:.1f} s ({len(engine.plan.shapes)} step shapes compiled)")
+    tps = [args.tensor_parallel_size]
+    if args.compare_tensor_parallel_size is not None and not args.profile:
+        tps = [args.compare_tensor_parallel_size, args.tensor_parallel_size]
+    engines = {}
+    for tp in dict.fromkeys(tps):
+        log(f"building the engine (mock model, {jax.default_backend()} backend, tp {tp}) for cases {engine_cases} ...")
+        t0 = time.perf_counter()
+        engines[tp] = build_engine(
+            engine_cases,
+            args.warm,
+            args.steps,
+            args.page_size,
+            args.min_token_bucket,
+            args.row_bucket_growth,
+            tp,
+        )
+        log(f"engine ready in {time.perf_counter() - t0:.1f} s ({len(engines[tp].plan.shapes)} step shapes compiled)")
 
     profiler = cProfile.Profile() if args.profile else None
     repeats = 1 if profiler else args.repeats
-    runs: dict[tuple[int, int], list[dict]] = {case: [] for case in cases}
-    for rep in range(repeats):  # rounds over all the cases, so that a busy spell hits them alike
-        for i, (rows, prefill) in enumerate(cases, 1):
-            log(f"[round {rep + 1}/{repeats}, case {i}/{len(cases)}] rows={rows} prefill={prefill}: ", end="")
-            t0 = time.perf_counter()
-            r = run_case(
-                engine, rows, prefill, warm=args.warm, steps=args.steps, profiler=profiler, output_kind=kind, log=log
-            )
-            runs[rows, prefill].append(r)
-            log(
-                f"host {r['host_ms_per_step']:.3f} ms/step, wall {r['wall_ms_per_step']:.3f} ms/step ({time.perf_counter() - t0:.1f} s)"
-            )
+    runs: dict[tuple[int, int, int], list[dict]] = {(tp, *case): [] for tp in engines for case in cases}
+    for rep in range(repeats):  # rounds over all the cases (and tp sizes), so that a busy spell hits them alike
+        for tp, engine in engines.items():
+            for i, (rows, prefill) in enumerate(cases, 1):
+                log(
+                    f"[round {rep + 1}/{repeats}, tp {tp}, case {i}/{len(cases)}] rows={rows} prefill={prefill}: ",
+                    end="",
+                )
+                t0 = time.perf_counter()
+                r = run_case(
+                    engine,
+                    rows,
+                    prefill,
+                    warm=args.warm,
+                    steps=args.steps,
+                    profiler=profiler,
+                    output_kind=kind,
+                    log=log,
+                )
+                runs[tp, rows, prefill].append(r)
+                log(
+                    f"host {r['host_ms_per_step']:.3f} ms/step, wall {r['wall_ms_per_step']:.3f} ms/step ({time.perf_counter() - t0:.1f} s)"
+                )
     results = []
-    for case_runs in runs.values():  # the least disturbed round: the smallest median host time
+    for (tp, _, _), case_runs in runs.items():  # the least disturbed round: the smallest median host time
         best = dict(min(case_runs, key=lambda r: r["host_ms_per_step"]))
         best["host_ms_rounds"] = [r["host_ms_per_step"] for r in case_runs]
-        best["tensor_parallel_size"] = args.tensor_parallel_size
+        best["tensor_parallel_size"] = tp
         results.append(best)
 
     print(
         f"host work per engine step, mock model on {jax.default_backend()} ({jax.devices()[0].device_kind}), "
-        f"tensor parallel {args.tensor_parallel_size} ({jax.device_count()} devices visible), "
+        f"tensor parallel {' and '.join(map(str, engines))} ({jax.device_count()} devices visible), "
         f"{kind.name} outputs, median of {args.steps} steps after {args.warm} warm, best of {repeats} rounds; "
         f"{os.cpu_count()} cores, load average "
         f"{os.getloadavg()[0]:.1f}" + (" -- UNDER cProfile, times inflated" if profiler else "")
     )
     print(format_table(results))
     if not profiler and len({r for r, _ in cases} & {1, 256}) == 2:
-        h = {r["rows"]: r["host_ms_per_step"] for r in results if r["prefill_tokens"] == 0}
-        print(f"goals (issue #13): 256 rows <= 1.0 ms: {h[256]:.3f} ms; 256 rows <= 3x 1 row: {h[256] / h[1]:.2f}x")
+        for tp in engines:
+            h = {
+                r["rows"]: r["host_ms_per_step"]
+                for r in results
+                if r["prefill_tokens"] == 0 and r["tensor_parallel_size"] == tp
+            }
+            print(
+                f"goals (issue #13), tp {tp}: 256 rows <= 1.0 ms: {h[256]:.3f} ms; 256 rows <= 3x 1 row: {h[256] / h[1]:.2f}x"
+            )
+    if len(engines) == 2:
+        print(tp_ratios(results, *engines))
     if profiler:
         print_profile(profiler)
     if args.output_json:
