@@ -16,7 +16,7 @@ import argparse
 import os
 import sys
 
-from jaxserve.engine_args import CPU_PLAN, add_engine_args, default_plan, engine_config
+from jaxserve.engine_args import CPU_PLAN, add_engine_args, default_plan, engine_config, multi_gpu_environment
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,6 +101,7 @@ def _serve(args, cache_dir) -> int:
     except ValueError as e:
         print(f"jaxserve serve: {e}", file=sys.stderr)
         return 2
+    multi_gpu_environment(args.tensor_parallel_size, os.environ)  # the engine process inherits it
     if dist.enabled and not dist.is_leader:
         return _follow(args, cache_dir, dist)
     print("jaxserve serve: importing JAX, the engine and the server", flush=True)

@@ -124,10 +124,10 @@ class FollowerSink:
         pass
 
 
-def follow(core, broadcast: InputBroadcast, log: Callable = print) -> None:
+def follow(core, broadcast: InputBroadcast, log: Callable = print, sink: FollowerSink | None = None) -> None:
     """A follower's serving loop: the leader's inputs, applied in its order, then the same step;
     returns after a broadcast Shutdown."""
-    sink = FollowerSink(log)
+    sink = sink or FollowerSink(log)
     loop = CoreLoop(core, sink)
     while not loop.shutdown_requested:
         for message in broadcast.exchange([]):  # blocks until the leader's next turn
