@@ -67,6 +67,13 @@ def exercise(server: ServerProcess, name: str) -> None:
         text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
         assert text == chat.choices[0].message.content and chat.usage.completion_tokens == 6
 
+        # a request whose message (4.3 KiB) outgrows the first broadcast; 300 zero biases: the same tokens
+        ids = list(range(1000, 1120))
+        plain = client.completions.create(model=name, prompt=ids, **GREEDY)
+        zero_bias = {str(1000 + i): 0 for i in range(300)}
+        biased = client.completions.create(model=name, prompt=ids, logit_bias=zero_bias, **GREEDY)
+        assert biased.choices[0].text == plain.choices[0].text
+
         # a client that leaves mid-stream: its request is aborted on every process
         stream = client.completions.create(
             model=name, prompt="Count:", stream=True, max_tokens=100, extra_body={"ignore_eos": True}
