@@ -19,7 +19,8 @@
 What makes the schedules identical: the same inputs in the same order at the same turn, the same
 config, and the same seed for requests that bring none (the core's generator, seeded from process
 0's). Nothing in the scheduler depends on time. A process that dies takes the others down through
-jax.distributed's heartbeats (the API server then sees its engine process die: 503, exit 1).
+jax.distributed's heartbeat timeout (89 s on the CPU; the API server then sees its engine process
+die: 503, exit 1).
 """
 
 from __future__ import annotations
