@@ -305,7 +305,10 @@ def format_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def print_profile(profiler: cProfile.Profile, top: int = 25) -> None:
+def print_profile(profiler: cProfile.Profile, steps: int, top: int = 25) -> None:
+    calls = pstats.Stats(profiler).total_calls
+    # a count no other load on the machine changes: Python's work per step, device-independent
+    print(f"\n{calls / steps:.0f} Python function calls per timed step")
     for key, title in (("cumulative", "cumulative time"), ("tottime", "total (own) time")):
         buf = io.StringIO()
         pstats.Stats(profiler, stream=buf).strip_dirs().sort_stats(key).print_stats(top)
@@ -425,7 +428,7 @@ def main() -> None:
     if len(engines) == 2:
         print(tp_ratios(results, *engines))
     if profiler:
-        print_profile(profiler)
+        print_profile(profiler, args.steps)
     if args.output_json:
         args.output_json.parent.mkdir(parents=True, exist_ok=True)
         args.output_json.write_text(json.dumps(results, indent=2) + "\n")
