@@ -145,15 +145,27 @@ def _serve(args, cache_dir) -> int:
     return 0 if server.started else 1
 
 
+def _add_serve_parser_defaults() -> dict:
+    """The serve flags' defaults (to name the HTTP flags a follower was given)."""
+    parser = argparse.ArgumentParser()
+    _add_serve_parser(parser.add_subparsers(dest="command"))
+    return vars(parser.parse_args(["serve"]))
+
+
 def _follow(args, cache_dir, dist) -> int:
     """Process i > 0 of several: the engine over the shared mesh, no HTTP; it steps as process 0
     broadcasts, and exits when process 0 shuts down."""
     if args.engine_in_process:
         print("jaxserve serve: --engine-in-process cannot join several processes", file=sys.stderr)
         return 2
+    http = ("host", "port", "served_model_name", "api_key", "max_request_body_bytes", "enable_auto_tool_choice")
+    http += ("tool_call_parser", "uvicorn_log_level")
+    defaults = _add_serve_parser_defaults()
+    given = [f"--{k.replace('_', '-')}" for k in http if getattr(args, k) != defaults[k]]
     print(
-        f"jaxserve serve: process {dist.process_id} of {dist.num_processes}: no HTTP here (--host, --port and "
-        f"the API flags are process 0's); joining {dist.coordinator_address}",
+        f"jaxserve serve: process {dist.process_id} of {dist.num_processes}: no HTTP here, joining "
+        f"{dist.coordinator_address}"
+        + (f"; the HTTP flags given ({', '.join(given)}) apply to process 0 only" if given else ""),
         flush=True,
     )
     from jaxserve.engine import multihost

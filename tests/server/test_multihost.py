@@ -104,6 +104,7 @@ def test_two_processes_serve_one_mesh(tiny_chat_model):
         assert follower.proc.wait(timeout=60) == 0, follower.output()
         log = follower.output()
         assert "following process 0" in log and "follower: shut down after" in log, log
+        assert "the HTTP flags given (--port) apply to process 0 only" in log, log  # said, not silently dropped
         # the follower applied the leader's inputs (5 requests, an abort, ...) and stepped
         assert " 0 inputs" not in log and " 0 step outputs" not in log, log
     finally:
