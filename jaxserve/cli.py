@@ -1,6 +1,9 @@
 """`jaxserve` command line. The entry point: the only place that reads the environment.
 
 jaxserve serve [MODEL] [--host H] [--port P] [engine flags]     the OpenAI-compatible server
+jaxserve serve ... --coordinator-address H0:PORT --num-processes N --process-id I
+                                     one of N processes (hosts) over one mesh: process 0 serves HTTP,
+                                     the others run the engine only (jaxserve/engine/multihost.py)
 jaxserve chat "question" [--max-tokens N] [--temperature T] [engine flags]   one offline chat answer
 
 The engine flags (vLLM's names: --model, --max-num-seqs, --block-size, ...) are generated from
@@ -13,7 +16,7 @@ import argparse
 import os
 import sys
 
-from jaxserve.engine_args import CPU_PLAN, add_engine_args, default_plan, engine_config
+from jaxserve.engine_args import CPU_PLAN, add_engine_args, default_plan, engine_config, multi_gpu_environment
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,10 +82,28 @@ def _add_serve_parser(sub) -> None:
         help="run the engine core on a thread of the server's process (debugging) instead of a process of its own",
     )
     serve.add_argument("--fault-token-id", type=int, default=None, help=argparse.SUPPRESS)  # tests only
+    several = serve.add_argument_group(
+        "several processes (hosts), jax.distributed",
+        "Start the same command on every host, with its own --process-id. Process 0 serves HTTP (the "
+        "flags above are its) and broadcasts each step's requests; the others serve no HTTP.",
+    )
+    several.add_argument("--coordinator-address", default=None, help="HOST:PORT of process 0 (default: off)")
+    several.add_argument("--num-processes", type=int, default=1, help="processes in all (default 1: off)")
+    several.add_argument("--process-id", type=int, default=0, help="this process's index, 0 .. N-1")
     add_engine_args(serve)
 
 
 def _serve(args, cache_dir) -> int:
+    from jaxserve.config import DistributedConfig
+
+    try:
+        dist = DistributedConfig(args.coordinator_address, args.num_processes, args.process_id)
+    except ValueError as e:
+        print(f"jaxserve serve: {e}", file=sys.stderr)
+        return 2
+    multi_gpu_environment(args.tensor_parallel_size, os.environ)  # the engine process inherits it
+    if dist.enabled and not dist.is_leader:
+        return _follow(args, cache_dir, dist)
     print("jaxserve serve: importing JAX, the engine and the server", flush=True)
     import signal
 
@@ -106,6 +127,7 @@ def _serve(args, cache_dir) -> int:
         enable_auto_tool_choice=args.enable_auto_tool_choice,
         tool_call_parser=args.tool_call_parser,
         engine_in_process=in_process,
+        distributed=dist,
     )
     server = uvicorn.Server(
         uvicorn.Config(
@@ -121,6 +143,38 @@ def _serve(args, cache_dir) -> int:
     signal.signal(signal.SIGTERM, lambda *_: None)
     server.run()
     return 0 if server.started else 1
+
+
+def _add_serve_parser_defaults() -> dict:
+    """The serve flags' defaults (to name the HTTP flags a follower was given)."""
+    parser = argparse.ArgumentParser()
+    _add_serve_parser(parser.add_subparsers(dest="command"))
+    return vars(parser.parse_args(["serve"]))
+
+
+def _follow(args, cache_dir, dist) -> int:
+    """Process i > 0 of several: the engine over the shared mesh, no HTTP; it steps as process 0
+    broadcasts, and exits when process 0 shuts down."""
+    if args.engine_in_process:
+        print("jaxserve serve: --engine-in-process cannot join several processes", file=sys.stderr)
+        return 2
+    http = ("host", "port", "served_model_name", "api_key", "max_request_body_bytes", "enable_auto_tool_choice")
+    http += ("tool_call_parser", "uvicorn_log_level")
+    defaults = _add_serve_parser_defaults()
+    given = [f"--{k.replace('_', '-')}" for k in http if getattr(args, k) != defaults[k]]
+    print(
+        f"jaxserve serve: process {dist.process_id} of {dist.num_processes}: no HTTP here, joining "
+        f"{dist.coordinator_address}"
+        + (f"; the HTTP flags given ({', '.join(given)}) apply to process 0 only" if given else ""),
+        flush=True,
+    )
+    from jaxserve.engine import multihost
+
+    multihost.initialize(dist)  # before anything initialises a JAX backend here
+    import jax
+
+    engine = engine_config(args, plan=default_plan(jax.default_backend()), model=args.model_tag, cache_dir=cache_dir)
+    return multihost.run_follower(engine, dist, fault_token_id=args.fault_token_id)
 
 
 def _chat(args, cache_dir) -> int:

@@ -1,4 +1,5 @@
-"""EngineConfig: everything that decides how the engine is built, fixed at start-up."""
+"""EngineConfig: everything that decides how the engine is built, fixed at start-up; and
+DistributedConfig: how a serving process joins the others (several hosts, jax.distributed)."""
 
 from __future__ import annotations
 
@@ -69,3 +70,38 @@ class EngineConfig:
     def kv_dtype_name(self) -> str | None:
         """The fp8 format of the KV pages, as a numpy dtype name; None: the model's dtype."""
         return KV_CACHE_DTYPES.get(self.kv_cache_dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    """JAX's multi-controller runtime (jax.distributed) for serving from several processes (hosts):
+    every process runs the same engine over one mesh; process 0 serves HTTP and broadcasts the
+    requests (jaxserve/engine/multihost.py). num_processes=1: off."""
+
+    coordinator_address: str | None = None  # "HOST:PORT" of process 0's coordination service
+    num_processes: int = 1
+    process_id: int = 0
+
+    def __post_init__(self):
+        if self.num_processes < 1:
+            raise ValueError(f"num_processes must be >= 1, got {self.num_processes}")
+        if self.num_processes == 1:
+            if self.coordinator_address is not None or self.process_id != 0:
+                raise ValueError("--coordinator-address and --process-id need --num-processes > 1")
+            return
+        if not self.coordinator_address:
+            raise ValueError("--num-processes > 1 needs --coordinator-address HOST:PORT (process 0's host)")
+        host, _, port = self.coordinator_address.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"--coordinator-address must be HOST:PORT, got {self.coordinator_address!r}")
+        if not 0 <= self.process_id < self.num_processes:
+            raise ValueError(f"--process-id must be in [0, {self.num_processes}), got {self.process_id}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.num_processes > 1
+
+    @property
+    def is_leader(self) -> bool:
+        """Process 0: the one that serves HTTP, decides every step's inputs and streams the results."""
+        return self.process_id == 0

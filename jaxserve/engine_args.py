@@ -20,7 +20,7 @@ import argparse
 import dataclasses
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, MutableMapping
 
 from jaxserve.config import EngineConfig
 
@@ -141,6 +141,14 @@ def add_engine_args(
             metavar = None if spec.choices else names[0].lstrip("-").upper().replace("-", "_")
             group.add_argument(*names, action=_Store, type=kind, choices=spec.choices, metavar=metavar, **common)
     return group
+
+
+def multi_gpu_environment(tensor_parallel_size: int, environ: MutableMapping[str, str]) -> None:
+    """For entry points, before JAX starts: a model over several GPUs runs NCCL, whose NVLink
+    multicast (NVLS) stays off (NCCL_NVLS_ENABLE=0) unless the caller chose otherwise: on shared
+    multi-GPU hosts it can take the GPUs out of service. Child processes inherit it."""
+    if tensor_parallel_size > 1:
+        environ.setdefault("NCCL_NVLS_ENABLE", "0")
 
 
 def given(args: argparse.Namespace) -> frozenset[str]:

@@ -62,6 +62,7 @@ from jaxserve.engine.llm_engine import LLMEngine
 from jaxserve.engine_args import add_engine_args
 from jaxserve.sampling_params import RequestOutputKind, SamplingParams
 from jaxserve.testing.mock_model import SumModel
+from sharding import make_mesh
 
 V = 101  # the mock model's vocabulary
 DECODE_PROMPT_LEN = 8  # decode rows start from short prompts: their prefill is over in a step or two
@@ -111,9 +112,12 @@ def build_engine(
     page_size: int = 16,
     min_token_bucket: int = 16,
     row_bucket_growth: int = 8,
+    tensor_parallel_size: int = 1,
 ) -> LLMEngine:
     """One engine for all the cases. row_bucket_growth=8 gives row buckets 1, 8, 64, 256: each
-    decode case runs at a compiled shape with no padded rows."""
+    decode case runs at a compiled shape with no padded rows. tensor_parallel_size > 1: the mock
+    model on a mesh of that many devices (its KV pages split by kv head, the step's inputs and
+    outputs replicated), so the engine's own tensor-parallel path runs."""
     max_rows = max(r for r, _ in cases)
     budget = max(max(r + p for r, p in cases), min_token_bucket)
     max_tokens = decode_max_tokens(max_rows, budget, warm, steps)
@@ -131,8 +135,11 @@ def build_engine(
         max_model_len=max_len,
         min_token_bucket=min(min_token_bucket, budget),
         row_bucket_growth=row_bucket_growth,
+        tensor_parallel_size=tensor_parallel_size,
     )
-    return LLMEngine(config, model=SumModel(V, max_len=max(4096, max_len)), tokenizer=None, progress=False, log=_quiet)
+    mesh = None if tensor_parallel_size == 1 else make_mesh(tensor_parallel_size)
+    model = SumModel(V, max_len=max(4096, max_len), mesh=mesh)
+    return LLMEngine(config, model=model, tokenizer=None, progress=False, log=_quiet)
 
 
 def _quiet(*_args, **_kwargs) -> None:
@@ -260,12 +267,36 @@ def run_case(
     }
 
 
+def tp_ratios(results: list[dict], base_tp: int, tp: int) -> str:
+    """Per case, tp's figures over base_tp's (host ms, the engine thread's CPU ms, and host less
+    the compiled calls and the transfer, which on the CPU backend include the fake devices' work)."""
+    by = {(r["tensor_parallel_size"], r["rows"], r["prefill_tokens"]): r for r in results}
+    lines = [f"tp {tp} / tp {base_tp} (issue #20's goal: host work <= 1.2x):"]
+    for (t, rows, prefill), r in by.items():
+        if t != tp or (base_tp, rows, prefill) not in by:
+            continue
+        b = by[base_tp, rows, prefill]
+        ratio = lambda get: get(r) / get(b) if get(b) else float("nan")  # noqa: E731
+        lines.append(
+            f"  rows={rows} prefill={prefill}: host {ratio(lambda x: x['host_ms_per_step']):.2f}x, "
+            f"cpu {ratio(lambda x: x['thread_cpu_ms_per_step']):.2f}x, "
+            f"host-launch {ratio(lambda x: x['phases_ms'].get('host-launch', float('nan'))):.2f}x"
+        )
+    return "\n".join(lines)
+
+
 def format_table(results: list[dict]) -> str:
     phase_names = [k for k in results[0]["phases_ms"]] if results else []
-    head = ["rows", "prefill", "host ms", "wall ms", "cpu ms", *(f"{k} ms" for k in phase_names), "tokens"]
+    head = ["tp", "rows", "prefill", "host ms", "wall ms", "cpu ms", *(f"{k} ms" for k in phase_names), "tokens"]
     lines = ["  ".join(f"{h:>10}" for h in head) + "  host ms of each round"]
     for r in results:
-        cells = [r["rows"], r["prefill_tokens"], f"{r['host_ms_per_step']:.3f}", f"{r['wall_ms_per_step']:.3f}"]
+        cells = [
+            r.get("tensor_parallel_size", 1),
+            r["rows"],
+            r["prefill_tokens"],
+            f"{r['host_ms_per_step']:.3f}",
+            f"{r['wall_ms_per_step']:.3f}",
+        ]
         cells += [f"{r.get('thread_cpu_ms_per_step', float('nan')):.3f}"]
         cells += [f"{r['phases_ms'].get(k, float('nan')):.3f}" for k in phase_names]
         cells += [r["tokens_per_step"]]
@@ -274,7 +305,10 @@ def format_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def print_profile(profiler: cProfile.Profile, top: int = 25) -> None:
+def print_profile(profiler: cProfile.Profile, steps: int, top: int = 25) -> None:
+    calls = pstats.Stats(profiler).total_calls
+    # a count no other load on the machine changes: Python's work per step, device-independent
+    print(f"\n{calls / steps:.0f} Python function calls per timed step")
     for key, title in (("cumulative", "cumulative time"), ("tottime", "total (own) time")):
         buf = io.StringIO()
         pstats.Stats(profiler, stream=buf).strip_dirs().sort_stats(key).print_stats(top)
@@ -297,7 +331,18 @@ def main() -> None:
         default="delta",
         help="the requests' output kind: delta (as the server streams), final_only (as LLM.generate), cumulative",
     )
-    add_engine_args(p, defaults=dict(row_bucket_growth=8), only=("page_size", "min_token_bucket", "row_bucket_growth"))
+    add_engine_args(
+        p,
+        defaults=dict(row_bucket_growth=8),
+        only=("page_size", "min_token_bucket", "row_bucket_growth", "tensor_parallel_size"),
+    )
+    p.add_argument(
+        "--compare-tensor-parallel-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="also run every case at this tp size, in the same rounds, and print the ratios (issue #20: tp 8 <= 1.2x tp 1)",
+    )
     p.add_argument(
         "--profile",
         action="store_true",
@@ -312,45 +357,78 @@ def main() -> None:
     log = lambda *a, end="\n": print(*a, file=sys.stderr, flush=True, end=end)  # noqa: E731
     import jax
 
-    log(f"building the engine (mock model, {jax.default_backend()} backend) for cases {engine_cases} ...")
-    t0 = time.perf_counter()
-    engine = build_engine(
-        engine_cases, args.warm, args.steps, args.page_size, args.min_token_bucket, args.row_bucket_growth
-    )
-    log(f"engine ready in {time.perf_counter() - t0:.1f} s ({len(engine.plan.shapes)} step shapes compiled)")
+    tps = [args.tensor_parallel_size]
+    if args.compare_tensor_parallel_size is not None and not args.profile:
+        tps = [args.compare_tensor_parallel_size, args.tensor_parallel_size]
+    engines = {}
+    for tp in dict.fromkeys(tps):
+        log(f"building the engine (mock model, {jax.default_backend()} backend, tp {tp}) for cases {engine_cases} ...")
+        t0 = time.perf_counter()
+        engines[tp] = build_engine(
+            engine_cases,
+            args.warm,
+            args.steps,
+            args.page_size,
+            args.min_token_bucket,
+            args.row_bucket_growth,
+            tp,
+        )
+        log(f"engine ready in {time.perf_counter() - t0:.1f} s ({len(engines[tp].plan.shapes)} step shapes compiled)")
 
     profiler = cProfile.Profile() if args.profile else None
     repeats = 1 if profiler else args.repeats
-    runs: dict[tuple[int, int], list[dict]] = {case: [] for case in cases}
-    for rep in range(repeats):  # rounds over all the cases, so that a busy spell hits them alike
-        for i, (rows, prefill) in enumerate(cases, 1):
-            log(f"[round {rep + 1}/{repeats}, case {i}/{len(cases)}] rows={rows} prefill={prefill}: ", end="")
-            t0 = time.perf_counter()
-            r = run_case(
-                engine, rows, prefill, warm=args.warm, steps=args.steps, profiler=profiler, output_kind=kind, log=log
-            )
-            runs[rows, prefill].append(r)
-            log(
-                f"host {r['host_ms_per_step']:.3f} ms/step, wall {r['wall_ms_per_step']:.3f} ms/step ({time.perf_counter() - t0:.1f} s)"
-            )
+    runs: dict[tuple[int, int, int], list[dict]] = {(tp, *case): [] for tp in engines for case in cases}
+    for rep in range(repeats):  # rounds over all the cases (and tp sizes), so that a busy spell hits them alike
+        for tp, engine in engines.items():
+            for i, (rows, prefill) in enumerate(cases, 1):
+                log(
+                    f"[round {rep + 1}/{repeats}, tp {tp}, case {i}/{len(cases)}] rows={rows} prefill={prefill}: ",
+                    end="",
+                )
+                t0 = time.perf_counter()
+                r = run_case(
+                    engine,
+                    rows,
+                    prefill,
+                    warm=args.warm,
+                    steps=args.steps,
+                    profiler=profiler,
+                    output_kind=kind,
+                    log=log,
+                )
+                runs[tp, rows, prefill].append(r)
+                log(
+                    f"host {r['host_ms_per_step']:.3f} ms/step, wall {r['wall_ms_per_step']:.3f} ms/step ({time.perf_counter() - t0:.1f} s)"
+                )
     results = []
-    for case_runs in runs.values():  # the least disturbed round: the smallest median host time
+    for (tp, _, _), case_runs in runs.items():  # the least disturbed round: the smallest median host time
         best = dict(min(case_runs, key=lambda r: r["host_ms_per_step"]))
         best["host_ms_rounds"] = [r["host_ms_per_step"] for r in case_runs]
+        best["tensor_parallel_size"] = tp
         results.append(best)
 
     print(
         f"host work per engine step, mock model on {jax.default_backend()} ({jax.devices()[0].device_kind}), "
+        f"tensor parallel {' and '.join(map(str, engines))} ({jax.device_count()} devices visible), "
         f"{kind.name} outputs, median of {args.steps} steps after {args.warm} warm, best of {repeats} rounds; "
         f"{os.cpu_count()} cores, load average "
         f"{os.getloadavg()[0]:.1f}" + (" -- UNDER cProfile, times inflated" if profiler else "")
     )
     print(format_table(results))
     if not profiler and len({r for r, _ in cases} & {1, 256}) == 2:
-        h = {r["rows"]: r["host_ms_per_step"] for r in results if r["prefill_tokens"] == 0}
-        print(f"goals (issue #13): 256 rows <= 1.0 ms: {h[256]:.3f} ms; 256 rows <= 3x 1 row: {h[256] / h[1]:.2f}x")
+        for tp in engines:
+            h = {
+                r["rows"]: r["host_ms_per_step"]
+                for r in results
+                if r["prefill_tokens"] == 0 and r["tensor_parallel_size"] == tp
+            }
+            print(
+                f"goals (issue #13), tp {tp}: 256 rows <= 1.0 ms: {h[256]:.3f} ms; 256 rows <= 3x 1 row: {h[256] / h[1]:.2f}x"
+            )
+    if len(engines) == 2:
+        print(tp_ratios(results, *engines))
     if profiler:
-        print_profile(profiler)
+        print_profile(profiler, args.steps)
     if args.output_json:
         args.output_json.parent.mkdir(parents=True, exist_ok=True)
         args.output_json.write_text(json.dumps(results, indent=2) + "\n")

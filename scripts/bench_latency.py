@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxserve.engine_args import add_engine_args, engine_kwargs
+from jaxserve.engine_args import add_engine_args, engine_kwargs, multi_gpu_environment
 
 PERCENTAGES = (10, 25, 50, 75, 90, 99)
 
@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> dict:
     # transformers advises at import that PyTorch is absent; jaxserve never needs it.
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     args = make_parser().parse_args(argv)
+    multi_gpu_environment(args.tensor_parallel_size, os.environ)  # NCCL_NVLS_ENABLE=0 at tp > 1
 
     import jax
 

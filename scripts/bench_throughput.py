@@ -34,7 +34,7 @@ from datetime import date
 from pathlib import Path
 
 from jaxserve.benchmarks.datasets import SampleRequest, load_client_tokenizer, random_requests, sharegpt_requests
-from jaxserve.engine_args import add_engine_args, engine_kwargs
+from jaxserve.engine_args import add_engine_args, engine_kwargs, multi_gpu_environment
 
 
 def parse_workloads(args) -> list[tuple[int, int, int]]:
@@ -398,6 +398,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     # transformers advises at import that PyTorch is absent; jaxserve never needs it.
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     args = make_parser().parse_args(argv)
+    multi_gpu_environment(args.tensor_parallel_size, os.environ)  # NCCL_NVLS_ENABLE=0 at tp > 1
     if args.backend == "jaxserve":
         results = run_jaxserve(args)
     else:

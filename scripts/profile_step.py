@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxserve.benchmarks.traces import traced
-from jaxserve.engine_args import add_engine_args, engine_kwargs
+from jaxserve.engine_args import add_engine_args, engine_kwargs, multi_gpu_environment
 
 
 def print_trace(lines: list[dict], keep) -> None:
@@ -51,6 +51,7 @@ def main() -> None:
     defaults = dict(model="llama-3.1-8b", load_format="dummy", max_num_batched_tokens=1024, row_bucket_growth=0)
     add_engine_args(p, defaults=defaults)
     args = p.parse_args()
+    multi_gpu_environment(args.tensor_parallel_size, os.environ)  # NCCL_NVLS_ENABLE=0 at tp > 1
 
     import jax
 

@@ -209,3 +209,16 @@ def test_no_pytorch_advice_from_transformers_at_the_entry_points(monkeypatch):
     with pytest.raises(SystemExit):
         main(["serve", "--help"])
     assert os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] == "1"
+
+
+def test_multi_gpu_environment_turns_nvlink_multicast_off_at_tp_above_1():
+    from jaxserve.engine_args import multi_gpu_environment
+
+    env: dict[str, str] = {}
+    multi_gpu_environment(1, env)
+    assert env == {}
+    multi_gpu_environment(4, env)
+    assert env == {"NCCL_NVLS_ENABLE": "0"}
+    chosen = {"NCCL_NVLS_ENABLE": "1"}  # the caller's own choice stands
+    multi_gpu_environment(4, chosen)
+    assert chosen == {"NCCL_NVLS_ENABLE": "1"}

@@ -14,5 +14,7 @@ llm_engine.LLMEngine   all of it on the caller's thread (LLM, tests, benchmarks)
 async_engine.AsyncLLM  outputs on the event loop (server); the core elsewhere: EngineThread (a
                        thread here) or core_client.EngineCoreClient (the engine process,
                        core_process.py); both run core_loop.CoreLoop on messages.py's messages
+multihost              several processes (hosts), one mesh: process 0's core broadcasts each
+                       turn's inputs, the others apply them and step (jaxserve serve --process-id)
 compile_counter        proves nothing compiles after warm-up
 """

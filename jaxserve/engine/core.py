@@ -133,6 +133,11 @@ class EngineCore:
         self._prefix_cache_logged = (time.perf_counter(), 0, 0)  # (when, queries, hits)
         self.matchers = Matchers(grammars) if grammars is not None else None
 
+    def reseed(self, seed: int) -> None:
+        """Seeds the generator that draws a seed for each request that brings none (serving from
+        several processes: every process draws the same, from process 0's seed)."""
+        self._rng = np.random.default_rng(seed)
+
     # -- requests -------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> list[str]:
         """Queues a validated request; returns the ids of its samples (n > 1: one per sample)."""

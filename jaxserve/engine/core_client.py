@@ -30,7 +30,7 @@ import time
 import msgspec
 import zmq
 
-from jaxserve.config import EngineConfig
+from jaxserve.config import DistributedConfig, EngineConfig
 from jaxserve.engine.core_process import ProcessSpec
 from jaxserve.engine.input_processor import InputProcessor, PreparedRequest, Prompt
 from jaxserve.engine.messages import (
@@ -132,8 +132,18 @@ class RemoteEngine:
 
 
 class EngineCoreClient:
-    def __init__(self, config: EngineConfig, *, fault_token_id: int | None = None, log=print):
+    def __init__(
+        self,
+        config: EngineConfig,
+        *,
+        fault_token_id: int | None = None,
+        distributed: DistributedConfig = DistributedConfig(),
+        log=print,
+    ):
+        """distributed: several processes (this is process 0's server): the engine process joins
+        them and broadcasts the inputs it receives (multihost.py)."""
         self.config, self.fault_token_id, self.log = config, fault_token_id, log
+        self.distributed = distributed
         self.stats = EngineStats()  # replaced (atomically) by each Steps message
         self.process: subprocess.Popen | None = None
         self._folder = tempfile.mkdtemp(prefix="jaxserve-engine-")
@@ -156,7 +166,8 @@ class EngineCoreClient:
         config = dataclasses.asdict(self.config)
         if config["cache_dir"] is not None:
             config["cache_dir"] = str(config["cache_dir"])
-        spec = ProcessSpec(config, self.input_address, self.output_address, os.getpid(), self.fault_token_id)
+        dist = dataclasses.asdict(self.distributed) if self.distributed.enabled else None
+        spec = ProcessSpec(config, self.input_address, self.output_address, os.getpid(), self.fault_token_id, dist)
         # Spawned from this thread (the event loop's, the main one): the child's PDEATHSIG watches it.
         self.process = subprocess.Popen(
             [sys.executable, "-m", "jaxserve.engine.core_process", msgspec.json.encode(spec).decode()],

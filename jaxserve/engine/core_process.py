@@ -8,6 +8,9 @@ the API server (core_client.py), which it serves until told to shut down or unti
             before every step (an abort lands within one step) -> CoreLoop.turn (one step)
             -> outputs PUSH: one Steps message per step (token ids, logprobs, finishes, stats),
             Failed, Reply
+    several processes (spec.distributed, multihost.py): jax.distributed joined before the engine is
+            built; each turn's inputs are broadcast to the followers before they are applied, and
+            the API server gone is a Shutdown broadcast like any other input
     stop:   Shutdown (the API server drained its requests first) -> exit 0. SIGTERM and SIGINT are
             ignored: a supervisor signalling the whole process group must not cut the requests the
             API server is still draining. The API server gone (killed) -> the kernel kills this
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import secrets
 import signal
 import sys
 import time
@@ -28,9 +32,9 @@ import traceback
 import msgspec
 import zmq
 
-from jaxserve.config import EngineConfig
+from jaxserve.config import DistributedConfig, EngineConfig
 from jaxserve.engine.core_loop import CoreLoop, engine_stats
-from jaxserve.engine.messages import Failed, Ready, Reply, StartupFailed, Steps, encoder, input_decoder
+from jaxserve.engine.messages import Failed, Ready, Reply, Shutdown, StartupFailed, Steps, encoder, input_decoder
 
 IDLE_POLL_MS = 500  # how often an idle engine looks whether the API server is still there
 
@@ -41,6 +45,7 @@ class ProcessSpec(msgspec.Struct):
     output_address: str  # the API server's PULL socket (step outputs out)
     parent_pid: int
     fault_token_id: int | None = None
+    distributed: dict | None = None  # DistributedConfig's fields: this is process 0 of several
 
 
 def die_with_parent(parent_pid: int) -> None:
@@ -77,16 +82,25 @@ class SocketSink:
         self.socket.send(encoder.encode(Reply(call_id, int(value))))
 
 
-def serve(core, inputs: zmq.Socket, outputs: zmq.Socket, parent_pid: int) -> None:
+def serve(core, inputs: zmq.Socket, outputs: zmq.Socket, parent_pid: int, broadcast=None) -> None:
+    """broadcast: a multihost.InputBroadcast (several processes): each turn's inputs go to the
+    followers first, and every process applies them in the same order."""
     sink = SocketSink(outputs)
     loop = CoreLoop(core, sink)
     sink.loop = loop
     while not loop.shutdown_requested:
         timeout = 0 if core.has_work() else IDLE_POLL_MS
+        received = []
         while inputs.poll(timeout):  # everything that came, before the next step
-            loop.apply(input_decoder.decode(inputs.recv(copy=False).buffer))
+            received.append(input_decoder.decode(inputs.recv(copy=False).buffer))
             timeout = 0
-        if loop.shutdown_requested or os.getppid() != parent_pid:
+        if os.getppid() != parent_pid:  # the API server is gone
+            received.append(Shutdown())
+        if broadcast is not None:
+            received = broadcast.exchange(received)
+        for message in received:
+            loop.apply(message)
+        if loop.shutdown_requested:
             return
         loop.turn()
         if sink.sent_stats != engine_stats(core):  # e.g. an abort freed pages: /metrics must see it
@@ -108,11 +122,23 @@ def main(argv: list[str]) -> int:
     def log(*args) -> None:
         print(*args, flush=True)
 
+    broadcast = None
     try:
         from jaxserve.engine.faults import inject_step_failure
         from jaxserve.engine.llm_engine import LLMEngine
 
-        engine = LLMEngine(EngineConfig(**spec.engine), log=log)
+        config = EngineConfig(**spec.engine)
+        if spec.distributed is not None:
+            from jaxserve.engine import multihost
+
+            dist = DistributedConfig(**spec.distributed)
+            log(f"engine core: joining {dist.num_processes} processes through {dist.coordinator_address}")
+            multihost.initialize(dist)
+            seed = multihost.agree(config, config.seed if config.seed is not None else secrets.randbits(64))
+            broadcast = multihost.InputBroadcast(is_leader=True)
+        engine = LLMEngine(config, log=log)
+        if broadcast is not None:
+            engine.core.reseed(seed)
         if spec.fault_token_id is not None:
             inject_step_failure(engine, spec.fault_token_id)
     except Exception as e:
@@ -131,10 +157,14 @@ def main(argv: list[str]) -> int:
         pid=os.getpid(),
     )
     outputs.send(encoder.encode(ready))
-    serve(engine.core, inputs, outputs, spec.parent_pid)
+    serve(engine.core, inputs, outputs, spec.parent_pid, broadcast)
     outputs.close(linger=2000)
     inputs.close(linger=0)
     context.term()
+    if broadcast is not None:
+        import jax
+
+        jax.distributed.shutdown()
     return 0
 
 

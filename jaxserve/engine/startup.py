@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import jax
+import numpy as np
 from jax.sharding import Mesh
 
 from jaxserve.config import EngineConfig
@@ -88,6 +89,8 @@ def build_engine(
         workspace = step_workspace(config, model, plan.shapes, [n for n, _ in processors], measure)
         log(f"step workspace {workspace / 2**30:.2f} GiB ({time.perf_counter() - t0:.1f} s)")
     max_model_len, num_pages = plan_kv_cache(config, model, workspace_bytes=workspace, log=log)
+    if jax.process_count() > 1:  # several processes: one KV plan for all (their schedulers must agree)
+        max_model_len, num_pages = agreed_kv_plan(max_model_len, num_pages, log)
     runner = make_runner(num_pages, max_model_len)
     use_cache = config.executable_cache if config.executable_cache is not None else jax.default_backend() == "gpu"
     cache = None
@@ -123,6 +126,18 @@ def build_engine(
         scheduler,
         compile_counter.compilations(),
     )
+
+
+def agreed_kv_plan(max_model_len: int, num_pages: int, log: Callable) -> tuple[int, int]:
+    """The smallest plan of every process (each sized its cache from its own device's memory):
+    a collective, called by every process at the same point of start-up."""
+    from jax.experimental import multihost_utils
+
+    plans = np.asarray(multihost_utils.process_allgather(np.array([max_model_len, num_pages], np.int32)))
+    agreed = tuple(int(v) for v in plans.min(axis=0))
+    if agreed != (max_model_len, num_pages):
+        log(f"KV plan: {agreed[1]} pages, max_model_len {agreed[0]}: the smallest of the {len(plans)} processes'")
+    return agreed
 
 
 def enable_compilation_cache(cache_dir: str | Path | None) -> None:

@@ -2,7 +2,8 @@
 
 start-up:  the engine process (core_process.py: load, warm-up compile: minutes on a CPU), then
            AsyncLLM over its EngineCoreClient; or, with settings.engine_in_process (or an engine
-           given, in tests), LLMEngine here and AsyncLLM with the core on a thread
+           given, in tests), LLMEngine here and AsyncLLM with the core on a thread. With
+           settings.distributed (several processes), the engine process is process 0 of them
 serving:   routes (jaxserve.server.routes) on the event loop
 shut-down: uvicorn stops accepting, waits for requests in flight (SIGTERM), then the engine
            process (or thread) is stopped
@@ -96,7 +97,9 @@ def create_app(settings: ServerSettings = ServerSettings(), *, engine: LLMEngine
                 inject_step_failure(built, settings.fault_token_id)
             core = None
         else:
-            core = EngineCoreClient(settings.engine, fault_token_id=settings.fault_token_id)
+            core = EngineCoreClient(
+                settings.engine, fault_token_id=settings.fault_token_id, distributed=settings.distributed
+            )
             try:
                 built = await core.start()
             except BaseException:

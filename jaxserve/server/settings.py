@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from jaxserve.config import EngineConfig
+from jaxserve.config import DistributedConfig, EngineConfig
 from jaxserve.default_model import DEFAULT_MODEL_NAME
 
 DEFAULT_MAX_WAITING_REQUESTS = 1024
@@ -26,8 +26,14 @@ class ServerSettings:
     # The engine core on a thread of the server's process (debugging) rather than in a process of
     # its own (jaxserve/engine/core_process.py)
     engine_in_process: bool = False
+    # Several processes (hosts) over one mesh: this server is process 0's (multihost.py)
+    distributed: DistributedConfig = DistributedConfig()
 
     def __post_init__(self):
+        if self.distributed.enabled and not self.distributed.is_leader:
+            raise ValueError("only process 0 serves HTTP; the others run the engine alone (jaxserve serve does)")
+        if self.distributed.enabled and self.engine_in_process:
+            raise ValueError("--engine-in-process cannot join several processes: drop it, or --num-processes")
         if self.enable_auto_tool_choice and self.tool_call_parser is None:
             raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (hermes, llama3_json or mistral)")
         if self.tool_call_parser is not None:

@@ -5,15 +5,23 @@
 Each token's value is stored as its V in the pages; attention with zero queries averages the
 sequence's cached values, times the count gives the sum. A paging bug changes the sum, so exact
 outputs prove the cache holds each sequence's tokens and nothing else.
+
+On a mesh (tensor parallelism, `mesh=`): one kv head per device, so the KV pages are split over
+the "tp" axis as a real model's are, and attention runs per shard (sharding.shard_over_heads);
+every head holds the same values, and head 0's answer is the sum.
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from models import ModelConfig, paged_attention
+from sharding import TP_AXIS, shard_over_heads
 
 
 def next_tokens(prompt: list[int], n: int, vocab: int) -> list[int]:
@@ -24,15 +32,18 @@ def next_tokens(prompt: list[int], n: int, vocab: int) -> list[int]:
 
 
 class SumModel(nnx.Module):
-    def __init__(self, vocab_size: int = 101, eos_token_id: int | None = None, max_len: int = 4096):
+    def __init__(
+        self, vocab_size: int = 101, eos_token_id: int | None = None, max_len: int = 4096, mesh: Mesh | None = None
+    ):
+        heads = 1 if mesh is None else mesh.shape[TP_AXIS]
         self.config = ModelConfig(
             architecture="LlamaForCausalLM",
             vocab_size=vocab_size,
             hidden_size=vocab_size,
             intermediate_size=1,
             num_layers=1,
-            num_heads=1,
-            num_kv_heads=1,
+            num_heads=heads,
+            num_kv_heads=heads,
             head_dim=8,
             rms_norm_eps=1e-6,
             rope_theta=1.0,
@@ -48,13 +59,18 @@ class SumModel(nnx.Module):
             dtype="float32",
         )
         self.dtype = jnp.float32
-        self.peak = nnx.Param(jnp.asarray(20.0))
+        self.mesh = mesh
+        peak = jnp.asarray(20.0)
+        self.peak = nnx.Param(peak if mesh is None else jax.device_put(peak, NamedSharding(mesh, PartitionSpec())))
 
     def __call__(self, tokens, kv_cache, batch):
-        num_tokens = tokens.shape[0]
-        zeros = jnp.zeros((num_tokens, 1, 8), jnp.float32)
-        values = jnp.broadcast_to(tokens.astype(jnp.float32)[:, None, None], (num_tokens, 1, 8))
-        mean, layer = paged_attention(zeros, zeros, values, kv_cache[0], batch, sm_scale=1.0)
+        num_tokens, heads = tokens.shape[0], self.config.num_kv_heads
+        zeros = jnp.zeros((num_tokens, heads, 8), jnp.float32)
+        values = jnp.broadcast_to(tokens.astype(jnp.float32)[:, None, None], (num_tokens, heads, 8))
+        attend = functools.partial(paged_attention, sm_scale=1.0)
+        if self.mesh is not None and self.mesh.size > 1:
+            attend = shard_over_heads(attend, self.mesh)
+        mean, layer = attend(zeros, zeros, values, kv_cache[0], batch)
         total = jnp.round(mean[:, 0, 0] * (batch.positions + 1)).astype(jnp.int32)
         return jax.nn.one_hot(total % self.config.vocab_size, self.config.vocab_size) * self.peak[...], [layer]
 

@@ -37,3 +37,49 @@ def test_bench_host_cases_and_json(tmp_path, monkeypatch, capsys):
 
 def test_parse_cases():
     assert load_script().parse_cases("1, 64+512") == [(1, 0), (64, 512)]
+
+
+def test_bench_host_tensor_parallel_against_tp1(tmp_path, monkeypatch, capsys):
+    """--tensor-parallel-size 2 runs the mock on a mesh (its pages split over 2 devices); the
+    comparison runs tp 1 in the same rounds and prints the ratios."""
+    bench = load_script()
+    out = tmp_path / "tp.json"
+    argv = ["bench_host.py", "--cases", "2", "--warm", "1", "--steps", "3", "--min-token-bucket", "8", "--repeats", "1"]
+    argv += ["--tensor-parallel-size", "2", "--compare-tensor-parallel-size", "1", "--output-json", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    bench.main()
+    cases = json.loads(out.read_text())
+    assert [(c["tensor_parallel_size"], c["rows"]) for c in cases] == [(1, 2), (2, 2)]
+    assert all(c["tokens_per_step"] == 2 for c in cases)
+    assert "tp 2 / tp 1" in capsys.readouterr().out
+
+
+def test_mock_model_on_a_mesh_splits_its_pages():
+    """SumModel(mesh=) through the engine at tp 2: pages split by kv head, the hand-computed tokens."""
+    import jax
+
+    from jaxserve.config import EngineConfig
+    from jaxserve.engine.llm_engine import LLMEngine
+    from jaxserve.sampling_params import SamplingParams
+    from jaxserve.testing.mock_model import SumModel, next_tokens
+    from sharding import make_mesh
+
+    config = EngineConfig(
+        max_num_seqs=4,
+        max_num_batched_tokens=16,
+        page_size=4,
+        num_kv_pages=32,
+        max_model_len=64,
+        tensor_parallel_size=2,
+    )
+    engine = LLMEngine(
+        config, model=SumModel(101, mesh=make_mesh(2)), tokenizer=None, progress=False, log=lambda *_: None
+    )
+    pages = engine.runner.kv_cache[0].k
+    assert tuple(pages.sharding.spec)[2] == "tp" and len(pages.devices()) == 2 and jax.device_count() >= 2
+    prompt = [3, 5, 7]
+    engine.add_request("a", prompt, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    out = []
+    while engine.has_unfinished_requests():
+        out += [o for o in engine.step() if o.finished]
+    assert out[0].outputs[0].token_ids == next_tokens(prompt, 6, 101)
