@@ -1,6 +1,6 @@
 """The API server's side of an engine core in a process of its own (core_process.py).
 
-    start():  bind two ZMQ sockets (ipc, a private folder) -> spawn `python -m
+    start():  bind two ZMQ sockets (ipc: Linux's abstract namespace, else a private folder) -> spawn `python -m
               jaxserve.engine.core_process` from this (the main) thread, config as JSON -> wait for
               Ready (or StartupFailed, or the process exiting: RuntimeError) -> RemoteEngine: the
               tokenizer (loaded here from the folder the engine names), input validation, and the
@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -131,6 +132,16 @@ class RemoteEngine:
         return self.client.stats.prefix_cache_hits
 
 
+def _socket_base() -> tuple[str | None, str]:
+    """(folder to remove at shutdown or None, the sockets' base name). On Linux the sockets live in
+    the abstract namespace ('@' names): nothing on disk, so a SIGKILLed server leaves nothing
+    behind. Elsewhere, a private folder."""
+    if sys.platform.startswith("linux"):
+        return None, f"@jaxserve-engine-{os.getpid()}-{secrets.token_hex(8)}"
+    folder = tempfile.mkdtemp(prefix="jaxserve-engine-")
+    return folder, folder
+
+
 class EngineCoreClient:
     def __init__(
         self,
@@ -146,14 +157,14 @@ class EngineCoreClient:
         self.distributed = distributed
         self.stats = EngineStats()  # replaced (atomically) by each Steps message
         self.process: subprocess.Popen | None = None
-        self._folder = tempfile.mkdtemp(prefix="jaxserve-engine-")
+        self._folder, base = _socket_base()
         self._context = zmq.Context()
         self._inputs = self._context.socket(zmq.PUSH)
         self._inputs.setsockopt(zmq.SNDHWM, 0)  # never drop a request or an abort
         self._outputs = self._context.socket(zmq.PULL)
         self._outputs.setsockopt(zmq.RCVHWM, 0)
-        self.input_address = f"ipc://{self._folder}/inputs"
-        self.output_address = f"ipc://{self._folder}/outputs"
+        self.input_address = f"ipc://{base}/inputs"
+        self.output_address = f"ipc://{base}/outputs"
         self._inputs.bind(self.input_address)
         self._outputs.bind(self.output_address)
         self._frontend = None
@@ -228,7 +239,8 @@ class EngineCoreClient:
         self._inputs.close(linger=0)
         self._outputs.close(linger=0)
         self._context.term()
-        shutil.rmtree(self._folder, ignore_errors=True)
+        if self._folder is not None:
+            shutil.rmtree(self._folder, ignore_errors=True)
 
     # -- the receiver thread --------------------------------------------------------------------
     def _receive(self) -> None:

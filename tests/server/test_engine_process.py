@@ -138,9 +138,13 @@ def test_sigkill_of_the_api_server_takes_the_engine_process_with_it(tiny_chat_mo
     server = start_server(tiny_chat_model)
     try:
         engine = engine_pid(server)
+        # its sockets are in Linux's abstract namespace: nothing on disk for a SIGKILL to leave behind
+        name = f"@jaxserve-engine-{server.proc.pid}-"
+        assert name in Path("/proc/net/unix").read_text()
         server.proc.kill()
         server.proc.wait(timeout=10)
         assert wait_until(lambda: not alive(engine), timeout=10)
+        assert wait_until(lambda: name not in Path("/proc/net/unix").read_text(), timeout=10)
     finally:
         server.stop()
 
