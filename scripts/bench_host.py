@@ -183,7 +183,9 @@ def run_case(
         nonlocal long_added
         while prefill_tokens and long_added - sum(r.startswith("long-") for r in finished) < 2:
             prompt = [(long_added + j) % V for j in range(prefill_tokens)]
-            engine.add_request(f"long-{long_added}", prompt, SamplingParams(max_tokens=1, **greedy))
+            # Salted: prompt k + V repeats prompt k, and a prefix-cache hit would leave one page to compute
+            salt = f"long-{long_added}"
+            engine.add_request(salt, prompt, SamplingParams(max_tokens=1, cache_salt=salt, **greedy))
             long_added += 1
 
     cpu_times = []  # the engine thread's own CPU time per step: robust to other load on the machine
