@@ -48,6 +48,7 @@ from jaxserve.scheduler.request import FINISHED, Request, RequestStatus, sample_
 
 CHILD_SEED_STRIDE = 0x9E3779B9  # child i of an n > 1 request samples with seed + i * stride
 NEVER = 1 << 62  # Request.cache_next with caching off
+RUNNING = RequestStatus.RUNNING
 
 
 @dataclasses.dataclass(frozen=True)
@@ -432,7 +433,9 @@ class Scheduler:
             if quarantine and req.request_id in quarantine:  # cleared once it got past its failure
                 if output.num_computed_tokens[i] + output.num_scheduled_tokens[i] >= quarantine[req.request_id]:
                     del quarantine[req.request_id]
-            if req.status in FINISHED:  # aborted or finished meanwhile: its token is dropped
+            # aborted or finished meanwhile: its token is dropped (a running one is not: decided
+            # by identity, as hashing an enum member is a Python call)
+            if req.status is not RUNNING and req.status in FINISHED:
                 gone.add(req.request_id)
                 continue
             if req.prefix_len is not None:
