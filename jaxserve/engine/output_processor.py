@@ -30,7 +30,8 @@ CUMULATIVE, DELTA, FINAL_ONLY = RequestOutputKind.CUMULATIVE, RequestOutputKind.
 
 @dataclasses.dataclass(slots=True)
 class _Sample:
-    """One of a family's n samples, as emitted so far."""
+    """One of a family's n samples, as emitted so far. DELTA keeps only what it has not sent:
+    each output takes the token and logprob lists, and the sample starts new ones."""
 
     index: int
     detok: IncrementalDetokenizer | None
@@ -40,7 +41,6 @@ class _Sample:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     # DELTA: what earlier outputs carried
-    sent_tokens: int = 0
     sent_chars: int = 0
     sent_finish: bool = False
 
@@ -250,29 +250,27 @@ class OutputProcessor:
 
     @staticmethod
     def _delta(s: _Sample) -> CompletionOutput | None:
-        """What the sample has that its earlier outputs did not carry (None: nothing)."""
+        """What the sample has that its earlier outputs did not carry (None: nothing); the
+        output takes its lists of unsent tokens and logprobs."""
         finished = s.finish_reason is not None
-        first, num_tokens = s.sent_tokens, len(s.token_ids)
-        if s.detok is None:  # no text: only tokens and the finish can be new
-            if num_tokens == first and (s.sent_finish or not finished):
-                return None
-            text = ""
-        else:
-            text = s.detok.visible_text(finished)[s.sent_chars :]
-            if num_tokens == first and not text and (s.sent_finish or not finished):
-                return None
-            s.sent_chars += len(text)
+        text = "" if s.detok is None else s.detok.visible_text(finished)[s.sent_chars :]
+        if not s.token_ids and not text and (s.sent_finish or not finished):
+            return None
         has_logprobs = s.logprobs is not None
         out = CompletionOutput(
             s.index,
             text,
-            s.token_ids[first:],
+            s.token_ids,
             s.cumulative if has_logprobs else None,
-            s.logprobs[first:] if has_logprobs else None,
+            s.logprobs,
             s.finish_reason,
             s.stop_reason,
         )
-        s.sent_tokens, s.sent_finish = num_tokens, finished
+        s.token_ids = []
+        if has_logprobs:
+            s.logprobs = []
+        s.sent_chars += len(text)
+        s.sent_finish = finished
         return out
 
 
