@@ -253,7 +253,8 @@ class OutputProcessor:
         """What the sample has that its earlier outputs did not carry (None: nothing); the
         output takes its lists of unsent tokens and logprobs."""
         finished = s.finish_reason is not None
-        text = "" if s.detok is None else s.detok.visible_text(finished)[s.sent_chars :]
+        detok = s.detok
+        text = "" if detok is None else detok.text[s.sent_chars : detok.visible_len(finished)]  # the new part alone
         if not s.token_ids and not text and (s.sent_finish or not finished):
             return None
         has_logprobs = s.logprobs is not None
