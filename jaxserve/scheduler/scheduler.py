@@ -90,7 +90,6 @@ class Scheduler:
         self._forks: dict[str, list[Request]] = {}  # prefix request id -> children waiting for it
         self._removed: list[str] = []  # ids removed since the last SchedulerOutput
         self._issued: deque[tuple[SchedulerOutput, list[Request]]] = deque()  # outputs awaiting update()
-        # Families under suspicion after a failed step: each runs alone until a step succeeds.
         # Requests under suspicion after a failed step, with the position their failed grant
         # reached: each runs alone until a step of it gets that far.
         self._quarantine: dict[str, int] = {}
