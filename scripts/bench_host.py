@@ -48,6 +48,7 @@ import argparse
 import cProfile
 import dataclasses
 import io
+import itertools
 import json
 import math
 import os
@@ -68,6 +69,7 @@ V = 101  # the mock model's vocabulary
 DECODE_PROMPT_LEN = 8  # decode rows start from short prompts: their prefill is over in a step or two
 MARGIN_TOKENS = 16  # max_tokens beyond what settling, warm-up and the timed steps need
 DEFAULT_CASES = "1,8,64,256,64+512"
+_long_prompts = itertools.count()  # the +prefill cases' long prompts, numbered across cases and rounds
 
 
 def parse_cases(text: str) -> list[tuple[int, int]]:
@@ -190,7 +192,10 @@ def run_case(
         nonlocal long_added
         while prefill_tokens and long_added - sum(r.startswith("long-") for r in finished) < 2:
             prompt = [(long_added + j) % V for j in range(prefill_tokens)]
-            engine.add_request(f"long-{long_added}", prompt, SamplingParams(max_tokens=1, **greedy))
+            # Salted, uniquely in the process: prompt k + V repeats prompt k, and so does every
+            # round's, and a prefix-cache hit would leave one page to compute
+            salt = f"long-prompt-{next(_long_prompts)}"
+            engine.add_request(f"long-{long_added}", prompt, SamplingParams(max_tokens=1, cache_salt=salt, **greedy))
             long_added += 1
 
     cpu_times = []  # the engine thread's own CPU time per step: robust to other load on the machine

@@ -236,9 +236,11 @@ class EngineCore:
         finished = update.finished
         if self.matchers:
             finished = self._finish_complete_grammars(self.matchers.accept(ids, tokens, update.advanced), finished)
+        if len(update.advanced) < len(ids):  # not every grant got a token: keep those that did
+            ids, tokens = [ids[i] for i in update.advanced], [tokens[i] for i in update.advanced]
         output = EngineCoreOutput(
-            [ids[i] for i in update.advanced],
-            [tokens[i] for i in update.advanced],
+            ids,
+            tokens,
             finished,
             _without(result.logprobs, update.gone),
             _without(result.prompt_logprobs, update.gone),

@@ -52,6 +52,10 @@ class IncrementalDetokenizer:
 
     def visible_text(self, finished: bool) -> str:
         """Text safe to show now: while running, the tail that may begin a stop string is held back."""
+        return self.text[: self.visible_len(finished)]
+
+    def visible_len(self, finished: bool) -> int:
+        """The length of visible_text(finished), without copying it."""
         if finished or self.stopped_by is not None or not self._hold:
-            return self.text
-        return self.text[: max(0, len(self.text) - self._hold)]
+            return len(self.text)
+        return max(0, len(self.text) - self._hold)

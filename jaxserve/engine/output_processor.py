@@ -28,9 +28,10 @@ from jaxserve.sampling_params import RequestOutputKind, SamplingParams
 CUMULATIVE, DELTA, FINAL_ONLY = RequestOutputKind.CUMULATIVE, RequestOutputKind.DELTA, RequestOutputKind.FINAL_ONLY
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class _Sample:
-    """One of a family's n samples, as emitted so far."""
+    """One of a family's n samples, as emitted so far. DELTA keeps only what it has not sent:
+    each output takes the token and logprob lists, and the sample starts new ones."""
 
     index: int
     detok: IncrementalDetokenizer | None
@@ -40,12 +41,11 @@ class _Sample:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     # DELTA: what earlier outputs carried
-    sent_tokens: int = 0
     sent_chars: int = 0
     sent_finish: bool = False
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class _Family:
     """One user request: its n samples and its prompt's logprobs."""
 
@@ -57,6 +57,7 @@ class _Family:
     samples: list[_Sample]
     prompt_logprobs: list[PositionLogprobs | None] | None
     num_unfinished: int = 0
+    finished: bool = False  # every sample finished (a field, not a property: read per row and step)
     num_cached_tokens: int = 0
     sent_prompt_logprobs: bool = False  # DELTA: the first output carries them
     # its timeline (time.perf_counter): added here, first admitted, first token read back
@@ -64,13 +65,10 @@ class _Family:
     scheduled_at: float | None = None
     first_token_at: float | None = None
 
-    @property
-    def finished(self) -> bool:
-        return self.num_unfinished == 0
-
     def finish(self, sample: _Sample, reason: str, stop_reason: int | str | None = None) -> None:
         if sample.finish_reason is None:
             self.num_unfinished -= 1
+            self.finished = self.num_unfinished == 0
         sample.finish_reason, sample.stop_reason = reason, stop_reason
 
 
@@ -206,29 +204,12 @@ class OutputProcessor:
 
     def _output(self, family: _Family, finished_at: float | None = None) -> RequestOutput:
         """finished_at: when the engine finished it (its last token read back), for its metrics."""
-        kind = family.params.output_kind
-        if kind is DELTA:
+        if family.params.output_kind is DELTA:
             outs = [out for s in family.samples if (out := self._delta(s)) is not None]
             prompt_logprobs = None if family.sent_prompt_logprobs else family.prompt_logprobs
             family.sent_prompt_logprobs = True
         else:
-            # A FINAL_ONLY output is the family's last: its lists are handed over, not copied.
-            copy = list if kind is CUMULATIVE else _same
-            outs = [
-                CompletionOutput(
-                    index=s.index,
-                    text="" if s.detok is None else s.detok.visible_text(s.finish_reason is not None),
-                    token_ids=copy(s.token_ids),
-                    cumulative_logprob=s.cumulative if s.logprobs is not None else None,
-                    logprobs=copy(s.logprobs) if s.logprobs is not None else None,
-                    finish_reason=s.finish_reason,
-                    stop_reason=s.stop_reason,
-                )
-                for s in family.samples
-            ]
-            prompt_logprobs = family.prompt_logprobs
-            if prompt_logprobs is not None:
-                prompt_logprobs = copy(prompt_logprobs)
+            outs, prompt_logprobs = self._snapshot(family)
         return RequestOutput(
             family.request_id,
             family.prompt,
@@ -241,6 +222,26 @@ class OutputProcessor:
         )
 
     @staticmethod
+    def _snapshot(family: _Family) -> tuple[list[CompletionOutput], list | None]:
+        """CUMULATIVE and FINAL_ONLY: every sample in full, and the prompt's logprobs. A
+        FINAL_ONLY output is the family's last: its lists are handed over, not copied."""
+        copy = list if family.params.output_kind is CUMULATIVE else _same
+        outs = [
+            CompletionOutput(
+                index=s.index,
+                text="" if s.detok is None else s.detok.visible_text(s.finish_reason is not None),
+                token_ids=copy(s.token_ids),
+                cumulative_logprob=s.cumulative if s.logprobs is not None else None,
+                logprobs=copy(s.logprobs) if s.logprobs is not None else None,
+                finish_reason=s.finish_reason,
+                stop_reason=s.stop_reason,
+            )
+            for s in family.samples
+        ]
+        prompt_logprobs = family.prompt_logprobs
+        return outs, None if prompt_logprobs is None else copy(prompt_logprobs)
+
+    @staticmethod
     def _metrics(family: _Family, finished_at: float) -> RequestMetrics:
         first_token = family.first_token_at if family.first_token_at is not None else finished_at
         # no admission seen (its report was lost with a failed step): its queue ended by its first token
@@ -249,23 +250,28 @@ class OutputProcessor:
 
     @staticmethod
     def _delta(s: _Sample) -> CompletionOutput | None:
-        """What the sample has that its earlier outputs did not carry (None: nothing)."""
+        """What the sample has that its earlier outputs did not carry (None: nothing); the
+        output takes its lists of unsent tokens and logprobs."""
         finished = s.finish_reason is not None
-        text = "" if s.detok is None else s.detok.visible_text(finished)
-        new_finish = finished and not s.sent_finish
-        if len(s.token_ids) == s.sent_tokens and len(text) == s.sent_chars and not new_finish:
+        detok = s.detok
+        text = "" if detok is None else detok.text[s.sent_chars : detok.visible_len(finished)]  # the new part alone
+        if not s.token_ids and not text and (s.sent_finish or not finished):
             return None
-        first = s.sent_tokens
+        has_logprobs = s.logprobs is not None
         out = CompletionOutput(
-            index=s.index,
-            text=text[s.sent_chars :],
-            token_ids=s.token_ids[first:],
-            cumulative_logprob=s.cumulative if s.logprobs is not None else None,
-            logprobs=s.logprobs[first:] if s.logprobs is not None else None,
-            finish_reason=s.finish_reason,
-            stop_reason=s.stop_reason,
+            s.index,
+            text,
+            s.token_ids,
+            s.cumulative if has_logprobs else None,
+            s.logprobs,
+            s.finish_reason,
+            s.stop_reason,
         )
-        s.sent_tokens, s.sent_chars, s.sent_finish = len(s.token_ids), len(text), finished
+        s.token_ids = []
+        if has_logprobs:
+            s.logprobs = []
+        s.sent_chars += len(text)
+        s.sent_finish = finished
         return out
 
 

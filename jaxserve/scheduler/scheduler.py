@@ -48,6 +48,7 @@ from jaxserve.scheduler.request import FINISHED, Request, RequestStatus, sample_
 
 CHILD_SEED_STRIDE = 0x9E3779B9  # child i of an n > 1 request samples with seed + i * stride
 NEVER = 1 << 62  # Request.cache_next with caching off
+RUNNING = RequestStatus.RUNNING
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +90,6 @@ class Scheduler:
         self._forks: dict[str, list[Request]] = {}  # prefix request id -> children waiting for it
         self._removed: list[str] = []  # ids removed since the last SchedulerOutput
         self._issued: deque[tuple[SchedulerOutput, list[Request]]] = deque()  # outputs awaiting update()
-        # Families under suspicion after a failed step: each runs alone until a step succeeds.
         # Requests under suspicion after a failed step, with the position their failed grant
         # reached: each runs alone until a step of it gets that far.
         self._quarantine: dict[str, int] = {}
@@ -432,7 +432,9 @@ class Scheduler:
             if quarantine and req.request_id in quarantine:  # cleared once it got past its failure
                 if output.num_computed_tokens[i] + output.num_scheduled_tokens[i] >= quarantine[req.request_id]:
                     del quarantine[req.request_id]
-            if req.status in FINISHED:  # aborted or finished meanwhile: its token is dropped
+            # aborted or finished meanwhile: its token is dropped (a running one is not: decided
+            # by identity, as hashing an enum member is a Python call)
+            if req.status is not RUNNING and req.status in FINISHED:
                 gone.add(req.request_id)
                 continue
             if req.prefix_len is not None:
