@@ -1,6 +1,6 @@
 """One buffer per direction per step: a pytree of fixed-shape arrays laid out in one flat int32
-array, so that a program's inputs go to the device in one transfer and its result comes back in
-one, instead of one per field (each costs tens of microseconds on a GPU).
+array, so that staging a step is one host->device transfer and reading its result one
+device->host transfer, instead of one per field (each costs tens of microseconds on a GPU).
 
     host:   Packing(template).new() -> (buffer int32 [W], pytree of numpy views into it)
             ... fill the views ... -> jit(step)(buffer)

@@ -2,8 +2,7 @@
 
     execute(SchedulerOutput):  input_batch.apply (rows freed, filled, pages appended)
         -> input_batch.stage (numpy over the step's rows, into one packed int32 buffer, padded
-           to a bucket) -> model program -> sampler program, each call sending the buffer
-           itself                                                          [returns at once]
+           to a bucket) -> one transfer -> model program -> sampler program   [returns at once]
     read_back(InFlightStep):   wait -> one copy back -> ModelRunnerOutput (a token per grant,
         logprobs where asked), the tokens also kept in the input batch's rows
 
@@ -110,7 +109,7 @@ class InFlightStep:
     num_tokens: int
     stage_seconds: float  # applying, staging and launching it
     launch_seconds: float  # of which launching (the compiled call and the read-back request)
-    # Launched without its sampler (execute(defer_sampler=True)): (packed inputs (the host buffer),
+    # Launched without its sampler (execute(defer_sampler=True)): (packed inputs on the device,
     # logits, r, full) until launch_sampler() runs it with the step's grammar bitmask.
     pending_sampler: tuple | None = None
 
@@ -388,10 +387,11 @@ class ModelRunner:
         return self._launch_sampler(packed, logits, t, r, full, bitmask), hidden
 
     def _launch_model(self, packed: np.ndarray, t: int, r: int):
-        """(packed inputs, logits, hidden) of the model program, launched. The host buffer goes
-        straight into both programs' calls, each transferring it in the compiled call's own fast
-        path: two small transfers cost the host less than one jax.device_put (~40 us on the CPU
-        alone). The ring of input buffers keeps it unchanged until both have read it."""
+        """(packed inputs on the device, logits, hidden) of the model program, launched. One
+        transfer, read by both programs, whatever the number of devices: passing the host buffer
+        to each call instead cost the host ~40 us less on the CPU, but two transfers a step (to
+        every device of a mesh), and it is unmeasured on a GPU."""
+        packed = jax.device_put(packed, self._replicated)
         # Each program's outputs are kept before the next launches: the inputs they replace were
         # donated, so a failure in between must leave valid arrays behind.
         self.kv_cache, self.device_state, logits, hidden = self._compiled[t, r].model(
