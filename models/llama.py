@@ -20,7 +20,7 @@ from flax import nnx
 from models.attention import KVCache, RaggedBatch, paged_attention
 from models.config import ModelConfig
 from models.rope import apply_rope, inverse_frequencies
-from sharding import shard_over_heads
+from sharding import logical_sharding, shard_over_heads
 
 
 def _param(rngs: nnx.Rngs, shape, dtype, axes, *, std: float | None = 0.02, in_axes: int | None = None) -> nnx.Param:
@@ -185,8 +185,17 @@ class LlamaForCausalLM(nnx.Module):
     def logits(self, hidden: jax.Array) -> jax.Array:  # [R, D] -> [R, V] float32
         if self.lm_head is None:
             w = self.model.embed_tokens.weight[...]
-            return jnp.einsum("rd,vd->rv", hidden, w, preferred_element_type=jnp.float32)
-        return jnp.einsum("rd,dv->rv", hidden, self.lm_head.weight[...], preferred_element_type=jnp.float32)
+            logits = jnp.einsum("rd,vd->rv", hidden, w, preferred_element_type=jnp.float32)
+        else:
+            logits = jnp.einsum("rd,dv->rv", hidden, self.lm_head.weight[...], preferred_element_type=jnp.float32)
+        if self.mesh is not None and self.mesh.size > 1:
+            # Computed split by vocabulary, as the weight is: when the caller wants the logits whole,
+            # XLA otherwise gathers the whole [D, V] weight onto every device, every step (1 GB for
+            # Llama-3.1-8B), instead of the [R, V] logits.
+            logits = jax.lax.with_sharding_constraint(
+                logits, logical_sharding(self.mesh, ("batch", "vocab"), logits.shape)
+            )
+        return logits
 
 
 def create_model(cfg: ModelConfig, *, dtype=jnp.float32, attention_impl: str = "reference", mesh=None, seed: int = 0):

@@ -13,6 +13,7 @@ LOGICAL_RULES: dict[str, str | None] = {
     "mlp": TP_AXIS,
     "embed": None,
     "head_dim": None,
+    "batch": None,  # an activation's rows or tokens: tensor parallelism never splits them
 }
 
 

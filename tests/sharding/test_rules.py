@@ -20,8 +20,9 @@ def test_rules_megatron_and_replicate_when_indivisible():
     assert logical_sharding(mesh, ("embed", "kv_heads", "head_dim"), (64, 2, 16)).spec == PartitionSpec(
         None, None, None
     )
+    assert logical_sharding(mesh, ("batch", "vocab"), (4, 256)).spec == PartitionSpec(None, "tp")
     with pytest.raises(ValueError, match="no sharding rule"):
-        logical_sharding(mesh, ("batch",))
+        logical_sharding(mesh, ("experts",))
     with pytest.raises(ValueError, match="tensor_parallel_size=16"):
         make_mesh(16)
 

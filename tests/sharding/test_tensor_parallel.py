@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from jaxserve import LLM, SamplingParams
+from jaxserve.benchmarks.collectives import collectives
 from jaxserve.testing.greedy import greedy_generate
 from models.loading import lay_out_heads, load_model
 from sharding import head_layout, make_mesh
@@ -60,6 +61,29 @@ def test_engine_at_tp4_serves_the_same_tokens():
     )
     assert [o.outputs[0].token_ids for o in outs] == ref["greedy"].tolist()
     assert llm.engine.num_compilations_since_warmup == 0
+
+
+@pytest.mark.parametrize("name", ["llama_gqa_llama3rope", "llama_tied_headdim_linearrope"])  # lm_head / tied
+def test_no_step_gathers_a_weight(name):
+    """At tp = 2 the logits are computed split by vocabulary and then gathered ([R, V]), never the
+    [D, V] weight; what a step sends between devices is bounded by its activations."""
+    llm = LLM(
+        str(FIXTURES / "tiny" / name),
+        dtype="float32",
+        tensor_parallel_size=2,
+        max_num_seqs=2,
+        max_num_batched_tokens=16,
+        max_model_len=64,
+        num_kv_pages=16,
+        progress=False,
+    )
+    runner = llm.engine.runner
+    vocab, hidden = runner.config.vocab_size, runner.config.hidden_size
+    for (t, r), compiled in runner._compiled.items():
+        sent = collectives(compiled.model.as_text())
+        assert any(c.kind == "all-reduce" for c in sent)  # the layers' row-split matmuls
+        largest = max(c.nbytes for c in sent)
+        assert largest <= 4 * max(t * hidden, r * vocab), [c for c in sent if c.nbytes == largest]
 
 
 def test_head_layout_keeps_groups_whole():
