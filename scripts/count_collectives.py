@@ -1,6 +1,6 @@
 """The collectives of a tensor-parallel decode step, read from the compiled programs' HLO.
 
-For each --tensor-parallel-size, the engine is built (random weights) with a one-shape plan (16
+For each of --tensor-parallel-sizes, the engine is built (random weights) with a one-shape plan (16
 tokens, 1 row: a batch-1 decode step), and the optimized HLO of its model and sampler programs is
 searched for collectives: all-reduce, all-gather, reduce-scatter, collective-permute, all-to-all
 (their -start halves where XLA made them asynchronous). Printed per program: the count of each,
@@ -24,6 +24,7 @@ import os
 from collections import Counter
 
 from jaxserve.benchmarks.collectives import Collective, collectives
+from jaxserve.engine_args import add_engine_args, engine_kwargs
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")  # before jax is imported
 
@@ -43,11 +44,12 @@ def summarize(found: list[Collective], num_layers: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="llama-3.2-1b", help="a preset (random weights) or a model folder")
-    p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--tensor-parallel-sizes", default="1,2,4,8")
-    p.add_argument("--attention-impl", default="xla")
     p.add_argument("--output-json", default=None)
+    # a batch-1 decode step: one 16-token, 1-row shape; random weights, no executable cache
+    plan = dict(max_num_seqs=1, max_num_batched_tokens=16, min_token_bucket=16, max_model_len=256, num_kv_pages=64)
+    defaults = dict(model="llama-3.2-1b", load_format="dummy", dtype="bfloat16", attention_impl="xla")
+    add_engine_args(p, defaults={**defaults, **plan, "executable_cache": False}, skip=("tensor_parallel_size",))
     args = p.parse_args()
 
     import jax
@@ -58,23 +60,11 @@ def main() -> None:
     print(f"{jax.device_count()} {jax.default_backend()} devices")
     results = []
     for tp in [int(x) for x in args.tensor_parallel_sizes.split(",")]:
-        config = EngineConfig(
-            model=args.model,
-            load_format="dummy",
-            dtype=args.dtype,
-            tensor_parallel_size=tp,
-            attention_impl=args.attention_impl,
-            max_num_seqs=1,
-            max_num_batched_tokens=16,
-            min_token_bucket=16,
-            max_model_len=256,
-            num_kv_pages=64,
-            executable_cache=False,
-        )
+        config = EngineConfig(**engine_kwargs(args), tensor_parallel_size=tp)
         engine = LLMEngine(config, progress=False, log=lambda *a, **k: None)
         runner = engine.runner
         num_layers = runner.config.num_layers
-        row = {"tensor_parallel_size": tp, "model": args.model, "num_layers": num_layers, "programs": {}}
+        row = {"tensor_parallel_size": tp, "model": config.model, "num_layers": num_layers, "programs": {}}
         for shape, compiled in runner._compiled.items():
             for name in ("model", "sampler"):
                 found = collectives(getattr(compiled, name).as_text())
