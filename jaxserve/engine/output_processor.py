@@ -56,8 +56,7 @@ class _Family:
     sample_ids: list[str]
     samples: list[_Sample]
     prompt_logprobs: list[PositionLogprobs | None] | None
-    num_unfinished: int = 0
-    finished: bool = False  # every sample finished (a field, not a property: read per row and step)
+    num_unfinished: int = 0  # 0: every sample finished (read per family and step: no property call)
     num_cached_tokens: int = 0
     sent_prompt_logprobs: bool = False  # DELTA: the first output carries them
     # its timeline (time.perf_counter): added here, first admitted, first token read back
@@ -68,7 +67,6 @@ class _Family:
     def finish(self, sample: _Sample, reason: str, stop_reason: int | str | None = None) -> None:
         if sample.finish_reason is None:
             self.num_unfinished -= 1
-            self.finished = self.num_unfinished == 0
         sample.finish_reason, sample.stop_reason = reason, stop_reason
 
 
@@ -152,7 +150,7 @@ class OutputProcessor:
         for family in touched.values():
             if family.first_token_at is None:
                 family.first_token_at = step.timestamp
-            if family.finished:
+            if not family.num_unfinished:
                 outputs.append(self._output(family, finished_at=step.timestamp))
                 self._forget(family)
             elif family.params.output_kind is not FINAL_ONLY:
@@ -216,7 +214,7 @@ class OutputProcessor:
             family.prompt_token_ids,
             prompt_logprobs,
             outs,
-            family.finished,
+            family.num_unfinished == 0,
             family.num_cached_tokens,
             None if finished_at is None else self._metrics(family, finished_at),
         )
