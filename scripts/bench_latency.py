@@ -58,10 +58,14 @@ def main(argv: list[str] | None = None) -> dict:
     args = make_parser().parse_args(argv)
     multi_gpu_environment(args.tensor_parallel_size, os.environ)  # NCCL_NVLS_ENABLE=0 at tp > 1
 
+    from jaxserve.benchmarks.device_limits import copy_bandwidth
+
+    # Before JAX starts its GPU client, which takes 95% of the memory (an 80 GB card has no room after).
+    bandwidth = copy_bandwidth()
+
     import jax
 
     from jaxserve import LLM, SamplingParams
-    from jaxserve.benchmarks.device_limits import copy_bandwidth
 
     batches = [int(b) for b in (args.batches or str(args.batch_size)).split(",")]
     kwargs = engine_kwargs(args)
@@ -75,7 +79,6 @@ def main(argv: list[str] | None = None) -> dict:
     engine = llm.engine
     tp = engine.config.tensor_parallel_size
     weight_bytes = sum(a.nbytes for a in jax.tree.leaves(engine.runner.state))
-    bandwidth = copy_bandwidth()
     floor_ms = 1e3 * weight_bytes / tp / bandwidth
     record = dict(
         {k: v for k, v in vars(args).items() if not k.startswith("_")},

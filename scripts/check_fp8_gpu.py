@@ -16,8 +16,10 @@ Prints a markdown table last; every number goes to OUT/fp8.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
+import importlib
 import json
 import statistics
 import time
@@ -34,6 +36,7 @@ from pallas_kernels.kv_cache_update import write_kv_pages, write_kv_pages_refere
 from pallas_kernels.kv_quant import quantize
 from pallas_kernels.ragged_paged_attention_config import DECODE_CONFIG, RaggedPagedAttentionConfig
 
+rpa = importlib.import_module("pallas_kernels.ragged_paged_attention")  # the module (the package exports its function)
 FORMATS = {"fp8_e4m3": jnp.float8_e4m3fn, "fp8_e5m2": jnp.float8_e5m2}
 VARIANTS = {  # decode configs timed on fp8 pages besides the one picked by shape
     "stages4": dataclasses.replace(DECODE_CONFIG, num_stages=4),  # the fp8 ring is half: one more stage fits
@@ -135,7 +138,7 @@ def check_kernel(results):
             log(f"kernel {name} case {i} (G={group} H={head_dim} S={page_size}): {row}")
 
 
-def bench_decode(results, copy_bw, batches, kv_len, page_sizes, variants, save):
+def bench_decode(results, copy_bw, batches, kv_len, page_sizes, variants, save, ablate_widen=False):
     for page_size in page_sizes:
         for b in batches:
             base = make_batch(
@@ -161,11 +164,14 @@ def bench_decode(results, copy_bw, batches, kv_len, page_sizes, variants, save):
                 itemsize = jnp.dtype(fmt).itemsize
                 nbytes = 2 * b * kv_len * K * H * itemsize + 2 * b * N * H * 2  # pages read, q read, out written
                 configs = {"auto": None} | ({v: VARIANTS[v] for v in variants} if kv_name != "bf16" else {})
+                if ablate_widen and kv_name != "bf16":
+                    configs["nowiden"] = None
                 for cname, cfg in configs.items():
                     fn = lambda *a, cfg=cfg: ragged_paged_attention(*a, sm_scale=H**-0.5, config=cfg)  # noqa: E731
                     key = f"{kv_name}_{cname}"
                     try:
-                        t = timeit(fn, [args[n] for n in names], lens_index, calls)
+                        with skipped_widening(cname == "nowiden"):
+                            t = timeit(fn, [args[n] for n in names], lens_index, calls)
                         row[key] = dict(us=t * 1e6, bytes=nbytes, of_copy=nbytes / t / copy_bw)
                     except Exception as e:  # noqa: BLE001
                         row[key] = dict(error=f"{type(e).__name__}: {str(e)[:400]}")
@@ -174,6 +180,23 @@ def bench_decode(results, copy_bw, batches, kv_len, page_sizes, variants, save):
             results["decode"].append(row)
             save()
             del base
+
+
+@contextlib.contextmanager
+def skipped_widening(skip: bool):
+    """A profile by ablation, for timing only: the kernel traced with its fp8 -> 16-bit widening left
+    out (wgmma reads tiles never written), which says what the widening costs beside the rest."""
+    if not skip:
+        yield
+        return
+    widen = rpa._widen
+    rpa._widen = lambda src, dst: None
+    jax.clear_caches()  # the jitted kernel retraced with it, and again after
+    try:
+        yield
+    finally:
+        rpa._widen = widen
+        jax.clear_caches()
 
 
 def markdown(results):
@@ -203,6 +226,7 @@ def main():
     ap.add_argument("--page-sizes", default="64,16")
     ap.add_argument("--fp8-variants", default="stages4", help=f"of {list(VARIANTS)}; '' for none")
     ap.add_argument("--skip-checks", action="store_true")
+    ap.add_argument("--ablate-widen", action="store_true", help="also time fp8 pages with the widening left out")
     args = ap.parse_args()
     results = dict(
         device=jax.devices()[0].device_kind,
@@ -227,7 +251,7 @@ def main():
     variants = [v for v in args.fp8_variants.split(",") if v]
     batches = [int(b) for b in args.batches.split(",")]
     page_sizes = [int(s) for s in args.page_sizes.split(",")]
-    bench_decode(results, copy_bw, batches, args.kv_len, page_sizes, variants, save)
+    bench_decode(results, copy_bw, batches, args.kv_len, page_sizes, variants, save, args.ablate_widen)
     log(markdown(results))
 
 
