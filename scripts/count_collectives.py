@@ -65,7 +65,7 @@ def main() -> None:
         runner = engine.runner
         num_layers = runner.config.num_layers
         row = {"tensor_parallel_size": tp, "model": config.model, "num_layers": num_layers, "programs": {}}
-        for shape, compiled in runner._compiled.items():
+        for shape, compiled in runner.compiled_steps.items():
             for name in ("model", "sampler"):
                 found = collectives(getattr(compiled, name).as_text())
                 row["programs"][f"{name} {shape}"] = summarize(found, num_layers)

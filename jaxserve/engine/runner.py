@@ -18,7 +18,8 @@ import collections
 import dataclasses
 import os
 import time
-from collections.abc import Callable, Sequence
+import types
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import jax
@@ -271,6 +272,12 @@ class ModelRunner:
     def devices(self) -> list:
         """The devices the step runs on."""
         return [jax.devices()[0]] if self.mesh is None else list(self.mesh.devices.flat)
+
+    @property
+    def compiled_steps(self) -> Mapping[tuple[int, int], CompiledStep]:
+        """The compiled programs of each step shape (T, R), read-only (warm_up fills them): for
+        tools that inspect them, such as scripts/count_collectives.py."""
+        return types.MappingProxyType(self._compiled)
 
     def executable_cache_key(self) -> tuple:
         """What, beyond the code and the devices, shapes this runner's compiled programs."""

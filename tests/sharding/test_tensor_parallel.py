@@ -79,7 +79,7 @@ def test_no_step_gathers_a_weight(name):
     )
     runner = llm.engine.runner
     vocab, hidden = runner.config.vocab_size, runner.config.hidden_size
-    for (t, r), compiled in runner._compiled.items():
+    for (t, r), compiled in runner.compiled_steps.items():
         sent = collectives(compiled.model.as_text())
         assert any(c.kind == "all-reduce" for c in sent)  # the layers' row-split matmuls
         largest = max(c.nbytes for c in sent)
