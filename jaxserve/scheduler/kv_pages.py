@@ -80,22 +80,24 @@ class KVPageManager:
         elif cached:
             raise ValueError(f"request {request_id!r} already holds pages")
         missing = max(missing, 0)
-        reclaimed = sum(self._refs[p] == 0 for p in cached)  # evictable pages a hit takes back
-        if missing > self.num_free_pages - reclaimed:
+        free, refs = self._free, self._refs
+        # Evictable pages a hit takes back (no generator for a request growing its own table).
+        reclaimed = sum(refs[p] == 0 for p in cached) if cached else 0
+        if missing > len(free) + len(self._evictable) - reclaimed:  # num_free_pages, without the call
             if not table:
                 del self._tables[request_id]
             return None
         for page in cached:
-            if self._refs[page] == 0:
+            if refs[page] == 0:
                 del self._evictable[page]
-            self._refs[page] += 1
+            refs[page] += 1
         table += cached
-        if missing <= len(self._free):
-            added = [self._free.popleft() for _ in range(missing)]
+        if missing <= len(free):
+            added = [free.popleft() for _ in range(missing)]
         else:
-            added = [self._free.popleft() if self._free else self._evict() for _ in range(missing)]
+            added = [free.popleft() if free else self._evict() for _ in range(missing)]
         for page in added:
-            self._refs[page] = 1
+            refs[page] = 1
         table += added
         return added
 

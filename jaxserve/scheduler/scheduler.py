@@ -42,7 +42,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 
-from jaxserve.scheduler.kv_pages import KVPageManager
+from jaxserve.scheduler.kv_pages import NO_PAGES, KVPageManager
 from jaxserve.scheduler.output import NewRequestData, SchedulerOutput, UpdateResult
 from jaxserve.scheduler.request import FINISHED, Request, RequestStatus, sample_ids
 
@@ -67,16 +67,15 @@ class PrefixCacheStats:
 
 
 class _Grants:
-    """The step being scheduled: its grants, in order, as SchedulerOutput's columns."""
+    """The step being scheduled: its grants, in order, as SchedulerOutput's columns (the request
+    ids are taken from the requests granted, num_tokens from q_lens, once the step is scheduled)."""
 
     def __init__(self):
         self.new: list[NewRequestData] = []
-        self.ids: list[str] = []
         self.q_lens: list[int] = []
         self.starts: list[int] = []
         self.samples: list[bool] = []
-        self.new_pages: list[list[int]] = []
-        self.num_tokens = 0
+        self.new_pages: list[Sequence[int]] = []
 
 
 class Scheduler:
@@ -96,7 +95,8 @@ class Scheduler:
         self.prefix_cache = PrefixCacheStats()
         self._new_cached: dict[str, int] = {}  # family id -> tokens found cached, since take_num_cached_tokens
         self._new_scheduled: dict[str, float] = {}  # family id -> when first admitted, since take_scheduled
-        self._to_cache: list[Request] = []  # requests whose grants completed a page not cached yet
+        # Requests whose grants completed a page not cached yet (a dict: each once, in order)
+        self._to_cache: dict[Request, None] = {}
 
     # -- requests in -----------------------------------------------------------------------
     def add_request(self, req: Request) -> list[str]:
@@ -156,38 +156,71 @@ class Scheduler:
         out = SchedulerOutput(
             removed_ids=self._removed,
             new_requests=grants.new,
-            request_ids=grants.ids,
+            request_ids=[r.request_id for r in requests],
             num_scheduled_tokens=grants.q_lens,
             num_computed_tokens=grants.starts,
             samples=grants.samples,
             new_page_ids=grants.new_pages,
-            num_tokens=grants.num_tokens,
+            num_tokens=sum(grants.q_lens),
         )
         self._removed = []
         if requests:
             self._issued.append((out, requests))
-            if self._to_cache:  # the pages that grants completed, once their tokens are known
-                cache = self._cache_pages
-                self._to_cache = [r for r in self._to_cache if not r.status.finished and not cache(r)]
+            if self._to_cache:
+                self._cache_completed_pages()
         return out
+
+    def _cache_completed_pages(self) -> None:
+        """Caches the pages that grants completed, once their tokens are known; keeps the requests
+        whose completed pages are not all cached yet."""
+        waiting_for_tokens = {}
+        for req in self._to_cache:
+            if req.status is not RUNNING:
+                continue  # finished (its last pages cached as it left) or preempted (nothing computed)
+            if req.num_prompt_tokens + len(req.output_token_ids) < req.cache_next <= req.num_computed_tokens:
+                # The next page is computed but its last token is not known (still on the device):
+                # nothing to cache yet, decided without a call (a decode row, the step its page fills).
+                waiting_for_tokens[req] = None
+            elif not self._cache_pages(req):
+                waiting_for_tokens[req] = None
+        self._to_cache = waiting_for_tokens
 
     def _schedule(self, grants: _Grants) -> list[Request]:
         budget = self.config.max_num_batched_tokens
         scheduled: list[Request] = []
         preempted = False
-        allocate = self.kv.allocate
-        running, grant = self.running, self._grant
-        i = 0
-        # The hot loop of a step (once per running request): keep it lean.
-        while i < len(running) and budget > 0:
-            req = running[i]
+        allocate, page_size = self.kv.allocate, self.kv.page_size
+        running, grant, to_cache = self.running, self._grant, self._to_cache
+        q_lens, starts, samples, new_pages = grants.q_lens, grants.starts, grants.samples, grants.new_pages
+        # The hot loop of a step (once per running request): keep it lean. Iterating over
+        # `running` while preempting is safe: victims are popped from its end, down to the request
+        # being granted at the latest (which then ends the loop).
+        for req in running:
+            if budget <= 0:
+                break
             num_outputs = len(req.output_token_ids) + req.num_pending
             target = req.num_prompt_tokens + num_outputs if req.prefix_len is None else req.prefix_len
             start = req.num_computed_tokens
             n = target - start
             if n <= 0 or num_outputs >= req.max_output_tokens:
-                i += 1  # waiting for its launched steps: a prefix about to fork, or a last token
-                continue
+                continue  # waiting for its launched steps: a prefix about to fork, or a last token
+            if n == 1 and req.prefix_len is None:
+                # A decode step, the grant of almost every row (one token, which samples): _grant's
+                # work, inline. Its token goes to the page of the token before it (computed, so
+                # held: nothing to allocate) but at a page boundary.
+                added = allocate(req.request_id, start + 1) if start % page_size == 0 else NO_PAGES
+                if added is not None:  # (None: out of pages: the general path below preempts)
+                    q_lens.append(1)
+                    starts.append(start)
+                    samples.append(True)
+                    new_pages.append(added)
+                    req.num_computed_tokens = start + 1
+                    req.num_pending += 1
+                    if start + 1 >= req.cache_next:
+                        to_cache[req] = None
+                    scheduled.append(req)
+                    budget -= 1
+                    continue
             if n > budget:
                 n = budget
             while (added := allocate(req.request_id, start + n)) is None:
@@ -202,7 +235,6 @@ class Scheduler:
                 grant(grants, req, n, added, start + n == target and req.prefix_len is None)
                 scheduled.append(req)
                 budget -= n
-                i += 1
         # Admit new work only in a step that preempted nothing: pages are scarce otherwise.
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
@@ -343,19 +375,18 @@ class Scheduler:
         self._grant(grants, req, n, [], self._ends_at_last_token(req, n))
 
     def _grant(self, grants: _Grants, req: Request, n: int, new_pages: Sequence[int], samples: bool) -> None:
-        """samples: the grant ends at the request's last token (its logits pick the next one)."""
+        """samples: the grant ends at the request's last token (its logits pick the next one).
+        _schedule records a running request's decode grant inline, as this does: keep them alike."""
         start = req.num_computed_tokens
         end = start + n
-        grants.ids.append(req.request_id)
         grants.q_lens.append(n)
         grants.starts.append(start)
         grants.samples.append(samples)
         grants.new_pages.append(new_pages)
-        grants.num_tokens += n
         req.num_computed_tokens = end
         req.num_pending += samples
         if end >= req.cache_next:  # a page full of computed tokens, to cache
-            self._to_cache.append(req)
+            self._to_cache[req] = None
 
     def forget_issued(self) -> None:
         """The outputs scheduled but not updated will never be: no step is in flight any more."""
@@ -437,14 +468,13 @@ class Scheduler:
             if req.status is not RUNNING and req.status in FINISHED:
                 gone.add(req.request_id)
                 continue
-            if req.prefix_len is not None:
-                # Fork once the grant that completes the prompt's shared pages has run (its
-                # computed count got there when it was scheduled, possibly a step earlier).
-                end = output.num_computed_tokens[i] + output.num_scheduled_tokens[i]
-                if req.status is RequestStatus.RUNNING and end == req.prefix_len:
-                    self._fork(req)
-                continue
-            if not samples[i]:
+            if not samples[i]:  # a prefill chunk, or a prefix request's (which never samples)
+                if req.prefix_len is not None:
+                    # Fork once the grant that completes the prompt's shared pages has run (its
+                    # computed count got there when it was scheduled, possibly a step earlier).
+                    end = output.num_computed_tokens[i] + output.num_scheduled_tokens[i]
+                    if req.status is RequestStatus.RUNNING and end == req.prefix_len:
+                        self._fork(req)
                 continue
             # A request preempted since keeps its token: it is recomputed with it.
             req.num_pending -= 1
