@@ -47,7 +47,8 @@ would multiply fp8 operands, but only K-major ones: K^T (QK's B) is, V (PV's B, 
 and 8-bit operands cannot be transposed; q and P would also have to be rounded to fp8. So each
 compute warpgroup widens the stage's fp8 tile through registers into its own 16-bit tile buffer
 (64 rows at a time: relaid in 8 bits, then converted), frees the ring stage at once, and
-multiplies in 16 bits. The 16-bit type is f16, whatever q's: Hopper converts a pair of fp8 values
+multiplies in 16 bits. A compute warpgroup alone (decode) has a tile for V besides K's and widens
+V while the tensor cores run Q.K^T. The 16-bit type is f16, whatever q's: Hopper converts a pair of fp8 values
 to f16 in one instruction and has none for bf16 (fp8 -> bf16 goes through f32, three more per
 pair, and bounded the kernel at a third of copy bandwidth). The wrapper rounds q to f16 (bf16's
 range is clipped to f16's; f16 keeps more of the mantissa), the kernel writes the output in the
@@ -140,7 +141,9 @@ def _kernel(
     else:
         out_ref, q_smem, k_smem, v_smem, p_smem, *refs = refs
         lse_ref = lse_smem = None
-    kv_tile, *barriers = refs  # kv_tile None: 16-bit pages, multiplied from the ring
+    # fp8 pages: 16-bit tiles the stage's K (and V) are widened into (None: 16-bit pages, multiplied
+    # from the ring); v_tile: V's own (one compute warpgroup), else V shares K's
+    kv_tile, v_tile, *barriers = refs
     k_full, v_full, q_full, k_free, v_free, q_free, sched = barriers
     dtype = q_ref.dtype
     head_dim = q_ref.shape[-1]
@@ -287,26 +290,31 @@ def _kernel(
             l = plgpu.layout_cast(jnp.full((_WG_ROWS,), 0.0, jnp.float32), layout.reduce(1))
             acc = plgpu.layout_cast(jnp.full((_WG_ROWS, head_dim), 0.0, jnp.float32), layout)
 
-            def operand(ring, full, free, stage):
+            def operand(ring, full, free, stage, tiles):
                 """The stage's K or V tile as a wgmma operand; with fp8 pages, widened into this
-                warpgroup's tile buffer and the stage freed at once. -> (operand, free it after use)"""
+                warpgroup's buffer of `tiles` and the stage freed at once. -> (operand, free it
+                after use)"""
                 plgpu.barrier_wait(full.at[stage])
-                if kv_tile is None:
+                if tiles is None:
                     return ring.at[stage], True
-                _widen(ring.at[stage], kv_tile.at[wg])
+                tile = tiles.at[wg]
+                _widen(ring.at[stage], tile)
                 plgpu.barrier_arrive(free.at[stage])
                 plgpu.commit_smem()  # the widened tile, visible to the tensor cores
-                return kv_tile.at[wg], False
+                return tile, False
 
             def step_fn(step, carry, *, masked):
                 acc, m, l = carry
                 stage = lax.rem(count + step - first_step, num_stages)
-                k_operand, free_k = operand(k_smem, k_full, k_free, stage)
+                k_operand, free_k = operand(k_smem, k_full, k_free, stage, kv_tile)
+                v_early = []  # fp8 pages, own V tile: V widened while the tensor cores run QK
 
                 def qk(acc_ref):
                     plgpu.wgmma(acc_ref, q_view, k_operand.T)
                     if pingpong:
                         sched_sync()
+                    if v_tile is not None:
+                        v_early.append(operand(v_smem, v_full, v_free, stage, v_tile))
                     return acc_ref[...]
 
                 s = pl.run_scoped(qk, plgpu.ACC((_WG_ROWS, block_kv), jnp.float32))
@@ -328,13 +336,15 @@ def _kernel(
                 l = l * alpha + p.sum(axis=1)
                 acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
                 p16 = p.astype(dtype)
-                if pingpong:  # softmax done: let the other warpgroup's matmuls go, then take ours
+                if v_early:
+                    ((v_operand, free_v),) = v_early
+                elif pingpong:  # softmax done: let the other warpgroup's matmuls go, then take ours
                     acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
                     plgpu.barrier_arrive(sched)
-                    v_operand, free_v = operand(v_smem, v_full, v_free, stage)
+                    v_operand, free_v = operand(v_smem, v_full, v_free, stage, kv_tile)
                     plgpu.barrier_wait(sched)
                 else:
-                    v_operand, free_v = operand(v_smem, v_full, v_free, stage)
+                    v_operand, free_v = operand(v_smem, v_full, v_free, stage, kv_tile)
 
                 if p_from_registers:
                     p_operand = p16
@@ -454,6 +464,12 @@ def _attention_call(
     # P's buffer: none when P stays in registers (every allocation takes whole KiB: with H = 128 the
     # decode config's q buffers and ring leave ~3 KiB of the 227).
     p_scratch = None if p_from_registers else plgpu.SMEM((num_wgs, _WG_ROWS, block_kv), q.dtype, transforms=transforms)
+    pingpong = config.pingpong and num_wgs == 2
+    # fp8 pages: each compute warpgroup widens K, then V, into 16-bit tiles (the wgmma operands).
+    # A warpgroup alone (decode) gives V a tile of its own, widened while the QK matmul
+    # runs; two warpgroups' four tiles would not fit in shared memory beside their q buffers.
+    widen = is_fp8(k_pages.dtype)
+    own_v_tile = widen and num_wgs == 1
     kernel = functools.partial(
         _kernel,
         group=group,
@@ -468,7 +484,7 @@ def _attention_call(
         p_from_registers=p_from_registers,
         num_splits=num_splits,
         acc_in_place=not interpret,
-        pingpong=config.pingpong and num_wgs == 2,
+        pingpong=pingpong,
     )
     out_shape = jax.ShapeDtypeStruct((num_kv_heads, cells, head_dim), q.dtype)
     # q / out buffers: two, so that a program's next item loads under this one; one when every
@@ -495,9 +511,8 @@ def _attention_call(
             jax.ShapeDtypeStruct((num_splits, num_kv_heads, cells), jnp.float32),
         )
         scratch.append(plgpu.SMEM((num_wgs, _WG_ROWS), jnp.float32))
-    # fp8 pages: each compute warpgroup's K (then V) tile widened to q's dtype, the wgmma operand.
-    widen = is_fp8(k_pages.dtype)
-    scratch.append(plgpu.SMEM((num_wgs, block_kv, head_dim), q.dtype, transforms=transforms) if widen else None)
+    tile = plgpu.SMEM((num_wgs, block_kv, head_dim), q.dtype, transforms=transforms)
+    scratch += [tile if widen else None, tile if own_v_tile else None]
     call = plgpu.kernel(
         kernel,
         out_type=out_shape,

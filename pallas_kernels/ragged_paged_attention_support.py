@@ -17,8 +17,9 @@ Compiled (Mosaic GPU) the kernel needs:
     shared memory           the config's q buffers and K/V ring fit Hopper's 227 KiB: at 16 bits
                             head_dim 64 with any page size above, head_dim 128 with S <= 128;
                             head_dim 192 and 256 never fit with DECODE_CONFIG / PREFILL_CONFIG;
-                            fp8 pages halve the ring and add one 16-bit K/V tile per compute
-                            warpgroup (head_dim 128, S <= 128 fits)
+                            fp8 pages halve the ring and add 16-bit tiles per compute
+                            warpgroup: K and V (one for both with two warpgroups; head_dim
+                            128, S <= 128 fits)
 Interpret mode (any backend; tests) needs only the dtype (float32 too), head_dim and page size.
 `ragged_paged_attention` itself checks the dtype, head_dim and page size when called; the shared
 memory it finds too big only when Mosaic GPU lowers it (tests/engine/test_attention_choice.py
@@ -50,8 +51,8 @@ def shared_memory_bytes(
     """Shared memory the compiled kernel allocates for one program, as `_attention_call` lays it out:
     two q/out buffers per compute warpgroup, the K and V rings (of kv_itemsize; default itemsize),
     P's buffer (unless P stays in registers), the split log-sum-exp rows (counted always: splits
-    are picked per batch), with 8-bit pages a widened K/V tile per compute warpgroup, and the
-    barriers (8 bytes each)."""
+    are picked per batch), with 8-bit pages the widened K and V tiles of each compute warpgroup
+    (one for both with two warpgroups), and the barriers (8 bytes each)."""
     kv_itemsize = kv_itemsize or itemsize
     wgs, stages = config.compute_warpgroups, config.num_stages
     block_kv = max(page_size, config.block_kv)
@@ -59,7 +60,8 @@ def shared_memory_bytes(
     ring = 2 * stages * block_kv * head_dim * kv_itemsize
     p = 0 if config.p_from_registers else wgs * _WG_ROWS * block_kv * itemsize
     lse = wgs * _WG_ROWS * 4
-    tile = wgs * block_kv * head_dim * itemsize if kv_itemsize == 1 else 0
+    tiles = 2 if wgs == 1 else 1  # a warpgroup alone widens V into a tile of its own
+    tile = tiles * wgs * block_kv * head_dim * itemsize if kv_itemsize == 1 else 0
     barriers = 8 * (4 * stages + 5)  # k/v full and free per stage; q full and free x 2; sched
     return q + ring + p + lse + tile + barriers
 
