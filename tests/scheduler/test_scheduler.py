@@ -240,3 +240,30 @@ def test_first_admission_is_stamped_once_per_family():
     while s.has_unfinished:
         step(s)
     assert s.take_scheduled() == {}  # the children carry the family's stamp
+
+
+@pytest.mark.parametrize("in_flight", [1, 2])
+def test_decode_grants_bring_each_page_once_at_its_boundary(in_flight):
+    # A decode grant takes a page only when its token starts one (start % page_size == 0); the
+    # runner's copy of the table, built from new_requests and new_page_ids, matches the scheduler's.
+    s = make(budget=16, page_size=4)
+    s.add_request(req("a", 3, max_tokens=14))
+    table, issued = [], []
+    while s.has_unfinished or issued:
+        if s.has_unfinished and len(issued) < in_flight:
+            out = s.schedule()
+            for new in out.new_requests:
+                table += new.page_ids
+            for start, n, added in zip(out.num_computed_tokens, out.num_scheduled_tokens, out.new_page_ids):
+                boundary = -(-(start + n) // 4) > -(-start // 4)
+                assert bool(added) == (boundary and start > 0), (start, n, added)
+                table += added
+                assert len(table) == -(-(start + n) // 4)  # exactly the pages its tokens need
+                assert table == s.kv.table("a")
+            if out.num_rows:
+                issued.append(out)
+                continue
+        out = issued.pop(0)
+        s.update(out, [7] * out.num_rows)
+    assert "a" not in s.requests  # finished and forgotten
+    assert s.kv.num_free_pages == s.kv.num_pages
