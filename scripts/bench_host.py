@@ -6,7 +6,9 @@ of) through the real paged KV cache. The device's share of a step is then tiny, 
 what Python does per step: the figure that decides whether a GPU waits for the host.
 
 Cases (all greedy, ignore_eos, max_tokens large enough that no row finishes while timed; the
-requests' outputs are DELTA, as the server streams them, unless --output-kind says otherwise):
+requests' outputs are DELTA, as the server streams them, unless --output-kind says otherwise;
+not detokenized unless --tokenizer: then SmolLM2's tokenizer decodes the mock's token ids, < 101:
+its first added tokens (<|endoftext|>, <filename>, ...) and single characters):
 
     rows=1, 8, 64, 256, prefill=0   pure decode: every request's prefill is done first, then
                                     --warm steps, then --steps timed steps of steady decode
@@ -115,6 +117,7 @@ def build_engine(
     min_token_bucket: int = 16,
     row_bucket_growth: int = 8,
     tensor_parallel_size: int = 1,
+    tokenizer=None,
 ) -> LLMEngine:
     """One engine for all the cases. row_bucket_growth=8 gives row buckets 1, 8, 64, 256: each
     decode case runs at a compiled shape with no padded rows. tensor_parallel_size > 1: the mock
@@ -141,7 +144,7 @@ def build_engine(
     )
     mesh = None if tensor_parallel_size == 1 else make_mesh(tensor_parallel_size)
     model = SumModel(V, max_len=max(4096, max_len), mesh=mesh)
-    return LLMEngine(config, model=model, tokenizer=None, progress=False, log=_quiet)
+    return LLMEngine(config, model=model, tokenizer=tokenizer, progress=False, log=_quiet)
 
 
 def _quiet(*_args, **_kwargs) -> None:
@@ -336,6 +339,12 @@ def main() -> None:
         default="delta",
         help="the requests' output kind: delta (as the server streams), final_only (as LLM.generate), cumulative",
     )
+    p.add_argument(
+        "--tokenizer",
+        action="store_true",
+        help="detokenize the outputs with SmolLM2's tokenizer (the embedded default model), as the server "
+        "does; without it the output processing holds no text work",
+    )
     add_engine_args(
         p,
         defaults=dict(row_bucket_growth=8),
@@ -365,6 +374,12 @@ def main() -> None:
     tps = [args.tensor_parallel_size]
     if args.compare_tensor_parallel_size is not None and not args.profile:
         tps = [args.compare_tensor_parallel_size, args.tensor_parallel_size]
+    tokenizer = None
+    if args.tokenizer:
+        from jaxserve.default_model import default_model_folder
+        from jaxserve.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(default_model_folder(progress=False))
     engines = {}
     for tp in dict.fromkeys(tps):
         log(f"building the engine (mock model, {jax.default_backend()} backend, tp {tp}) for cases {engine_cases} ...")
@@ -377,6 +392,7 @@ def main() -> None:
             args.min_token_bucket,
             args.row_bucket_growth,
             tp,
+            tokenizer,
         )
         log(f"engine ready in {time.perf_counter() - t0:.1f} s ({len(engines[tp].plan.shapes)} step shapes compiled)")
 
@@ -410,12 +426,13 @@ def main() -> None:
         best = dict(min(case_runs, key=lambda r: r["host_ms_per_step"]))
         best["host_ms_rounds"] = [r["host_ms_per_step"] for r in case_runs]
         best["tensor_parallel_size"] = tp
+        best["detokenized"] = args.tokenizer
         results.append(best)
 
     print(
         f"host work per engine step, mock model on {jax.default_backend()} ({jax.devices()[0].device_kind}), "
         f"tensor parallel {' and '.join(map(str, engines))} ({jax.device_count()} devices visible), "
-        f"{kind.name} outputs, median of {args.steps} steps after {args.warm} warm, best of {repeats} rounds; "
+        f"{kind.name} outputs{' detokenized' if args.tokenizer else ''}, median of {args.steps} steps after {args.warm} warm, best of {repeats} rounds; "
         f"{os.cpu_count()} cores, load average "
         f"{os.getloadavg()[0]:.1f}" + (" -- UNDER cProfile, times inflated" if profiler else "")
     )

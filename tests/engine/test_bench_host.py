@@ -83,3 +83,29 @@ def test_mock_model_on_a_mesh_splits_its_pages():
     while engine.has_unfinished_requests():
         out += [o for o in engine.step() if o.finished]
     assert out[0].outputs[0].token_ids == next_tokens(prompt, 6, 101)
+
+
+def test_bench_host_detokenizes_with_the_default_tokenizer(tmp_path, monkeypatch):
+    """--tokenizer: the engine decodes the mock's token ids with SmolLM2's tokenizer (outputs carry
+    text), and the JSON says the case was detokenized."""
+    from jaxserve.default_model import default_model_folder
+    from jaxserve.sampling_params import SamplingParams
+    from jaxserve.testing.mock_model import next_tokens
+    from jaxserve.tokenizer import load_tokenizer
+
+    bench = load_script()
+    out = tmp_path / "host.json"
+    argv = ["bench_host.py", "--cases", "2", "--warm", "1", "--steps", "3", "--min-token-bucket", "8", "--repeats", "1"]
+    monkeypatch.setattr(sys, "argv", argv + ["--tokenizer", "--output-json", str(out)])
+    bench.main()
+    assert [c["detokenized"] for c in json.loads(out.read_text())] == [True]
+
+    tokenizer = load_tokenizer(default_model_folder(progress=False))
+    engine = bench.build_engine([(1, 0)], 1, 2, min_token_bucket=8, tokenizer=tokenizer)
+    engine.add_request("a", [20, 21, 22], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    final = []
+    while engine.has_unfinished_requests():
+        final += [o for o in engine.step() if o.finished]
+    ids = next_tokens([20, 21, 22], 4, bench.V)
+    assert final[0].outputs[0].token_ids == ids
+    assert final[0].outputs[0].text == tokenizer.decode(ids) != ""
