@@ -7,7 +7,7 @@ what Python does per step: the figure that decides whether a GPU waits for the h
 
 Cases (all greedy, ignore_eos, max_tokens large enough that no row finishes while timed; the
 requests' outputs are DELTA, as the server streams them, unless --output-kind says otherwise;
-not detokenized unless --tokenizer: then SmolLM2's tokenizer decodes the mock's token ids, < 101:
+not detokenized unless --detokenize: then SmolLM2's tokenizer decodes the mock's token ids, < 101:
 its first added tokens (<|endoftext|>, <filename>, ...) and single characters):
 
     rows=1, 8, 64, 256, prefill=0   pure decode: every request's prefill is done first, then
@@ -340,7 +340,7 @@ def main() -> None:
         help="the requests' output kind: delta (as the server streams), final_only (as LLM.generate), cumulative",
     )
     p.add_argument(
-        "--tokenizer",
+        "--detokenize",
         action="store_true",
         help="detokenize the outputs with SmolLM2's tokenizer (the embedded default model), as the server "
         "does; without it the output processing holds no text work",
@@ -375,7 +375,7 @@ def main() -> None:
     if args.compare_tensor_parallel_size is not None and not args.profile:
         tps = [args.compare_tensor_parallel_size, args.tensor_parallel_size]
     tokenizer = None
-    if args.tokenizer:
+    if args.detokenize:
         from jaxserve.default_model import default_model_folder
         from jaxserve.tokenizer import load_tokenizer
 
@@ -426,13 +426,13 @@ def main() -> None:
         best = dict(min(case_runs, key=lambda r: r["host_ms_per_step"]))
         best["host_ms_rounds"] = [r["host_ms_per_step"] for r in case_runs]
         best["tensor_parallel_size"] = tp
-        best["detokenized"] = args.tokenizer
+        best["detokenized"] = args.detokenize
         results.append(best)
 
     print(
         f"host work per engine step, mock model on {jax.default_backend()} ({jax.devices()[0].device_kind}), "
         f"tensor parallel {' and '.join(map(str, engines))} ({jax.device_count()} devices visible), "
-        f"{kind.name} outputs{' detokenized' if args.tokenizer else ''}, median of {args.steps} steps after {args.warm} warm, best of {repeats} rounds; "
+        f"{kind.name} outputs{' detokenized' if args.detokenize else ''}, median of {args.steps} steps after {args.warm} warm, best of {repeats} rounds; "
         f"{os.cpu_count()} cores, load average "
         f"{os.getloadavg()[0]:.1f}" + (" -- UNDER cProfile, times inflated" if profiler else "")
     )

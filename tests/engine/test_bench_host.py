@@ -86,7 +86,7 @@ def test_mock_model_on_a_mesh_splits_its_pages():
 
 
 def test_bench_host_detokenizes_with_the_default_tokenizer(tmp_path, monkeypatch):
-    """--tokenizer: the engine decodes the mock's token ids with SmolLM2's tokenizer (outputs carry
+    """--detokenize: the engine decodes the mock's token ids with SmolLM2's tokenizer (outputs carry
     text), and the JSON says the case was detokenized."""
     from jaxserve.default_model import default_model_folder
     from jaxserve.sampling_params import SamplingParams
@@ -96,7 +96,7 @@ def test_bench_host_detokenizes_with_the_default_tokenizer(tmp_path, monkeypatch
     bench = load_script()
     out = tmp_path / "host.json"
     argv = ["bench_host.py", "--cases", "2", "--warm", "1", "--steps", "3", "--min-token-bucket", "8", "--repeats", "1"]
-    monkeypatch.setattr(sys, "argv", argv + ["--tokenizer", "--output-json", str(out)])
+    monkeypatch.setattr(sys, "argv", argv + ["--detokenize", "--output-json", str(out)])
     bench.main()
     assert [c["detokenized"] for c in json.loads(out.read_text())] == [True]
 
