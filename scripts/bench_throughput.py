@@ -141,27 +141,35 @@ def roofline(
     )
 
 
+def measure_ceilings() -> dict:
+    """This run's copy bandwidth and bf16 matmul rate (jaxserve.benchmarks.device_limits), printed."""
+    from jaxserve.benchmarks.device_limits import copy_bandwidth, matmul_rate
+
+    limits = dict(copy_bandwidth=copy_bandwidth(), matmul_rate=matmul_rate())
+    print(
+        f"this run's ceilings: copy {limits['copy_bandwidth'] / 1e12:.2f} TB/s, "
+        f"bf16 matmul {limits['matmul_rate'] / 1e12:.0f} TFLOP/s"
+    )
+    return limits
+
+
 def run_jaxserve(args) -> list[dict]:
     import dataclasses
 
     import jax
 
     from jaxserve import LLM, SamplingParams
-    from jaxserve.benchmarks.device_limits import copy_bandwidth, matmul_rate, torch_copy_bandwidth
+    from jaxserve.benchmarks.device_limits import torch_sees_a_gpu
 
-    # The ceilings before JAX starts its GPU client, which takes 95% of the memory (an 80 GB card has
-    # no room after); PyTorch's CUDA copy tells whether there is a GPU without starting JAX.
-    limits = {}
-    if torch_copy_bandwidth(1 << 20) is not None:
-        limits = dict(copy_bandwidth=copy_bandwidth(), matmul_rate=matmul_rate())
-        print(
-            f"this run's ceilings: copy {limits['copy_bandwidth'] / 1e12:.2f} TB/s, "
-            f"bf16 matmul {limits['matmul_rate'] / 1e12:.0f} TFLOP/s"
-        )
+    # The ceilings, through PyTorch before JAX starts its GPU client, which takes 95% of the memory
+    # (an 80 GB card has no room after); without PyTorch, through JAX inside its own pool.
+    limits = measure_ceilings() if torch_sees_a_gpu() else {}
     t0 = time.perf_counter()
     llm = LLM(**engine_kwargs(args))
     startup = time.perf_counter() - t0
     engine = llm.engine
+    if not limits and jax.default_backend() == "gpu":
+        limits = measure_ceilings()
     weight_bytes = sum(a.nbytes for a in jax.tree.leaves(engine.runner.weights))
     capacity = engine.runner.num_pages * engine.runner.page_size
     kv_dtype = engine.runner.kv_cache_dtype

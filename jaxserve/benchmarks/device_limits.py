@@ -23,6 +23,12 @@ def _torch_cuda():
     return torch if torch.cuda.is_available() else None
 
 
+def torch_sees_a_gpu() -> bool:
+    """Whether PyTorch (when installed) sees a CUDA GPU: a way to ask without starting JAX's GPU
+    client, which takes most of the device's memory."""
+    return _torch_cuda() is not None
+
+
 def _time_torch(torch, fn, repeats: int = 10) -> float:
     fn()
     times = []
