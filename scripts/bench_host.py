@@ -1,9 +1,10 @@
 """Host work per engine step, on the CPU, with a model that costs almost nothing.
 
 The engine (LLMEngine: scheduler, staging, the compiled step, sampling, update, outputs) runs the
-mock model of tests/engine/mock_model.py (SumModel: one paged-attention call, no weights to speak
-of) through the real paged KV cache. The device's share of a step is then tiny, so what is left is
-what Python does per step: the figure that decides whether a GPU waits for the host.
+mock model of jaxserve/testing/mock_model.py (SumModel: one paged-attention call, no weights to
+speak of; one K/V value per token, --mock-head-dim) through the real paged KV cache. The device's
+share of a step is then small, so what is left is what Python does per step: the figure that
+decides whether a GPU waits for the host.
 
 Cases (all greedy, ignore_eos, max_tokens large enough that no row finishes while timed; the
 requests' outputs are DELTA, as the server streams them, unless --output-kind says otherwise;
@@ -71,6 +72,11 @@ V = 101  # the mock model's vocabulary
 DECODE_PROMPT_LEN = 8  # decode rows start from short prompts: their prefill is over in a step or two
 MARGIN_TOKENS = 16  # max_tokens beyond what settling, warm-up and the timed steps need
 DEFAULT_CASES = "1,8,64,256,64+512"
+# The mock's K/V values per token. On a CPU the "device" is the same 2 cores the measured Python
+# runs on: at 256 rows the tests' head_dim of 8 has XLA read ~6 MB of pages a step (~1.4 ms of
+# compute), which slowed the engine thread's own work by half again (a GPU takes none of it from
+# the host). One value per token keeps the real paged cache and its reads, at an eighth of the bytes.
+MOCK_HEAD_DIM = 1
 _long_prompts = itertools.count()  # the +prefill cases' long prompts, numbered across cases and rounds
 
 
@@ -118,6 +124,7 @@ def build_engine(
     row_bucket_growth: int = 8,
     tensor_parallel_size: int = 1,
     tokenizer=None,
+    mock_head_dim: int = MOCK_HEAD_DIM,
 ) -> LLMEngine:
     """One engine for all the cases. row_bucket_growth=8 gives row buckets 1, 8, 64, 256: each
     decode case runs at a compiled shape with no padded rows. tensor_parallel_size > 1: the mock
@@ -143,7 +150,7 @@ def build_engine(
         tensor_parallel_size=tensor_parallel_size,
     )
     mesh = None if tensor_parallel_size == 1 else make_mesh(tensor_parallel_size)
-    model = SumModel(V, max_len=max(4096, max_len), mesh=mesh)
+    model = SumModel(V, max_len=max(4096, max_len), mesh=mesh, head_dim=mock_head_dim)
     return LLMEngine(config, model=model, tokenizer=tokenizer, progress=False, log=_quiet)
 
 
@@ -351,6 +358,12 @@ def main() -> None:
         only=("page_size", "min_token_bucket", "row_bucket_growth", "tensor_parallel_size"),
     )
     p.add_argument(
+        "--mock-head-dim",
+        type=int,
+        default=MOCK_HEAD_DIM,
+        help="the mock model's head_dim: its K/V bytes per token (the tests use 8)",
+    )
+    p.add_argument(
         "--compare-tensor-parallel-size",
         type=int,
         default=None,
@@ -393,6 +406,7 @@ def main() -> None:
             args.row_bucket_growth,
             tp,
             tokenizer,
+            args.mock_head_dim,
         )
         log(f"engine ready in {time.perf_counter() - t0:.1f} s ({len(engines[tp].plan.shapes)} step shapes compiled)")
 
@@ -427,10 +441,11 @@ def main() -> None:
         best["host_ms_rounds"] = [r["host_ms_per_step"] for r in case_runs]
         best["tensor_parallel_size"] = tp
         best["detokenized"] = args.detokenize
+        best["mock_head_dim"] = args.mock_head_dim
         results.append(best)
 
     print(
-        f"host work per engine step, mock model on {jax.default_backend()} ({jax.devices()[0].device_kind}), "
+        f"host work per engine step, mock model (head_dim {args.mock_head_dim}) on {jax.default_backend()} ({jax.devices()[0].device_kind}), "
         f"tensor parallel {' and '.join(map(str, engines))} ({jax.device_count()} devices visible), "
         f"{kind.name} outputs{' detokenized' if args.detokenize else ''}, median of {args.steps} steps after {args.warm} warm, best of {repeats} rounds; "
         f"{os.cpu_count()} cores, load average "

@@ -33,7 +33,12 @@ def next_tokens(prompt: list[int], n: int, vocab: int) -> list[int]:
 
 class SumModel(nnx.Module):
     def __init__(
-        self, vocab_size: int = 101, eos_token_id: int | None = None, max_len: int = 4096, mesh: Mesh | None = None
+        self,
+        vocab_size: int = 101,
+        eos_token_id: int | None = None,
+        max_len: int = 4096,
+        mesh: Mesh | None = None,
+        head_dim: int = 8,
     ):
         heads = 1 if mesh is None else mesh.shape[TP_AXIS]
         self.config = ModelConfig(
@@ -44,7 +49,7 @@ class SumModel(nnx.Module):
             num_layers=1,
             num_heads=heads,
             num_kv_heads=heads,
-            head_dim=8,
+            head_dim=head_dim,
             rms_norm_eps=1e-6,
             rope_theta=1.0,
             rope_scaling=None,
@@ -65,8 +70,9 @@ class SumModel(nnx.Module):
 
     def __call__(self, tokens, kv_cache, batch):
         num_tokens, heads = tokens.shape[0], self.config.num_kv_heads
-        zeros = jnp.zeros((num_tokens, heads, 8), jnp.float32)
-        values = jnp.broadcast_to(tokens.astype(jnp.float32)[:, None, None], (num_tokens, heads, 8))
+        head_dim = self.config.head_dim
+        zeros = jnp.zeros((num_tokens, heads, head_dim), jnp.float32)
+        values = jnp.broadcast_to(tokens.astype(jnp.float32)[:, None, None], (num_tokens, heads, head_dim))
         attend = functools.partial(paged_attention, sm_scale=1.0)
         if self.mesh is not None and self.mesh.size > 1:
             attend = shard_over_heads(attend, self.mesh)
