@@ -125,8 +125,8 @@ KERNEL_CASES = [
     (E5M2, [40, 1, 9], [40, 300, 200], 2, 64, 16, None),
     (E5M2, [1, 1, 1, 1], [700, 1, 129, 1000], 4, 64, 64, RaggedPagedAttentionConfig(block_kv=64, kv_splits=4)),
     # split_blocks: two warpgroups, each widening its own K and V tiles, alternate blocks, merged;
-    # decode with GQA 8 and no kv split (kv 64: warpgroup 1 has no block), then 3 kv splits
-    (E4M3, [1, 1, 1, 1, 1], [64, 1, 449, 130, 300], 8, 128, 32, dataclasses.replace(SPLIT, kv_splits=1)),
+    # decode with GQA 8, a page per block, no kv split (kv 64: warpgroup 1 has no block); then 3 kv splits
+    (E4M3, [1, 1, 1, 1, 1], [64, 1, 449, 130, 300], 8, 128, 64, dataclasses.replace(SPLIT, kv_splits=1)),
     (
         E5M2,
         [1, 1, 1],
