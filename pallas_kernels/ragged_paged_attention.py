@@ -42,6 +42,20 @@ one K/V block's place in the shared-memory ring; neither is a (KV cache) slot. P
                        ones, into the tile's own cells; the wrapper gathers rows back. The buffer
                        goes back to the memory warpgroup once that store has read it.
 
+With `split_blocks` (two compute warpgroups; for decode, whose 64-row tile holds only G real rows)
+a tile is 64 rows and both warpgroups multiply the same q rows, each over every other KV block of
+the item: warpgroup w takes the blocks whose program-wide count c has c % 2 == w. The ring has an
+even number of stages, so stage c % num_stages always serves the same warpgroup, which alone waits
+on its full barrier (a waiter must observe every phase) and frees it (free barriers count one
+arrival). Each keeps its own online softmax (m, l, acc) and, with fp8 pages, its own 16-bit K and V
+tiles, so the two serial chains (widen -> QK -> softmax -> PV) run side by side. At the item's end:
+
+    warpgroup 1: m1, l1 --> merge_ml[buf];  acc1 / l1 (16 bits, like a kv split's share) --> the q
+                 buffer's second tile (q uses only the first);  arrive `merged`[buf]
+    warpgroup 0: wait `merged`[buf];  m = max(m0, m1);  a_i = 2^(m_i - m) (0 where m_i = -inf)
+                 l = l0 a0 + l1 a1;  acc = acc0 a0 + (acc1 / l1) l1 a1;  then normalise and store
+                 (and, with kv splits, the log-sum-exp m + log2 l) as above
+
 FP8 pages (float8_e4m3fn / float8_e5m2) travel as fp8 from HBM into the ring (half the bytes). wgmma
 would multiply fp8 operands, but only K-major ones: K^T (QK's B) is, V (PV's B, [keys, H]) is not,
 and 8-bit operands cannot be transposed; q and P would also have to be rounded to fp8. So each
@@ -135,6 +149,7 @@ def _kernel(
     num_splits,
     acc_in_place,
     pingpong,
+    split_blocks,
 ):
     if num_splits > 1:
         out_ref, lse_ref, q_smem, k_smem, v_smem, p_smem, lse_smem, *refs = refs
@@ -142,12 +157,14 @@ def _kernel(
         out_ref, q_smem, k_smem, v_smem, p_smem, *refs = refs
         lse_ref = lse_smem = None
     # fp8 pages: 16-bit tiles the stage's K (and V) are widened into (None: 16-bit pages, multiplied
-    # from the ring); v_tile: V's own (one compute warpgroup), else V shares K's
-    kv_tile, v_tile, *barriers = refs
-    k_full, v_full, q_full, k_free, v_free, q_free, sched = barriers
+    # from the ring); v_tile: V's own (one compute warpgroup, or split_blocks), else V shares K's.
+    # merge_ml: split_blocks only, warpgroup 1's m and l per q buffer for the merge.
+    kv_tile, v_tile, merge_ml, *barriers = refs
+    k_full, v_full, q_full, k_free, v_free, q_free, sched, merged = barriers
     dtype = q_ref.dtype
     head_dim = q_ref.shape[-1]
-    tile_rows = num_wgs * _WG_ROWS
+    row_tiles = 1 if split_blocks else num_wgs  # 64-row q tiles per work tile
+    tile_rows = row_tiles * _WG_ROWS
     wg = lax.axis_index("wg")
     program = lax.axis_index("p")
 
@@ -214,7 +231,7 @@ def _kernel(
             def _():
                 plgpu.barrier_wait(q_free.at[buf])  # item r - 2 is done with this buffer
 
-            for i in range(num_wgs):
+            for i in range(row_tiles):
                 rows = pl.ds(pl.multiple_of(it["q_base"] + i * _WG_ROWS, 8), _WG_ROWS)
                 plgpu.copy_gmem_to_smem(q_ref.at[it["kv_head"], rows], q_smem.at[buf, i], q_full.at[buf])
             last_page = lax.div(it["kv_stop"] - 1, page_size)  # pages past it would be masked: reload it instead
@@ -273,10 +290,11 @@ def _kernel(
         def item_body(r, count):
             it = item(r)
             buf = lax.rem(r, 2)
-            q_view = q_smem.at[buf, wg]  # this warpgroup's q rows; then its output rows
+            rows_of = 0 if split_blocks else wg  # this warpgroup's 64-row q tile (split_blocks: the one tile)
+            q_view = q_smem.at[buf, rows_of]  # this warpgroup's q rows; then its output rows
             first_step, end_step, t_last, offset = it["first_step"], it["end_step"], it["t_last"], it["offset"]
-            q_row = it["row0"] + wg * _WG_ROWS  # logical row: decides the causal mask
-            q_cell = pl.multiple_of(it["q_base"] + wg * _WG_ROWS, 8)  # where its q and out rows live
+            q_row = it["row0"] + rows_of * _WG_ROWS  # logical row: decides the causal mask
+            q_cell = pl.multiple_of(it["q_base"] + rows_of * _WG_ROWS, 8)  # where its q and out rows live
             plgpu.barrier_wait(q_full.at[buf])
 
             @pl.when(r >= 1)
@@ -329,7 +347,9 @@ def _kernel(
                     s = jnp.where(key <= offset + token, s, -jnp.inf)
                 m_new = jnp.maximum(m, s.max(axis=1))
                 m_use = m_new
-                if masked and num_splits > 1:  # a split past a row's last key sees only -inf: keep it 0/0-free
+                # a kv split, or split_blocks' warpgroup, that has seen only keys past a row's last: all
+                # -inf so far; keep it 0/0-free (the first block, seen whole by every row, is not theirs)
+                if masked and (num_splits > 1 or split_blocks):
                     m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
                 alpha = jnp.exp2(m - m_use)
                 p = jnp.exp2(s - lax.broadcast_in_dim(m_use, s.shape, [0]))
@@ -370,36 +390,83 @@ def _kernel(
                     plgpu.barrier_arrive(v_free.at[stage])
                 return acc, m_new, l
 
+            def own_steps(lo, hi, body, carry):
+                """body over this warpgroup's steps of lo..hi-1: all of them; with split_blocks those
+                whose block count c (stage c % num_stages) has the warpgroup's parity, so that with
+                an even ring each stage, and its full barrier's every phase, serves one warpgroup."""
+                if not split_blocks:
+                    return lax.fori_loop(lo, hi, body, carry)
+                start = lo + lax.rem(count - first_step + lo - wg + 2, 2)  # the operand is >= 1
+                return lax.fori_loop(0, lax.div(hi - start + 1, 2), lambda i, c: body(start + 2 * i, c), carry)
+
             carry = (acc, m, l)
             mid = jnp.clip(it["unmasked_steps"], first_step, end_step)
-            carry = lax.fori_loop(first_step, mid, functools.partial(step_fn, masked=False), carry)
-            acc, m, l = lax.fori_loop(mid, end_step, functools.partial(step_fn, masked=True), carry)
+            carry = own_steps(first_step, mid, functools.partial(step_fn, masked=False), carry)
+            acc, m, l = own_steps(mid, end_step, functools.partial(step_fn, masked=True), carry)
             if pingpong:
                 pl.when(wg == 0)(sched_sync)
-            if num_splits > 1:  # an empty share (l = 0) stores 0 with log-sum-exp -inf
-                l_safe = jnp.where(l == 0.0, 1.0, l)
-                lse_smem.at[wg][...] = jnp.where(l == 0.0, -jnp.inf, m + jnp.log(l_safe) * _RCP_LN2)
-            else:
-                l_safe = l
-            acc = acc * lax.broadcast_in_dim(v_scale / l_safe, acc.shape, [0])
-            q_view[...] = acc.astype(dtype)  # q is read no more: its buffer takes the output
-            plgpu.commit_smem()
-            out_view = out_ref.at[it["split"]] if num_splits > 1 else out_ref
-            # TMA boxes are static: store the smallest of 8/16/32/64 leading rows that covers the
-            # valid ones (a decode tile has only G), nothing when the warpgroup has none.
-            num_valid = jnp.clip(it["row_end"] - q_row, 0, _WG_ROWS)
-            size, lower = _WG_ROWS, _WG_ROWS // 2
-            while size >= 8:
 
-                @pl.when((num_valid > (lower if size > 8 else 0)) & (num_valid <= size))
-                def _store(size=size):
-                    plgpu.copy_smem_to_gmem(q_view.at[pl.ds(0, size)], out_view.at[it["kv_head"], pl.ds(q_cell, size)])
-                    if lse_ref is not None:
+            def finish(acc, m, l):
+                """Normalise, and store the rows (with kv splits, their log-sum-exp too)."""
+                if num_splits > 1:  # an empty share (l = 0) stores 0 with log-sum-exp -inf
+                    l_safe = jnp.where(l == 0.0, 1.0, l)
+                    lse_smem.at[rows_of][...] = jnp.where(l == 0.0, -jnp.inf, m + jnp.log(l_safe) * _RCP_LN2)
+                else:
+                    l_safe = l
+                acc = acc * lax.broadcast_in_dim(v_scale / l_safe, acc.shape, [0])
+                q_view[...] = acc.astype(dtype)  # q is read no more: its buffer takes the output
+                plgpu.commit_smem()
+                out_view = out_ref.at[it["split"]] if num_splits > 1 else out_ref
+                # TMA boxes are static: store the smallest of 8/16/32/64 leading rows that covers the
+                # valid ones (a decode tile has only G), nothing when the warpgroup has none.
+                num_valid = jnp.clip(it["row_end"] - q_row, 0, _WG_ROWS)
+                size, lower = _WG_ROWS, _WG_ROWS // 2
+                while size >= 8:
+
+                    @pl.when((num_valid > (lower if size > 8 else 0)) & (num_valid <= size))
+                    def _store(size=size):
                         plgpu.copy_smem_to_gmem(
-                            lse_smem.at[wg, pl.ds(0, size)], lse_ref.at[it["split"], it["kv_head"], pl.ds(q_cell, size)]
+                            q_view.at[pl.ds(0, size)], out_view.at[it["kv_head"], pl.ds(q_cell, size)]
                         )
+                        if lse_ref is not None:
+                            plgpu.copy_smem_to_gmem(
+                                lse_smem.at[rows_of, pl.ds(0, size)],
+                                lse_ref.at[it["split"], it["kv_head"], pl.ds(q_cell, size)],
+                            )
 
-                size, lower = size // 2, lower // 2
+                    size, lower = size // 2, lower // 2
+
+            if not split_blocks:
+                finish(acc, m, l)
+            else:  # warpgroup 1 hands its (m, l, acc) over shared memory; warpgroup 0 merges and stores
+                ml = merge_ml.at[buf]
+                half = q_smem.at[buf, 1]  # the q buffer's second tile, unused by q in this mode
+
+                @pl.when(wg == 1)
+                def _hand_over():
+                    ml.at[0][...] = m
+                    ml.at[1][...] = l
+                    # acc normalised (an empty half: 0), so that 16 bits hold it as they hold a kv
+                    # split's share (fp8 pages: |x| <= the format's largest value, which f16 holds)
+                    inv_l = 1.0 / jnp.where(l == 0.0, 1.0, l)
+                    half[...] = (acc * lax.broadcast_in_dim(inv_l, acc.shape, [0])).astype(dtype)
+                    plgpu.barrier_arrive(merged.at[buf])  # release: wg 0's loads after its wait see the stores
+
+                @pl.when(wg == 0)
+                def _merge():
+                    plgpu.barrier_wait(merged.at[buf])
+                    m1 = plgpu.load(ml.at[0], layout=layout.reduce(1))
+                    l1 = plgpu.load(ml.at[1], layout=layout.reduce(1))
+                    o1 = plgpu.load(half, layout=layout).astype(jnp.float32)
+                    # both halves on a common max: acc = acc0 2^(m0-m) + (acc1/l1) l1 2^(m1-m); m = -inf
+                    # only where neither half saw a key (an empty kv split), whose l stays 0
+                    m_new = jnp.maximum(m, m1)
+                    m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+                    a0, a1 = jnp.exp2(m - m_use), jnp.exp2(m1 - m_use)
+                    acc_new = acc * lax.broadcast_in_dim(a0, acc.shape, [0])
+                    acc_new = acc_new + o1 * lax.broadcast_in_dim(l1 * a1, acc.shape, [0])
+                    finish(acc_new, m_new, l * a0 + l1 * a1)
+
             return count + end_step - first_step
 
         lax.fori_loop(0, num_items, item_body, jnp.int32(0))
@@ -428,7 +495,8 @@ def _attention_call(
         v_scale, out_scale = jnp.float32(1), v_scale
     group = num_heads // num_kv_heads
     num_wgs = config.compute_warpgroups
-    tile_rows = num_wgs * _WG_ROWS
+    split_blocks = config.split_blocks
+    tile_rows = (1 if split_blocks else num_wgs) * _WG_ROWS  # split_blocks: both warpgroups share 64 rows
     block_kv = max(page_size, config.block_kv)
     if block_kv % page_size:
         raise ValueError(f"block_kv {config.block_kv} must be a multiple of page size {page_size} (or smaller than it)")
@@ -466,10 +534,11 @@ def _attention_call(
     p_scratch = None if p_from_registers else plgpu.SMEM((num_wgs, _WG_ROWS, block_kv), q.dtype, transforms=transforms)
     pingpong = config.pingpong and num_wgs == 2
     # fp8 pages: each compute warpgroup widens K, then V, into 16-bit tiles (the wgmma operands).
-    # A warpgroup alone (decode) gives V a tile of its own, widened while the QK matmul
-    # runs; two warpgroups' four tiles would not fit in shared memory beside their q buffers.
+    # A warpgroup alone (decode) gives V a tile of its own, widened while the QK matmul runs; so
+    # does split_blocks (each warpgroup its own chain), whose ring is smaller for the four tiles.
+    # Two warpgroups of their own rows share one tile: four would not fit beside the ring.
     widen = is_fp8(k_pages.dtype)
-    own_v_tile = widen and num_wgs == 1
+    own_v_tile = widen and (num_wgs == 1 or split_blocks)
     kernel = functools.partial(
         _kernel,
         group=group,
@@ -485,10 +554,12 @@ def _attention_call(
         num_splits=num_splits,
         acc_in_place=not interpret,
         pingpong=pingpong,
+        split_blocks=split_blocks,
     )
     out_shape = jax.ShapeDtypeStruct((num_kv_heads, cells, head_dim), q.dtype)
     # q / out buffers: two, so that a program's next item loads under this one; one when every
-    # program runs a single item (decode's default), which frees 16 KiB per warpgroup.
+    # program runs a single item (decode's default), which frees 16 KiB per warpgroup. With
+    # split_blocks a buffer's second tile takes warpgroup 1's partial output for the merge.
     q_buffers = 1 if num_programs == max_items else 2
     scratch = [
         plgpu.SMEM((q_buffers, num_wgs, _WG_ROWS, head_dim), q.dtype, transforms=transforms),
@@ -496,14 +567,16 @@ def _attention_call(
         plgpu.SMEM(kv_block, v_pages.dtype, transforms=kv_transforms),
         p_scratch,
     ]
+    consumers = 1 if split_blocks else num_wgs  # compute warpgroups that free each stage
     barriers = [
         plgpu.Barrier(num_arrivals=pages_per_block, num_barriers=num_stages),  # k_full
         plgpu.Barrier(num_arrivals=pages_per_block, num_barriers=num_stages),  # v_full
-        plgpu.Barrier(num_arrivals=num_wgs, num_barriers=2),  # q_full
-        plgpu.Barrier(num_arrivals=num_wgs, num_barriers=num_stages),  # k_free
-        plgpu.Barrier(num_arrivals=num_wgs, num_barriers=num_stages),  # v_free
+        plgpu.Barrier(num_arrivals=tile_rows // _WG_ROWS, num_barriers=2),  # q_full: a TMA copy per 64 rows
+        plgpu.Barrier(num_arrivals=consumers, num_barriers=num_stages),  # k_free
+        plgpu.Barrier(num_arrivals=consumers, num_barriers=num_stages),  # v_free
         plgpu.Barrier(num_arrivals=num_wgs, num_barriers=2),  # q_free
         plgpu.Barrier(num_arrivals=num_wgs),  # sched (ping-pong)
+        plgpu.Barrier(num_arrivals=1, num_barriers=2),  # merged (split_blocks): per q buffer, wg 1's state
     ]
     if num_splits > 1:
         out_shape = (
@@ -513,6 +586,7 @@ def _attention_call(
         scratch.append(plgpu.SMEM((num_wgs, _WG_ROWS), jnp.float32))
     tile = plgpu.SMEM((num_wgs, block_kv, head_dim), q.dtype, transforms=transforms)
     scratch += [tile if widen else None, tile if own_v_tile else None]
+    scratch.append(plgpu.SMEM((q_buffers, 2, _WG_ROWS), jnp.float32) if split_blocks else None)  # merge_ml
     call = plgpu.kernel(
         kernel,
         out_type=out_shape,

@@ -31,6 +31,12 @@ class RaggedPagedAttentionConfig:
     # With two compute warpgroups: they take turns on the tensor cores (FA3's ping-pong), one's
     # softmax under the other's matmuls.
     pingpong: bool = False
+    # With two compute warpgroups: both take the same 64 q rows and split each item's KV blocks
+    # between them (alternate blocks), merging their softmax states at the item's end. For decode,
+    # where a 64-row tile holds only G real rows, this runs two serial block chains (fp8: widen ->
+    # QK -> softmax -> PV) per SM instead of one, where a second 64-row tile would have no rows.
+    # Stage s of the ring always holds blocks of warpgroup s % 2, so num_stages must be even.
+    split_blocks: bool = False
 
     def __post_init__(self):
         if self.block_kv % 64 or self.block_kv <= 0:
@@ -43,6 +49,16 @@ class RaggedPagedAttentionConfig:
             raise ValueError(f"kv_splits must be None or 1..64, got {self.kv_splits}")
         if self.num_programs is not None and self.num_programs < 0:
             raise ValueError(f"num_programs must be None or >= 0, got {self.num_programs}")
+        if self.split_blocks:
+            if self.compute_warpgroups != 2:
+                raise ValueError(f"split_blocks needs compute_warpgroups=2, got {self.compute_warpgroups}")
+            if self.pingpong:
+                raise ValueError("split_blocks excludes pingpong (ping-pong pairs the two warpgroups' steps)")
+            if self.num_stages % 2:
+                # a barrier's waiter must observe all its phases: a stage (its full barrier) serves one warpgroup
+                raise ValueError(
+                    f"split_blocks needs an even num_stages (a stage per warpgroup), got {self.num_stages}"
+                )
 
 
 # Picked by the batch's static shape when no config is given (measured on an H200, docs/benchmarks.md):

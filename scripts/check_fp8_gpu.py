@@ -8,9 +8,16 @@ decode timed against bf16 pages and the copy bandwidth of the same run. One call
 3. the attention kernel, compiled, on fp8 pages against the f32 reference on the same pages
    (scales != 1): decode, prefill and mixed batches, GQA 1/4/8, head_dim 64/128, pages 16-128,
    the configs picked by shape and a forced split; bf16 q, so within 1e-2 (relative, norm);
-4. decode at batch x 2048 (Llama-3.1-8B heads: 32 q, 8 kv, head_dim 128): bf16 pages and each fp8
-   format, the config picked by shape and --fp8-variants; bytes read / time / copy bandwidth.
-Prints a markdown table last; every number goes to OUT/fp8.json.
+4. each variant of --fp8-variants / --bf16-variants against the reference on the pages it is timed
+   on (decode batches: ragged kv lengths, a 1-key row, padding; auto and no kv splits), within 1e-2;
+5. decode at batch x 2048 (Llama-3.1-8B heads: 32 q, 8 kv, head_dim 128): bf16 pages and each fp8
+   format, the config picked by shape and the variants; bytes read / time / copy bandwidth.
+Prints a markdown table last; every number goes to OUT/fp8.json. The two-warpgroup block split
+(issue 19), checked and timed on both page kinds:
+
+    PYTHONUNBUFFERED=1 python3 scripts/check_fp8_gpu.py --out $OUT --batches 64,256 --page-sizes 64 \\
+        --fp8-variants wgsplit64x4,wgsplit64x6,wgsplit64x8,wgsplit128x2 \\
+        --bf16-variants wgsplit64x4,wgsplit64x6,wgsplit128x2
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ from pallas_kernels.ragged_paged_attention_config import DECODE_CONFIG, RaggedPa
 
 rpa = importlib.import_module("pallas_kernels.ragged_paged_attention")  # the module (the package exports its function)
 FORMATS = {"fp8_e4m3": jnp.float8_e4m3fn, "fp8_e5m2": jnp.float8_e5m2}
-VARIANTS = {  # decode configs timed on fp8 pages besides the one picked by shape
+VARIANTS = {  # decode configs timed on fp8 pages (--bf16-variants: bf16 too) besides the one picked by shape
     "stages4": dataclasses.replace(DECODE_CONFIG, num_stages=4),  # the fp8 ring is half: one more stage fits
     "block64x6": dataclasses.replace(DECODE_CONFIG, block_kv=64, num_stages=6),
     "persist": dataclasses.replace(DECODE_CONFIG, num_programs=None),
@@ -46,6 +53,15 @@ VARIANTS = {  # decode configs timed on fp8 pages besides the one picked by shap
     "block64x2": dataclasses.replace(DECODE_CONFIG, block_kv=64, num_stages=2),
     "block64x3": dataclasses.replace(DECODE_CONFIG, block_kv=64, num_stages=3),
     "block128x2": dataclasses.replace(DECODE_CONFIG, num_stages=2),
+    # two compute warpgroups on the same 64 q rows, each taking every other KV block (split_blocks),
+    # merged at the end; even stage counts. Shared memory at H = 128 with kv splits, fp8 / bf16
+    # pages: 64 x 4 162 / 162 KiB, 64 x 6 194 / 226, 64 x 8 226 / too much (bf16 fails), 128 x 2 226 / 162
+    **{
+        f"wgsplit{block}x{stages}": dataclasses.replace(
+            DECODE_CONFIG, compute_warpgroups=2, split_blocks=True, block_kv=block, num_stages=stages
+        )
+        for block, stages in ((64, 4), (64, 6), (64, 8), (128, 2))
+    },
 }
 SCALES = dict(k_scale=0.75, v_scale=1.5)
 
@@ -138,7 +154,49 @@ def check_kernel(results):
             log(f"kernel {name} case {i} (G={group} H={head_dim} S={page_size}): {row}")
 
 
-def bench_decode(results, copy_bw, batches, kv_len, page_sizes, variants, save, ablate_widen=False):
+def check_variants(results, variants, bf16_variants):
+    """Each timed variant against the f32 reference on the pages it is timed on (fp8: scales != 1),
+    decode batches as timed but ragged: page and block crossings, a 1-key row, padding rows and
+    tokens; kv splits picked by shape and none."""
+    cases = [  # (q_lens, kv_lens, group, head_dim, page_size, kv_splits)
+        ([1] * 8, [2048, 1, 17, 129, 700, 64, 1000, 333], 4, 128, 64, None),
+        ([1] * 6, [1500, 65, 2, 128, 257, 999], 8, 128, 16, 1),
+        ([1] * 4, [900, 31, 2048, 5], 1, 64, 32, None),
+    ]
+    for kv_name, fmt in {"bf16": DT, **FORMATS}.items():
+        for vname in bf16_variants if kv_name == "bf16" else variants:
+            for i, (q_lens, kv_lens, group, head_dim, page_size, splits) in enumerate(cases):
+                args = make_batch(
+                    jax.random.key(100 + i),
+                    q_lens,
+                    kv_lens,
+                    num_heads=group * 4,
+                    num_kv_heads=4,
+                    head_dim=head_dim,
+                    page_size=page_size,
+                    dtype=jnp.float32,
+                    pad_tokens=5,
+                )
+                args["q"] = args["q"].astype(DT)
+                scales = SCALES if kv_name != "bf16" else dict(k_scale=1.0, v_scale=1.0)
+                args["k_pages"] = quantize(args["k_pages"], scales["k_scale"], fmt)
+                args["v_pages"] = quantize(args["v_pages"], scales["v_scale"], fmt)
+                config = dataclasses.replace(VARIANTS[vname], kv_splits=splits)
+                row = dict(variant=vname, pages=kv_name, case=i, group=group, head_dim=head_dim, kv_splits=splits)
+                try:
+                    out = ragged_paged_attention(**args, **scales, sm_scale=head_dim**-0.5, config=config)
+                    ref = ragged_paged_attention_reference(**args, **scales, sm_scale=head_dim**-0.5)
+                    total = sum(q_lens)
+                    row["rel_err"] = rel_err(out[:total], ref[:total])
+                    row["padding_zero"] = bool(jnp.all(out[total:] == 0))
+                    row["ok"] = row["rel_err"] <= 1e-2 and row["padding_zero"]
+                except Exception as e:  # noqa: BLE001
+                    row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:600]}")
+                results["correctness"].append(row)
+                log(f"variant {vname} {kv_name} case {i}: {row}")
+
+
+def bench_decode(results, copy_bw, batches, kv_len, page_sizes, variants, save, ablate_widen=False, bf16_variants=()):
     for page_size in page_sizes:
         for b in batches:
             base = make_batch(
@@ -163,7 +221,8 @@ def bench_decode(results, copy_bw, batches, kv_len, page_sizes, variants, save, 
                     args["v_pages"] = quantize(base["v_pages"], 1.0, fmt)
                 itemsize = jnp.dtype(fmt).itemsize
                 nbytes = 2 * b * kv_len * K * H * itemsize + 2 * b * N * H * 2  # pages read, q read, out written
-                configs = {"auto": None} | ({v: VARIANTS[v] for v in variants} if kv_name != "bf16" else {})
+                timed = bf16_variants if kv_name == "bf16" else variants
+                configs = {"auto": None} | {v: VARIANTS[v] for v in timed}
                 if ablate_widen and kv_name != "bf16":
                     configs["nowiden"] = None
                 for cname, cfg in configs.items():
@@ -214,6 +273,7 @@ def markdown(results):
     bad = [r for r in results["correctness"] if not r.get("ok")]
     lines.append("")
     lines.append(f"kernel checks: {len(results['correctness']) - len(bad)}/{len(results['correctness'])} within 1e-2")
+    lines += [f"- failed: {str({k: v for k, v in r.items() if k != 'ok'})[:300]}" for r in bad]
     lines.append(f"writer: {[(w['format'], w['bit_exact']) for w in results['writer']]}")
     return "\n".join(lines)
 
@@ -225,9 +285,15 @@ def main():
     ap.add_argument("--kv-len", type=int, default=2048)
     ap.add_argument("--page-sizes", default="64,16")
     ap.add_argument("--fp8-variants", default="stages4", help=f"of {list(VARIANTS)}; '' for none")
+    ap.add_argument("--bf16-variants", default="", help="variants also timed (and checked) on bf16 pages")
     ap.add_argument("--skip-checks", action="store_true")
     ap.add_argument("--ablate-widen", action="store_true", help="also time fp8 pages with the widening left out")
     args = ap.parse_args()
+    variants = [v for v in args.fp8_variants.split(",") if v]
+    bf16_variants = [v for v in args.bf16_variants.split(",") if v]
+    unknown = set(variants + bf16_variants) - set(VARIANTS)
+    if unknown:
+        ap.error(f"unknown variants {sorted(unknown)}; known: {list(VARIANTS)}")
     results = dict(
         device=jax.devices()[0].device_kind,
         date=datetime.date.today().isoformat(),
@@ -248,10 +314,11 @@ def main():
         check_writer(results)
         check_kernel(results)
         save()
-    variants = [v for v in args.fp8_variants.split(",") if v]
+        check_variants(results, variants, bf16_variants)
+        save()
     batches = [int(b) for b in args.batches.split(",")]
     page_sizes = [int(s) for s in args.page_sizes.split(",")]
-    bench_decode(results, copy_bw, batches, args.kv_len, page_sizes, variants, save, args.ablate_widen)
+    bench_decode(results, copy_bw, batches, args.kv_len, page_sizes, variants, save, args.ablate_widen, bf16_variants)
     log(markdown(results))
 
 

@@ -14,6 +14,7 @@ Tolerances, by what each comparison measures:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -31,7 +32,7 @@ from pallas_kernels import (
 )
 from pallas_kernels.kv_quant import dequantize, quantize
 from pallas_kernels.ragged_paged_attention_xla import ragged_paged_attention_xla
-from tests.kernels.test_ragged_paged_attention_kernel import SMALL, WIDE, rel_err
+from tests.kernels.test_ragged_paged_attention_kernel import SMALL, SPLIT, SPLIT_DECODE_64, WIDE, rel_err
 from tests.kernels.test_ragged_paged_attention_reference import random_batch
 
 E4M3, E5M2 = ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2
@@ -123,6 +124,18 @@ KERNEL_CASES = [
     # None: picked by shape, PREFILL_CONFIG (two warpgroups taking turns, persistent programs)
     (E5M2, [40, 1, 9], [40, 300, 200], 2, 64, 16, None),
     (E5M2, [1, 1, 1, 1], [700, 1, 129, 1000], 4, 64, 64, RaggedPagedAttentionConfig(block_kv=64, kv_splits=4)),
+    # split_blocks: two warpgroups, each widening its own K and V tiles, alternate blocks, merged;
+    # decode with GQA 8, a page per block, no kv split (kv 64: warpgroup 1 has no block); then 3 kv splits
+    (E4M3, [1, 1, 1, 1, 1], [64, 1, 449, 130, 300], 8, 128, 64, dataclasses.replace(SPLIT, kv_splits=1)),
+    (
+        E5M2,
+        [1, 1, 1],
+        [700, 1, 257],
+        2,
+        64,
+        16,
+        RaggedPagedAttentionConfig(block_kv=64, compute_warpgroups=2, num_stages=4, split_blocks=True, kv_splits=3),
+    ),
 ]
 
 
@@ -144,13 +157,15 @@ def test_kernel_fp8_pages_match_reference(case):
     assert rel_err(out[:total].astype(np.float32), ref[:total]) <= 1e-2
 
 
-def test_kernel_fp8_pages_float32_q_exact():
-    """f32 q (interpret only): the widened tile is exact, so the kernel matches the reference to 1e-5."""
+@pytest.mark.parametrize("config", [SMALL, dataclasses.replace(SPLIT, kv_splits=1)])
+def test_kernel_fp8_pages_float32_q_exact(config):
+    """f32 q (interpret only): the widened tile is exact, so the kernel matches the reference to 1e-5
+    (split_blocks: the merge too)."""
     args, _ = fp8_batch(
         9, E4M3, q_lens=[1, 12, 1], kv_lens=[200, 12, 65], group=4, head_dim=64, page_size=16, k_scale=2.0, v_scale=0.5
     )
     out = np.asarray(
-        ragged_paged_attention(**args, k_scale=2.0, v_scale=0.5, sm_scale=0.125, config=SMALL, interpret=True)
+        ragged_paged_attention(**args, k_scale=2.0, v_scale=0.5, sm_scale=0.125, config=config, interpret=True)
     )
     ref = np.asarray(ragged_paged_attention_reference(**args, k_scale=2.0, v_scale=0.5, sm_scale=0.125))
     assert rel_err(out[:14], ref[:14]) <= 1e-5
@@ -182,6 +197,32 @@ def test_kernel_fp8_lowers_for_hopper(fmt, head_dim, rows):
         sd((1,), jnp.int32),
     )
     fn = functools.partial(ragged_paged_attention, sm_scale=0.1)
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        # split_blocks at H = 128, fp8 pages: four 16-bit tiles beside the ring; both just fit
+        # 227 KiB with kv splits (block 128 x 2 stages: 226.1 KiB; 64 x 8: 226.3 KiB)
+        dataclasses.replace(SPLIT_DECODE_64, block_kv=128, num_stages=2),
+        dataclasses.replace(SPLIT_DECODE_64, num_stages=8),
+    ],
+)
+def test_kernel_fp8_split_blocks_lowers_for_hopper(config):
+    sd = jax.ShapeDtypeStruct
+    rows, fmt = 64, jnp.float8_e4m3fn
+    args = (
+        sd((rows, 32, 128), jnp.bfloat16),
+        sd((64, 16, 8, 128), fmt),
+        sd((64, 16, 8, 128), fmt),
+        sd((rows,), jnp.int32),
+        sd((rows, 16), jnp.int32),
+        sd((rows + 1,), jnp.int32),
+        sd((1,), jnp.int32),
+    )
+    fn = functools.partial(ragged_paged_attention, sm_scale=0.1, config=dataclasses.replace(config, kv_splits=4))
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
 

@@ -4,8 +4,9 @@ buffer, outputs included, filled with NaN, so an element the kernel forgets to w
 
 Random ragged batches: decode and prefill rows mixed, kv lengths 1..2048 crossing page
 boundaries, pages scattered, GQA 1/4/8, head_dim 64/128, page sizes 16..128, padding rows and
-padding tokens; split-KV (shares combined by log-sum-exp, empty shares included). fp32 within
-1e-5 relative, bf16 within 1e-2."""
+padding tokens; split-KV (shares combined by log-sum-exp, empty shares included); two compute
+warpgroups splitting one tile's KV blocks (split_blocks). fp32 within 1e-5 relative, bf16 within
+1e-2."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ from tests.kernels.test_ragged_paged_attention_reference import random_batch
 
 SMALL = RaggedPagedAttentionConfig(block_kv=64, compute_warpgroups=1, num_stages=2)
 WIDE = RaggedPagedAttentionConfig(block_kv=128, compute_warpgroups=2, num_stages=2)
+# two compute warpgroups on the same 64 q rows, alternate KV blocks each, merged at the item's end
+SPLIT = RaggedPagedAttentionConfig(block_kv=64, compute_warpgroups=2, num_stages=2, split_blocks=True)
 
 
 def rel_err(out, ref):
@@ -65,7 +68,15 @@ def test_float32_matches_reference(group, case):
     assert run_case(group * 10 + case, q_lens, kv_lens, group, 64, page_size, SMALL) <= 1e-5
 
 
-@pytest.mark.parametrize("head_dim,page_size,config", [(128, 128, WIDE), (64, 16, WIDE), (128, 64, SMALL)])
+@pytest.mark.parametrize(
+    "head_dim,page_size,config",
+    [
+        (128, 128, WIDE),
+        (64, 16, WIDE),
+        (128, 64, SMALL),
+        (128, 32, RaggedPagedAttentionConfig(block_kv=128, num_stages=2, split_blocks=True, kv_splits=2)),
+    ],
+)
 def test_bfloat16_matches_reference(head_dim, page_size, config):
     err = run_case(7, [1, 1, 70, 3], [2000, 5, 70, 130], 4, head_dim, page_size, config, dtype=ml_dtypes.bfloat16)
     assert err <= 1e-2
@@ -109,6 +120,37 @@ def test_split_kv_matches_reference(q_lens, kv_lens, group, config):
 )
 def test_persistent_programs_match_reference(config):
     assert run_case(5, [1, 40, 1, 7, 1], [300, 40, 1, 200, 65], 4, 64, 16, config) <= 1e-5
+
+
+@pytest.mark.parametrize(
+    "q_lens,kv_lens,group,head_dim,config",
+    [
+        # decode rows, no kv split: kv 1 and 64 leave warpgroup 1 no block (its half is empty), 65
+        # gives it one key; 300 and 777 cross pages and blocks, their last blocks masked
+        ([1, 1, 1, 1, 1], [1, 64, 65, 300, 777], 8, 64, dataclasses.replace(SPLIT, kv_splits=1)),
+        # decode, 3 kv splits of a 4-deep ring: shares of odd block counts, empty shares (kv 1, 70)
+        (
+            [1, 1, 1, 1],
+            [70, 1, 449, 200],
+            1,
+            128,
+            RaggedPagedAttentionConfig(block_kv=64, compute_warpgroups=2, num_stages=4, split_blocks=True, kv_splits=3),
+        ),
+        # any tile, not only decode: chunked prefill (40 queries at positions 60..99) whose first
+        # rows see no key of block 1, warpgroup 1's first; 3 persistent programs (items of odd
+        # block counts: a program's next item starts on the other warpgroup; two q buffers and
+        # their merge states in turn); GQA 3 straddles 64-row tiles
+        (
+            [1, 40, 1, 7, 1],
+            [300, 100, 1, 200, 65],
+            3,
+            64,
+            dataclasses.replace(SPLIT, num_programs=3, kv_splits=1),
+        ),
+    ],
+)
+def test_split_blocks_matches_reference(q_lens, kv_lens, group, head_dim, config):
+    assert run_case(13, q_lens, kv_lens, group, head_dim, 16, config) <= 1e-5
 
 
 def test_default_splits():
@@ -173,6 +215,15 @@ def test_bad_inputs_are_named():
         ragged_paged_attention(**{**args, "q": q, "k_pages": k, "v_pages": k}, sm_scale=1.0, interpret=True)
     with pytest.raises(ValueError, match="block_kv"):
         RaggedPagedAttentionConfig(block_kv=96)
+    with pytest.raises(ValueError, match="split_blocks needs compute_warpgroups=2"):
+        RaggedPagedAttentionConfig(compute_warpgroups=1, split_blocks=True)
+    with pytest.raises(ValueError, match="even num_stages"):
+        RaggedPagedAttentionConfig(num_stages=3, split_blocks=True)
+    with pytest.raises(ValueError, match="excludes pingpong"):
+        RaggedPagedAttentionConfig(pingpong=True, split_blocks=True)
+
+
+SPLIT_DECODE_64 = dataclasses.replace(DECODE_CONFIG, block_kv=64, num_stages=6, compute_warpgroups=2, split_blocks=True)
 
 
 @pytest.mark.parametrize(
@@ -186,6 +237,9 @@ def test_bad_inputs_are_named():
         # decode-shaped: DECODE_CONFIG, whose q buffers and 3-deep ring fill the 227 KiB at head_dim 128
         (None, 64),
         (dataclasses.replace(DECODE_CONFIG, kv_splits=4), 64),
+        # split_blocks, H = 128: the merge's loads, 6 stages of 64 (226 KiB with the kv splits' lse)
+        (SPLIT_DECODE_64, 64),
+        (dataclasses.replace(SPLIT_DECODE_64, kv_splits=1), 64),
     ],
 )
 def test_lowers_for_hopper(config, rows):
