@@ -23,6 +23,8 @@ takes it from there.
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 from jaxserve.scheduler.output import NewRequestData, SchedulerOutput
@@ -44,6 +46,14 @@ class InputBatch:
         self.vocab_size, self.processor_names = vocab_size, processor_names
         self.bias_writes: list[int] = []  # rows filled since the last take_bias_writes() that need their bias written
         self.row_of: dict[str, int] = {}
+        # The last step's (request ids, rows): a step that grants the same requests, with no row
+        # freed or filled since, reuses its rows (comparing the id lists is C work: the same str
+        # objects, compared by identity; looking each up was ~35 ns a row).
+        self._step_rows: tuple[list[str], np.ndarray] | None = None
+        self._arange = np.arange(max_rows, dtype=np.int32)
+        self._ones, self._true = np.ones(max_rows, np.int32), np.ones(max_rows, bool)
+        for constant in (self._arange, self._ones, self._true):
+            constant.flags.writeable = False
         self._free = list(range(max_rows - 1, -1, -1))  # pop() hands out row 0 first
         i32 = lambda *shape: np.zeros(shape, np.int32)  # noqa: E731
         self.token_ids = i32(max_rows, max_model_len + 1)  # +1: the token sampled at the last position
@@ -74,6 +84,8 @@ class InputBatch:
     def apply(self, out: SchedulerOutput) -> list[tuple[int, int, int]]:
         """Frees, fills and grows rows; returns the page-table changes for the device as
         (row, first page index, count) runs, the pages being page_table[row, first:first+count]."""
+        if out.removed_ids or out.new_requests:
+            self._step_rows = None
         for request_id in out.removed_ids:
             row = self.row_of.pop(request_id, None)
             if row is not None:
@@ -84,13 +96,13 @@ class InputBatch:
             row = self._fill(new)
             changes.append((row, 0, len(new.page_ids)))
         row_of, table, count = self.row_of, self.page_table, self.num_pages_of
-        for request_id, pages in zip(out.request_ids, out.new_page_ids):
-            if pages:
-                row = row_of[request_id]
-                first = int(count[row])
-                table[row, first : first + len(pages)] = pages
-                count[row] = first + len(pages)
-                changes.append((row, first, len(pages)))
+        new_page_ids = out.new_page_ids
+        for i in itertools.compress(range(len(new_page_ids)), new_page_ids):  # grants with new pages: C skips the rest
+            pages, row = new_page_ids[i], row_of[out.request_ids[i]]
+            first = int(count[row])
+            table[row, first : first + len(pages)] = pages
+            count[row] = first + len(pages)
+            changes.append((row, first, len(pages)))
         return changes
 
     def _fill(self, new: NewRequestData) -> int:
@@ -130,10 +142,16 @@ class InputBatch:
         """Writes the step's inputs into x (the packed buffer's views, zeroed; shapes of the
         step's bucket) and returns what reading its result back needs."""
         n = out.num_rows
-        rows = np.fromiter(map(self.row_of.__getitem__, out.request_ids), np.int32, n)  # no generator frame a row
-        q_lens = np.asarray(out.num_scheduled_tokens, np.int32)
-        starts = np.asarray(out.num_computed_tokens, np.int32)
-        samples = np.asarray(out.samples, bool)
+        rows = self._rows(out.request_ids)
+        # Reading a list of Python ints costs ~15 ns an item (np.fromiter; np.asarray ~25): a
+        # decode step's q_lens (all 1) and samples (all True) are recognized by C loops instead.
+        q_lens = (
+            self._ones[:n]
+            if out.num_scheduled_tokens.count(1) == n
+            else np.fromiter(out.num_scheduled_tokens, np.int32, n)
+        )
+        starts = np.fromiter(out.num_computed_tokens, np.int32, n)
+        samples = self._true[:n] if all(out.samples) else np.fromiter(out.samples, bool, n)
         total = int(q_lens.sum())
         num_tokens, num_seqs = x.tokens.shape[0], x.kv_lens.shape[0]
         if total > num_tokens or n > num_seqs:
@@ -142,9 +160,12 @@ class InputBatch:
         cu[:] = total
         cu[0] = 0
         np.cumsum(q_lens, out=cu[1 : n + 1])
-        seq = np.repeat(np.arange(n, dtype=np.int32), q_lens)  # [total] the sequence of each token
-        pos = starts[seq] + np.arange(total, dtype=np.int32) - cu[seq]
-        row = rows[seq]
+        if total == n:  # one token a sequence (a decode step): token i is sequence i's
+            seq, pos, row = self._arange[:n], starts, rows
+        else:
+            seq = np.repeat(self._arange[:n], q_lens)  # [total] the sequence of each token
+            pos = starts[seq] + np.arange(total, dtype=np.int32) - cu[seq]
+            row = rows[seq]
         if pos.size and int((pos // self.page_size >= self.num_pages_of[row]).sum()):
             raise ValueError("a granted token has no page")
         x.tokens[:total] = self.token_ids[row, pos]
@@ -176,6 +197,16 @@ class InputBatch:
             wants_prompt_logprobs=self.wants_prompt_logprobs[rows],
             needs_sort=bool(self.needs_sort[rows].any()),
         )
+
+    def _rows(self, request_ids: list[str]) -> np.ndarray:
+        """[n] the row of each request (read-only: the next step may reuse it)."""
+        last = self._step_rows
+        if last is not None and last[0] == request_ids:
+            return last[1]
+        rows = np.fromiter(map(self.row_of.__getitem__, request_ids), np.int32, len(request_ids))  # no frame a row
+        rows.flags.writeable = False
+        self._step_rows = (request_ids, rows)
+        return rows
 
     def _stage_sampling(self, sb, rows, starts, q_lens, seq, pos, total) -> None:
         """Sampling inputs gathered from the rows; padding sequences greedy with nothing to apply."""
