@@ -24,6 +24,7 @@ takes it from there.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -81,9 +82,9 @@ class InputBatch:
         return len(self._free)
 
     # -- the SchedulerOutput's changes ----------------------------------------------------------
-    def apply(self, out: SchedulerOutput) -> list[tuple[int, int, int]]:
+    def apply(self, out: SchedulerOutput) -> list[tuple[int, int, Sequence[int]]]:
         """Frees, fills and grows rows; returns the page-table changes for the device as
-        (row, first page index, count) runs, the pages being page_table[row, first:first+count]."""
+        (row, first page index, pages) runs: page_table[row, first:first+len(pages)] = pages."""
         if out.removed_ids or out.new_requests:
             self._step_rows = None
         for request_id in out.removed_ids:
@@ -94,15 +95,18 @@ class InputBatch:
         changes = []
         for new in out.new_requests:
             row = self._fill(new)
-            changes.append((row, 0, len(new.page_ids)))
+            changes.append((row, 0, new.page_ids))
         row_of, table, count = self.row_of, self.page_table, self.num_pages_of
         new_page_ids = out.new_page_ids
         for i in itertools.compress(range(len(new_page_ids)), new_page_ids):  # grants with new pages: C skips the rest
             pages, row = new_page_ids[i], row_of[out.request_ids[i]]
             first = int(count[row])
-            table[row, first : first + len(pages)] = pages
+            if len(pages) == 1:  # a decode row entering its next page: a scalar write (~0.05 us, a slice ~0.6)
+                table[row, first] = pages[0]
+            else:
+                table[row, first : first + len(pages)] = pages
             count[row] = first + len(pages)
-            changes.append((row, first, len(pages)))
+            changes.append((row, first, pages))
         return changes
 
     def _fill(self, new: NewRequestData) -> int:
