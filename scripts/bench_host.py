@@ -154,6 +154,13 @@ def build_engine(
     return LLMEngine(config, model=model, tokenizer=tokenizer, progress=False, log=_quiet)
 
 
+def num_started(engine: LLMEngine, request_ids: list[str]) -> int:
+    """How many of these (n = 1) requests have their first token, as the engine's scheduler
+    knows it: not from their outputs, as a FINAL_ONLY request has none until it finishes."""
+    requests = engine.scheduler.requests
+    return sum(1 for rid in request_ids if rid in requests and requests[rid].output_token_ids)
+
+
 def _quiet(*_args, **_kwargs) -> None:
     pass
 
@@ -222,14 +229,12 @@ def run_case(
         return wall, outputs
 
     # settle: every decode row has its first token (its prefill is over)
-    started: set[str] = set()
     for _ in range(settle_steps(rows, budget)):
-        _, outputs = one_step()
-        started.update(o.request_id for o in outputs if o.request_id.startswith("decode-") and o.outputs[0].token_ids)
-        if len(started) == rows:
+        one_step()
+        if (started := num_started(engine, decode_ids)) == rows:
             break
     else:
-        raise RuntimeError(f"decode rows did not all start: {len(started)} of {rows}")
+        raise RuntimeError(f"decode rows did not all start: {started} of {rows}")
     for _ in range(warm):
         one_step()
 

@@ -59,6 +59,11 @@ class _Family:
     num_unfinished: int = 0  # 0: every sample finished (read per family and step: no property call)
     num_cached_tokens: int = 0
     sent_prompt_logprobs: bool = False  # DELTA: the first output carries them
+    # Shortcuts of process() for a family of one sample, once its first token is out (its first
+    # output sent, its prompt's logprobs with it): streams (DELTA, no logprobs): each token's
+    # output is that token and its text alone; quiet (FINAL_ONLY): no output until it finishes.
+    streams: bool = False
+    quiet: bool = False
     # its timeline (time.perf_counter): added here, first admitted, first token read back
     queued_at: float = 0.0
     scheduled_at: float | None = None
@@ -110,8 +115,8 @@ class OutputProcessor:
 
     def process(self, step: EngineCoreOutput) -> tuple[list[RequestOutput], list]:
         """Returns the RequestOutputs of the families this step touched (FINAL_ONLY ones: if it
-        finished them) and the (sample id, stop string) pairs of samples a stop string ended."""
-        touched: dict[str, _Family] = {}
+        finished them), in the order of their first sample in the step, and the (sample id, stop
+        string) pairs of samples a stop string ended."""
         stopped = []
         for request_id, cached in step.num_cached_tokens.items():
             if request_id in self._families:
@@ -127,6 +132,12 @@ class OutputProcessor:
             k = family.params.prompt_logprobs
             for pos, lp in entries:
                 family.prompt_logprobs[pos] = self._position_logprobs(lp, k)
+        # A streaming family's output is built as its row is read (the hot loop of a step, once per
+        # row: it stays lean); any other family's once the loop has seen all its samples, then put
+        # where its first sample was: after as many streamed outputs as `places` says (0 if absent).
+        outputs: list[RequestOutput] = []
+        touched: dict[str, _Family] = {}
+        places: dict[str, int] = {}
         logprobs, finishes, sample_of = step.logprobs, step.finished, self._sample_of
         for sample_id, token in zip(step.request_ids, step.token_ids):
             family, sample = sample_of.get(sample_id, (None, None))
@@ -138,23 +149,56 @@ class OutputProcessor:
                 sample.logprobs.append(self._position_logprobs(lp, family.params.logprobs))
                 sample.cumulative += lp.logprob
             finished = finishes.get(sample_id) if finishes else None
-            stop = None if sample.detok is None else sample.detok.push(token)
+            detok = sample.detok
+            stop = None if detok is None else detok.push(token)
             if stop is not None:
                 family.finish(sample, "stop", stop)
                 if finished is None:  # the engine does not know yet
                     stopped.append((sample_id, stop))
             elif finished is not None:
                 family.finish(sample, *finished)
+            elif family.streams:  # _output(family) by hand
+                token_ids, sample.token_ids = sample.token_ids, []
+                if detok is None:
+                    text = ""
+                else:
+                    text = detok.text[sample.sent_chars : detok.visible_len(False)]
+                    sample.sent_chars += len(text)
+                completion = CompletionOutput(sample.index, text, token_ids, None, None)
+                outputs.append(
+                    RequestOutput(
+                        family.request_id,
+                        family.prompt,
+                        family.prompt_token_ids,
+                        None,
+                        [completion],
+                        False,
+                        family.num_cached_tokens,
+                    )
+                )
+                continue
+            elif family.quiet:
+                continue
+            if outputs and family.request_id not in touched:
+                places[family.request_id] = len(outputs)
             touched[family.request_id] = family
-        outputs = []
+        emitted = []
         for family in touched.values():
             if family.first_token_at is None:
                 family.first_token_at = step.timestamp
+                if len(family.samples) == 1:
+                    kind = family.params.output_kind
+                    family.streams = kind is DELTA and family.samples[0].logprobs is None
+                    family.quiet = kind is FINAL_ONLY
             if not family.num_unfinished:
-                outputs.append(self._output(family, finished_at=step.timestamp))
+                emitted.append(self._output(family, finished_at=step.timestamp))
                 self._forget(family)
             elif family.params.output_kind is not FINAL_ONLY:
-                outputs.append(self._output(family))
+                emitted.append(self._output(family))
+        if not outputs:
+            return emitted, stopped
+        for i, out in enumerate(emitted):  # among the streamed ones (an output's id is its family's)
+            outputs.insert(places.get(out.request_id, 0) + i, out)
         return outputs, stopped
 
     def abort(self, request_id: str) -> RequestOutput | None:

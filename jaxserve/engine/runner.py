@@ -507,23 +507,28 @@ class ModelRunner:
 
     def _stage_page_updates(self, changes, x) -> None:
         """Sends the page-table entries the input batch changed; a row with more new pages than
-        the step carries (an n > 1 child starting on a long shared prompt) is written whole."""
+        the step carries (an n > 1 child starting on a long shared prompt) is written whole.
+        Gathered in Python lists, written with one slice each (a numpy slice write per change
+        cost ~0.6 us: a step of 256 decode rows has ~16, a row enters a new page every S steps)."""
         index, value = x.page_update_index, x.page_update_value
         index[:] = -1  # dropped (flat indices are >= 0)
-        table, used, capacity = self.input_batch.page_table, 0, index.shape[0]
-        for row, first, count in changes:
-            if used + count <= capacity:
+        table, capacity = self.input_batch.page_table, index.shape[0]
+        flat, pages_sent = [], []
+        for row, first, pages in changes:
+            if len(flat) + len(pages) <= capacity:
                 base = row * self.pages_per_seq + first
-                index[used : used + count] = np.arange(base, base + count)
-                value[used : used + count] = table[row, first : first + count]
-                used += count
+                flat += range(base, base + len(pages))
+                pages_sent += pages
             else:
-                self._write_row(row, table[row, : first + count])
+                self._write_row(row, table[row, : first + len(pages)])
+        if flat:
+            index[: len(flat)] = flat
+            value[: len(flat)] = pages_sent
 
     def _write_rows(self, changes) -> None:
         table = self.input_batch.page_table
-        for row, first, count in changes:
-            self._write_row(row, table[row, : first + count])
+        for row, first, pages in changes:
+            self._write_row(row, table[row, : first + len(pages)])
 
     def _prompt_logprobs_of(self, step: InFlightStep) -> dict[str, list[tuple[int, TokenLogprobs]]]:
         """The logprobs of the prompt tokens this step computed, for the requests that asked."""

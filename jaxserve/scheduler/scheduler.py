@@ -67,15 +67,30 @@ class PrefixCacheStats:
 
 
 class _Grants:
-    """The step being scheduled: its grants, in order, as SchedulerOutput's columns (the request
-    ids are taken from the requests granted, num_tokens from q_lens, once the step is scheduled)."""
+    """The step being scheduled: its grants, in order. Almost every grant is a decode grant (one
+    token, which samples, on the pages the request holds) and records its start alone; any other
+    records the columns where it differs in `other`. columns() builds SchedulerOutput's columns:
+    the decode values in C (a list repeated), the others written over them."""
 
     def __init__(self):
         self.new: list[NewRequestData] = []
-        self.q_lens: list[int] = []
         self.starts: list[int] = []
-        self.samples: list[bool] = []
-        self.new_pages: list[Sequence[int]] = []
+        self.other: list[tuple[int, int, bool, Sequence[int]]] = []  # (position, q_len, samples, new pages)
+
+    def add(self, start: int, q_len: int, samples: bool, new_pages: Sequence[int]) -> None:
+        if q_len != 1 or not samples or new_pages is not NO_PAGES:
+            self.other.append((len(self.starts), q_len, samples, new_pages))
+        self.starts.append(start)
+
+    def columns(self) -> tuple[list[int], list[bool], list[Sequence[int]], int]:
+        """(q_lens, samples, new pages, tokens) of the grants."""
+        n = len(self.starts)
+        q_lens, samples, new_pages = [1] * n, [True] * n, [NO_PAGES] * n
+        num_tokens = n
+        for i, q_len, sampled, pages in self.other:
+            q_lens[i], samples[i], new_pages[i] = q_len, sampled, pages
+            num_tokens += q_len - 1
+        return q_lens, samples, new_pages, num_tokens
 
 
 class Scheduler:
@@ -153,15 +168,16 @@ class Scheduler:
             requests = self._schedule_quarantined(grants)
         else:
             requests = self._schedule(grants)
+        q_lens, samples, new_pages, num_tokens = grants.columns()
         out = SchedulerOutput(
             removed_ids=self._removed,
             new_requests=grants.new,
             request_ids=[r.request_id for r in requests],
-            num_scheduled_tokens=grants.q_lens,
+            num_scheduled_tokens=q_lens,
             num_computed_tokens=grants.starts,
-            samples=grants.samples,
-            new_page_ids=grants.new_pages,
-            num_tokens=sum(grants.q_lens),
+            samples=samples,
+            new_page_ids=new_pages,
+            num_tokens=num_tokens,
         )
         self._removed = []
         if requests:
@@ -191,36 +207,40 @@ class Scheduler:
         preempted = False
         allocate, page_size = self.kv.allocate, self.kv.page_size
         running, grant, to_cache = self.running, self._grant, self._to_cache
-        q_lens, starts, samples, new_pages = grants.q_lens, grants.starts, grants.samples, grants.new_pages
+        starts, no_pages = grants.starts, NO_PAGES
         # The hot loop of a step (once per running request): keep it lean. Iterating over
         # `running` while preempting is safe: victims are popped from its end, down to the request
         # being granted at the latest (which then ends the loop).
         for req in running:
             if budget <= 0:
                 break
-            num_outputs = len(req.output_token_ids) + req.num_pending
-            target = req.num_prompt_tokens + num_outputs if req.prefix_len is None else req.prefix_len
             start = req.num_computed_tokens
-            n = target - start
+            num_outputs = len(req.output_token_ids) + req.num_pending
+            if req.prefix_len is None:
+                target = req.num_prompt_tokens + num_outputs
+                n = target - start
+                if n == 1 and num_outputs < req.max_output_tokens:
+                    # A decode step, the grant of almost every row (one token, which samples):
+                    # _grant's work, inline. Its token goes to the page of the token before it
+                    # (computed, so held: nothing to allocate) but at a page boundary.
+                    added = allocate(req.request_id, start + 1) if start % page_size == 0 else no_pages
+                    if added is not None:  # (None: out of pages: the general path below preempts)
+                        if added is no_pages:
+                            starts.append(start)  # grants.add's work, inline
+                        else:
+                            grants.add(start, 1, True, added)
+                        req.num_computed_tokens = start + 1
+                        req.num_pending += 1
+                        if start + 1 >= req.cache_next:
+                            to_cache[req] = None
+                        scheduled.append(req)
+                        budget -= 1
+                        continue
+            else:
+                target = req.prefix_len
+                n = target - start
             if n <= 0 or num_outputs >= req.max_output_tokens:
                 continue  # waiting for its launched steps: a prefix about to fork, or a last token
-            if n == 1 and req.prefix_len is None:
-                # A decode step, the grant of almost every row (one token, which samples): _grant's
-                # work, inline. Its token goes to the page of the token before it (computed, so
-                # held: nothing to allocate) but at a page boundary.
-                added = allocate(req.request_id, start + 1) if start % page_size == 0 else NO_PAGES
-                if added is not None:  # (None: out of pages: the general path below preempts)
-                    q_lens.append(1)
-                    starts.append(start)
-                    samples.append(True)
-                    new_pages.append(added)
-                    req.num_computed_tokens = start + 1
-                    req.num_pending += 1
-                    if start + 1 >= req.cache_next:
-                        to_cache[req] = None
-                    scheduled.append(req)
-                    budget -= 1
-                    continue
             if n > budget:
                 n = budget
             while (added := allocate(req.request_id, start + n)) is None:
@@ -379,10 +399,7 @@ class Scheduler:
         _schedule records a running request's decode grant inline, as this does: keep them alike."""
         start = req.num_computed_tokens
         end = start + n
-        grants.q_lens.append(n)
-        grants.starts.append(start)
-        grants.samples.append(samples)
-        grants.new_pages.append(new_pages)
+        grants.add(start, n, samples, new_pages)
         req.num_computed_tokens = end
         req.num_pending += samples
         if end >= req.cache_next:  # a page full of computed tokens, to cache

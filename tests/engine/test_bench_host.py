@@ -35,6 +35,18 @@ def test_bench_host_cases_and_json(tmp_path, monkeypatch, capsys):
     assert "host ms" in table and "wall ms" in table
 
 
+def test_bench_host_final_only(tmp_path, monkeypatch):
+    """FINAL_ONLY requests send nothing until they finish: settling finds its started rows
+    through the engine instead of their outputs."""
+    bench = load_script()
+    out = tmp_path / "final.json"
+    argv = ["bench_host.py", "--cases", "1,8,2+6", "--warm", "2", "--steps", "5", "--min-token-bucket", "8"]
+    argv += ["--repeats", "1", "--output-kind", "final_only", "--output-json", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    bench.main()
+    assert [c["tokens_per_step"] for c in json.loads(out.read_text())] == [1, 8, 8]
+
+
 def test_parse_cases():
     assert load_script().parse_cases("1, 64+512") == [(1, 0), (64, 512)]
 
