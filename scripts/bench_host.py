@@ -73,9 +73,9 @@ DECODE_PROMPT_LEN = 8  # decode rows start from short prompts: their prefill is 
 MARGIN_TOKENS = 16  # max_tokens beyond what settling, warm-up and the timed steps need
 DEFAULT_CASES = "1,8,64,256,64+512"
 # The mock's K/V values per token. On a CPU the "device" is the same 2 cores the measured Python
-# runs on: at 256 rows the tests' head_dim of 8 has XLA read ~6 MB of pages a step (~1.4 ms of
-# compute), which slowed the engine thread's own work by half again (a GPU takes none of it from
-# the host). One value per token keeps the real paged cache and its reads, at an eighth of the bytes.
+# runs on: at 256 rows the tests' head_dim of 8 has XLA gather ~6 MB of pages a step (~1.4 ms of
+# compute), and the engine thread's own work took twice the CPU time beside it (a GPU takes none of
+# it from the host). One value per token keeps the real paged cache and its reads, an eighth of the bytes.
 MOCK_HEAD_DIM = 1
 _long_prompts = itertools.count()  # the +prefill cases' long prompts, numbered across cases and rounds
 
