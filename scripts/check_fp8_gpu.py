@@ -126,32 +126,38 @@ def check_kernel(results):
     ]
     for name, fmt in FORMATS.items():
         for i, (q_lens, kv_lens, group, head_dim, page_size, config) in enumerate(cases):
-            args = make_batch(
-                jax.random.key(i),
-                q_lens,
-                kv_lens,
-                num_heads=group * 4,
-                num_kv_heads=4,
-                head_dim=head_dim,
-                page_size=page_size,
-                dtype=jnp.float32,
-                pad_tokens=5,
-            )
-            args["q"] = args["q"].astype(DT)
-            args["k_pages"] = quantize(args["k_pages"], SCALES["k_scale"], fmt)
-            args["v_pages"] = quantize(args["v_pages"], SCALES["v_scale"], fmt)
             row = dict(format=name, case=i, group=group, head_dim=head_dim, page_size=page_size)
-            try:
-                out = ragged_paged_attention(**args, **SCALES, sm_scale=head_dim**-0.5, config=config)
-                ref = ragged_paged_attention_reference(**args, **SCALES, sm_scale=head_dim**-0.5)
-                total = sum(q_lens)
-                row["rel_err"] = rel_err(out[:total], ref[:total])
-                row["padding_zero"] = bool(jnp.all(out[total:] == 0))
-                row["ok"] = row["rel_err"] <= 1e-2 and row["padding_zero"]
-            except Exception as e:  # noqa: BLE001
-                row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:600]}")
+            check_case(row, jax.random.key(i), q_lens, kv_lens, group, head_dim, page_size, fmt, SCALES, config)
             results["correctness"].append(row)
             log(f"kernel {name} case {i} (G={group} H={head_dim} S={page_size}): {row}")
+
+
+def check_case(row, key, q_lens, kv_lens, group, head_dim, page_size, fmt, scales, config) -> None:
+    """One ragged batch (4 KV heads, bf16 q, pages quantized to fmt with scales) through the
+    kernel and the f32 reference; the verdict goes into row (ok, rel_err, padding_zero or error)."""
+    args = make_batch(
+        key,
+        q_lens,
+        kv_lens,
+        num_heads=group * 4,
+        num_kv_heads=4,
+        head_dim=head_dim,
+        page_size=page_size,
+        dtype=jnp.float32,
+        pad_tokens=5,
+    )
+    args["q"] = args["q"].astype(DT)
+    args["k_pages"] = quantize(args["k_pages"], scales["k_scale"], fmt)
+    args["v_pages"] = quantize(args["v_pages"], scales["v_scale"], fmt)
+    try:
+        out = ragged_paged_attention(**args, **scales, sm_scale=head_dim**-0.5, config=config)
+        ref = ragged_paged_attention_reference(**args, **scales, sm_scale=head_dim**-0.5)
+        total = sum(q_lens)
+        row["rel_err"] = rel_err(out[:total], ref[:total])
+        row["padding_zero"] = bool(jnp.all(out[total:] == 0))
+        row["ok"] = row["rel_err"] <= 1e-2 and row["padding_zero"]
+    except Exception as e:  # noqa: BLE001
+        row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:600]}")
 
 
 def check_variants(results, variants, bf16_variants):
@@ -166,32 +172,11 @@ def check_variants(results, variants, bf16_variants):
     for kv_name, fmt in {"bf16": DT, **FORMATS}.items():
         for vname in bf16_variants if kv_name == "bf16" else variants:
             for i, (q_lens, kv_lens, group, head_dim, page_size, splits) in enumerate(cases):
-                args = make_batch(
-                    jax.random.key(100 + i),
-                    q_lens,
-                    kv_lens,
-                    num_heads=group * 4,
-                    num_kv_heads=4,
-                    head_dim=head_dim,
-                    page_size=page_size,
-                    dtype=jnp.float32,
-                    pad_tokens=5,
-                )
-                args["q"] = args["q"].astype(DT)
                 scales = SCALES if kv_name != "bf16" else dict(k_scale=1.0, v_scale=1.0)
-                args["k_pages"] = quantize(args["k_pages"], scales["k_scale"], fmt)
-                args["v_pages"] = quantize(args["v_pages"], scales["v_scale"], fmt)
                 config = dataclasses.replace(VARIANTS[vname], kv_splits=splits)
                 row = dict(variant=vname, pages=kv_name, case=i, group=group, head_dim=head_dim, kv_splits=splits)
-                try:
-                    out = ragged_paged_attention(**args, **scales, sm_scale=head_dim**-0.5, config=config)
-                    ref = ragged_paged_attention_reference(**args, **scales, sm_scale=head_dim**-0.5)
-                    total = sum(q_lens)
-                    row["rel_err"] = rel_err(out[:total], ref[:total])
-                    row["padding_zero"] = bool(jnp.all(out[total:] == 0))
-                    row["ok"] = row["rel_err"] <= 1e-2 and row["padding_zero"]
-                except Exception as e:  # noqa: BLE001
-                    row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:600]}")
+                key = jax.random.key(100 + i)
+                check_case(row, key, q_lens, kv_lens, group, head_dim, page_size, fmt, scales, config)
                 results["correctness"].append(row)
                 log(f"variant {vname} {kv_name} case {i}: {row}")
 
