@@ -149,7 +149,8 @@ class InputBatch:
         rows = self._rows(out.request_ids)
         # Reading a list of Python ints costs ~15 ns an item (np.fromiter; np.asarray ~25): a
         # decode step's q_lens (all 1) and samples (all True) are recognized by C loops instead.
-        if out.num_scheduled_tokens.count(1) == n:
+        decode = out.num_scheduled_tokens.count(1) == n  # one token a sequence
+        if decode:
             q_lens, total = self._ones[:n], n
         else:
             q_lens = np.fromiter(out.num_scheduled_tokens, np.int32, n)
@@ -164,7 +165,7 @@ class InputBatch:
         cu[:] = total
         cu[0] = 0
         q_lens.cumsum(out=cu[1 : n + 1])  # (the method: np.cumsum's wrapper cost ~2 us more)
-        if total == n:  # one token a sequence (a decode step): token i is sequence i's
+        if decode:  # token i is sequence i's (not total == n: q_lens [0, 2] has it too)
             seq, pos, row = self._arange[:n], starts, rows
         else:
             seq = np.repeat(self._arange[:n], q_lens)  # [total] the sequence of each token

@@ -50,3 +50,18 @@ def test_a_decode_step_reuses_rows_until_rows_change_hands():
     moved, x = stage(batch, out)
     assert moved.rows.tolist() == [batch.row_of["a"], batch.row_of["b"]] == [1, 0]
     assert x.tokens[:5].tolist() == [1, 2, 3, 4, 5] and x.table_rows[:2].tolist() == [1, 0]
+
+
+def test_as_many_tokens_as_sequences_is_not_a_decode_step():
+    """q_lens [0, 2] have one token a sequence on average: the tokens are still b's two, at its
+    positions (the decode shortcut goes by every q_len being 1, not by the total)."""
+    batch = InputBatch(
+        max_rows=4, max_model_len=32, page_size=S, pages_per_seq=8, num_pages=16, vocab_size=11, processor_names=[]
+    )
+    out = SchedulerOutput(
+        [], [new("a", [1, 2, 3], 5), new("b", [4, 5], 6)], ["a", "b"], [0, 2], [3, 0], [False, True], [(), ()], 2
+    )
+    _, x = stage(batch, out)
+    assert x.tokens[:2].tolist() == [4, 5]
+    assert x.positions[:2].tolist() == [0, 1]
+    assert x.slot_mapping[:2].tolist() == [6 * S, 6 * S + 1]
