@@ -662,7 +662,7 @@ def ragged_paged_attention(
     if page_size % 8 or page_size > 256:
         raise ValueError(f"page size (k_pages.shape[1]) must be a multiple of 8 up to 256, got {page_size}")
     if config is None:
-        config = default_config(q.shape[0], kv_lens.shape[0])
+        config = default_config(q.shape[0], kv_lens.shape[0], fp8_pages=is_fp8(k_pages.dtype))
     return _attention_call(
         q,
         k_pages,

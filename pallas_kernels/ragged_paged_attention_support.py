@@ -18,8 +18,9 @@ Compiled (Mosaic GPU) the kernel needs:
                             head_dim 64 with any page size above, head_dim 128 with S <= 128;
                             head_dim 192 and 256 never fit with DECODE_CONFIG / PREFILL_CONFIG;
                             fp8 pages halve the ring and add 16-bit tiles per compute
-                            warpgroup: K and V (one for both with two warpgroups; head_dim
-                            128, S <= 128 fits)
+                            warpgroup: K and V (decode: FP8_DECODE_CONFIG, two warpgroups
+                            splitting the blocks), one for both (prefill); head_dim 128 with
+                            S <= 128 fits
 Interpret mode (any backend; tests) needs only the dtype (float32 too), head_dim and page size.
 `ragged_paged_attention` itself checks the dtype, head_dim and page size when called; the shared
 memory it finds too big only when Mosaic GPU lowers it (tests/engine/test_attention_choice.py
@@ -31,45 +32,52 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from pallas_kernels.kv_quant import is_fp8
-from pallas_kernels.ragged_paged_attention_config import DECODE_CONFIG, PREFILL_CONFIG, RaggedPagedAttentionConfig
+from pallas_kernels.ragged_paged_attention_config import (
+    DECODE_CONFIG,
+    FP8_DECODE_CONFIG,
+    PREFILL_CONFIG,
+    RaggedPagedAttentionConfig,
+)
 
 COMPILED_DTYPES = ("bfloat16", "float16")
 INTERPRET_DTYPES = ("bfloat16", "float16", "float32")
 HOPPER_SMEM_BYTES = 227 * 1024  # shared memory one thread block may use on sm_90
 MAX_HEAD_DIM = 256
 MAX_PAGE_SIZE = 256
-# fp8 pages of 128 tokens failed to lower through Mosaic GPU on an H200 (2026-11-25, a tiling
-# error on an 8-bit tile: scripts/check_fp8_gpu.py); pages of 16-64 tokens passed its checks.
-MAX_FP8_PAGE_SIZE = 64
 _WG_ROWS = 64  # query rows per compute warpgroup (ragged_paged_attention._WG_ROWS)
-_CONFIGS = (DECODE_CONFIG, PREFILL_CONFIG)  # what `default_config` picks from
+_CONFIGS = (DECODE_CONFIG, PREFILL_CONFIG)  # what `default_config` picks from: 16-bit pages
+_FP8_CONFIGS = (FP8_DECODE_CONFIG, PREFILL_CONFIG)  # and fp8 pages
 
 
 def shared_memory_bytes(
     config: RaggedPagedAttentionConfig, head_dim: int, page_size: int, itemsize: int, kv_itemsize: int | None = None
 ) -> int:
     """Shared memory the compiled kernel allocates for one program, as `_attention_call` lays it out:
-    two q/out buffers per compute warpgroup, the K and V rings (of kv_itemsize; default itemsize),
-    P's buffer (unless P stays in registers), the split log-sum-exp rows (counted always: splits
-    are picked per batch), with 8-bit pages the widened K and V tiles of each compute warpgroup
-    (one for both with two warpgroups), and the barriers (8 bytes each)."""
+    the q/out buffers of each compute warpgroup (one with a program per item, else two), the K and
+    V rings (of kv_itemsize; default itemsize), P's buffer (unless P stays in registers), the split
+    log-sum-exp rows (counted always: splits are picked per batch), with 8-bit pages the widened
+    16-bit tiles (K and V per warpgroup, or one per warpgroup for both when two warpgroups share
+    q-row tiles), split_blocks' merge rows, and the barriers (8 bytes each)."""
     kv_itemsize = kv_itemsize or itemsize
     wgs, stages = config.compute_warpgroups, config.num_stages
     block_kv = max(page_size, config.block_kv)
-    q = 2 * wgs * _WG_ROWS * head_dim * itemsize
+    q_buffers = 1 if config.num_programs == 0 else 2
+    q = q_buffers * wgs * _WG_ROWS * head_dim * itemsize
     ring = 2 * stages * block_kv * head_dim * kv_itemsize
     p = 0 if config.p_from_registers else wgs * _WG_ROWS * block_kv * itemsize
     lse = wgs * _WG_ROWS * 4
-    tiles = 2 if wgs == 1 else 1  # a warpgroup alone widens V into a tile of its own
+    tiles = 2 if wgs == 1 or config.split_blocks else 1
     tile = tiles * wgs * block_kv * head_dim * itemsize if kv_itemsize == 1 else 0
-    barriers = 8 * (4 * stages + 5)  # k/v full and free per stage; q full and free x 2; sched
-    return q + ring + p + lse + tile + barriers
+    merge = q_buffers * 2 * _WG_ROWS * 4 if config.split_blocks else 0
+    barriers = 8 * (4 * stages + 7)  # k/v full and free per stage; q full and free, merged x 2; sched
+    return q + ring + p + lse + tile + merge + barriers
 
 
 def _blocks_fit(page_size: int) -> bool:
     """The K/V block of max(S, block_kv) tokens is a whole number of pages and a multiple of 64 (the
     PV wgmma's K, one swizzled row of 16-bit values), for each config picked by shape."""
-    return all(max(page_size, c.block_kv) % page_size == 0 and max(page_size, c.block_kv) % 64 == 0 for c in _CONFIGS)
+    configs = _CONFIGS + _FP8_CONFIGS
+    return all(max(page_size, c.block_kv) % page_size == 0 and max(page_size, c.block_kv) % 64 == 0 for c in configs)
 
 
 def unmet_requirements(
@@ -110,13 +118,11 @@ def unmet_requirements(
         unmet.append(
             f"needs a page size whose K/V blocks are whole pages and multiples of 64 ({sizes}); got {page_size}"
         )
-    if not interpret and page_ok and is_fp8(kv_name) and page_size > MAX_FP8_PAGE_SIZE:
-        page_ok = False
-        unmet.append(f"needs a page size up to {MAX_FP8_PAGE_SIZE} with fp8 KV pages; got {page_size}")
     if not interpret and head_ok and page_ok:
         itemsize = jnp.dtype(name if name in COMPILED_DTYPES else COMPILED_DTYPES[0]).itemsize
         kv_itemsize = 1 if is_fp8(kv_name) else itemsize
-        need = max(shared_memory_bytes(c, head_dim, page_size, itemsize, kv_itemsize) for c in _CONFIGS)
+        configs = _FP8_CONFIGS if is_fp8(kv_name) else _CONFIGS
+        need = max(shared_memory_bytes(c, head_dim, page_size, itemsize, kv_itemsize) for c in configs)
         if need > HOPPER_SMEM_BYTES:
             unmet.append(
                 f"needs its q buffers and K/V ring within {HOPPER_SMEM_BYTES // 1024} KiB of shared memory "

@@ -34,8 +34,9 @@ def max_tiles(num_tokens: int, num_rows: int, group: int, rows_per_tile: int) ->
 def num_cells(num_tokens: int, group: int, tiles: int, rows_per_tile: int) -> int:
     """Cells of the q/out buffers: each tile's rows, rounded up per 64-row warpgroup chunk to a power
     of two >= 8 (the kernel's TMA stores have static sizes 8/16/32/64), at most 2 n + 8 for n rows;
-    plus a tile of slack at the end (a 64-row load may run past a short tile)."""
-    return 2 * num_tokens * group + 8 * tiles + rows_per_tile
+    plus a tile of slack at the end (a 64-row load may run past a short tile); a multiple of 8, the
+    row tiling of the buffers' TMA transfers (an odd T * G would not lower)."""
+    return -(-2 * num_tokens * group // 8) * 8 + 8 * tiles + rows_per_tile
 
 
 def _pow2_rows(n):

@@ -46,6 +46,7 @@ from pallas_kernels.ragged_paged_attention_config import DECODE_CONFIG, RaggedPa
 rpa = importlib.import_module("pallas_kernels.ragged_paged_attention")  # the module (the package exports its function)
 FORMATS = {"fp8_e4m3": jnp.float8_e4m3fn, "fp8_e5m2": jnp.float8_e5m2}
 VARIANTS = {  # decode configs timed on fp8 pages (--bf16-variants: bf16 too) besides the one picked by shape
+    "decode1wg": DECODE_CONFIG,  # bf16 pages' decode config: one compute warpgroup (fp8's before FP8_DECODE_CONFIG)
     "stages4": dataclasses.replace(DECODE_CONFIG, num_stages=4),  # the fp8 ring is half: one more stage fits
     "block64x6": dataclasses.replace(DECODE_CONFIG, block_kv=64, num_stages=6),
     "persist": dataclasses.replace(DECODE_CONFIG, num_programs=None),

@@ -64,9 +64,9 @@ def test_auto_reasons_name_what_is_missing():
 @pytest.mark.parametrize("kv_dtype", [jnp.float8_e4m3fn, jnp.float8_e5m2])
 def test_fp8_kv_pages_on_hopper(kv_dtype):
     """fp8 pages halve the ring and add a widened 16-bit tile per compute warpgroup: head_dim 64
-    and 128 with pages 16-64 fit (128 is below); pages of another 16-bit dtype do not run."""
+    and 128 with pages 16-128 fit; pages of another 16-bit dtype do not run."""
     for head_dim in (64, 128):
-        for page_size in (16, 32, 64):
+        for page_size in (16, 32, 64, 128):
             choice = choose_attention_impl("auto", jnp.bfloat16, head_dim, page_size, H100, kv_dtype=kv_dtype)
             assert choice.impl == "pallas", choice.reason
             assert jnp.dtype(kv_dtype).name in choice.reason
@@ -116,7 +116,7 @@ def test_explicit_pallas_that_runs():
         (jnp.bfloat16, 128, 16, B200, ["Hopper", "got sm_100"]),
         (jnp.bfloat16, 96, 16, H100, ["needs head_dim a multiple of 64 up to 256; got 96"]),
         (jnp.bfloat16, 128, 24, H100, ["(8, 16, 32, 64, 128, 192, 256); got 24"]),
-        (jnp.bfloat16, 128, 256, H100, ["227 KiB of shared memory", "takes 417 KiB"]),
+        (jnp.bfloat16, 128, 256, H100, ["227 KiB of shared memory", "takes 401 KiB"]),
         (jnp.float32, 96, 16, CPU, ["head_dim a multiple of 64"]),
         # several at once: each named
         (jnp.float32, 96, 12, A100, ["sm_80", "got float32", "got 96", "multiple of 8 up to 256; got 12"]),
@@ -182,7 +182,7 @@ def test_explicit_pallas_fails_before_loading(monkeypatch):
 # --- the stated requirements against the Mosaic GPU lowering itself -----------------------------
 
 
-def _lowers_for_hopper(dtype, head_dim, page_size) -> bool:
+def _lowers_for_hopper(dtype, head_dim, page_size, kv_dtype) -> bool:
     """Traces and lowers ragged_paged_attention for the cuda platform (no GPU needed), for a
     decode-shaped and a prefill-shaped batch (their configs differ)."""
     sd = jax.ShapeDtypeStruct
@@ -190,8 +190,8 @@ def _lowers_for_hopper(dtype, head_dim, page_size) -> bool:
     for rows in (64, 4):  # 64 tokens: decode-shaped at 64 rows, prefill-shaped at 4
         args = (
             sd((64, 8, head_dim), dtype),
-            sd((32, page_size, 2, head_dim), dtype),
-            sd((32, page_size, 2, head_dim), dtype),
+            sd((32, page_size, 2, head_dim), kv_dtype),
+            sd((32, page_size, 2, head_dim), kv_dtype),
             sd((rows,), jnp.int32),
             sd((rows, 8), jnp.int32),
             sd((rows + 1,), jnp.int32),
@@ -204,32 +204,29 @@ def _lowers_for_hopper(dtype, head_dim, page_size) -> bool:
     return True
 
 
+E4M3, E5M2 = jnp.float8_e4m3fn, jnp.float8_e5m2
+
+
 @pytest.mark.parametrize(
-    "dtype,head_dim,page_size",
+    "dtype,head_dim,page_size,kv_dtype",
     [
-        (jnp.bfloat16, 128, 128),  # the K/V ring just fits shared memory
-        (jnp.float16, 128, 8),
-        (jnp.bfloat16, 64, 256),
-        (jnp.float16, 64, 192),
-        (jnp.bfloat16, 128, 192),  # shared memory
-        (jnp.bfloat16, 192, 16),
-        (jnp.bfloat16, 64, 24),  # block_kv 128 is no whole number of pages
-        (jnp.bfloat16, 64, 136),  # the PV wgmma's K must be a multiple of 64
-        (jnp.float32, 64, 16),  # compiled: 16-bit only
-        (jnp.bfloat16, 96, 16),
+        (jnp.bfloat16, 128, 128, None),  # the K/V ring just fits shared memory
+        (jnp.float16, 128, 8, None),
+        (jnp.bfloat16, 64, 256, None),
+        (jnp.float16, 64, 192, None),
+        (jnp.bfloat16, 128, 192, None),  # shared memory
+        (jnp.bfloat16, 192, 16, None),
+        (jnp.bfloat16, 64, 24, None),  # block_kv 128 is no whole number of pages
+        (jnp.bfloat16, 64, 136, None),  # the PV wgmma's K must be a multiple of 64
+        (jnp.float32, 64, 16, None),  # compiled: 16-bit only
+        (jnp.bfloat16, 96, 16, None),
+        # fp8 pages: FP8_DECODE_CONFIG's four 16-bit tiles beside the 8-bit ring
+        (jnp.bfloat16, 128, 128, E4M3),  # 226 KiB
+        (jnp.bfloat16, 128, 256, E4M3),  # shared memory
+        (jnp.float16, 64, 256, E5M2),
+        (jnp.bfloat16, 64, 16, E5M2),
     ],
 )
-def test_requirements_match_the_lowering(dtype, head_dim, page_size):
-    runs = not unmet_requirements(dtype, head_dim, page_size, compute_capability="9.0")
-    assert runs == _lowers_for_hopper(dtype, head_dim, page_size)
-
-
-def test_fp8_pages_of_128_tokens_take_the_xla_path():
-    """They failed to lower through Mosaic GPU on an H200; auto falls back, and pallas says why."""
-    fp8 = jnp.float8_e4m3fn
-    assert choose_attention_impl("auto", jnp.bfloat16, 128, 64, H100, kv_dtype=fp8).impl == "pallas"
-    other = choose_attention_impl("auto", jnp.bfloat16, 128, 128, H100, kv_dtype=fp8)
-    assert other.impl == "xla" and "up to 64 with fp8" in other.reason
-    assert choose_attention_impl("auto", jnp.bfloat16, 128, 128, H100).impl == "pallas"  # bf16 pages: fine
-    with pytest.raises(ValueError, match="up to 64 with fp8"):
-        choose_attention_impl("pallas", jnp.bfloat16, 128, 128, H100, kv_dtype=fp8)
+def test_requirements_match_the_lowering(dtype, head_dim, page_size, kv_dtype):
+    runs = not unmet_requirements(dtype, head_dim, page_size, compute_capability="9.0", kv_dtype=kv_dtype)
+    assert runs == _lowers_for_hopper(dtype, head_dim, page_size, kv_dtype or dtype)

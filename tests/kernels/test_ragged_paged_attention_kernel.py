@@ -265,3 +265,29 @@ def test_lowers_for_hopper(config, rows):
     fn = functools.partial(ragged_paged_attention, sm_scale=0.1, config=config)
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
+
+
+@pytest.mark.parametrize("kv_dtype", ["bfloat16", "float8_e4m3fn"])
+@pytest.mark.parametrize("group,head_dim,page_size", [(1, 64, 32), (2, 128, 128), (1, 128, 16)])
+def test_lowers_for_hopper_with_any_token_count(kv_dtype, group, head_dim, page_size):
+    """T * G rows that are not a multiple of 4 (here T = 9): the [K, cells, H] buffers stay a
+    multiple of the TMA's 8-row tiling (130 cells failed to lower on an H200 before)."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+
+    sd = jax.ShapeDtypeStruct
+    rows, k = 4, 4
+    args = (
+        sd((9, group * k, head_dim), jnp.bfloat16),
+        sd((64, page_size, k, head_dim), kv_dtype),
+        sd((64, page_size, k, head_dim), kv_dtype),
+        sd((rows,), jnp.int32),
+        sd((rows, 2048 // page_size), jnp.int32),
+        sd((rows + 1,), jnp.int32),
+        sd((1,), jnp.int32),
+    )
+    fn = functools.partial(ragged_paged_attention, sm_scale=0.1)
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
