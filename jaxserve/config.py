@@ -40,8 +40,8 @@ class EngineConfig:
     # KV pages: "auto" (the model's dtype) or fp8 ("fp8" = "fp8_e4m3", "fp8_e5m2"), half of bf16's
     # bytes; fp8 pages hold K and V divided by a scale per layer (1.0, as vLLM's default).
     kv_cache_dtype: str = "auto"
-    # Estimate the scales from the first prefill (vLLM's --calculate-kv-scales): not built yet, so
-    # refused rather than ignored.
+    # fp8 pages: estimate each layer's scales from the first step that writes K/V (vLLM's
+    # --calculate-kv-scales: amax / 200 for K, amax / 100 for V), then keep them.
     calculate_kv_scales: bool = False
 
     def __post_init__(self):
@@ -58,10 +58,10 @@ class EngineConfig:
             raise ValueError(
                 f"kv_cache_dtype must be 'auto' or one of {list(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}"
             )
-        if self.calculate_kv_scales:
+        if self.calculate_kv_scales and self.kv_cache_dtype == "auto":
             raise ValueError(
-                "calculate_kv_scales is not implemented: fp8 KV scales are 1.0 (vLLM's default); "
-                "drop --calculate-kv-scales"
+                "calculate_kv_scales needs fp8 KV pages (kv_cache_dtype 'fp8', 'fp8_e4m3' or 'fp8_e5m2'): "
+                "pages of the model's dtype hold K and V unscaled"
             )
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")

@@ -81,9 +81,12 @@ FLAGS: dict[str, Flag] = {
     "kv_cache_dtype": Flag(
         choices=("auto", "fp8", "fp8_e4m3", "fp8_e5m2"),
         help="KV pages: auto (the model's dtype) or fp8 (= fp8_e4m3; fp8_e5m2: more range, less precision), "
-        "half of bf16's bytes, scales 1.0",
+        "half of bf16's bytes, scales 1.0 (see --calculate-kv-scales)",
     ),
-    "calculate_kv_scales": Flag(help="estimate the fp8 KV scales from the first prefill: not implemented, refused"),
+    "calculate_kv_scales": Flag(
+        help="fp8 KV pages: estimate each layer's K and V scales from the first prefill "
+        "(amax / 200 and amax / 100, as vLLM), instead of 1.0"
+    ),
 }
 
 

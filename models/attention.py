@@ -23,7 +23,9 @@ Mosaic GPU writer `write_kv_pages` (both in place when donated).
 KV cache layout: per layer, k and v pages [P, S, K, H]; the kernel reads one head's [S, H] slice of
 a page per TMA copy. Pages are the model's dtype or fp8 (float8_e4m3fn / float8_e5m2): then they
 hold K / k_scale and V / v_scale, saturated (`pallas_kernels.kv_quant`), with one f32 scale per
-layer for K and one for V carried beside the pages (1.0 unless set).
+layer for K and one for V carried beside the pages: 1.0 (vLLM's default), or, with
+`estimate_scales` (vLLM's --calculate-kv-scales), 0 until the first step that writes K/V sets them
+from its own values (amax / 200 for K, amax / 100 for V, vLLM's constants), fixed from then on.
 """
 
 from __future__ import annotations
@@ -61,33 +63,72 @@ class LayerKVCache:
     v: jax.Array  # [P, S, K, H]
     k_scale: jax.Array  # [] f32: k holds K / k_scale
     v_scale: jax.Array  # [] f32: v holds V / v_scale
+    # Static: the scales start at 0 and the first step that writes K/V sets them (`_estimated`).
+    estimate_scales: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
     def with_pages(self, k: jax.Array, v: jax.Array) -> LayerKVCache:
-        return LayerKVCache(k, v, self.k_scale, self.v_scale)
+        return dataclasses.replace(self, k=k, v=v)
+
+
+# --calculate-kv-scales, as vLLM estimates them: scale = amax / constant, which leaves e4m3 (max 448)
+# 2.2x headroom for K and 4.5x for V beyond the first step's largest value.
+K_SCALE_CONSTANT, V_SCALE_CONSTANT = 200.0, 100.0
 
 
 KVCache = list[LayerKVCache]  # one entry per layer
 
 
 def allocate_kv_cache(
-    num_layers: int, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int, dtype, sharding=None
+    num_layers: int,
+    num_pages: int,
+    page_size: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype,
+    sharding=None,
+    *,
+    estimate_scales: bool = False,
 ) -> KVCache:
-    """Zeroed pages of `dtype` (the model's, or fp8) and scales 1.0, created on the device(s)
-    directly (jit with out_shardings, no host copy). sharding: the pages' (`kv_cache_shardings`)."""
+    """Zeroed pages of `dtype` (the model's, or fp8) and scales 1.0 (0 to be estimated), created on
+    the device(s) directly (jit with out_shardings, no host copy). sharding: the pages'
+    (`kv_cache_shardings`)."""
     shape = (num_pages, page_size, num_kv_heads, head_dim)
 
     def zeros():
-        one = jnp.ones((), jnp.float32)
-        return [LayerKVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), one, one) for _ in range(num_layers)]
+        scale = jnp.full((), 0.0 if estimate_scales else 1.0, jnp.float32)
+        return [
+            LayerKVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), scale, scale, estimate_scales)
+            for _ in range(num_layers)
+        ]
 
-    jit_kwargs = {} if sharding is None else {"out_shardings": kv_cache_shardings(num_layers, sharding)}
+    jit_kwargs = (
+        {} if sharding is None else {"out_shardings": kv_cache_shardings(num_layers, sharding, estimate_scales)}
+    )
     return jax.jit(zeros, **jit_kwargs)()
 
 
-def kv_cache_shardings(num_layers: int, page_sharding) -> KVCache:
+def kv_cache_shardings(num_layers: int, page_sharding, estimate_scales: bool = False) -> KVCache:
     """The cache's placement, leaf by leaf: pages as `page_sharding`, scales replicated."""
     scale = jax.sharding.NamedSharding(page_sharding.mesh, jax.sharding.PartitionSpec())
-    return [LayerKVCache(page_sharding, page_sharding, scale, scale) for _ in range(num_layers)]
+    return [LayerKVCache(page_sharding, page_sharding, scale, scale, estimate_scales) for _ in range(num_layers)]
+
+
+def _estimated(cache: LayerKVCache, k: jax.Array, v: jax.Array, batch: RaggedBatch) -> LayerKVCache:
+    """The cache with its scales set from this step's K/V if they are unset (0) and the step
+    writes any token (padding tokens, whose slots are past the pages, do not count); a set
+    scale stays. Device-side selects, no conditional: the host never waits for it."""
+    num_slots = cache.k.shape[0] * cache.k.shape[1]
+    real = (batch.slot_mapping < num_slots)[:, None, None]  # [T, 1, 1]
+    writes = jnp.any(real)
+
+    def scale(current, x, constant):
+        amax = jnp.max(jnp.where(real, jnp.abs(x.astype(jnp.float32)), 0.0))
+        estimate = jnp.where(amax > 0, amax / constant, 1.0)  # all zeros: any scale holds them
+        return jnp.where(current > 0, current, jnp.where(writes, estimate, 0.0))
+
+    return dataclasses.replace(
+        cache, k_scale=scale(cache.k_scale, k, K_SCALE_CONSTANT), v_scale=scale(cache.v_scale, v, V_SCALE_CONSTANT)
+    )
 
 
 AttentionImpl = Callable[..., tuple[jax.Array, LayerKVCache]]
@@ -157,4 +198,6 @@ def paged_attention(
         fn = ATTENTION_IMPLS[impl]
     except KeyError:
         raise ValueError(f"unknown attention implementation {impl!r}; known: {sorted(ATTENTION_IMPLS)}") from None
+    if cache.estimate_scales:
+        cache = _estimated(cache, k, v, batch)
     return fn(q, k, v, cache, batch, sm_scale=sm_scale)

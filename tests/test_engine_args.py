@@ -78,8 +78,10 @@ def test_kv_cache_dtype_by_flag_keyword_and_environment():
         serve_parser().parse_args(["serve", "--kv-cache-dtype", "int8"])
     with pytest.raises(ValueError, match="kv_cache_dtype"):
         EngineConfig(kv_cache_dtype="fp8_e4m3fn")
-    with pytest.raises(ValueError, match="calculate_kv_scales is not implemented"):
+    with pytest.raises(ValueError, match="calculate_kv_scales needs fp8 KV pages"):
         engine_config(serve_parser().parse_args(["serve", "--calculate-kv-scales"]))
+    c = engine_config(serve_parser().parse_args(["serve", "--kv-cache-dtype", "fp8", "--calculate-kv-scales"]))
+    assert c.calculate_kv_scales and EngineConfig(kv_cache_dtype="fp8", calculate_kv_scales=True) == c
     from jaxserve.app import settings_from_env
 
     env = {"JAXSERVE_KV_CACHE_DTYPE": "fp8_e5m2", "JAXSERVE_MAX_NUM_SEQS": "8"}

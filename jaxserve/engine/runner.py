@@ -131,6 +131,7 @@ class ModelRunner:
         processors: Sequence[tuple[str, LogitsProcessor]] = (),
         eos_token_ids: frozenset[int] = frozenset(),
         kv_cache_dtype=None,  # the pages' dtype (fp8 or the model's); None: the model's
+        estimate_kv_scales: bool = False,  # fp8: scales from the first step that writes K/V, not 1.0
     ):
         cfg = model.config
         self.config = cfg
@@ -147,6 +148,7 @@ class ModelRunner:
         self.weights, treedef = jax.tree.flatten(self.state)
         self.dtype = model.dtype
         self.kv_cache_dtype = jnp.dtype(kv_cache_dtype or model.dtype)
+        self.estimate_kv_scales = estimate_kv_scales
         self.mesh = getattr(model, "mesh", None)
         self._replicated = None if self.mesh is None else NamedSharding(self.mesh, PartitionSpec())
         self._packings: dict[tuple[int, int], tuple[Packing, Packing]] = {}
@@ -178,6 +180,7 @@ class ModelRunner:
             cfg.head_dim,
             self.kv_cache_dtype,
             None if self.mesh is None else kv_cache_sharding(self.mesh),
+            estimate_scales=self.estimate_kv_scales,
         )
         state = DeviceState(
             penalties=new_penalty_state(self.num_rows, cfg.vocab_size),

@@ -77,6 +77,7 @@ def build_engine(
             processors=processors,
             eos_token_ids=eos_token_ids,
             kv_cache_dtype=config.kv_dtype_name,
+            estimate_kv_scales=config.calculate_kv_scales,
         )
 
     workspace, t0 = 0, time.perf_counter()

@@ -101,7 +101,7 @@ def make_step(graphdef: nnx.GraphDef, treedef, mesh: Mesh | None = None):
             # vocabulary, and sampling must see it whole.
             replicated = NamedSharding(mesh, PartitionSpec())
             kv_cache = jax.lax.with_sharding_constraint(
-                kv_cache, kv_cache_shardings(len(kv_cache), kv_cache_sharding(mesh))
+                kv_cache, kv_cache_shardings(len(kv_cache), kv_cache_sharding(mesh), kv_cache[0].estimate_scales)
             )
             penalties, table, hidden, logits = jax.lax.with_sharding_constraint(
                 (penalties, table, hidden, logits), replicated
