@@ -1,6 +1,6 @@
 """Tuning knobs of the ragged paged attention kernel, and their choice by a batch's static shape.
 
-RaggedPagedAttentionConfig (frozen; validated) <- default_config(T, R, fp8_pages): DECODE_CONFIG,
+RaggedPagedAttentionConfig (frozen; validated) <- default_config(T, R, fp8_pages, G): DECODE_CONFIG,
 FP8_DECODE_CONFIG or PREFILL_CONFIG;  kv_splits None <- default_splits(...): flash-decoding splits that fill the SMs
 """
 
@@ -88,26 +88,40 @@ def num_sms(interpret: bool) -> int:
     return device.core_count if device.platform == "gpu" and not interpret else _NUM_SMS
 
 
-def is_prefill_shaped(num_tokens: int, num_rows: int) -> bool:
-    """More than two tokens a sequence: tiles differ in work, and each sees many queries."""
-    return num_tokens > 2 * num_rows
+PREFILL_TILE_ROWS = 2 * 64  # q rows of a PREFILL_CONFIG tile: two compute warpgroups of 64
 
 
-def default_config(num_tokens: int, num_rows: int, fp8_pages: bool = False) -> RaggedPagedAttentionConfig:
-    if is_prefill_shaped(num_tokens, num_rows):
+def is_prefill_shaped(num_tokens: int, num_rows: int, group: int = 1) -> bool:
+    """More than two tokens a sequence, and room for a sequence of more q rows (T * G) than one
+    prefill tile holds: tiles differ in work, and each sees many queries. A small bucket is
+    decode-shaped whatever its rows: the engine pads decode at batch 1-7 to T = 16 (its smallest
+    token bucket), where the prefill config's few items (one per kv head, no KV splits) would walk
+    the whole KV serially, and the decode config handles a short chunk as well."""
+    return num_tokens > 2 * num_rows and num_tokens * group > PREFILL_TILE_ROWS
+
+
+def default_config(
+    num_tokens: int, num_rows: int, fp8_pages: bool = False, group: int = 1
+) -> RaggedPagedAttentionConfig:
+    if is_prefill_shaped(num_tokens, num_rows, group):
         return PREFILL_CONFIG
     return FP8_DECODE_CONFIG if fp8_pages else DECODE_CONFIG
 
 
 def default_splits(
-    num_tokens: int, num_rows: int, num_kv_heads: int, max_kv_blocks: int, num_programs: int = _NUM_SMS
+    num_tokens: int,
+    num_rows: int,
+    num_kv_heads: int,
+    max_kv_blocks: int,
+    num_programs: int = _NUM_SMS,
+    group: int = 1,
 ) -> int:
     """KV splits for a batch shape. Prefill-shaped batches: none. Decode-shaped ones (one tile per
     sequence): the fewest splits (at most 16, at least two KV blocks each, of the longest sequence
     the page table can hold) whose (sequence, kv head, split) items fill >= 90% of the rounds of
     num_programs SMs (one resident program each), else the best filling: 64 items on 132 SMs leave
     half of them idle, 128 fill 97%."""
-    if is_prefill_shaped(num_tokens, num_rows):
+    if is_prefill_shaped(num_tokens, num_rows, group):
         return 1
     items = num_rows * num_kv_heads
 

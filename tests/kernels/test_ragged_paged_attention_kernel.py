@@ -160,6 +160,21 @@ def test_default_splits():
     assert default_splits(4, 4, 8, max_kv_blocks=64) == 4  # 32 items -> 128
     assert default_splits(64, 64, 8, max_kv_blocks=64) == 1  # 512 programs already
     assert default_splits(2048, 1, 8, max_kv_blocks=64) == 1  # prefill-shaped: no split
+    # the engine's decode at batch 1 (T padded to 16): decode-shaped at GQA 4, split to fill the SMs
+    assert default_splits(16, 1, 8, max_kv_blocks=64, group=4) == 16
+    assert default_splits(64, 1, 8, max_kv_blocks=64, group=4) == 1  # 256 q rows: prefill-shaped
+
+
+def test_default_config_by_bucket_shape():
+    """T > 2 R with more q rows than a prefill tile holds (T * G > 128) is prefill-shaped; a small
+    bucket is not, whatever its rows (the engine pads batch-1 decode to T = 16)."""
+    from pallas_kernels.ragged_paged_attention_config import FP8_DECODE_CONFIG, PREFILL_CONFIG, default_config
+
+    assert default_config(16, 1, group=4) is DECODE_CONFIG
+    assert default_config(16, 1, fp8_pages=True, group=4) is FP8_DECODE_CONFIG
+    assert default_config(16, 1, group=16) is PREFILL_CONFIG  # 256 rows
+    assert default_config(64, 64, group=4) is DECODE_CONFIG  # a token a sequence
+    assert default_config(2048, 8, fp8_pages=True, group=4) is PREFILL_CONFIG
 
 
 def test_group_not_a_power_of_two():
