@@ -63,7 +63,7 @@ class LayerKVCache:
     v: jax.Array  # [P, S, K, H]
     k_scale: jax.Array  # [] f32: k holds K / k_scale
     v_scale: jax.Array  # [] f32: v holds V / v_scale
-    # Static: the scales start at 0 and the first step that writes K/V sets them (`_estimated`).
+    # Static: the scales start at 0 and the first step that writes K/V sets them (`estimate_kv_scales`).
     estimate_scales: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
     def with_pages(self, k: jax.Array, v: jax.Array) -> LayerKVCache:
@@ -113,10 +113,15 @@ def kv_cache_shardings(num_layers: int, page_sharding, estimate_scales: bool = F
     return [LayerKVCache(page_sharding, page_sharding, scale, scale, estimate_scales) for _ in range(num_layers)]
 
 
-def _estimated(cache: LayerKVCache, k: jax.Array, v: jax.Array, batch: RaggedBatch) -> LayerKVCache:
-    """The cache with its scales set from this step's K/V if they are unset (0) and the step
-    writes any token (padding tokens, whose slots are past the pages, do not count); a set
-    scale stays. Device-side selects, no conditional: the host never waits for it."""
+def estimate_kv_scales(cache: LayerKVCache, k: jax.Array, v: jax.Array, batch: RaggedBatch) -> LayerKVCache:
+    """With `cache.estimate_scales`: the cache with its scales set from this step's K/V if they
+    are unset (0) and the step writes any token (padding tokens, whose slots are past the pages,
+    do not count); a set scale stays. Device-side selects, no conditional: the host never waits
+    for it. Call it on the whole K/V, before any per-shard map: under tensor parallelism the amax
+    must cover every kv head, or each device would fix a scale of its own. Without the flag: the
+    cache as it is."""
+    if not cache.estimate_scales:
+        return cache
     num_slots = cache.k.shape[0] * cache.k.shape[1]
     real = (batch.slot_mapping < num_slots)[:, None, None]  # [T, 1, 1]
     writes = jnp.any(real)
@@ -198,6 +203,4 @@ def paged_attention(
         fn = ATTENTION_IMPLS[impl]
     except KeyError:
         raise ValueError(f"unknown attention implementation {impl!r}; known: {sorted(ATTENTION_IMPLS)}") from None
-    if cache.estimate_scales:
-        cache = _estimated(cache, k, v, batch)
     return fn(q, k, v, cache, batch, sm_scale=sm_scale)

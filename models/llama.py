@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.attention import KVCache, RaggedBatch, paged_attention
+from models.attention import KVCache, RaggedBatch, estimate_kv_scales, paged_attention
 from models.config import ModelConfig
 from models.rope import apply_rope, inverse_frequencies
 from sharding import logical_sharding, shard_over_heads
@@ -84,6 +84,7 @@ class Attention(nnx.Module):
         q = apply_rope(self.q_proj(x), batch.positions, inv_freq)  # [T, N, H]
         k = apply_rope(self.k_proj(x), batch.positions, inv_freq)  # [T, K, H]
         v = self.v_proj(x)  # [T, K, H]
+        cache = estimate_kv_scales(cache, k, v, batch)  # --calculate-kv-scales: over all kv heads
         attend = functools.partial(paged_attention, sm_scale=self.sm_scale, impl=self.attention_impl)
         if self.mesh is not None and self.mesh.size > 1:  # each device attends with its own heads
             attend = shard_over_heads(attend, self.mesh)  # (sharding.heads lays them out)

@@ -57,20 +57,26 @@ def shared_memory_bytes(
     V rings (of kv_itemsize; default itemsize), P's buffer (unless P stays in registers), the split
     log-sum-exp rows (counted always: splits are picked per batch), with 8-bit pages the widened
     16-bit tiles (K and V per warpgroup, or one per warpgroup for both when two warpgroups share
-    q-row tiles), split_blocks' merge rows, and the barriers (8 bytes each)."""
+    q-row tiles), split_blocks' merge rows, and the barriers (8 bytes each). Each buffer takes
+    whole KiB (Pallas rounds every scratch allocation up to 1024 bytes)."""
     kv_itemsize = kv_itemsize or itemsize
     wgs, stages = config.compute_warpgroups, config.num_stages
     block_kv = max(page_size, config.block_kv)
     q_buffers = 1 if config.num_programs == 0 else 2
-    q = q_buffers * wgs * _WG_ROWS * head_dim * itemsize
-    ring = 2 * stages * block_kv * head_dim * kv_itemsize
-    p = 0 if config.p_from_registers else wgs * _WG_ROWS * block_kv * itemsize
-    lse = wgs * _WG_ROWS * 4
-    tiles = 2 if wgs == 1 or config.split_blocks else 1
-    tile = tiles * wgs * block_kv * head_dim * itemsize if kv_itemsize == 1 else 0
-    merge = q_buffers * 2 * _WG_ROWS * 4 if config.split_blocks else 0
+    buffers = [
+        q_buffers * wgs * _WG_ROWS * head_dim * itemsize,  # q / out
+        stages * block_kv * head_dim * kv_itemsize,  # K ring
+        stages * block_kv * head_dim * kv_itemsize,  # V ring
+        0 if config.p_from_registers else wgs * _WG_ROWS * block_kv * itemsize,  # P
+        wgs * _WG_ROWS * 4,  # the kv splits' log-sum-exp rows
+    ]
+    if kv_itemsize == 1:  # widened 16-bit tiles: K's, and V's own where a warpgroup has its own chain
+        tile = wgs * block_kv * head_dim * itemsize
+        buffers += [tile, tile if wgs == 1 or config.split_blocks else 0]
+    if config.split_blocks:
+        buffers.append(q_buffers * 2 * _WG_ROWS * 4)  # merge rows (m, l)
     barriers = 8 * (4 * stages + 7)  # k/v full and free per stage; q full and free, merged x 2; sched
-    return q + ring + p + lse + tile + merge + barriers
+    return sum(-(-b // 1024) * 1024 for b in buffers) + barriers
 
 
 def _blocks_fit(page_size: int) -> bool:

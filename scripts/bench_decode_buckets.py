@@ -6,7 +6,7 @@ against the other config, on bf16 and fp8 pages, checked against the reference f
 The engine pads a step to its smallest token bucket (16 by default): decode at batch 1 runs as
 T = 16 tokens in R = 1 row. Such a bucket is decode-shaped (T * G <= 128: DECODE_CONFIG or
 FP8_DECODE_CONFIG, with KV splits that fill the SMs); before 2026-12-07 it counted as prefill-shaped
-(T > 2 R) and ran PREFILL_CONFIG without KV splits. Cases (Llama-3.1-8B heads: 32 q, 8 kv, head_dim
+(T > 2 R) and ran PREFILL_CONFIG without KV splits, the config timed beside it here. Cases (Llama-3.1-8B heads: 32 q, 8 kv, head_dim
 128; pages of 16; the page table as wide as --max-model-len): one live token at each --kv-lens, and a
 16-token chunk (what the decode config costs a short prefill). Prints one line per case, then the
 copy bandwidth; every number goes to OUT/decode_buckets.json.
@@ -15,21 +15,19 @@ copy bandwidth; every number goes to OUT/decode_buckets.json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import sys
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, str(Path(__file__).parent))
-from check_fp8_gpu import rel_err, timeit  # noqa: E402
-
-from jaxserve.benchmarks.attention_batch import DT, H, K, N, make_batch  # noqa: E402
-from jaxserve.benchmarks.device_limits import copy_bandwidth  # noqa: E402
-from pallas_kernels import ragged_paged_attention, ragged_paged_attention_reference  # noqa: E402
-from pallas_kernels.kv_quant import quantize  # noqa: E402
-from pallas_kernels.ragged_paged_attention_config import (  # noqa: E402
+from jaxserve.benchmarks.attention_batch import DT, H, K, N, make_batch
+from jaxserve.benchmarks.device_limits import copy_bandwidth
+from jaxserve.benchmarks.kernel_timing import rel_err, time_chained
+from pallas_kernels import ragged_paged_attention, ragged_paged_attention_reference
+from pallas_kernels.kv_quant import quantize
+from pallas_kernels.ragged_paged_attention_config import (
     DECODE_CONFIG,
     FP8_DECODE_CONFIG,
     PREFILL_CONFIG,
@@ -79,15 +77,17 @@ def main() -> None:
                 batch["v_pages"] = quantize(base["v_pages"], 1.0, jnp.float8_e4m3fn)
             picked = default_config(args.bucket, 1, fp8_pages=kind != "bf16", group=N // K)
             decode = FP8_DECODE_CONFIG if kind != "bf16" else DECODE_CONFIG
+            # PREFILL_CONFIG as the engine ran it before: prefill-shaped, so no KV splits
+            prefill = dataclasses.replace(PREFILL_CONFIG, kv_splits=1)
             ref = ragged_paged_attention_reference(**batch, sm_scale=H**-0.5)[:q_len]
-            for name, config in (("decode_config", decode), ("prefill_config", PREFILL_CONFIG)):
+            for name, config in (("decode_config", decode), ("prefill_config", prefill)):
 
                 def fn(*a, config=config):
                     return ragged_paged_attention(*a, sm_scale=H**-0.5, config=config, interpret=args.interpret)
 
-                row = dict(q_len=q_len, kv_len=kv_len, pages=kind, config=name, picked=config is picked)
+                row = dict(q_len=q_len, kv_len=kv_len, pages=kind, config=name, picked=config == picked)
                 row["rel_err"] = rel_err(fn(*[batch[n] for n in names])[:q_len], ref)
-                row["us"] = 1e6 * timeit(fn, [batch[n] for n in names], names.index("kv_lens"), args.calls)
+                row["us"] = 1e6 * time_chained(fn, [batch[n] for n in names], names.index("kv_lens"), args.calls)
                 rows.append(row)
                 print(row, flush=True)
     record = dict(device=jax.devices()[0].device_kind, copy_bandwidth=copy_bandwidth(), cases=rows)

@@ -34,6 +34,7 @@ import numpy as np
 
 from jaxserve.benchmarks.attention_batch import DT, H, K, N, make_batch
 from jaxserve.benchmarks.device_limits import torch_copy_bandwidth
+from jaxserve.benchmarks.kernel_timing import rel_err
 from pallas_kernels import (
     ragged_paged_attention,
     ragged_paged_attention_reference,
@@ -124,11 +125,6 @@ def ceilings():
         jax.block_until_ready(c)
         ts.append((time.perf_counter() - t) / 10)
     return copy_bw, 2 * 8192**3 / statistics.median(ts)
-
-
-def rel_err(out, ref):
-    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
-    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref)) if np.all(np.isfinite(out)) else float("nan")
 
 
 def check_correctness(results, check_variants):

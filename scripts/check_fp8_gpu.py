@@ -28,8 +28,6 @@ import dataclasses
 import datetime
 import importlib
 import json
-import statistics
-import time
 from pathlib import Path
 
 import jax
@@ -38,6 +36,7 @@ import numpy as np
 
 from jaxserve.benchmarks.attention_batch import DT, H, K, N, make_batch
 from jaxserve.benchmarks.device_limits import copy_bandwidth
+from jaxserve.benchmarks.kernel_timing import rel_err, time_chained
 from pallas_kernels import ragged_paged_attention, ragged_paged_attention_reference
 from pallas_kernels.kv_cache_update import write_kv_pages, write_kv_pages_reference
 from pallas_kernels.kv_quant import quantize
@@ -69,34 +68,6 @@ SCALES = dict(k_scale=0.75, v_scale=1.5)
 
 def log(*a):
     print(*a, flush=True)
-
-
-def timeit(fn, args, lens_index, calls):
-    """Median seconds per call of `calls` calls chained in one jit (each call's lengths depend on the
-    last output through a 0 XLA cannot know, so nothing is hoisted or merged)."""
-
-    def chain(*args):
-        args, out = list(args), None
-        for _ in range(calls):
-            if out is not None:
-                args[lens_index] = args[lens_index] + (out.reshape(-1)[0].astype(jnp.float32) > 3e38).astype(jnp.int32)
-            out = fn(*args)
-        return out
-
-    run = jax.jit(chain)
-    jax.block_until_ready(run(*args))
-    jax.block_until_ready(run(*args))
-    times = []
-    for _ in range(5):
-        t = time.perf_counter()
-        jax.block_until_ready(run(*args))
-        times.append((time.perf_counter() - t) / calls)
-    return statistics.median(times)
-
-
-def rel_err(out, ref):
-    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
-    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref)) if np.all(np.isfinite(out)) else float("nan")
 
 
 def check_writer(results):
@@ -216,7 +187,7 @@ def bench_decode(results, copy_bw, batches, kv_len, page_sizes, variants, save, 
                     key = f"{kv_name}_{cname}"
                     try:
                         with skipped_widening(cname == "nowiden"):
-                            t = timeit(fn, [args[n] for n in names], lens_index, calls)
+                            t = time_chained(fn, [args[n] for n in names], lens_index, calls)
                         row[key] = dict(us=t * 1e6, bytes=nbytes, of_copy=nbytes / t / copy_bw)
                     except Exception as e:  # noqa: BLE001
                         row[key] = dict(error=f"{type(e).__name__}: {str(e)[:400]}")

@@ -9,7 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models.attention import K_SCALE_CONSTANT, V_SCALE_CONSTANT, RaggedBatch, allocate_kv_cache, paged_attention
+from models.attention import (
+    K_SCALE_CONSTANT,
+    V_SCALE_CONSTANT,
+    RaggedBatch,
+    allocate_kv_cache,
+    estimate_kv_scales,
+    paged_attention,
+)
 
 PAGES, S, K, H, G = 8, 16, 2, 64, 2
 
@@ -38,8 +45,13 @@ def batch(kv_lens: list[int], q_lens: list[int], pad: int) -> RaggedBatch:
 
 
 def step(cache, b: RaggedBatch, k, v, impl):
+    """What a model layer does: estimate (a no-op without the flag), then attend and write."""
     q = jax.random.normal(jax.random.key(9), (k.shape[0], K * G, H), jnp.float32)
-    return jax.jit(lambda c, k, v: paged_attention(q, k, v, c, b, sm_scale=H**-0.5, impl=impl))(cache, k, v)
+
+    def layer(c, k, v):
+        return paged_attention(q, k, v, estimate_kv_scales(c, k, v, b), b, sm_scale=H**-0.5, impl=impl)
+
+    return jax.jit(layer)(cache, k, v)
 
 
 @pytest.mark.parametrize("impl", ["xla", "pallas"])

@@ -63,6 +63,37 @@ def test_engine_at_tp4_serves_the_same_tokens():
     assert llm.engine.num_compilations_since_warmup == 0
 
 
+def test_estimated_fp8_scales_are_those_of_tp1_on_every_device():
+    """--calculate-kv-scales under TP 4: the first prefill's amax covers every kv head (the estimate
+    runs before the per-shard attention map), so each device holds the scales a TP-1 engine finds."""
+    ref = load_reference("llama_gqa_llama3rope")
+
+    def scales(tp: int) -> list[set[float]]:
+        llm = LLM(
+            str(TINY),
+            dtype="float32",
+            tensor_parallel_size=tp,
+            kv_cache_dtype="fp8",
+            calculate_kv_scales=True,
+            max_num_seqs=8,
+            max_num_batched_tokens=64,
+            max_model_len=256,
+            num_kv_pages=64,
+            progress=False,
+        )
+        llm.generate([{"prompt_token_ids": ref["prompts"][0].tolist()}], SamplingParams(max_tokens=2), use_tqdm=False)
+        return [
+            {float(np.asarray(s.data)) for s in scale.addressable_shards}
+            for layer in llm.engine.runner.kv_cache
+            for scale in (layer.k_scale, layer.v_scale)
+        ]
+
+    tp4, tp1 = scales(4), scales(1)
+    assert all(len(per_device) == 1 for per_device in tp4)  # one value on all 4 devices
+    np.testing.assert_allclose([min(s) for s in tp4], [min(s) for s in tp1], rtol=1e-5)
+    assert all(min(s) > 0 for s in tp1)
+
+
 @pytest.mark.parametrize("name", ["llama_gqa_llama3rope", "llama_tied_headdim_linearrope"])  # lm_head / tied
 def test_no_step_gathers_a_weight(name):
     """At tp = 2 the logits are computed split by vocabulary and then gathered ([R, V]), never the
