@@ -10,7 +10,8 @@
 
     python scripts/profile_step.py --model llama-3.1-8b --batches 1,32,128 --out $OUT
 
-Run it once per XLA_FLAGS variant to compare runtime settings (e.g. command buffers off).
+Run it once per XLA_FLAGS variant to compare runtime settings (e.g. command buffers off), or per
+--kv-cache-dtype to see what fp8 pages add to a step (--top 400 keeps every kernel's name).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ def main() -> None:
         "--prefill-lens", default="", help="also time one idle request of each prompt length to its first token"
     )
     p.add_argument("--label", default=os.environ.get("XLA_FLAGS", "") or "default")
+    p.add_argument("--top", type=int, default=12, help="names kept per trace line in the JSON (by time)")
     p.add_argument("--out", default=".")
     defaults = dict(model="llama-3.1-8b", load_format="dummy", max_num_batched_tokens=1024, row_bucket_growth=0)
     add_engine_args(p, defaults=defaults)
@@ -150,7 +152,7 @@ def main() -> None:
             bucket=[t, r],
         )
 
-        row["trace"] = traced(out / f"trace_b{b}", lambda: [engine.step() for _ in range(args.trace_steps)])
+        row["trace"] = traced(out / f"trace_b{b}", lambda: [engine.step() for _ in range(args.trace_steps)], args.top)
         for i in range(b):
             engine.abort_request(f"b{b}-{i}")
         drain()
@@ -184,7 +186,7 @@ def main() -> None:
         row = dict(
             prompt_len=n,
             first_token_ms=ms(times[1:]),
-            trace=traced(out / f"trace_prefill{n}", lambda: first_token(f"p{n}-trace")),
+            trace=traced(out / f"trace_prefill{n}", lambda: first_token(f"p{n}-trace"), args.top),
         )
         record["prefill"].append(row)
         print(f"[{args.label}] prompt {n}: first token after {row['first_token_ms']} ms (median, engine.step calls)")

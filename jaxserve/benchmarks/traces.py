@@ -46,11 +46,12 @@ def summarise_trace(path: str, top: int = 12) -> list[dict]:
     return lines
 
 
-def traced(folder: Path, run) -> list[dict]:
-    """Runs run() under the JAX profiler, writing its trace to `folder`; the trace's summary."""
+def traced(folder: Path, run, top: int = 12) -> list[dict]:
+    """Runs run() under the JAX profiler, writing its trace to `folder`; the trace's summary (the
+    `top` names of each line by time)."""
     import jax
 
     with jax.profiler.trace(str(folder)):
         run()
     files = glob.glob(str(folder / "**" / "*.xplane.pb"), recursive=True)
-    return summarise_trace(files[-1]) if files else []
+    return summarise_trace(files[-1], top) if files else []
