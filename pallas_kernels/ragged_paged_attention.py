@@ -503,7 +503,7 @@ def _attention_call(
     num_splits = config.kv_splits
     if num_splits is None:
         max_kv_blocks = -(-page_table.shape[1] * page_size // block_kv)
-        num_splits = default_splits(num_tokens, num_rows, num_kv_heads, max_kv_blocks, num_sms(interpret), group)
+        num_splits = default_splits(num_tokens, num_rows, num_kv_heads, max_kv_blocks, num_sms(interpret), group=group)
     num_tiles = max_tiles(num_tokens, num_rows, group, tile_rows)
     tile_seq, tile_row0, tile_row_end, tile_base, tile_order, live_tiles, cell_src, row_cell = plan_tiles(
         cu_q_lens,
@@ -513,7 +513,7 @@ def _attention_call(
         num_tiles=num_tiles,
         num_tokens=num_tokens,
         # tiles differ in work: hand out the heaviest first
-        kv_lens=kv_lens if is_prefill_shaped(num_tokens, num_rows, group) else None,
+        kv_lens=kv_lens if is_prefill_shaped(num_tokens, num_rows, group=group) else None,
     )
     qg = rows_into_cells(q, cell_src, num_kv_heads)
     cells = num_cells(num_tokens, group, num_tiles, tile_rows)

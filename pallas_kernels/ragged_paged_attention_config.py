@@ -1,6 +1,6 @@
 """Tuning knobs of the ragged paged attention kernel, and their choice by a batch's static shape.
 
-RaggedPagedAttentionConfig (frozen; validated) <- default_config(T, R, fp8_pages, G): DECODE_CONFIG,
+RaggedPagedAttentionConfig (frozen; validated) <- default_config(T, R, G, fp8_pages): DECODE_CONFIG,
 FP8_DECODE_CONFIG or PREFILL_CONFIG;  kv_splits None <- default_splits(...): flash-decoding splits that fill the SMs
 """
 
@@ -88,10 +88,10 @@ def num_sms(interpret: bool) -> int:
     return device.core_count if device.platform == "gpu" and not interpret else _NUM_SMS
 
 
-PREFILL_TILE_ROWS = 2 * 64  # q rows of a PREFILL_CONFIG tile: two compute warpgroups of 64
+PREFILL_TILE_ROWS = 64 * PREFILL_CONFIG.compute_warpgroups  # q rows of a PREFILL_CONFIG tile
 
 
-def is_prefill_shaped(num_tokens: int, num_rows: int, group: int = 1) -> bool:
+def is_prefill_shaped(num_tokens: int, num_rows: int, *, group: int) -> bool:
     """More than two tokens a sequence, and room for a sequence of more q rows (T * G) than one
     prefill tile holds: tiles differ in work, and each sees many queries. A small bucket is
     decode-shaped whatever its rows: the engine pads decode at batch 1-7 to T = 16 (its smallest
@@ -101,9 +101,9 @@ def is_prefill_shaped(num_tokens: int, num_rows: int, group: int = 1) -> bool:
 
 
 def default_config(
-    num_tokens: int, num_rows: int, fp8_pages: bool = False, group: int = 1
+    num_tokens: int, num_rows: int, *, group: int, fp8_pages: bool = False
 ) -> RaggedPagedAttentionConfig:
-    if is_prefill_shaped(num_tokens, num_rows, group):
+    if is_prefill_shaped(num_tokens, num_rows, group=group):
         return PREFILL_CONFIG
     return FP8_DECODE_CONFIG if fp8_pages else DECODE_CONFIG
 
@@ -114,14 +114,15 @@ def default_splits(
     num_kv_heads: int,
     max_kv_blocks: int,
     num_programs: int = _NUM_SMS,
-    group: int = 1,
+    *,
+    group: int,
 ) -> int:
     """KV splits for a batch shape. Prefill-shaped batches: none. Decode-shaped ones (one tile per
     sequence): the fewest splits (at most 16, at least two KV blocks each, of the longest sequence
     the page table can hold) whose (sequence, kv head, split) items fill >= 90% of the rounds of
     num_programs SMs (one resident program each), else the best filling: 64 items on 132 SMs leave
     half of them idle, 128 fill 97%."""
-    if is_prefill_shaped(num_tokens, num_rows, group):
+    if is_prefill_shaped(num_tokens, num_rows, group=group):
         return 1
     items = num_rows * num_kv_heads
 

@@ -381,7 +381,8 @@ def bench_split_sweep(results, copy_bw, shapes, split_list, page_size=64):
         )
         nbytes = 2 * b * kv * K * H * 2 + 2 * b * N * H * 2
         names = list(args)
-        auto = default_splits(b, b, K, -(-args["page_table"].shape[1] * page_size // DECODE_CONFIG.block_kv))
+        blocks = -(-args["page_table"].shape[1] * page_size // DECODE_CONFIG.block_kv)
+        auto = default_splits(b, b, K, blocks, group=N // K)
         row = dict(batch=b, kv_len=kv, auto=auto, times={})
         for sp in split_list:
             if b * K * sp > 4096:

@@ -154,12 +154,12 @@ def test_split_blocks_matches_reference(q_lens, kv_lens, group, head_dim, config
 
 
 def test_default_splits():
-    assert default_splits(1, 1, 8, max_kv_blocks=64) == 16  # one long sequence: fill the SMs
-    assert default_splits(8, 8, 8, max_kv_blocks=4) == 2  # at least two KV blocks per split
-    assert default_splits(8, 8, 8, max_kv_blocks=64) == 2  # 64 items -> 128 fill 97% of 132 programs
-    assert default_splits(4, 4, 8, max_kv_blocks=64) == 4  # 32 items -> 128
-    assert default_splits(64, 64, 8, max_kv_blocks=64) == 1  # 512 programs already
-    assert default_splits(2048, 1, 8, max_kv_blocks=64) == 1  # prefill-shaped: no split
+    assert default_splits(1, 1, 8, max_kv_blocks=64, group=4) == 16  # one long sequence: fill the SMs
+    assert default_splits(8, 8, 8, max_kv_blocks=4, group=4) == 2  # at least two KV blocks per split
+    assert default_splits(8, 8, 8, max_kv_blocks=64, group=4) == 2  # 64 items -> 128 fill 97% of 132 programs
+    assert default_splits(4, 4, 8, max_kv_blocks=64, group=4) == 4  # 32 items -> 128
+    assert default_splits(64, 64, 8, max_kv_blocks=64, group=4) == 1  # 512 programs already
+    assert default_splits(2048, 1, 8, max_kv_blocks=64, group=4) == 1  # prefill-shaped: no split
     # the engine's decode at batch 1 (T padded to 16): decode-shaped at GQA 4, split to fill the SMs
     assert default_splits(16, 1, 8, max_kv_blocks=64, group=4) == 16
     assert default_splits(64, 1, 8, max_kv_blocks=64, group=4) == 1  # 256 q rows: prefill-shaped
