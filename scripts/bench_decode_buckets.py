@@ -10,6 +10,12 @@ FP8_DECODE_CONFIG, with KV splits that fill the SMs); before 2026-12-07 it count
 128; pages of 16; the page table as wide as --max-model-len): one live token at each --kv-lens, and a
 16-token chunk (what the decode config costs a short prefill). Prints one line per case, then the
 copy bandwidth; every number goes to OUT/decode_buckets.json.
+
+--padded-batches B,...: decode as the engine runs it with one row bucket per token bucket
+(--row-bucket-growth 0): B live rows of one token in a bucket of T = R = max(--bucket, B rounded up
+to a power of two) rows, the rest padding. The KV splits are static and chosen for R rows, live or
+not; each case times the picked config with its own splits and with each of --splits forced, on
+bf16 and fp8 pages, so the split count a half-empty bucket needs can be read off.
 """
 
 from __future__ import annotations
@@ -50,6 +56,8 @@ def main() -> None:
     p.add_argument("--max-model-len", type=int, default=2064, help="sets the page table's width")
     p.add_argument("--calls", type=int, default=32)
     p.add_argument("--interpret", action="store_true", help="the kernel in interpret mode: a CPU smoke run")
+    p.add_argument("--padded-batches", default="", help="live decode rows in a padded bucket, comma-separated")
+    p.add_argument("--splits", default="1,4,16", help="KV splits forced in the --padded-batches cases")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -92,9 +100,50 @@ def main() -> None:
                 row["us"] = 1e6 * time_chained(fn, [batch[n] for n in names], names.index("kv_lens"), args.calls)
                 rows.append(row)
                 print(row, flush=True)
+    for live in [int(x) for x in args.padded_batches.split(",") if x]:
+        rows += padded_cases(live, int(args.kv_lens.split(",")[0]), args, width)
     record = dict(device=jax.devices()[0].device_kind, copy_bandwidth=bandwidth, cases=rows)
     print(f"{record['device']}: copy bandwidth {record['copy_bandwidth'] / 1e12:.2f} TB/s", flush=True)
     (out / "decode_buckets.json").write_text(json.dumps(record, indent=1))
+
+
+def padded_cases(live: int, kv_len: int, args, width: int) -> list[dict]:
+    """`live` one-token rows in a bucket of T = R rows (the rest padding), each config's splits
+    auto (as picked for R rows) and forced."""
+    bucket = max(args.bucket, 1 << (live - 1).bit_length())
+    base = make_batch(
+        jax.random.key(live),
+        [1] * live,
+        [kv_len] * live,
+        num_heads=N,
+        num_kv_heads=K,
+        head_dim=H,
+        page_size=PAGE,
+        dtype=DT,
+        pad_rows=bucket - live,
+        pad_tokens=bucket - live,
+    )
+    base["page_table"] = jnp.pad(base["page_table"], ((0, 0), (0, width - base["page_table"].shape[1])))
+    names, rows = list(base), []
+    for kind in ("bf16", "fp8_e4m3"):
+        batch = dict(base)
+        if kind != "bf16":
+            batch["k_pages"] = quantize(base["k_pages"], 1.0, jnp.float8_e4m3fn)
+            batch["v_pages"] = quantize(base["v_pages"], 1.0, jnp.float8_e4m3fn)
+        picked = default_config(bucket, bucket, fp8_pages=kind != "bf16", group=N // K)
+        ref = ragged_paged_attention_reference(**batch, sm_scale=H**-0.5)[:live]
+        for splits in [None] + [int(x) for x in args.splits.split(",")]:
+            config = dataclasses.replace(picked, kv_splits=splits)
+
+            def fn(*a, config=config):
+                return ragged_paged_attention(*a, sm_scale=H**-0.5, config=config, interpret=args.interpret)
+
+            row = dict(live_rows=live, bucket=bucket, kv_len=kv_len, pages=kind, splits=splits or "auto")
+            row["rel_err"] = rel_err(fn(*[batch[n] for n in names])[:live], ref)
+            row["us"] = 1e6 * time_chained(fn, [batch[n] for n in names], names.index("kv_lens"), args.calls)
+            rows.append(row)
+            print(row, flush=True)
+    return rows
 
 
 if __name__ == "__main__":
