@@ -11,9 +11,9 @@ FP8_DECODE_CONFIG, with KV splits that fill the SMs); before 2026-12-07 it count
 16-token chunk (what the decode config costs a short prefill). Prints one line per case, then the
 copy bandwidth; every number goes to OUT/decode_buckets.json.
 
---padded-batches B,...: decode as the engine runs it with one row bucket per token bucket
+--padded-batches B[/R],...: decode as the engine runs it with one row bucket per token bucket
 (--row-bucket-growth 0): B live rows of one token in a bucket of T = R = max(--bucket, B rounded up
-to a power of two) rows, the rest padding. The KV splits are static and chosen for R rows, live or
+to a power of two) rows (or R rows, given), the rest padding. The KV splits are static and chosen for R rows, live or
 not; each case times the picked config with its own splits and with each of --splits forced, on
 bf16 and fp8 pages, so the split count a half-empty bucket needs can be read off.
 """
@@ -56,7 +56,9 @@ def main() -> None:
     p.add_argument("--max-model-len", type=int, default=2064, help="sets the page table's width")
     p.add_argument("--calls", type=int, default=32)
     p.add_argument("--interpret", action="store_true", help="the kernel in interpret mode: a CPU smoke run")
-    p.add_argument("--padded-batches", default="", help="live decode rows in a padded bucket, comma-separated")
+    p.add_argument(
+        "--padded-batches", default="", help="live decode rows [/ bucket rows] in a padded bucket, comma-separated"
+    )
     p.add_argument("--splits", default="1,4,16", help="KV splits forced in the --padded-batches cases")
     args = p.parse_args()
     out = Path(args.out)
@@ -100,17 +102,20 @@ def main() -> None:
                 row["us"] = 1e6 * time_chained(fn, [batch[n] for n in names], names.index("kv_lens"), args.calls)
                 rows.append(row)
                 print(row, flush=True)
-    for live in [int(x) for x in args.padded_batches.split(",") if x]:
-        rows += padded_cases(live, int(args.kv_lens.split(",")[0]), args, width)
+    for case in [x for x in args.padded_batches.split(",") if x]:
+        live, _, bucket = case.partition("/")
+        bucket = int(bucket) if bucket else max(args.bucket, 1 << (int(live) - 1).bit_length())
+        rows += padded_cases(int(live), bucket, int(args.kv_lens.split(",")[0]), args, width)
     record = dict(device=jax.devices()[0].device_kind, copy_bandwidth=bandwidth, cases=rows)
     print(f"{record['device']}: copy bandwidth {record['copy_bandwidth'] / 1e12:.2f} TB/s", flush=True)
     (out / "decode_buckets.json").write_text(json.dumps(record, indent=1))
 
 
-def padded_cases(live: int, kv_len: int, args, width: int) -> list[dict]:
-    """`live` one-token rows in a bucket of T = R rows (the rest padding), each config's splits
-    auto (as picked for R rows) and forced."""
-    bucket = max(args.bucket, 1 << (live - 1).bit_length())
+def padded_cases(live: int, bucket: int, kv_len: int, args, width: int) -> list[dict]:
+    """`live` one-token rows in a bucket of T = R = `bucket` rows (the rest padding), each config's
+    splits auto (as picked for R rows) and forced."""
+    if not 1 <= live <= bucket:
+        raise SystemExit(f"--padded-batches: {live} live rows do not fit a bucket of {bucket}")
     base = make_batch(
         jax.random.key(live),
         [1] * live,
