@@ -13,9 +13,11 @@ copy bandwidth; every number goes to OUT/decode_buckets.json.
 
 --padded-batches B[/R],...: decode as the engine runs it with one row bucket per token bucket
 (--row-bucket-growth 0): B live rows of one token in a bucket of T = R = max(--bucket, B rounded up
-to a power of two) rows (or R rows, given), the rest padding. The KV splits are static and chosen for R rows, live or
-not; each case times the picked config with its own splits and with each of --splits forced, on
-bf16 and fp8 pages, so the split count a half-empty bucket needs can be read off.
+to a power of two) rows (or R rows, given), the rest padding, at the first of --kv-lens. The KV
+splits are static and chosen for R rows, live or not; each case times the picked config at the
+count it picks (`picked`: true) and at each of --splits, on bf16 and fp8 pages, so the split count
+a half-empty bucket needs can be read off. Times are of the whole call (the wrapper's q gather and
+split combine included), as bench_kernels times it.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ from pallas_kernels.ragged_paged_attention_config import (
     FP8_DECODE_CONFIG,
     PREFILL_CONFIG,
     default_config,
+    default_splits,
+    num_sms,
 )
 
 PAGE = 16
@@ -112,8 +116,8 @@ def main() -> None:
 
 
 def padded_cases(live: int, bucket: int, kv_len: int, args, width: int) -> list[dict]:
-    """`live` one-token rows in a bucket of T = R = `bucket` rows (the rest padding), each config's
-    splits auto (as picked for R rows) and forced."""
+    """`live` one-token rows in a bucket of T = R = `bucket` rows (the rest padding), the picked
+    config at the split count it picks for R rows (`picked`) and at each forced count, fewest first."""
     if not 1 <= live <= bucket:
         raise SystemExit(f"--padded-batches: {live} live rows do not fit a bucket of {bucket}")
     base = make_batch(
@@ -136,14 +140,17 @@ def padded_cases(live: int, bucket: int, kv_len: int, args, width: int) -> list[
             batch["k_pages"] = quantize(base["k_pages"], 1.0, jnp.float8_e4m3fn)
             batch["v_pages"] = quantize(base["v_pages"], 1.0, jnp.float8_e4m3fn)
         picked = default_config(bucket, bucket, fp8_pages=kind != "bf16", group=N // K)
+        # the count the wrapper picks (kv_splits None), timed once among the forced ones
+        max_kv_blocks = -(-width * PAGE // max(PAGE, picked.block_kv))
+        auto = default_splits(bucket, bucket, K, max_kv_blocks, num_sms(args.interpret), group=N // K)
         ref = ragged_paged_attention_reference(**batch, sm_scale=H**-0.5)[:live]
-        for splits in [None] + [int(x) for x in args.splits.split(",")]:
+        for splits in sorted({auto, *(int(x) for x in args.splits.split(","))}):
             config = dataclasses.replace(picked, kv_splits=splits)
 
             def fn(*a, config=config):
                 return ragged_paged_attention(*a, sm_scale=H**-0.5, config=config, interpret=args.interpret)
 
-            row = dict(live_rows=live, bucket=bucket, kv_len=kv_len, pages=kind, splits=splits or "auto")
+            row = dict(live_rows=live, bucket=bucket, kv_len=kv_len, pages=kind, splits=splits, picked=splits == auto)
             row["rel_err"] = rel_err(fn(*[batch[n] for n in names])[:live], ref)
             row["us"] = 1e6 * time_chained(fn, [batch[n] for n in names], names.index("kv_lens"), args.calls)
             rows.append(row)

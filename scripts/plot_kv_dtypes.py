@@ -5,8 +5,8 @@
 
 kv_dtype_decode.png. Left: bench_latency's ms per output token at each decode batch, for each KV
 dtype (latency_fp8.json, latency_auto.json), and each run's weight-read floor. Right (with
---buckets, bench_decode_buckets' --padded-batches cases): the attention kernel's time against
-the KV splits forced on it, one line per (live rows, pages).
+--buckets, bench_decode_buckets' --padded-batches cases): the attention call's time against the
+KV splits, one line per (live rows, bucket rows, pages), the count the kernel picks marked.
 """
 
 from __future__ import annotations
@@ -33,10 +33,10 @@ def main() -> None:
     fig, axes = plt.subplots(1, 2 if args.buckets else 1, figsize=(12 if args.buckets else 6, 4.5), squeeze=False)
 
     ax = axes[0][0]
-    batches = [r["batch"] for r in runs["auto"]["results"]]
+    batches = sorted({r["batch"] for run in runs.values() for r in run["results"]})
     width = 0.38
     for i, (kv, run) in enumerate(runs.items()):
-        xs = [j + (i - 0.5) * width for j in range(len(batches))]
+        xs = [batches.index(r["batch"]) + (i - 0.5) * width for r in run["results"]]
         ys = [r["ms_per_token"] for r in run["results"]]
         ax.bar(xs, ys, width, label=f"{DTYPES[kv]} (floor {run['floor_ms_per_token']:.2f} ms)")
         for x, y in zip(xs, ys):
@@ -52,18 +52,22 @@ def main() -> None:
     if args.buckets:
         record = json.loads(args.buckets.read_text())
         padded = [c for c in record["cases"] if "live_rows" in c]
+        if not padded:
+            raise SystemExit(f"{args.buckets} holds no --padded-batches cases")
         ax = axes[0][1]
-        for live in sorted({c["live_rows"] for c in padded}):
-            for pages in ("bf16", "fp8_e4m3"):
-                cases = [c for c in padded if c["live_rows"] == live and c["pages"] == pages]
-                auto = [c for c in cases if c["splits"] == "auto"]
-                forced = sorted((c["splits"], c["us"]) for c in cases if c["splits"] != "auto")
-                (line,) = ax.plot(*zip(*forced), "o-", label=f"{live} live of {cases[0]['bucket']} rows, {pages}")
-                if auto:
-                    ax.axhline(auto[0]["us"], color=line.get_color(), linestyle=":", linewidth=1)
+        groups = sorted({(c["live_rows"], c["bucket"], c["pages"]) for c in padded})
+        for live, bucket, pages in groups:
+            cases = [c for c in padded if (c["live_rows"], c["bucket"], c["pages"]) == (live, bucket, pages)]
+            timed = sorted((c["splits"], c["us"]) for c in cases if c["splits"] != "auto")
+            (line,) = ax.plot(*zip(*timed), "o-", label=f"{live} live of {bucket} rows, {pages}")
+            for c in cases:  # the count the kernel picks: a star (older files: a dotted line, count not recorded)
+                if c["splits"] == "auto":
+                    ax.axhline(c["us"], color=line.get_color(), linestyle=":", linewidth=1)
+                elif c.get("picked"):
+                    ax.plot([c["splits"]], [c["us"]], "*", markersize=14, color=line.get_color())
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("KV splits forced (dotted: as picked for all rows, 1 split)")
-        ax.set_ylabel("attention kernel, us")
+        ax.set_xlabel("KV splits (star or dotted line: the count picked for the bucket's rows)")
+        ax.set_ylabel("attention call (kernel, q gather, combine), us")
         ax.set_title(f"padded decode buckets, kv {padded[0]['kv_len']}", fontsize=10)
         ax.legend(fontsize=8)
 
