@@ -85,8 +85,8 @@ from pallas_kernels.kv_quant import is_fp8
 from pallas_kernels.ragged_paged_attention_config import (
     RaggedPagedAttentionConfig,
     default_config,
-    default_splits,
     is_prefill_shaped,
+    kv_splits_for,
     num_sms,
 )
 from pallas_kernels.ragged_paged_attention_reference import check_inputs
@@ -500,10 +500,9 @@ def _attention_call(
     block_kv = max(page_size, config.block_kv)
     if block_kv % page_size:
         raise ValueError(f"block_kv {config.block_kv} must be a multiple of page size {page_size} (or smaller than it)")
-    num_splits = config.kv_splits
-    if num_splits is None:
-        max_kv_blocks = -(-page_table.shape[1] * page_size // block_kv)
-        num_splits = default_splits(num_tokens, num_rows, num_kv_heads, max_kv_blocks, num_sms(interpret), group=group)
+    num_splits = kv_splits_for(
+        config, num_tokens, num_rows, num_kv_heads, page_table.shape[1], page_size, num_sms(interpret), group=group
+    )
     num_tiles = max_tiles(num_tokens, num_rows, group, tile_rows)
     tile_seq, tile_row0, tile_row_end, tile_base, tile_order, live_tiles, cell_src, row_cell = plan_tiles(
         cu_q_lens,

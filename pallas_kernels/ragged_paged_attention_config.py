@@ -2,6 +2,7 @@
 
 RaggedPagedAttentionConfig (frozen; validated) <- default_config(T, R, G, fp8_pages): DECODE_CONFIG,
 FP8_DECODE_CONFIG or PREFILL_CONFIG;  kv_splits None <- default_splits(...): flash-decoding splits that fill the SMs
+(kv_splits_for: the count a config runs a shape with)
 """
 
 from __future__ import annotations
@@ -139,3 +140,22 @@ def default_splits(
         if fill(splits) > fill(best):
             best = splits
     return best
+
+
+def kv_splits_for(
+    config: RaggedPagedAttentionConfig,
+    num_tokens: int,
+    num_rows: int,
+    num_kv_heads: int,
+    table_pages: int,
+    page_size: int,
+    num_programs: int = _NUM_SMS,
+    *,
+    group: int,
+) -> int:
+    """The KV splits the kernel runs a batch shape with: config.kv_splits, or if None
+    `default_splits` over the KV blocks a page table `table_pages` wide can hold."""
+    if config.kv_splits is not None:
+        return config.kv_splits
+    max_kv_blocks = -(-table_pages * page_size // max(page_size, config.block_kv))
+    return default_splits(num_tokens, num_rows, num_kv_heads, max_kv_blocks, num_programs, group=group)

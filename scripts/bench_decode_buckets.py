@@ -40,7 +40,7 @@ from pallas_kernels.ragged_paged_attention_config import (
     FP8_DECODE_CONFIG,
     PREFILL_CONFIG,
     default_config,
-    default_splits,
+    kv_splits_for,
     num_sms,
 )
 
@@ -72,40 +72,17 @@ def main() -> None:
     rows = []
     width = -(-args.max_model_len // PAGE)
     for q_len, kv_len, kinds in cases([int(x) for x in args.kv_lens.split(",")], args.bucket):
-        base = make_batch(
-            jax.random.key(kv_len + q_len),
-            [q_len],
-            [kv_len],
-            num_heads=N,
-            num_kv_heads=K,
-            head_dim=H,
-            page_size=PAGE,
-            dtype=DT,
-            pad_rows=0,
-            pad_tokens=args.bucket - q_len,
-        )
-        base["page_table"] = jnp.pad(base["page_table"], ((0, 0), (0, width - base["page_table"].shape[1])))
-        names = list(base)
+        base = engine_batch(kv_len + q_len, [q_len], kv_len, args.bucket, 1, width)
         for kind in kinds:
-            batch = dict(base)
-            if kind != "bf16":
-                batch["k_pages"] = quantize(base["k_pages"], 1.0, jnp.float8_e4m3fn)
-                batch["v_pages"] = quantize(base["v_pages"], 1.0, jnp.float8_e4m3fn)
+            batch = with_pages(base, kind)
             picked = default_config(args.bucket, 1, fp8_pages=kind != "bf16", group=N // K)
             decode = FP8_DECODE_CONFIG if kind != "bf16" else DECODE_CONFIG
             # PREFILL_CONFIG as the engine ran it before: prefill-shaped, so no KV splits
             prefill = dataclasses.replace(PREFILL_CONFIG, kv_splits=1)
-            ref = ragged_paged_attention_reference(**batch, sm_scale=H**-0.5)[:q_len]
+            ref = reference(batch, q_len)
             for name, config in (("decode_config", decode), ("prefill_config", prefill)):
-
-                def fn(*a, config=config):
-                    return ragged_paged_attention(*a, sm_scale=H**-0.5, config=config, interpret=args.interpret)
-
                 row = dict(q_len=q_len, kv_len=kv_len, pages=kind, config=name, picked=config == picked)
-                row["rel_err"] = rel_err(fn(*[batch[n] for n in names])[:q_len], ref)
-                row["us"] = 1e6 * time_chained(fn, [batch[n] for n in names], names.index("kv_lens"), args.calls)
-                rows.append(row)
-                print(row, flush=True)
+                rows.append(timed(row, batch, config, ref, args))
     for case in [x for x in args.padded_batches.split(",") if x]:
         live, _, bucket = case.partition("/")
         bucket = int(bucket) if bucket else max(args.bucket, 1 << (int(live) - 1).bit_length())
@@ -115,46 +92,67 @@ def main() -> None:
     (out / "decode_buckets.json").write_text(json.dumps(record, indent=1))
 
 
-def padded_cases(live: int, bucket: int, kv_len: int, args, width: int) -> list[dict]:
-    """`live` one-token rows in a bucket of T = R = `bucket` rows (the rest padding), the picked
-    config at the split count it picks for R rows (`picked`) and at each forced count, fewest first."""
-    if not 1 <= live <= bucket:
-        raise SystemExit(f"--padded-batches: {live} live rows do not fit a bucket of {bucket}")
-    base = make_batch(
-        jax.random.key(live),
-        [1] * live,
-        [kv_len] * live,
+def engine_batch(seed: int, q_lens: list[int], kv_len: int, num_tokens: int, num_rows: int, width: int) -> dict:
+    """A batch padded as the engine pads a step: num_tokens tokens, num_rows rows (live ones first),
+    a page table `width` pages wide."""
+    batch = make_batch(
+        jax.random.key(seed),
+        q_lens,
+        [kv_len] * len(q_lens),
         num_heads=N,
         num_kv_heads=K,
         head_dim=H,
         page_size=PAGE,
         dtype=DT,
-        pad_rows=bucket - live,
-        pad_tokens=bucket - live,
+        pad_rows=num_rows - len(q_lens),
+        pad_tokens=num_tokens - sum(q_lens),
     )
-    base["page_table"] = jnp.pad(base["page_table"], ((0, 0), (0, width - base["page_table"].shape[1])))
-    names, rows = list(base), []
+    batch["page_table"] = jnp.pad(batch["page_table"], ((0, 0), (0, width - batch["page_table"].shape[1])))
+    return batch
+
+
+def with_pages(batch: dict, kind: str) -> dict:
+    """The batch with its K/V pages as `kind`: "bf16" as made, "fp8_e4m3" quantized (scales 1.0)."""
+    if kind == "bf16":
+        return batch
+    fp8 = {n: quantize(batch[n], 1.0, jnp.float8_e4m3fn) for n in ("k_pages", "v_pages")}
+    return {**batch, **fp8}
+
+
+def reference(batch: dict, num_live: int):
+    """The reference attention of the batch's first num_live (live) tokens."""
+    return ragged_paged_attention_reference(**batch, sm_scale=H**-0.5)[:num_live]
+
+
+def timed(row: dict, batch: dict, config, ref, args) -> dict:
+    """row with the call's error against `ref` (the live tokens' reference) and its time."""
+
+    def fn(*a):
+        return ragged_paged_attention(*a, sm_scale=H**-0.5, config=config, interpret=args.interpret)
+
+    names = list(batch)
+    row["rel_err"] = rel_err(fn(*batch.values())[: ref.shape[0]], ref)
+    row["us"] = 1e6 * time_chained(fn, list(batch.values()), names.index("kv_lens"), args.calls)
+    print(row, flush=True)
+    return row
+
+
+def padded_cases(live: int, bucket: int, kv_len: int, args, width: int) -> list[dict]:
+    """`live` one-token rows in a bucket of T = R = `bucket` rows (the rest padding), the picked
+    config at the split count it picks for R rows (`picked`) and at each forced count, fewest first."""
+    if not 1 <= live <= bucket:
+        raise SystemExit(f"--padded-batches: {live} live rows do not fit a bucket of {bucket}")
+    base = engine_batch(live, [1] * live, kv_len, bucket, bucket, width)
+    rows = []
     for kind in ("bf16", "fp8_e4m3"):
-        batch = dict(base)
-        if kind != "bf16":
-            batch["k_pages"] = quantize(base["k_pages"], 1.0, jnp.float8_e4m3fn)
-            batch["v_pages"] = quantize(base["v_pages"], 1.0, jnp.float8_e4m3fn)
+        batch = with_pages(base, kind)
         picked = default_config(bucket, bucket, fp8_pages=kind != "bf16", group=N // K)
         # the count the wrapper picks (kv_splits None), timed once among the forced ones
-        max_kv_blocks = -(-width * PAGE // max(PAGE, picked.block_kv))
-        auto = default_splits(bucket, bucket, K, max_kv_blocks, num_sms(args.interpret), group=N // K)
-        ref = ragged_paged_attention_reference(**batch, sm_scale=H**-0.5)[:live]
+        auto = kv_splits_for(picked, bucket, bucket, K, width, PAGE, num_sms(args.interpret), group=N // K)
+        ref = reference(batch, live)
         for splits in sorted({auto, *(int(x) for x in args.splits.split(","))}):
-            config = dataclasses.replace(picked, kv_splits=splits)
-
-            def fn(*a, config=config):
-                return ragged_paged_attention(*a, sm_scale=H**-0.5, config=config, interpret=args.interpret)
-
             row = dict(live_rows=live, bucket=bucket, kv_len=kv_len, pages=kind, splits=splits, picked=splits == auto)
-            row["rel_err"] = rel_err(fn(*[batch[n] for n in names])[:live], ref)
-            row["us"] = 1e6 * time_chained(fn, [batch[n] for n in names], names.index("kv_lens"), args.calls)
-            rows.append(row)
-            print(row, flush=True)
+            rows.append(timed(row, batch, dataclasses.replace(picked, kv_splits=splits), ref, args))
     return rows
 
 

@@ -41,7 +41,7 @@ from pallas_kernels import (
     write_kv_pages_reference,
 )
 from pallas_kernels.kv_cache_update import write_kv_pages
-from pallas_kernels.ragged_paged_attention_config import DECODE_CONFIG, PREFILL_CONFIG, default_splits
+from pallas_kernels.ragged_paged_attention_config import DECODE_CONFIG, PREFILL_CONFIG, kv_splits_for
 from pallas_kernels.ragged_tiles import max_tiles, plan_tiles, rows_into_cells, rows_to_tokens
 
 VARIANTS = {  # the two configs the public function picks between by shape (DECODE_CONFIG for decode)
@@ -381,8 +381,7 @@ def bench_split_sweep(results, copy_bw, shapes, split_list, page_size=64):
         )
         nbytes = 2 * b * kv * K * H * 2 + 2 * b * N * H * 2
         names = list(args)
-        blocks = -(-args["page_table"].shape[1] * page_size // DECODE_CONFIG.block_kv)
-        auto = default_splits(b, b, K, blocks, group=N // K)
+        auto = kv_splits_for(DECODE_CONFIG, b, b, K, args["page_table"].shape[1], page_size, group=N // K)
         row = dict(batch=b, kv_len=kv, auto=auto, times={})
         for sp in split_list:
             if b * K * sp > 4096:
