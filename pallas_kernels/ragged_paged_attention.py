@@ -88,6 +88,7 @@ from pallas_kernels.ragged_paged_attention_config import (
     is_prefill_shaped,
     kv_splits_for,
     num_sms,
+    split_table,
 )
 from pallas_kernels.ragged_paged_attention_reference import check_inputs
 from pallas_kernels.ragged_tiles import max_tiles, num_cells, plan_tiles, rows_into_cells, rows_to_tokens
@@ -131,6 +132,7 @@ def _kernel(
     page_table_ref,
     cu_q_lens_ref,  # [R], [R, P_max], [R+1]
     scales_ref,  # [2] f32: k_scale, v_scale
+    splits_ref,  # [1] int32: the split count, read only with dynamic_splits (else num_splits)
     q_ref,
     k_ref,
     v_ref,  # [K, cells, H], [P, S, K, H], [P, S, K, H]
@@ -150,6 +152,7 @@ def _kernel(
     acc_in_place,
     pingpong,
     split_blocks,
+    dynamic_splits,
 ):
     if num_splits > 1:
         out_ref, lse_ref, q_smem, k_smem, v_smem, p_smem, lse_smem, *refs = refs
@@ -170,7 +173,10 @@ def _kernel(
 
     # Work items (tile, kv head, split), tiles in tile_order (heaviest first), handed out round-robin
     # to the programs, every other round backwards (a snake: heavy and light items even out).
-    items_per_tile = num_kv_heads * num_splits
+    # dynamic_splits: the count picked on the device for the live tiles, <= num_splits (the outputs'
+    # size); programs past the live items do nothing, so fewer splits only leave more of them idle.
+    splits = splits_ref[0] if dynamic_splits else num_splits
+    items_per_tile = num_kv_heads * splits
     live_items = live_tiles_ref[0] * items_per_tile
     full_rounds = lax.div(live_items, num_programs)
 
@@ -184,8 +190,8 @@ def _kernel(
         j = r * num_programs + round_pos(r)
         x = lax.div(j, items_per_tile)
         rest = j - x * items_per_tile
-        kv_head = lax.div(rest, num_splits)
-        split = rest - kv_head * num_splits
+        kv_head = lax.div(rest, splits)
+        split = rest - kv_head * splits
         w = tile_order_ref[x]
         seq = tile_seq_ref[w]
         row0, row_end = tile_row0_ref[w], tile_row_end_ref[w]
@@ -196,7 +202,7 @@ def _kernel(
         num_steps = lax.div(kv_stop + block_kv - 1, block_kv)
         unmasked_steps = jnp.minimum(lax.div(offset + t_first + 1, block_kv), num_steps)
         if num_splits > 1:  # this item's share of the tile's KV blocks; the last shares may be empty
-            per_split = lax.div(num_steps + num_splits - 1, num_splits)
+            per_split = lax.div(num_steps + splits - 1, splits)
             first_step = jnp.minimum(split * per_split, num_steps)
             end_step = jnp.minimum(first_step + per_split, num_steps)
         else:
@@ -473,9 +479,14 @@ def _kernel(
         plgpu.wait_smem_to_gmem(0)
 
 
-def _combine_splits(parts, lse):
+def _combine_splits(parts, lse, splits=None):
     """parts [splits, ..., H] (each share's output, normalised over its keys), lse [splits, ...]
-    (base 2) -> the attention over all keys, f32."""
+    (base 2) -> the attention over all keys, f32. splits (dynamic_splits: a traced count): only
+    the first this many shares were written."""
+    if splits is not None:  # select, never multiply: the unwritten shares may hold NaN
+        written = jnp.arange(lse.shape[0]) < splits
+        lse = jnp.where(written.reshape(-1, *[1] * (lse.ndim - 1)), lse, -jnp.inf)
+        parts = jnp.where(written.reshape(-1, *[1] * (parts.ndim - 1)), parts, jnp.zeros((), parts.dtype))
     top = lse.max(axis=0)
     weight = jnp.exp2(lse - top)  # shares with lse -inf weigh 0
     num = (weight[..., None] * parts.astype(jnp.float32)).sum(axis=0)
@@ -500,10 +511,21 @@ def _attention_call(
     block_kv = max(page_size, config.block_kv)
     if block_kv % page_size:
         raise ValueError(f"block_kv {config.block_kv} must be a multiple of page size {page_size} (or smaller than it)")
-    num_splits = kv_splits_for(
-        config, num_tokens, num_rows, num_kv_heads, page_table.shape[1], page_size, num_sms(interpret), group=group
-    )
     num_tiles = max_tiles(num_tokens, num_rows, group, tile_rows)
+    # the shape both split rules see (the static count also bounds the dynamic table's grid)
+    split_args = (config, num_tokens, num_rows, num_kv_heads, page_table.shape[1], page_size, num_sms(interpret))
+    num_splits = kv_splits_for(*split_args, group=group)
+    max_items = num_tiles * num_kv_heads * num_splits
+    split_of_live = None  # dynamic_splits: [num_tiles + 1], the split count by live tiles
+    if config.dynamic_splits:
+        if is_prefill_shaped(num_tokens, num_rows, group=group):
+            raise ValueError(f"dynamic_splits is for decode-shaped batches, got T={num_tokens} over R={num_rows} rows")
+        # within the grid the static pick launches for a full bucket: a full bucket gets no more programs
+        split_of_live = split_table(*split_args, group=group, num_tiles=num_tiles)
+        num_splits = int(split_of_live.max())  # one live tile's count: the outputs hold this many shares
+        max_items = max(live * num_kv_heads * int(s) for live, s in enumerate(split_of_live))
+        if num_splits == 1:  # nothing to pick
+            split_of_live = None
     tile_seq, tile_row0, tile_row_end, tile_base, tile_order, live_tiles, cell_src, row_cell = plan_tiles(
         cu_q_lens,
         num_seqs,
@@ -523,7 +545,6 @@ def _attention_call(
     kv_block = (num_stages, block_kv, head_dim)
     pages_per_block = block_kv // page_size
     p_from_registers = config.p_from_registers and not interpret
-    max_items = num_tiles * num_kv_heads * num_splits
     num_programs = config.num_programs
     if num_programs is None:  # one resident program per SM: shared memory allows no more at head_dim 128
         num_programs = num_sms(interpret)
@@ -554,10 +575,12 @@ def _attention_call(
         acc_in_place=not interpret,
         pingpong=pingpong,
         split_blocks=split_blocks,
+        dynamic_splits=split_of_live is not None,
     )
     out_shape = jax.ShapeDtypeStruct((num_kv_heads, cells, head_dim), q.dtype)
     # q / out buffers: two, so that a program's next item loads under this one; one when every
-    # program runs a single item (decode's default), which frees 16 KiB per warpgroup. With
+    # program runs a single item (decode's default), which frees 16 KiB per warpgroup (dynamic_splits:
+    # max_items bounds the live items of every live-tile count, so this still holds). With
     # split_blocks a buffer's second tile takes warpgroup 1's partial output for the merge.
     q_buffers = 1 if num_programs == max_items else 2
     scratch = [
@@ -598,6 +621,10 @@ def _attention_call(
         compiler_params=plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0),
         interpret=plgpu.InterpretGPUParams() if interpret else None,
     )
+    if split_of_live is not None:
+        splits = jnp.asarray(split_of_live)[live_tiles[0]][None]  # picked on the device from the live tiles
+    else:
+        splits = jnp.full((1,), num_splits, jnp.int32)
     out = call(
         tile_seq,
         tile_row0,
@@ -609,13 +636,14 @@ def _attention_call(
         page_table,
         cu_q_lens,
         jnp.stack([k_scale, v_scale]).astype(jnp.float32),
+        splits,
         qg,
         k_pages,
         v_pages,
     )
     if num_splits > 1:
         parts, lse = out
-        out = _combine_splits(parts[:, :, row_cell], lse[:, :, row_cell])
+        out = _combine_splits(parts[:, :, row_cell], lse[:, :, row_cell], None if split_of_live is None else splits[0])
     else:
         out = out[:, row_cell]
     if out_scale is not None:

@@ -2,7 +2,8 @@
 
 RaggedPagedAttentionConfig (frozen; validated) <- default_config(T, R, G, fp8_pages): DECODE_CONFIG,
 FP8_DECODE_CONFIG or PREFILL_CONFIG;  kv_splits None <- default_splits(...): flash-decoding splits that fill the SMs
-(kv_splits_for: the count a config runs a shape with)
+(`fill_splits`; kv_splits_for: the count a config runs a shape with); dynamic_splits <- split_table(...): the same rule
+per live-tile count, looked up on the device
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +40,10 @@ class RaggedPagedAttentionConfig:
     # QK -> softmax -> PV) per SM instead of one, where a second 64-row tile would have no rows.
     # Stage s of the ring always holds blocks of warpgroup s % 2, so num_stages must be even.
     split_blocks: bool = False
+    # Decode-shaped batches only, kv_splits None: pick the split count on the device from the live
+    # tiles (`split_table`), so a padded bucket (1 live row of 16) splits as its live rows need
+    # rather than as its R rows would. Outputs are sized for the most splits (one live row).
+    dynamic_splits: bool = False
 
     def __post_init__(self):
         if self.block_kv % 64 or self.block_kv <= 0:
@@ -48,6 +54,8 @@ class RaggedPagedAttentionConfig:
             raise ValueError(f"num_stages must be at least 2, got {self.num_stages}")
         if self.kv_splits is not None and not 1 <= self.kv_splits <= 64:
             raise ValueError(f"kv_splits must be None or 1..64, got {self.kv_splits}")
+        if self.dynamic_splits and self.kv_splits is not None:
+            raise ValueError(f"dynamic_splits picks the split count: kv_splits must be None, got {self.kv_splits}")
         if self.num_programs is not None and self.num_programs < 0:
             raise ValueError(f"num_programs must be None or >= 0, got {self.num_programs}")
         if self.split_blocks:
@@ -119,19 +127,28 @@ def default_splits(
     group: int,
 ) -> int:
     """KV splits for a batch shape. Prefill-shaped batches: none. Decode-shaped ones (one tile per
-    sequence): the fewest splits (at most 16, at least two KV blocks each, of the longest sequence
-    the page table can hold) whose (sequence, kv head, split) items fill >= 90% of the rounds of
-    num_programs SMs (one resident program each), else the best filling: 64 items on 132 SMs leave
-    half of them idle, 128 fill 97%."""
+    sequence): `fill_splits` of its (row, kv head) items, as if every row were live."""
     if is_prefill_shaped(num_tokens, num_rows, group=group):
         return 1
-    items = num_rows * num_kv_heads
+    return fill_splits(num_rows * num_kv_heads, max_kv_blocks, num_programs)
+
+
+def fill_splits(items: int, max_kv_blocks: int, num_programs: int = _NUM_SMS, max_programs: int | None = None) -> int:
+    """The fewest splits (at most 16, at least two KV blocks each, of the longest sequence the page
+    table can hold) whose (item, split) programs fill >= 90% of the rounds of num_programs SMs (one
+    resident program each), else the best filling: 64 items on 132 SMs leave half of them idle,
+    128 fill 97%. max_programs: only splits with items * splits <= it (dynamic_splits: a full
+    bucket's grid). No items: 1."""
+    if items <= 0:
+        return 1
 
     def fill(splits):
         return items * splits / (-(-items * splits // num_programs) * num_programs)
 
     best = 1
     for splits in range(1, max(1, min(MAX_AUTO_SPLITS, max_kv_blocks // 2)) + 1):
+        if max_programs is not None and items * splits > max_programs:
+            break
         per_split = -(-max_kv_blocks // splits)
         if -(-max_kv_blocks // per_split) != splits:  # some shares would be empty
             continue
@@ -140,6 +157,11 @@ def default_splits(
         if fill(splits) > fill(best):
             best = splits
     return best
+
+
+def _kv_blocks(config: RaggedPagedAttentionConfig, table_pages: int, page_size: int) -> int:
+    """KV blocks (block_kv rounded up to a page) of the longest sequence a page table `table_pages` wide holds."""
+    return -(-table_pages * page_size // max(page_size, config.block_kv))
 
 
 def kv_splits_for(
@@ -154,8 +176,37 @@ def kv_splits_for(
     group: int,
 ) -> int:
     """The KV splits the kernel runs a batch shape with: config.kv_splits, or if None
-    `default_splits` over the KV blocks a page table `table_pages` wide can hold."""
+    `default_splits` over the KV blocks a page table `table_pages` wide can hold. dynamic_splits:
+    the count for a full bucket, whose grid bounds `split_table`."""
     if config.kv_splits is not None:
         return config.kv_splits
-    max_kv_blocks = -(-table_pages * page_size // max(page_size, config.block_kv))
+    max_kv_blocks = _kv_blocks(config, table_pages, page_size)
     return default_splits(num_tokens, num_rows, num_kv_heads, max_kv_blocks, num_programs, group=group)
+
+
+def split_table(
+    config: RaggedPagedAttentionConfig,
+    num_tokens: int,
+    num_rows: int,
+    num_kv_heads: int,
+    table_pages: int,
+    page_size: int,
+    num_programs: int = _NUM_SMS,
+    *,
+    group: int,
+    num_tiles: int,
+) -> np.ndarray:
+    """dynamic_splits: [num_tiles + 1] int32, the splits for L = 0..num_tiles live tiles (decode:
+    a tile per live row): `fill_splits` of L * num_kv_heads items over the KV blocks `kv_splits_for`
+    sees, within the grid its count launches for the full bucket's num_tiles (the fill rule is not
+    monotone in L, e.g. 9 blocks, 8 kv heads: 12 rows pick 1 split, 20 rows 3, and a grid sized for
+    the most programs of any L would launch 1416 programs, mostly idle, where a full 64-row bucket
+    launches 512). Entry 1 (one live tile) is the most splits: it sizes the kernel's outputs. The
+    wrapper indexes it by live_tiles on the device."""
+    full = kv_splits_for(config, num_tokens, num_rows, num_kv_heads, table_pages, page_size, num_programs, group=group)
+    max_kv_blocks = _kv_blocks(config, table_pages, page_size)
+    max_programs = num_tiles * num_kv_heads * full
+    return np.array(
+        [fill_splits(live * num_kv_heads, max_kv_blocks, num_programs, max_programs) for live in range(num_tiles + 1)],
+        np.int32,
+    )

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import RaggedPagedAttentionConfig, ragged_paged_attention, ragged_paged_attention_reference
-from pallas_kernels.ragged_paged_attention_config import DECODE_CONFIG, default_splits
+from pallas_kernels.ragged_paged_attention_config import DECODE_CONFIG, default_splits, kv_splits_for, split_table
 from pallas_kernels.ragged_tiles import max_tiles, plan_tiles
 from tests.kernels.test_ragged_paged_attention_reference import random_batch
 
@@ -306,3 +306,76 @@ def test_lowers_for_hopper_with_any_token_count(kv_dtype, group, head_dim, page_
     fn = functools.partial(ragged_paged_attention, sm_scale=0.1)
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
+
+
+# dynamic_splits: a 16-row decode bucket (num_tiles 17) of page table width 1008 tokens (16 blocks
+# of 64): one live row takes 8 splits, 9 take 6, a full bucket 4 (the static pick)
+DYNAMIC = RaggedPagedAttentionConfig(
+    block_kv=64, compute_warpgroups=1, num_stages=2, num_programs=0, dynamic_splits=True
+)
+DYNAMIC_ROWS = 16
+
+
+def dynamic_table():
+    """The wrapper's table for the bucket the reference tests run (2 kv heads, G 2, 63 pages of 16)
+    and its static count (kv_splits_for)."""
+    shape = (DYNAMIC, DYNAMIC_ROWS, DYNAMIC_ROWS, 2, 63, 16, 132)
+    tiles = max_tiles(DYNAMIC_ROWS, DYNAMIC_ROWS, 2, 64)
+    return split_table(*shape, group=2, num_tiles=tiles), kv_splits_for(*shape, group=2)
+
+
+def test_split_table_picks_more_splits_for_fewer_live_rows():
+    table, static = dynamic_table()
+    assert table[0] == 1 and table[1] == table.max() == 8
+    assert table[9] == 6 and table[DYNAMIC_ROWS] == static == 4  # a full bucket: the static pick
+    assert np.all(np.diff(table[1:]) <= 0)  # here monotone (not in general: see split_table)
+    # the grid: no more programs for any live count than the static pick launches for a full bucket
+    lives = np.arange(len(table))
+    assert (lives * 2 * table).max() <= (len(table) - 1) * 2 * static
+    # a full 64-row bucket at kv 1088 (9 blocks of 128), 8 kv heads: the fill rule alone would pick
+    # 3 splits at 20 live rows (480 programs) and 1 at 12; the grid cap keeps every count within 512
+    tiles = max_tiles(64, 64, 4, 64)
+    table = split_table(DECODE_CONFIG, 64, 64, 8, 1088 // 16, 16, 132, group=4, num_tiles=tiles)
+    assert table[1] == 3 and table[64] == 1 and (np.arange(tiles + 1) * 8 * table).max() <= tiles * 8
+
+
+@pytest.mark.parametrize(
+    "kv_lens",
+    [
+        [1000],  # 1 live row of 16: 8 splits of 2 blocks
+        [1000, 1, 130],  # 3: still 8; kv 1 leaves 7 shares empty
+        [1000, 70, 1, 300, 129, 64, 999, 17, 640],  # 9: 6 splits of 3 blocks
+        [1000, 5, 300, 64, 65, 777, 1, 2, 512, 128, 129, 900, 33, 48, 700, 1008],  # 16: 4, the full bucket
+    ],
+)
+def test_dynamic_splits_matches_reference(kv_lens):
+    """Padded decode buckets (the rows past num_seqs are padding): the split count is read on the
+    device from the live tiles, the outputs hold the most splits, the unwritten shares are masked."""
+    live = len(kv_lens)
+    rng = np.random.default_rng(live)
+    args, _, _ = random_batch(
+        rng,
+        q_lens=[1] * live,
+        kv_lens=kv_lens,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=64,
+        page_size=16,
+        pad_rows=DYNAMIC_ROWS - live,
+        pad_tokens=DYNAMIC_ROWS - live,  # T = 16, the bucket's tokens
+    )
+    assert args["page_table"].shape == (DYNAMIC_ROWS, 63)  # 16 blocks of 64
+    scale = 64**-0.5
+    out = np.asarray(ragged_paged_attention(**args, sm_scale=scale, config=DYNAMIC, interpret=True))
+    ref = np.asarray(ragged_paged_attention_reference(**args, sm_scale=scale))
+    assert np.all(out[live:] == 0), "padding tokens must output zero"
+    assert rel_err(out[:live], ref[:live]) <= 1e-5
+
+
+def test_dynamic_splits_config_is_checked():
+    with pytest.raises(ValueError, match="kv_splits must be None"):
+        RaggedPagedAttentionConfig(dynamic_splits=True, kv_splits=2)
+    rng = np.random.default_rng(0)
+    args, _, _ = random_batch(rng, q_lens=[40], kv_lens=[40], num_heads=8, num_kv_heads=2, head_dim=64, page_size=16)
+    with pytest.raises(ValueError, match="decode-shaped"):  # 43 tokens x 4 heads over 3 rows: prefill-shaped
+        ragged_paged_attention(**args, sm_scale=1.0, config=DYNAMIC, interpret=True)
