@@ -25,7 +25,10 @@ round-robin, heaviest tiles first, and keeps its K/V ring and its two q buffers 
 items, so an item's start costs no pipeline fill; decode's default runs one program per item, which
 the hardware schedules as SMs free up. With kv_splits > 1 (flash-decoding; `default_splits` picks it
 for small decode batches) item s takes the s-th share of the tile's KV blocks and stores its
-normalised output and its base-2 log-sum-exp; the wrapper combines the shares. Two words of the
+normalised output and its base-2 log-sum-exp; the wrapper combines the shares. With
+`dynamic_splits` (decode-shaped only) the count is picked on the device from the live tiles
+(`split_table`, indexed by live_tiles): outputs hold the most splits (one live tile's), the kernel
+takes the picked count as an input, and the wrapper masks the shares past it. Two words of the
 kernel's own: a *cell* is a q row's place in the tiled q/out buffers (`ragged_tiles`), a *stage*
 one K/V block's place in the shared-memory ring; neither is a (KV cache) slot. Per item:
 

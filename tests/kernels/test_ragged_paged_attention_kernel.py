@@ -379,3 +379,35 @@ def test_dynamic_splits_config_is_checked():
     args, _, _ = random_batch(rng, q_lens=[40], kv_lens=[40], num_heads=8, num_kv_heads=2, head_dim=64, page_size=16)
     with pytest.raises(ValueError, match="decode-shaped"):  # 43 tokens x 4 heads over 3 rows: prefill-shaped
         ragged_paged_attention(**args, sm_scale=1.0, config=DYNAMIC, interpret=True)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        dataclasses.replace(DECODE_CONFIG, dynamic_splits=True),
+        dataclasses.replace(SPLIT_DECODE_64, dynamic_splits=True),
+        dataclasses.replace(DECODE_CONFIG, dynamic_splits=True, num_programs=8),  # persistent: two q buffers
+    ],
+)
+def test_dynamic_splits_lower_for_hopper(config):
+    """The device-picked split count (a loaded int32 dividing the item index) lowers for Hopper: a
+    16-row decode bucket, 8 kv heads, H = 128, a page table of 2048 tokens (1 live row: 8 splits)."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+
+    sd = jax.ShapeDtypeStruct
+    rows, n, k, h, s = 16, 32, 8, 128, 16
+    args = (
+        sd((rows, n, h), jnp.bfloat16),
+        sd((256, s, k, h), jnp.bfloat16),
+        sd((256, s, k, h), jnp.bfloat16),
+        sd((rows,), jnp.int32),
+        sd((rows, 2048 // s), jnp.int32),
+        sd((rows + 1,), jnp.int32),
+        sd((1,), jnp.int32),
+    )
+    fn = functools.partial(ragged_paged_attention, sm_scale=0.1, config=config)
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
