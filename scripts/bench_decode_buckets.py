@@ -16,8 +16,9 @@ copy bandwidth; every number goes to OUT/decode_buckets.json.
 to a power of two) rows (or R rows, given), the rest padding, at the first of --kv-lens. The KV
 splits are static and chosen for R rows, live or not; each case times the picked config at the
 count it picks (`picked`: true) and at each of --splits, on bf16 and fp8 pages, so the split count
-a half-empty bucket needs can be read off. Times are of the whole call (the wrapper's q gather and
-split combine included), as bench_kernels times it.
+a half-empty bucket needs can be read off. --dynamic adds the picked config with dynamic_splits
+(`splits`: "dynamic"), the count picked on the device from the live rows. Times are of the whole
+call (the wrapper's q gather and split combine included), as bench_kernels times it.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ def main() -> None:
         "--padded-batches", default="", help="live decode rows [/ bucket rows] in a padded bucket, comma-separated"
     )
     p.add_argument("--splits", default="1,4,16", help="KV splits forced in the --padded-batches cases")
+    p.add_argument("--dynamic", action="store_true", help="--padded-batches: also time dynamic_splits")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -139,7 +141,8 @@ def timed(row: dict, batch: dict, config, ref, args) -> dict:
 
 def padded_cases(live: int, bucket: int, kv_len: int, args, width: int) -> list[dict]:
     """`live` one-token rows in a bucket of T = R = `bucket` rows (the rest padding), the picked
-    config at the split count it picks for R rows (`picked`) and at each forced count, fewest first."""
+    config at the split count it picks for R rows (`picked`) and at each forced count, fewest first,
+    then (--dynamic) with the count picked on the device."""
     if not 1 <= live <= bucket:
         raise SystemExit(f"--padded-batches: {live} live rows do not fit a bucket of {bucket}")
     base = engine_batch(live, [1] * live, kv_len, bucket, bucket, width)
@@ -150,9 +153,13 @@ def padded_cases(live: int, bucket: int, kv_len: int, args, width: int) -> list[
         # the count the wrapper picks (kv_splits None), timed once among the forced ones
         auto = kv_splits_for(picked, bucket, bucket, K, width, PAGE, num_sms(args.interpret), group=N // K)
         ref = reference(batch, live)
-        for splits in sorted({auto, *(int(x) for x in args.splits.split(","))}):
+        forced = sorted({auto, *(int(x) for x in args.splits.split(","))})
+        configs = {splits: dataclasses.replace(picked, kv_splits=splits) for splits in forced}
+        if args.dynamic:
+            configs["dynamic"] = dataclasses.replace(picked, dynamic_splits=True)
+        for splits, config in configs.items():
             row = dict(live_rows=live, bucket=bucket, kv_len=kv_len, pages=kind, splits=splits, picked=splits == auto)
-            rows.append(timed(row, batch, dataclasses.replace(picked, kv_splits=splits), ref, args))
+            rows.append(timed(row, batch, config, ref, args))
     return rows
 
 

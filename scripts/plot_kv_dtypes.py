@@ -6,7 +6,8 @@
 kv_dtype_decode.png. Left: bench_latency's ms per output token at each decode batch, for each KV
 dtype (latency_fp8.json, latency_auto.json), and each run's weight-read floor. Right (with
 --buckets, bench_decode_buckets' --padded-batches cases): the attention call's time against the
-KV splits, one line per (live rows, bucket rows, pages), the count the kernel picks marked.
+KV splits, one line per (live rows, bucket rows, pages), the count the kernel picks marked
+(--dynamic cases, counted on the device: a dash-dot line).
 """
 
 from __future__ import annotations
@@ -58,15 +59,16 @@ def main() -> None:
         groups = sorted({(c["live_rows"], c["bucket"], c["pages"]) for c in padded})
         for live, bucket, pages in groups:
             cases = [c for c in padded if (c["live_rows"], c["bucket"], c["pages"]) == (live, bucket, pages)]
-            timed = sorted((c["splits"], c["us"]) for c in cases if c["splits"] != "auto")
+            timed = sorted((c["splits"], c["us"]) for c in cases if isinstance(c["splits"], int))
             (line,) = ax.plot(*zip(*timed), "o-", label=f"{live} live of {bucket} rows, {pages}")
             for c in cases:  # the count the kernel picks: a star (older files: a dotted line, count not recorded)
-                if c["splits"] == "auto":
-                    ax.axhline(c["us"], color=line.get_color(), linestyle=":", linewidth=1)
+                if c["splits"] in ("auto", "dynamic"):  # no count on the axis: a level
+                    style = ":" if c["splits"] == "auto" else "-."
+                    ax.axhline(c["us"], color=line.get_color(), linestyle=style, linewidth=1)
                 elif c.get("picked"):
                     ax.plot([c["splits"]], [c["us"]], "*", markersize=14, color=line.get_color())
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("KV splits (star or dotted line: the count picked for the bucket's rows)")
+        ax.set_xlabel("KV splits (star or dotted: picked for the bucket's rows; dash-dot: dynamic)")
         ax.set_ylabel("attention call (kernel, q gather, combine), us")
         ax.set_title(f"padded decode buckets, kv {padded[0]['kv_len']}", fontsize=10)
         ax.legend(fontsize=8)
