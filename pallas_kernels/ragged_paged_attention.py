@@ -71,6 +71,11 @@ pair, and bounded the kernel at a third of copy bandwidth). The wrapper rounds q
 range is clipped to f16's; f16 keeps more of the mantissa), the kernel writes the output in the
 pages' own units (|x| <= the format's largest value, which f16 holds), and the wrapper applies the
 V scale in f32 and casts back to q's dtype. The K scale costs one multiply per score.
+
+With `fp8_qk` (opt-in) the wrapper quantizes q to float8_e4m3fn with one scale (folded into K's on
+the scores) and Q.K^T multiplies q's fp8 buffer by the ring's K stage itself (K^T is K-major: no
+widening, the stage freed after the wgmma as with 16-bit pages); only V is widened. The output,
+and split_blocks' merge, then stage in a 16-bit buffer of their own, where q's would be.
 """
 
 from __future__ import annotations
@@ -84,7 +89,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.kv_quant import is_fp8
+from pallas_kernels.kv_quant import is_fp8, quantize
 from pallas_kernels.ragged_paged_attention_config import (
     RaggedPagedAttentionConfig,
     default_config,
@@ -134,13 +139,14 @@ def _kernel(
     kv_lens_ref,
     page_table_ref,
     cu_q_lens_ref,  # [R], [R, P_max], [R+1]
-    scales_ref,  # [2] f32: k_scale, v_scale
+    scales_ref,  # [2] f32: k_scale (fp8_qk: times q's scale), v_scale
     splits_ref,  # [1] int32: the split count, read only with dynamic_splits (else num_splits)
     q_ref,
     k_ref,
     v_ref,  # [K, cells, H], [P, S, K, H], [P, S, K, H]
     *refs,  # out [K, cells, H]; or, split: out [splits, K, cells, H], lse [splits, K, cells]; scratch
-    # (q/out, K ring, V ring, P, [lse], [16-bit K/V tile per compute warpgroup: fp8 pages]), barriers
+    # (q/out, K ring, V ring, P, [lse], [16-bit K/V tile per compute warpgroup: fp8 pages], [merge],
+    # [out: fp8_qk]), barriers
     group,
     page_size,
     pages_per_block,
@@ -156,6 +162,7 @@ def _kernel(
     pingpong,
     split_blocks,
     dynamic_splits,
+    fp8_qk,
 ):
     if num_splits > 1:
         out_ref, lse_ref, q_smem, k_smem, v_smem, p_smem, lse_smem, *refs = refs
@@ -165,9 +172,12 @@ def _kernel(
     # fp8 pages: 16-bit tiles the stage's K (and V) are widened into (None: 16-bit pages, multiplied
     # from the ring); v_tile: V's own (one compute warpgroup, or split_blocks), else V shares K's.
     # merge_ml: split_blocks only, warpgroup 1's m and l per q buffer for the merge.
-    kv_tile, v_tile, merge_ml, *barriers = refs
+    # o_smem: fp8_qk only, the output (and merge) staging in 16 bits, where the fp8 q buffer can't be.
+    kv_tile, v_tile, merge_ml, o_smem, *barriers = refs
     k_full, v_full, q_full, k_free, v_free, q_free, sched, merged = barriers
-    dtype = q_ref.dtype
+    out_smem = q_smem if o_smem is None else o_smem
+    k_tile = None if fp8_qk else kv_tile  # fp8_qk: K multiplied from the ring; kv_tile, if any, is V's
+    dtype = out_ref.dtype  # the 16-bit dtype (f32 interpreting), also q's unless fp8_qk
     head_dim = q_ref.shape[-1]
     row_tiles = 1 if split_blocks else num_wgs  # 64-row q tiles per work tile
     tile_rows = row_tiles * _WG_ROWS
@@ -300,7 +310,8 @@ def _kernel(
             it = item(r)
             buf = lax.rem(r, 2)
             rows_of = 0 if split_blocks else wg  # this warpgroup's 64-row q tile (split_blocks: the one tile)
-            q_view = q_smem.at[buf, rows_of]  # this warpgroup's q rows; then its output rows
+            q_view = q_smem.at[buf, rows_of]  # this warpgroup's q rows
+            o_view = out_smem.at[buf, rows_of]  # its output rows (q's buffer unless fp8_qk: q is read no more)
             first_step, end_step, t_last, offset = it["first_step"], it["end_step"], it["t_last"], it["offset"]
             q_row = it["row0"] + rows_of * _WG_ROWS  # logical row: decides the causal mask
             q_cell = pl.multiple_of(it["q_base"] + rows_of * _WG_ROWS, 8)  # where its q and out rows live
@@ -333,7 +344,7 @@ def _kernel(
             def step_fn(step, carry, *, masked):
                 acc, m, l = carry
                 stage = lax.rem(count + step - first_step, num_stages)
-                k_operand, free_k = operand(k_smem, k_full, k_free, stage, kv_tile)
+                k_operand, free_k = operand(k_smem, k_full, k_free, stage, k_tile)
                 v_early = []  # fp8 pages, own V tile: V widened while the tensor cores run QK
 
                 def qk(acc_ref):
@@ -423,7 +434,7 @@ def _kernel(
                 else:
                     l_safe = l
                 acc = acc * lax.broadcast_in_dim(v_scale / l_safe, acc.shape, [0])
-                q_view[...] = acc.astype(dtype)  # q is read no more: its buffer takes the output
+                o_view[...] = acc.astype(dtype)
                 plgpu.commit_smem()
                 out_view = out_ref.at[it["split"]] if num_splits > 1 else out_ref
                 # TMA boxes are static: store the smallest of 8/16/32/64 leading rows that covers the
@@ -435,7 +446,7 @@ def _kernel(
                     @pl.when((num_valid > (lower if size > 8 else 0)) & (num_valid <= size))
                     def _store(size=size):
                         plgpu.copy_smem_to_gmem(
-                            q_view.at[pl.ds(0, size)], out_view.at[it["kv_head"], pl.ds(q_cell, size)]
+                            o_view.at[pl.ds(0, size)], out_view.at[it["kv_head"], pl.ds(q_cell, size)]
                         )
                         if lse_ref is not None:
                             plgpu.copy_smem_to_gmem(
@@ -449,7 +460,7 @@ def _kernel(
                 finish(acc, m, l)
             else:  # warpgroup 1 hands its (m, l, acc) over shared memory; warpgroup 0 merges and stores
                 ml = merge_ml.at[buf]
-                half = q_smem.at[buf, 1]  # the q buffer's second tile, unused by q in this mode
+                half = out_smem.at[buf, 1]  # the output buffer's second tile, unused by q in this mode
 
                 @pl.when(wg == 1)
                 def _hand_over():
@@ -496,6 +507,18 @@ def _combine_splits(parts, lse, splits=None):
     return num / weight.sum(axis=0)[..., None]
 
 
+def _quantize_q(q, valid):
+    """q [T, N, H] -> (q / q_scale as float8_e4m3fn, q_scale [] f32): one scale, from the live tokens'
+    largest |q| (padding tokens' values must not set it). Per (token, head) scales would buy little:
+    fp8 has an exponent, so every value within 448 / 2^-6 (~2^15) of the largest rounds to the same
+    <= 2^-4 relative error whatever the scale, and a row further below has scores too small to move
+    its softmax (tests/kernels/test_fp8_qk.py measured per-row scales no better)."""
+    amax = jnp.max(jnp.where(valid[:, None, None], jnp.abs(q.astype(jnp.float32)), 0.0))
+    top = float(jnp.finfo(jnp.float8_e4m3fn).max)
+    q_scale = jnp.maximum(amax, jnp.finfo(jnp.float32).tiny) / top
+    return quantize(q, q_scale, jnp.float8_e4m3fn), q_scale
+
+
 def _attention_call(
     q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, k_scale, v_scale, *, sm_scale, config, interpret
 ):
@@ -507,6 +530,10 @@ def _attention_call(
         top = float(jnp.finfo(jnp.float16).max)
         q = jnp.clip(q, -top, top).astype(jnp.float16)
         v_scale, out_scale = jnp.float32(1), v_scale
+    fp8_qk = config.fp8_qk
+    if fp8_qk:  # q's scale joins K's on the scores: (q8 q_scale) . (k8 k_scale)
+        q8, q_scale = _quantize_q(q, jnp.arange(num_tokens) < cu_q_lens[num_seqs[0]])
+        k_scale = k_scale * q_scale
     group = num_heads // num_kv_heads
     num_wgs = config.compute_warpgroups
     split_blocks = config.split_blocks
@@ -539,10 +566,10 @@ def _attention_call(
         # tiles differ in work: hand out the heaviest first
         kv_lens=kv_lens if is_prefill_shaped(num_tokens, num_rows, group=group) else None,
     )
-    qg = rows_into_cells(q, cell_src, num_kv_heads)
+    qg = rows_into_cells(q8 if fp8_qk else q, cell_src, num_kv_heads)
     cells = num_cells(num_tokens, group, num_tiles, tile_rows)
 
-    transforms = _smem_transforms(q.dtype, head_dim)
+    transforms = _smem_transforms(q.dtype, head_dim)  # the 16-bit buffers (f32 interpreting)
     kv_transforms = _smem_transforms(k_pages.dtype, head_dim)
     num_stages = config.num_stages
     kv_block = (num_stages, block_kv, head_dim)
@@ -579,6 +606,7 @@ def _attention_call(
         pingpong=pingpong,
         split_blocks=split_blocks,
         dynamic_splits=split_of_live is not None,
+        fp8_qk=fp8_qk,
     )
     out_shape = jax.ShapeDtypeStruct((num_kv_heads, cells, head_dim), q.dtype)
     # q / out buffers: two, so that a program's next item loads under this one; one when every
@@ -586,8 +614,15 @@ def _attention_call(
     # max_items bounds the live items of every live-tile count, so this still holds). With
     # split_blocks a buffer's second tile takes warpgroup 1's partial output for the merge.
     q_buffers = 1 if num_programs == max_items else 2
+    out_buffer = plgpu.SMEM((q_buffers, num_wgs, _WG_ROWS, head_dim), q.dtype, transforms=transforms)
+    if fp8_qk:  # q in fp8 (its 64-row tiles only); the output and the merge get out_buffer
+        q_buffer = plgpu.SMEM(
+            (q_buffers, tile_rows // _WG_ROWS, _WG_ROWS, head_dim), q8.dtype, transforms=kv_transforms
+        )
+    else:  # q's buffer takes the output
+        q_buffer, out_buffer = out_buffer, None
     scratch = [
-        plgpu.SMEM((q_buffers, num_wgs, _WG_ROWS, head_dim), q.dtype, transforms=transforms),
+        q_buffer,
         plgpu.SMEM(kv_block, k_pages.dtype, transforms=kv_transforms),
         plgpu.SMEM(kv_block, v_pages.dtype, transforms=kv_transforms),
         p_scratch,
@@ -610,8 +645,11 @@ def _attention_call(
         )
         scratch.append(plgpu.SMEM((num_wgs, _WG_ROWS), jnp.float32))
     tile = plgpu.SMEM((num_wgs, block_kv, head_dim), q.dtype, transforms=transforms)
-    scratch += [tile if widen else None, tile if own_v_tile else None]
+    # K's tile (V's too where V has none); fp8_qk widens no K, so keeps it only for a V without its own
+    k_tile = widen and not (fp8_qk and own_v_tile)
+    scratch += [tile if k_tile else None, tile if own_v_tile else None]
     scratch.append(plgpu.SMEM((q_buffers, 2, _WG_ROWS), jnp.float32) if split_blocks else None)  # merge_ml
+    scratch.append(out_buffer)
     call = plgpu.kernel(
         kernel,
         out_type=out_shape,
@@ -694,6 +732,8 @@ def ragged_paged_attention(
     if config is None:
         group = q.shape[1] // k_pages.shape[2]
         config = default_config(q.shape[0], kv_lens.shape[0], fp8_pages=is_fp8(k_pages.dtype), group=group)
+    if config.fp8_qk and not is_fp8(k_pages.dtype):
+        raise ValueError(f"config.fp8_qk needs fp8 pages (float8_e4m3fn, float8_e5m2), got {k_pages.dtype}")
     return _attention_call(
         q,
         k_pages,

@@ -44,6 +44,10 @@ class RaggedPagedAttentionConfig:
     # tiles (`split_table`), so a padded bucket (1 live row of 16) splits as its live rows need
     # rather than as its R rows would. Outputs are sized for the most splits (one live row).
     dynamic_splits: bool = False
+    # fp8 pages only: q is quantized to float8_e4m3fn (one scale per call) and Q.K^T runs in fp8
+    # straight from the ring (K^T is K-major, as 8-bit wgmma operands must be), so only V is widened.
+    # A ValueError with 16-bit pages.
+    fp8_qk: bool = False
 
     def __post_init__(self):
         if self.block_kv % 64 or self.block_kv <= 0:

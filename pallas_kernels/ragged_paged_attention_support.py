@@ -57,14 +57,18 @@ def shared_memory_bytes(
     V rings (of kv_itemsize; default itemsize), P's buffer (unless P stays in registers), the split
     log-sum-exp rows (counted always: splits are picked per batch), with 8-bit pages the widened
     16-bit tiles (K and V per warpgroup, or one per warpgroup for both when two warpgroups share
-    q-row tiles), split_blocks' merge rows, and the barriers (8 bytes each). Each buffer takes
-    whole KiB (Pallas rounds every scratch allocation up to 1024 bytes)."""
+    q-row tiles), split_blocks' merge rows, and the barriers (8 bytes each). fp8_qk: q's buffers in
+    8 bits (its 64-row tiles only) beside 16-bit output buffers, and no K tile of its own. Each
+    buffer takes whole KiB (Pallas rounds every scratch allocation up to 1024 bytes)."""
     kv_itemsize = kv_itemsize or itemsize
     wgs, stages = config.compute_warpgroups, config.num_stages
     block_kv = max(page_size, config.block_kv)
     q_buffers = 1 if config.num_programs == 0 else 2
+    fp8_qk = config.fp8_qk and kv_itemsize == 1
+    row_tiles = 1 if config.split_blocks else wgs
     buffers = [
-        q_buffers * wgs * _WG_ROWS * head_dim * itemsize,  # q / out
+        q_buffers * wgs * _WG_ROWS * head_dim * itemsize,  # q / out (fp8_qk: out)
+        q_buffers * row_tiles * _WG_ROWS * head_dim if fp8_qk else 0,  # fp8_qk: q in 8 bits
         stages * block_kv * head_dim * kv_itemsize,  # K ring
         stages * block_kv * head_dim * kv_itemsize,  # V ring
         0 if config.p_from_registers else wgs * _WG_ROWS * block_kv * itemsize,  # P
@@ -72,7 +76,8 @@ def shared_memory_bytes(
     ]
     if kv_itemsize == 1:  # widened 16-bit tiles: K's, and V's own where a warpgroup has its own chain
         tile = wgs * block_kv * head_dim * itemsize
-        buffers += [tile, tile if wgs == 1 or config.split_blocks else 0]
+        own_v = wgs == 1 or config.split_blocks
+        buffers += [0 if fp8_qk and own_v else tile, tile if own_v else 0]
     if config.split_blocks:
         buffers.append(q_buffers * 2 * _WG_ROWS * 4)  # merge rows (m, l)
     barriers = 8 * (4 * stages + 7)  # k/v full and free per stage; q full and free, merged x 2; sched
