@@ -2,15 +2,16 @@
 the K ring, only V widened. Pallas GPU interpret mode on the CPU (every output NaN-filled first), and
 the Mosaic GPU lowering for sm_90 (where 8-bit wgmma's layout and transpose rules apply).
 
-Each case is held to two references on the same fp8 pages (scales != 1, bf16 q), relative (norm):
-- the reference fed the kernel's own dequantized q (q8 * q_scale): only P's and the output's
-  rounding differ, so the bf16 kernel tolerance, 1e-2; measured 2.1e-4..1.7e-3 (this catches the
-  kernel's mistakes);
-- the reference fed q itself: fp8 q's cost on top (e4m3 rounds q to 2^-4 relative). Measured
-  (standard normal q, K, V): decode 3.0e-3..6.2e-3, mixed batches 1.7e-2..2.0e-2 (prefill rows that
-  see few keys average fewer score errors away), so 3e-2; heads 1/64..4 apart 2.8e-2, so 4e-2. A one-off
-  run of the reference with per-(token, head) q scales measured the same (decode 2.8e-3..6.0e-3,
-  mixed 1.7e-2..1.9e-2, unlike heads 3.3e-2): the error is the format's, not the one scale's.
+Each case is held to the reference on the same fp8 pages (scales != 1, bf16 q), relative errors:
+- against the reference fed the kernel's own dequantized q (q8 * q_scale), over the batch: only P's
+  and the output's rounding differ, so the bf16 kernel tolerance, 1e-2; measured 2.1e-4..1.7e-3
+  (this is what catches the kernel's mistakes);
+- against the reference fed q itself: fp8 q's cost on top. e4m3 rounds q by 2.6% relative (norm),
+  which the scores inherit, and the probabilities with them (score std ~1 here: standard normal q,
+  K, V at sm_scale H^-1/2). One token's error measured 2.4e-2..3.2e-2 at most per case, held to
+  4e-2; over the batch 3.0e-3..2.0e-2, held to 3e-2 (a 1-key row is exact and weighs most in the
+  norm, so decode batches read lower). The reference on q quantized with a scale per (token, head)
+  measured the same (2.8e-3..1.9e-2): the error is the format's, not the one scale's.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import RaggedPagedAttentionConfig, ragged_paged_attention, ragged_paged_attention_reference
+from pallas_kernels.kv_quant import quantize
 from pallas_kernels.ragged_paged_attention_config import DECODE_CONFIG, FP8_DECODE_CONFIG, PREFILL_CONFIG
 from pallas_kernels.ragged_paged_attention_support import shared_memory_bytes
 from tests.kernels.test_fp8_kv_cache import E4M3, E5M2, fp8_batch
@@ -72,7 +74,10 @@ CASES = [
 
 
 def run_fp8_qk(case, fmt, q_lens, kv_lens, group, head_dim, page_size, config, head_gain=None):
-    """(error against the reference on the kernel's dequantized q, error against it on q itself)."""
+    """The kernel's errors (relative, norm over the batch's tokens): against the reference on its own
+    dequantized q (own_q) and on q itself (plain_q); the largest of one token's against the latter
+    (token_max); and, for comparison, the reference's own on q quantized with a scale per (token, head)
+    (per_row_scales)."""
     args, _ = fp8_batch(
         case, fmt, q_lens=q_lens, kv_lens=kv_lens, group=group, head_dim=head_dim, page_size=page_size, **SCALES
     )
@@ -83,30 +88,44 @@ def run_fp8_qk(case, fmt, q_lens, kv_lens, group, head_dim, page_size, config, h
     out = np.asarray(ragged_paged_attention(**args, **SCALES, sm_scale=scale, config=config, interpret=True))
     total = sum(q_lens)
     assert np.all(out[total:] == 0), "padding tokens must output zero"
-    valid = jnp.arange(args["q"].shape[0]) < total
-    q8, q_scale = rpa._quantize_q(jnp.asarray(args["q"]).astype(jnp.float16), valid)  # as the wrapper does
-    dequantized = dict(args, q=np.asarray(q8.astype(jnp.float32) * q_scale))
-    errs = []
-    for ref_args in (dequantized, args):
-        ref = np.asarray(ragged_paged_attention_reference(**ref_args, **SCALES, sm_scale=scale), np.float32)
-        errs.append(rel_err(out[:total].astype(np.float32), ref[:total]))
-    return errs
+    q16 = jnp.asarray(args["q"]).astype(jnp.float16)
+    q8, q_scale = rpa._quantize_q(q16, jnp.arange(q16.shape[0]) < total)  # as the wrapper does
+    row_scale = jnp.maximum(jnp.abs(q16.astype(jnp.float32)).max(-1, keepdims=True), 1e-30) / 448
+    q8_rows = quantize(q16, row_scale, jnp.float8_e4m3fn)
+
+    def reference(q):
+        out = ragged_paged_attention_reference(**dict(args, q=np.asarray(q)), **SCALES, sm_scale=scale)
+        return np.asarray(out, np.float64)[:total]
+
+    own, plain = reference(q8.astype(jnp.float32) * q_scale), reference(args["q"])
+    out = out[:total].astype(np.float64)
+    per_token = np.linalg.norm((out - plain).reshape(total, -1), axis=1) / np.linalg.norm(
+        plain.reshape(total, -1), axis=1
+    )
+    return dict(
+        own_q=rel_err(out, own),
+        plain_q=rel_err(out, plain),
+        token_max=float(per_token.max()),
+        per_row_scales=rel_err(reference(q8_rows.astype(jnp.float32) * row_scale), plain),
+    )
 
 
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_fp8_qk_matches_reference(case):
-    own_q, plain_q = run_fp8_qk(case, *CASES[case])
-    assert own_q <= 1e-2
-    assert plain_q <= 3e-2
+    err = run_fp8_qk(case, *CASES[case])
+    assert err["own_q"] <= 1e-2
+    assert err["plain_q"] <= 3e-2
+    assert err["token_max"] <= 4e-2
 
 
 def test_fp8_qk_heads_of_unlike_magnitude():
-    """One scale for all of q: heads 1/64..4 times the others' size keep their relative precision (fp8
-    has an exponent), so the error stays the format's, not a per-tensor scale's."""
+    """One scale for all of q, heads 1/64..4 times the others' size: fp8 has an exponent, so small
+    heads keep their relative precision and the error is the format's, no worse than with a scale per
+    (token, head) (measured 2.8e-2 against 3.3e-2; the 4x heads' sharper softmax costs the most)."""
     gain = np.exp2(np.linspace(-6, 2, 8)).astype(np.float32)
-    own_q, plain_q = run_fp8_qk(3, E4M3, [1, 1, 5], [300, 33, 80], 4, 64, 16, SMALL, head_gain=gain)
-    assert own_q <= 1e-2
-    assert plain_q <= 4e-2
+    err = run_fp8_qk(3, E4M3, [1, 1, 5], [300, 33, 80], 4, 64, 16, SMALL, head_gain=gain)
+    assert err["own_q"] <= 1e-2
+    assert err["plain_q"] <= 1.25 * err["per_row_scales"]
 
 
 def test_fp8_qk_needs_fp8_pages():
