@@ -56,11 +56,15 @@ def main() -> None:
         if not padded:
             raise SystemExit(f"{args.buckets} holds no --padded-batches cases")
         ax = axes[0][1]
-        groups = sorted({(c["live_rows"], c["bucket"], c["pages"]) for c in padded})
-        for live, bucket, pages in groups:
-            cases = [c for c in padded if (c["live_rows"], c["bucket"], c["pages"]) == (live, bucket, pages)]
+
+        def group_of(c):  # bench_decode_buckets --fp8-qk rows: lines of their own
+            return c["live_rows"], c["bucket"], c["pages"], c.get("fp8_qk", False)
+
+        for live, bucket, pages, fp8_qk in sorted({group_of(c) for c in padded}):
+            cases = [c for c in padded if group_of(c) == (live, bucket, pages, fp8_qk)]
             timed = sorted((c["splits"], c["us"]) for c in cases if isinstance(c["splits"], int))
-            (line,) = ax.plot(*zip(*timed), "o-", label=f"{live} live of {bucket} rows, {pages}")
+            label = f"{live} live of {bucket} rows, {pages}" + (", QK in fp8" if fp8_qk else "")
+            (line,) = ax.plot(*zip(*timed), "o-", label=label)
             for c in cases:  # the count the kernel picks: a star (older files: a dotted line, count not recorded)
                 if c["splits"] in ("auto", "dynamic"):  # no count on the axis: a level
                     style = ":" if c["splits"] == "auto" else "-."
