@@ -70,6 +70,8 @@ CASES = [
         64,
         dataclasses.replace(SPLIT, num_programs=3, kv_splits=2),
     ),
+    # decode, split_blocks, the split count picked on the device from the live rows (dynamic_splits)
+    (E4M3, [1, 1, 1], [700, 1, 257], 4, 64, 16, dataclasses.replace(SPLIT, dynamic_splits=True)),
 ]
 
 
@@ -161,6 +163,7 @@ def lowered(config, fmt, head_dim, rows):
         (dataclasses.replace(FP8_DECODE_CONFIG, kv_splits=1), 64),
         (dataclasses.replace(DECODE_CONFIG, kv_splits=4), 64),  # one compute warpgroup
         (PREFILL_CONFIG, 4),  # ping-pong, persistent
+        (dataclasses.replace(FP8_DECODE_CONFIG, dynamic_splits=True), 64),  # the split count picked on the device
     ],
 )
 def test_fp8_qk_lowers_for_hopper(config, rows, head_dim, fmt):
