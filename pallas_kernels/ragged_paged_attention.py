@@ -515,7 +515,7 @@ def _quantize_q(q, valid):
     its softmax (tests/kernels/test_fp8_qk.py measured per-row scales no better)."""
     amax = jnp.max(jnp.where(valid[:, None, None], jnp.abs(q.astype(jnp.float32)), 0.0))
     top = float(jnp.finfo(jnp.float8_e4m3fn).max)
-    q_scale = jnp.maximum(amax, jnp.finfo(jnp.float32).tiny) / top
+    q_scale = jnp.maximum(amax / top, jnp.finfo(jnp.float32).tiny)  # floored after the division: no 0 / 0 at q = 0
     return quantize(q, q_scale, jnp.float8_e4m3fn), q_scale
 
 

@@ -205,8 +205,8 @@ def split_table(
     sees, within the grid its count launches for the full bucket's num_tiles (the fill rule is not
     monotone in L, e.g. 9 blocks, 8 kv heads: 12 rows pick 1 split, 20 rows 3, and a grid sized for
     the most programs of any L would launch 1416 programs, mostly idle, where a full 64-row bucket
-    launches 512). Entry 1 (one live tile) is the most splits: it sizes the kernel's outputs. The
-    wrapper indexes it by live_tiles on the device."""
+    launches 544: `max_tiles` 68 x 8 kv heads x 1 split). Entry 1 (one live tile) is the most splits:
+    it sizes the kernel's outputs. The wrapper indexes it by live_tiles on the device."""
     full = kv_splits_for(config, num_tokens, num_rows, num_kv_heads, table_pages, page_size, num_programs, group=group)
     max_kv_blocks = _kv_blocks(config, table_pages, page_size)
     max_programs = num_tiles * num_kv_heads * full

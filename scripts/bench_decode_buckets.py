@@ -19,8 +19,6 @@ count it picks (`picked`: true) and at each of --splits, on bf16 and fp8 pages, 
 a half-empty bucket needs can be read off. --dynamic adds the picked config with dynamic_splits
 (`splits`: "dynamic"), the count picked on the device from the live rows. Times are of the whole
 call (the wrapper's q gather and split combine included), as bench_kernels times it.
-a half-empty bucket needs can be read off. Times are of the whole call (the wrapper's q gather and
-split combine included), as bench_kernels times it.
 
 --fp8-qk: on fp8 pages also the fp8 decode config with Q.K^T in fp8 (`fp8_qk`: q quantized to e4m3,
 K multiplied from the ring, only V widened): config `decode_config_fp8_qk` in the cases above, rows

@@ -39,7 +39,7 @@ E4M3, E5M2 = ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2
 FORMAT_TOL = {E4M3: 0.04, E5M2: 0.08}  # fp8 attention vs f32 attention on the unquantized K/V
 
 
-def fp8_batch(seed, fmt, *, q_lens, kv_lens, group, head_dim, page_size, k_scale, v_scale, num_kv_heads=2):
+def fp8_batch(seed, fmt, *, q_lens, kv_lens, group, head_dim, page_size, k_scale, v_scale, num_kv_heads=2, **pad):
     """A random ragged batch (padding rows and tokens included) whose pages are quantized to `fmt`;
     also the unquantized f32 pages."""
     rng = np.random.default_rng(seed)
@@ -51,6 +51,7 @@ def fp8_batch(seed, fmt, *, q_lens, kv_lens, group, head_dim, page_size, k_scale
         num_kv_heads=num_kv_heads,
         head_dim=head_dim,
         page_size=page_size,
+        **pad,  # pad_rows, pad_tokens
     )
     exact = dict(args)
     args["k_pages"] = np.asarray(quantize(jnp.asarray(args["k_pages"]), k_scale, fmt))

@@ -31,7 +31,7 @@ from pallas_kernels.kv_quant import quantize
 from pallas_kernels.ragged_paged_attention_config import DECODE_CONFIG, FP8_DECODE_CONFIG, PREFILL_CONFIG
 from pallas_kernels.ragged_paged_attention_support import shared_memory_bytes
 from tests.kernels.test_fp8_kv_cache import E4M3, E5M2, fp8_batch
-from tests.kernels.test_ragged_paged_attention_kernel import SMALL, SPLIT, rel_err
+from tests.kernels.test_ragged_paged_attention_kernel import DYNAMIC, DYNAMIC_ROWS, SMALL, SPLIT, rel_err
 
 rpa = importlib.import_module("pallas_kernels.ragged_paged_attention")  # the package exports its function
 Config = RaggedPagedAttentionConfig
@@ -70,9 +70,11 @@ CASES = [
         64,
         dataclasses.replace(SPLIT, num_programs=3, kv_splits=2),
     ),
-    # decode, split_blocks, the split count picked on the device from the live rows (dynamic_splits)
-    (E4M3, [1, 1, 1], [700, 1, 257], 4, 64, 16, dataclasses.replace(SPLIT, dynamic_splits=True)),
+    # decode, 9 live rows of a 16-row bucket, the split count picked on the device from the live rows
+    # (dynamic_splits: 6 splits where the outputs hold 8, so the combine masks shares)
+    (E4M3, [1] * 9, [1000, 70, 1, 300, 129, 64, 999, 17, 640], 2, 64, 16, DYNAMIC),
 ]
+PADDED = {len(CASES) - 1: DYNAMIC_ROWS}  # case -> bucket rows and tokens (else random_batch's padding)
 
 
 def run_fp8_qk(case, fmt, q_lens, kv_lens, group, head_dim, page_size, config, head_gain=None):
@@ -80,10 +82,14 @@ def run_fp8_qk(case, fmt, q_lens, kv_lens, group, head_dim, page_size, config, h
     dequantized q (own_q) and on q itself (plain_q); the largest of one token's against the latter
     (token_max); and, for comparison, the reference's own on q quantized with a scale per (token, head)
     (per_row_scales)."""
+    bucket = PADDED.get(case)
+    pad = {} if bucket is None else dict(pad_rows=bucket - len(q_lens), pad_tokens=bucket - sum(q_lens))
     args, _ = fp8_batch(
-        case, fmt, q_lens=q_lens, kv_lens=kv_lens, group=group, head_dim=head_dim, page_size=page_size, **SCALES
+        case, fmt, q_lens=q_lens, kv_lens=kv_lens, group=group, head_dim=head_dim, page_size=page_size, **SCALES, **pad
     )
     q = args["q"] if head_gain is None else args["q"] * head_gain[:, None]
+    q = np.array(q)
+    q[sum(q_lens) :] = 6e4  # padding tokens' q: were it in q's scale, the live q would fall to e4m3's subnormals
     args["q"] = q.astype(ml_dtypes.bfloat16)
     scale = head_dim**-0.5
     config = dataclasses.replace(config, fp8_qk=True)

@@ -333,7 +333,7 @@ def test_split_table_picks_more_splits_for_fewer_live_rows():
     lives = np.arange(len(table))
     assert (lives * 2 * table).max() <= (len(table) - 1) * 2 * static
     # a full 64-row bucket at kv 1088 (9 blocks of 128), 8 kv heads: the fill rule alone would pick
-    # 3 splits at 20 live rows (480 programs) and 1 at 12; the grid cap keeps every count within 512
+    # 3 splits at 20 live rows (480 programs) and 1 at 12; the grid cap keeps every count within the full bucket's 544 (68 tiles x 8 kv heads)
     tiles = max_tiles(64, 64, 4, 64)
     table = split_table(DECODE_CONFIG, 64, 64, 8, 1088 // 16, 16, 132, group=4, num_tiles=tiles)
     assert table[1] == 3 and table[64] == 1 and (np.arange(tiles + 1) * 8 * table).max() <= tiles * 8
