@@ -526,13 +526,14 @@ def _attention_call(
     _, page_size, num_kv_heads, _ = k_pages.shape
     num_rows = page_table.shape[0]
     out_dtype, out_scale = q.dtype, None
+    valid = jnp.arange(num_tokens) < cu_q_lens[num_seqs[0]]  # live tokens; past them, padding
     if is_fp8(k_pages.dtype) and q.dtype.itemsize == 2:  # f16 inside (the module's docstring says why)
         top = float(jnp.finfo(jnp.float16).max)
         q = jnp.clip(q, -top, top).astype(jnp.float16)
         v_scale, out_scale = jnp.float32(1), v_scale
     fp8_qk = config.fp8_qk
     if fp8_qk:  # q's scale joins K's on the scores: (q8 q_scale) . (k8 k_scale)
-        q8, q_scale = _quantize_q(q, jnp.arange(num_tokens) < cu_q_lens[num_seqs[0]])
+        q8, q_scale = _quantize_q(q, valid)
         k_scale = k_scale * q_scale
     group = num_heads // num_kv_heads
     num_wgs = config.compute_warpgroups
@@ -646,8 +647,8 @@ def _attention_call(
         scratch.append(plgpu.SMEM((num_wgs, _WG_ROWS), jnp.float32))
     tile = plgpu.SMEM((num_wgs, block_kv, head_dim), q.dtype, transforms=transforms)
     # K's tile (V's too where V has none); fp8_qk widens no K, so keeps it only for a V without its own
-    k_tile = widen and not (fp8_qk and own_v_tile)
-    scratch += [tile if k_tile else None, tile if own_v_tile else None]
+    kv_tile = widen and not (fp8_qk and own_v_tile)  # the kernel's kv_tile
+    scratch += [tile if kv_tile else None, tile if own_v_tile else None]
     scratch.append(plgpu.SMEM((q_buffers, 2, _WG_ROWS), jnp.float32) if split_blocks else None)  # merge_ml
     scratch.append(out_buffer)
     call = plgpu.kernel(
@@ -690,7 +691,6 @@ def _attention_call(
     if out_scale is not None:
         out = out.astype(jnp.float32) * out_scale
     out = rows_to_tokens(out.astype(out_dtype), num_tokens, num_heads)
-    valid = jnp.arange(num_tokens) < cu_q_lens[num_seqs[0]]
     return jnp.where(valid[:, None, None], out, jnp.zeros((), out_dtype))  # rows nobody wrote: padding tokens
 
 
