@@ -4,7 +4,8 @@
         -> bucket plan (every step shape) -> step workspace (measured once per model, plan and
            code version; then read from the cache folder) -> KV pages (memory_plan.py)
         -> ModelRunner -> warm-up: every shape compiled (or loaded from the executable cache)
-           and run once -> Scheduler over the same pages
+           and run once -> Scheduler over the same pages -> the start-up heap frozen for the
+           garbage collector (gc_settings.py)
 
 Logged as it goes: the plan, the workspace, the KV cache, the warm-up's phases.
 """
@@ -22,7 +23,7 @@ from jax.sharding import Mesh
 
 from jaxserve.config import EngineConfig
 from jaxserve.default_model import DEFAULT_MODEL_NAME, default_cache_dir, is_gguf, resolve_model
-from jaxserve.engine import compile_counter
+from jaxserve.engine import compile_counter, gc_settings
 from jaxserve.engine.attention_choice import DeviceInfo, choose_attention_impl
 from jaxserve.engine.buckets import BucketPlan
 from jaxserve.engine.executable_cache import ExecutableCache
@@ -49,6 +50,7 @@ class EngineParts:
 def build_engine(
     config: EngineConfig, *, model=None, tokenizer=None, processors=(), progress: bool = True, log: Callable = print
 ) -> EngineParts:
+    gc_settings.thaw()
     t0 = time.perf_counter()
     model, tokenizer = build_model_and_tokenizer(config, model, tokenizer, progress=progress, log=log)
     log(f"model and tokenizer ready in {time.perf_counter() - t0:.1f} s")
@@ -117,6 +119,7 @@ def build_engine(
         SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, max_model_len),
         KVPageManager(num_pages, config.page_size, enable_caching=config.enable_prefix_caching),
     )
+    log(gc_settings.freeze_startup_heap())
     return EngineParts(
         tokenizer,
         model.config,
