@@ -32,6 +32,7 @@ import msgspec
 import zmq
 
 from jaxserve.config import DistributedConfig, EngineConfig
+from jaxserve.engine import gc_settings
 from jaxserve.engine.core_process import ProcessSpec
 from jaxserve.engine.input_processor import InputProcessor, PreparedRequest, Prompt
 from jaxserve.engine.messages import (
@@ -174,6 +175,7 @@ class EngineCoreClient:
     # -- start-up -------------------------------------------------------------------------------
     async def start(self, timeout: float | None = None) -> RemoteEngine:
         """Spawns the engine process and waits until it is ready (model loaded, warmed up)."""
+        gc_settings.thaw()
         config = dataclasses.asdict(self.config)
         if config["cache_dir"] is not None:
             config["cache_dir"] = str(config["cache_dir"])
@@ -199,6 +201,7 @@ class EngineCoreClient:
             from jaxserve.tokenizer import load_tokenizer
 
             tokenizer = await asyncio.to_thread(load_tokenizer, first.tokenizer_folder)
+        self.log(gc_settings.freeze_startup_heap())  # this process streams every token too
         return RemoteEngine(first, tokenizer, self)
 
     def _wait_first_message(self, timeout: float | None) -> Ready | StartupFailed:

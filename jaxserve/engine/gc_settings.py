@@ -1,5 +1,6 @@
 """Python's garbage collector, set for the step loop: thawed as an engine's start-up begins,
-frozen and retuned as it ends (startup.build_engine).
+frozen and retuned as it ends (startup.build_engine; and in the API server's process, which
+streams every token, as its engine process reports ready: core_client.py).
 
 Two costs it removes (bench_host on the 2-core CPU, 256 decode rows, 2026-12-07):
 - A full collection walks everything start-up left alive (JAX, transformers, the model): 223 ms,
