@@ -536,9 +536,9 @@ class ModelRunner:
         """The logprobs of the prompt tokens this step computed, for the requests that asked."""
         batch, out = self.input_batch, step.output
         staged = step.staged
-        wanted = staged.wants_prompt_logprobs & staged.current(batch.generation)  # the prompt is still there
-        if not wanted.any():
+        if not staged.wants_prompt_logprobs.any():  # (most steps: no rows to check)
             return {}
+        wanted = staged.wants_prompt_logprobs & staged.current(batch.generation)  # the prompt is still there
         seq_rows, targets, owners = [], [], []
         offsets = np.concatenate([[0], np.cumsum(out.num_scheduled_tokens)])
         for i in np.flatnonzero(wanted):
