@@ -2,7 +2,8 @@
 
     execute(SchedulerOutput):  input_batch.apply (rows freed, filled, pages appended)
         -> input_batch.stage (numpy over the step's rows, into one packed int32 buffer, padded
-           to a bucket) -> one transfer -> model program -> sampler program   [returns at once]
+           to a bucket) -> model program -> sampler program, both given that buffer (one
+           device_put first on a mesh)                                        [returns at once]
     read_back(InFlightStep):   wait -> one copy back -> ModelRunnerOutput (a token per grant,
         logprobs where asked), the tokens also kept in the input batch's rows
 
