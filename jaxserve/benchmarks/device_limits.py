@@ -90,3 +90,35 @@ def matmul_rate(n: int = 8192) -> float:
     n = min(n, 2048)  # a CPU
     a = jnp.ones((n, n), jnp.bfloat16)
     return 2 * n**3 / _time_jax(jax.jit(lambda x: x @ x), a)
+
+
+def copy_seconds(nbytes: int, copies: int = 1) -> float:
+    """Seconds of one device-to-device copy of `nbytes` (it reads nbytes and writes as many), the
+    copies taking turns over `copies` source buffers so that, with enough of them, a small source
+    is not still in the L2 cache from its last turn. PyTorch's copy_ where it sees a GPU, else JAX
+    (a + 0 on uint8 buffers, chained in one jit). Median of 10 timed rounds after a warm-up."""
+    torch = _torch_cuda()
+    if torch is not None:
+        srcs = [torch.empty(nbytes, dtype=torch.uint8, device="cuda") for _ in range(copies)]
+        dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+
+        def round_():
+            for src in srcs:
+                dst.copy_(src)
+
+        seconds = _time_torch(torch, round_) / copies
+        del srcs, dst
+        torch.cuda.empty_cache()
+        return seconds
+    import jax
+    import jax.numpy as jnp
+
+    srcs = [jnp.full((nbytes,), i, jnp.uint8) for i in range(copies)]
+    run = jax.jit(lambda srcs: [s + jnp.uint8(0) for s in srcs])  # each output a buffer of its own
+    jax.block_until_ready(run(srcs))
+    times = []
+    for _ in range(10):
+        t0 = time.perf_counter()
+        jax.block_until_ready(run(srcs))
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)) / copies

@@ -38,3 +38,36 @@ def rel_err(out, ref) -> float:
     """||out - ref|| / ||ref|| (Frobenius, in f64); nan if out holds a non-finite value."""
     out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
     return float(np.linalg.norm(out - ref) / np.linalg.norm(ref)) if np.all(np.isfinite(out)) else float("nan")
+
+
+def time_rotating(fn, x, operand_sets, repeats: int = 5) -> float:
+    """Median seconds per call of fn(x, *operand_sets[i]) for every i, chained in one jit: each call's
+    x depends on the last output through a 0 XLA cannot know. Each operand set is used once per run,
+    so XLA cannot share work on it between calls (a weight's convert, say), and, given sets whose
+    bytes add up to several times the L2 cache, no call finds its operands still cached. fn is
+    jitted first, so it is traced and lowered once however many calls the chain has."""
+    fn = jax.jit(fn)
+
+    def chain(x, *sets):
+        out = None
+        for operands in sets:
+            if out is not None:
+                x = x + (out.reshape(-1)[0].astype(jnp.float32) > 3e38).astype(x.dtype)
+            out = fn(x, *operands)
+        return out
+
+    run = jax.jit(chain)
+    jax.block_until_ready(run(x, *operand_sets))
+    jax.block_until_ready(run(x, *operand_sets))
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(run(x, *operand_sets))
+        times.append((time.perf_counter() - t) / len(operand_sets))
+    return statistics.median(times)
+
+
+def max_rel_err(out, ref) -> float:
+    """max |out - ref| / max |ref| (in f64); nan if out holds a non-finite value."""
+    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+    return float(np.max(np.abs(out - ref)) / np.max(np.abs(ref))) if np.all(np.isfinite(out)) else float("nan")
