@@ -4,11 +4,12 @@ streams every token, as its engine process reports ready: core_client.py).
 
 Two costs it removes (bench_host on the 2-core CPU, 256 decode rows, 2026-12-07):
 - A full collection walks everything start-up left alive (JAX, transformers, the model): 223 ms,
-  once every few hundred steps, a stall every running request waits on. gc.freeze() moves that
+  once in 460 steps at 256 rows, a stall every running request waits on. gc.freeze() moves that
   heap out of the collector's reach.
 - A youngest-generation collection (~55 us) nearly every step: a step's short-lived containers
   (outputs, their lists) pass Python's default threshold of 700 live allocations before they are
-  freed. YOUNG_THRESHOLD is above a step's peak at thousands of rows.
+  freed. A streamed token makes ~4 of them (two output objects, two lists), so YOUNG_THRESHOLD
+  leaves room for ~5,000 rows (at 256 rows a threshold of 5,000 left 2 collections in 460 steps).
 
 Frozen objects are never collected, so a reference cycle among them that becomes garbage (an
 engine dropped by a test) stays until the next engine's start-up thaws the heap and collects it.
