@@ -24,17 +24,16 @@ def restore_gc():
     gc.set_threshold(*threshold)
 
 
-def engine() -> LLMEngine:
+def engine(log=lambda *_: None) -> LLMEngine:
     config = EngineConfig(max_num_seqs=4, max_num_batched_tokens=16, page_size=4, num_kv_pages=32, max_model_len=64)
-    return LLMEngine(config, model=SumModel(V), progress=False, log=lambda *_: None)
+    return LLMEngine(config, model=SumModel(V), progress=False, log=log)
 
 
 def test_start_up_freezes_its_heap_and_raises_the_young_threshold():
     gc.unfreeze()
     gc.set_threshold(700, 10, 10)
     lines = []
-    config = EngineConfig(max_num_seqs=4, max_num_batched_tokens=16, page_size=4, num_kv_pages=32, max_model_len=64)
-    LLMEngine(config, model=SumModel(V), progress=False, log=lines.append)
+    engine(log=lines.append)
     assert gc.get_freeze_count() > 0
     assert gc.get_threshold() == (gc_settings.YOUNG_THRESHOLD, 10, 10)
     assert any(line.startswith("garbage collector:") and "frozen" in line for line in lines)
