@@ -72,7 +72,7 @@ range is clipped to f16's; f16 keeps more of the mantissa), the kernel writes th
 pages' own units (|x| <= the format's largest value, which f16 holds), and the wrapper applies the
 V scale in f32 and casts back to q's dtype. The K scale costs one multiply per score.
 
-With `fp8_qk` (opt-in) the wrapper quantizes q to float8_e4m3fn with one scale (folded into K's on
+With `fp8_qk` (fp8 decode's default, FP8_DECODE_CONFIG; prefill keeps 16-bit Q.K^T) the wrapper quantizes q to float8_e4m3fn with one scale (folded into K's on
 the scores) and Q.K^T multiplies q's fp8 buffer by the ring's K stage itself (K^T is K-major: no
 widening, the stage freed after the wgmma as with 16-bit pages); only V is widened. The output,
 and split_blocks' merge, then stage in a 16-bit buffer of their own, where q's would be.
@@ -139,7 +139,8 @@ def _kernel(
     kv_lens_ref,
     page_table_ref,
     cu_q_lens_ref,  # [R], [R, P_max], [R+1]
-    scales_ref,  # [2] f32: k_scale (fp8_qk: times q's scale), v_scale
+    k_scale_ref,  # [1] f32 (fp8_qk: times q's scale)
+    v_scale_ref,  # [1] f32
     splits_ref,  # [1] int32: the split count, read only with dynamic_splits (else num_splits)
     q_ref,
     k_ref,
@@ -303,8 +304,8 @@ def _kernel(
         if acc_in_place and num_wgs > 1:
             plgpu.set_max_registers(232, action="increase")
         layout = plgpu.Layout.WGMMA
-        score_scale = scales_ref[0] * scale_log2  # softmax in base 2; K's scale on the scores
-        v_scale = scales_ref[1]
+        score_scale = k_scale_ref[0] * scale_log2  # softmax in base 2; K's scale on the scores
+        v_scale = v_scale_ref[0]
 
         def item_body(r, count):
             it = item(r)
@@ -677,7 +678,9 @@ def _attention_call(
         kv_lens,
         page_table,
         cu_q_lens,
-        jnp.stack([k_scale, v_scale]).astype(jnp.float32),
+        # two operands, not one stacked: a reshape is free, a stack is a kernel a layer
+        k_scale.reshape(1),
+        v_scale.reshape(1),
         splits,
         qg,
         k_pages,
@@ -731,7 +734,8 @@ def ragged_paged_attention(
         raise ValueError(f"page size (k_pages.shape[1]) must be a multiple of 8 up to 256, got {page_size}")
     if config is None:
         group = q.shape[1] // k_pages.shape[2]
-        config = default_config(q.shape[0], kv_lens.shape[0], fp8_pages=is_fp8(k_pages.dtype), group=group)
+        fp8_pages = is_fp8(k_pages.dtype)
+        config = default_config(q.shape[0], kv_lens.shape[0], group=group, fp8_pages=fp8_pages, page_size=page_size)
     if config.fp8_qk and not is_fp8(k_pages.dtype):
         raise ValueError(f"config.fp8_qk needs fp8 pages (float8_e4m3fn, float8_e5m2), got {k_pages.dtype}")
     return _attention_call(

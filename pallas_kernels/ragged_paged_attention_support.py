@@ -18,9 +18,9 @@ Compiled (Mosaic GPU) the kernel needs:
                             head_dim 64 with any page size above, head_dim 128 with S <= 128;
                             head_dim 192 and 256 never fit with DECODE_CONFIG / PREFILL_CONFIG;
                             fp8 pages halve the ring and add 16-bit tiles per compute
-                            warpgroup: K and V (decode: FP8_DECODE_CONFIG, two warpgroups
-                            splitting the blocks), one for both (prefill); head_dim 128 with
-                            S <= 128 fits
+                            warpgroup: V (decode: FP8_DECODE_CONFIG, two warpgroups
+                            splitting the blocks, Q.K^T in fp8), one for both (prefill);
+                            head_dim 128 with S <= 128 fits
 Interpret mode (any backend; tests) needs only the dtype (float32 too), head_dim and page size.
 `ragged_paged_attention` itself checks the dtype, head_dim and page size when called; the shared
 memory it finds too big only when Mosaic GPU lowers it (tests/engine/test_attention_choice.py
@@ -34,9 +34,9 @@ import jax.numpy as jnp
 from pallas_kernels.kv_quant import is_fp8
 from pallas_kernels.ragged_paged_attention_config import (
     DECODE_CONFIG,
-    FP8_DECODE_CONFIG,
     PREFILL_CONFIG,
     RaggedPagedAttentionConfig,
+    fp8_decode_config,
 )
 
 COMPILED_DTYPES = ("bfloat16", "float16")
@@ -45,8 +45,11 @@ HOPPER_SMEM_BYTES = 227 * 1024  # shared memory one thread block may use on sm_9
 MAX_HEAD_DIM = 256
 MAX_PAGE_SIZE = 256
 _WG_ROWS = 64  # query rows per compute warpgroup (ragged_paged_attention._WG_ROWS)
-_CONFIGS = (DECODE_CONFIG, PREFILL_CONFIG)  # what `default_config` picks from: 16-bit pages
-_FP8_CONFIGS = (FP8_DECODE_CONFIG, PREFILL_CONFIG)  # and fp8 pages
+
+
+def _configs(page_size: int, fp8_pages: bool) -> tuple[RaggedPagedAttentionConfig, ...]:
+    """What `default_config` picks from for these pages."""
+    return (fp8_decode_config(page_size) if fp8_pages else DECODE_CONFIG, PREFILL_CONFIG)
 
 
 def shared_memory_bytes(
@@ -87,7 +90,7 @@ def shared_memory_bytes(
 def _blocks_fit(page_size: int) -> bool:
     """The K/V block of max(S, block_kv) tokens is a whole number of pages and a multiple of 64 (the
     PV wgmma's K, one swizzled row of 16-bit values), for each config picked by shape."""
-    configs = _CONFIGS + _FP8_CONFIGS
+    configs = _configs(page_size, fp8_pages=False) + _configs(page_size, fp8_pages=True)
     return all(max(page_size, c.block_kv) % page_size == 0 and max(page_size, c.block_kv) % 64 == 0 for c in configs)
 
 
@@ -132,7 +135,7 @@ def unmet_requirements(
     if not interpret and head_ok and page_ok:
         itemsize = jnp.dtype(name if name in COMPILED_DTYPES else COMPILED_DTYPES[0]).itemsize
         kv_itemsize = 1 if is_fp8(kv_name) else itemsize
-        configs = _FP8_CONFIGS if is_fp8(kv_name) else _CONFIGS
+        configs = _configs(page_size, is_fp8(kv_name))
         need = max(shared_memory_bytes(c, head_dim, page_size, itemsize, kv_itemsize) for c in configs)
         if need > HOPPER_SMEM_BYTES:
             unmet.append(

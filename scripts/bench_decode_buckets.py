@@ -20,9 +20,10 @@ a half-empty bucket needs can be read off. --dynamic adds the picked config with
 (`splits`: "dynamic"), the count picked on the device from the live rows. Times are of the whole
 call (the wrapper's q gather and split combine included), as bench_kernels times it.
 
---fp8-qk: on fp8 pages also the fp8 decode config with Q.K^T in fp8 (`fp8_qk`: q quantized to e4m3,
-K multiplied from the ring, only V widened): config `decode_config_fp8_qk` in the cases above, rows
-with `fp8_qk` true in the --padded-batches cases.
+--both-qk: on fp8 pages, each decode config both with Q.K^T in fp8 (`fp8_qk`: q quantized to e4m3,
+K multiplied from the ring, only V widened; FP8_DECODE_CONFIG's since 2026-12-07) and in 16 bits (K
+widened too): config `decode_config_16bit_qk` in the cases above, rows with `fp8_qk` false in the
+--padded-batches cases.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def main() -> None:
     )
     p.add_argument("--splits", default="1,4,16", help="KV splits forced in the --padded-batches cases")
     p.add_argument("--dynamic", action="store_true", help="--padded-batches: also time dynamic_splits")
-    p.add_argument("--fp8-qk", action="store_true", help="fp8 pages: also time the decode config with fp8_qk")
+    p.add_argument("--both-qk", action="store_true", help="fp8 pages: also time the decode configs with 16-bit QK")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -88,8 +89,8 @@ def main() -> None:
             prefill = dataclasses.replace(PREFILL_CONFIG, kv_splits=1)
             ref = reference(batch, q_len)
             configs = [("decode_config", decode), ("prefill_config", prefill)]
-            if args.fp8_qk and kind != "bf16":
-                configs.append(("decode_config_fp8_qk", dataclasses.replace(decode, fp8_qk=True)))
+            if args.both_qk and kind != "bf16":
+                configs.append(("decode_config_16bit_qk", dataclasses.replace(decode, fp8_qk=False)))
             for name, config in configs:
                 row = dict(q_len=q_len, kv_len=kv_len, pages=kind, config=name, picked=config == picked)
                 rows.append(timed(row, batch, config, ref, args))
@@ -165,11 +166,11 @@ def padded_cases(live: int, bucket: int, kv_len: int, args, width: int) -> list[
         configs = {(splits, False): dataclasses.replace(picked, kv_splits=splits) for splits in forced}
         if args.dynamic:
             configs["dynamic", False] = dataclasses.replace(picked, dynamic_splits=True)
-        if args.fp8_qk and kind != "bf16":  # each of them again with QK in fp8
-            configs |= {(splits, True): dataclasses.replace(c, fp8_qk=True) for (splits, _), c in list(configs.items())}
-        for (splits, fp8_qk), config in configs.items():
+        if args.both_qk and kind != "bf16":  # each of them again with QK in 16 bits
+            configs |= {(s, True): dataclasses.replace(c, fp8_qk=False) for (s, _), c in list(configs.items())}
+        for (splits, toggled), config in configs.items():
             row = dict(live_rows=live, bucket=bucket, kv_len=kv_len, pages=kind, splits=splits)
-            row |= dict(picked=splits == auto and not fp8_qk) | (dict(fp8_qk=True) if fp8_qk else {})
+            row |= dict(picked=splits == auto and not toggled, fp8_qk=config.fp8_qk)
             rows.append(timed(row, batch, config, ref, args))
     return rows
 

@@ -21,10 +21,11 @@ Prints a markdown table last; every number goes to OUT/fp8.json. The two-warpgro
         --bf16-variants wgsplit64x4,wgsplit64x6,wgsplit128x2
 
 Q.K^T in fp8 (`fp8_qk`: q quantized to e4m3, K straight from the ring, only V widened), fp8 pages
-only, beside auto (FP8_DECODE_CONFIG) and the widening ablation:
+only, beside auto (FP8_DECODE_CONFIG: fp8qk64x8 since 2026-12-07; split128x2 the config before it)
+and the widening ablation:
 
     PYTHONUNBUFFERED=1 python3 scripts/check_fp8_gpu.py --out $OUT --batches 1,64,256 --page-sizes 16 \\
-        --variant-checks-only --fp8-variants fp8qk,fp8qk1wg,fp8qk64x8 --ablate-widen
+        --variant-checks-only --fp8-variants split128x2,fp8qk,fp8qk1wg --ablate-widen
 """
 
 from __future__ import annotations
@@ -47,7 +48,12 @@ from jaxserve.benchmarks.kernel_timing import rel_err, time_chained
 from pallas_kernels import ragged_paged_attention, ragged_paged_attention_reference
 from pallas_kernels.kv_cache_update import write_kv_pages, write_kv_pages_reference
 from pallas_kernels.kv_quant import quantize
-from pallas_kernels.ragged_paged_attention_config import DECODE_CONFIG, FP8_DECODE_CONFIG, RaggedPagedAttentionConfig
+from pallas_kernels.ragged_paged_attention_config import (
+    DECODE_CONFIG,
+    FP8_DECODE_CONFIG,
+    FP8_DECODE_CONFIG_LARGE_PAGES,
+    RaggedPagedAttentionConfig,
+)
 
 rpa = importlib.import_module("pallas_kernels.ragged_paged_attention")  # the module (the package exports its function)
 FORMATS = {"fp8_e4m3": jnp.float8_e4m3fn, "fp8_e5m2": jnp.float8_e5m2}
@@ -72,9 +78,11 @@ VARIANTS = {  # decode configs timed on fp8 pages (--bf16-variants: bf16 too) be
     # fp8 pages only: q quantized to e4m3 and Q.K^T in fp8 from the ring, V alone widened. Shared
     # memory at H = 128 with kv splits: 170 / 153 / 202 KiB (K's 16-bit tiles gone, an 8-bit q
     # buffer beside a 16-bit output one)
-    "fp8qk": dataclasses.replace(FP8_DECODE_CONFIG, fp8_qk=True),  # auto's config, QK in fp8
+    "fp8qk": FP8_DECODE_CONFIG_LARGE_PAGES,  # two blocks of 128 in flight
     "fp8qk1wg": dataclasses.replace(DECODE_CONFIG, fp8_qk=True),
-    "fp8qk64x8": dataclasses.replace(FP8_DECODE_CONFIG, block_kv=64, num_stages=8, fp8_qk=True),
+    "fp8qk64x8": FP8_DECODE_CONFIG,  # auto's since 2026-12-07
+    # auto's before: fp8qk with 16-bit Q.K^T (K widened too)
+    "split128x2": dataclasses.replace(FP8_DECODE_CONFIG_LARGE_PAGES, fp8_qk=False),
 }
 # Against the f32 reference on unquantized q: fp8 q's own rounding on top, 2.4-3.3% relative on the
 # worst token of a case (tests/kernels/test_fp8_qk.py); the reference on q quantized as fp8_qk does

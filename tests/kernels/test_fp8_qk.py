@@ -177,7 +177,7 @@ def test_fp8_qk_lowers_for_hopper(config, rows, head_dim, fmt):
     or e4m3 x e5m2, k32; PV stays f16. Within 227 KiB of shared memory (lowering checks it)."""
     text = lowered(dataclasses.replace(config, fp8_qk=True), fmt, head_dim, rows)
     b_type = "e4m3" if fmt == jnp.float8_e4m3fn else "e5m2"
-    assert f"wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.{b_type}" in text
+    assert f"wgmma.mma_async.sync.aligned.m64n{config.block_kv}k32.f32.e4m3.{b_type}" in text
     assert f"wgmma.mma_async.sync.aligned.m64n{head_dim}k16.f32.f16.f16" in text
 
 

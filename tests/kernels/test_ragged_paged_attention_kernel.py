@@ -168,10 +168,16 @@ def test_default_splits():
 def test_default_config_by_bucket_shape():
     """T > 2 R with more q rows than a prefill tile holds (T * G > 128) is prefill-shaped; a small
     bucket is not, whatever its rows (the engine pads batch-1 decode to T = 16)."""
-    from pallas_kernels.ragged_paged_attention_config import FP8_DECODE_CONFIG, PREFILL_CONFIG, default_config
+    from pallas_kernels.ragged_paged_attention_config import (
+        FP8_DECODE_CONFIG,
+        FP8_DECODE_CONFIG_LARGE_PAGES,
+        PREFILL_CONFIG,
+        default_config,
+    )
 
     assert default_config(16, 1, group=4) is DECODE_CONFIG
     assert default_config(16, 1, fp8_pages=True, group=4) is FP8_DECODE_CONFIG
+    assert default_config(16, 1, fp8_pages=True, group=4, page_size=128) is FP8_DECODE_CONFIG_LARGE_PAGES
     assert default_config(16, 1, group=16) is PREFILL_CONFIG  # 256 rows
     assert default_config(64, 64, group=4) is DECODE_CONFIG  # a token a sequence
     assert default_config(2048, 8, fp8_pages=True, group=4) is PREFILL_CONFIG
