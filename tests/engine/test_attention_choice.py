@@ -220,8 +220,8 @@ E4M3, E5M2 = jnp.float8_e4m3fn, jnp.float8_e5m2
         (jnp.bfloat16, 64, 136, None),  # the PV wgmma's K must be a multiple of 64
         (jnp.float32, 64, 16, None),  # compiled: 16-bit only
         (jnp.bfloat16, 96, 16, None),
-        # fp8 pages: FP8_DECODE_CONFIG's four 16-bit tiles beside the 8-bit ring
-        (jnp.bfloat16, 128, 128, E4M3),  # 226 KiB
+        # fp8 pages: the decode config's 16-bit V tiles and 8-bit q beside the 8-bit ring
+        (jnp.bfloat16, 128, 128, E4M3),  # 193 KiB (PREFILL_CONFIG; the decode config 170)
         (jnp.bfloat16, 128, 256, E4M3),  # shared memory
         (jnp.float16, 64, 256, E5M2),
         (jnp.bfloat16, 64, 16, E5M2),
