@@ -89,7 +89,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.kv_quant import is_fp8, quantize
+from pallas_kernels.kv_quant import is_fp8, quantize_q
 from pallas_kernels.ragged_paged_attention_config import (
     RaggedPagedAttentionConfig,
     default_config,
@@ -508,18 +508,6 @@ def _combine_splits(parts, lse, splits=None):
     return num / weight.sum(axis=0)[..., None]
 
 
-def _quantize_q(q, valid):
-    """q [T, N, H] -> (q / q_scale as float8_e4m3fn, q_scale [] f32): one scale, from the live tokens'
-    largest |q| (padding tokens' values must not set it). Per (token, head) scales would buy little:
-    fp8 has an exponent, so every value within 448 / 2^-6 (~2^15) of the largest rounds to the same
-    <= 2^-4 relative error whatever the scale, and a row further below has scores too small to move
-    its softmax (tests/kernels/test_fp8_qk.py measured per-row scales no better)."""
-    amax = jnp.max(jnp.where(valid[:, None, None], jnp.abs(q.astype(jnp.float32)), 0.0))
-    top = float(jnp.finfo(jnp.float8_e4m3fn).max)
-    q_scale = jnp.maximum(amax / top, jnp.finfo(jnp.float32).tiny)  # floored after the division: no 0 / 0 at q = 0
-    return quantize(q, q_scale, jnp.float8_e4m3fn), q_scale
-
-
 def _attention_call(
     q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, k_scale, v_scale, *, sm_scale, config, interpret
 ):
@@ -534,7 +522,7 @@ def _attention_call(
         v_scale, out_scale = jnp.float32(1), v_scale
     fp8_qk = config.fp8_qk
     if fp8_qk:  # q's scale joins K's on the scores: (q8 q_scale) . (k8 k_scale)
-        q8, q_scale = _quantize_q(q, valid)
+        q8, q_scale = quantize_q(q, valid)
         k_scale = k_scale * q_scale
     group = num_heads // num_kv_heads
     num_wgs = config.compute_warpgroups

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib
 
 import jax
 import jax.numpy as jnp
@@ -27,13 +26,12 @@ import numpy as np
 import pytest
 
 from pallas_kernels import RaggedPagedAttentionConfig, ragged_paged_attention, ragged_paged_attention_reference
-from pallas_kernels.kv_quant import quantize
+from pallas_kernels.kv_quant import quantize, quantize_q
 from pallas_kernels.ragged_paged_attention_config import DECODE_CONFIG, FP8_DECODE_CONFIG, PREFILL_CONFIG
 from pallas_kernels.ragged_paged_attention_support import shared_memory_bytes
 from tests.kernels.test_fp8_kv_cache import E4M3, E5M2, fp8_batch
 from tests.kernels.test_ragged_paged_attention_kernel import DYNAMIC, DYNAMIC_ROWS, SMALL, SPLIT, rel_err
 
-rpa = importlib.import_module("pallas_kernels.ragged_paged_attention")  # the package exports its function
 Config = RaggedPagedAttentionConfig
 SCALES = dict(k_scale=0.75, v_scale=1.5)
 
@@ -97,7 +95,7 @@ def run_fp8_qk(case, fmt, q_lens, kv_lens, group, head_dim, page_size, config, h
     total = sum(q_lens)
     assert np.all(out[total:] == 0), "padding tokens must output zero"
     q16 = jnp.asarray(args["q"]).astype(jnp.float16)
-    q8, q_scale = rpa._quantize_q(q16, jnp.arange(q16.shape[0]) < total)  # as the wrapper does
+    q8, q_scale = quantize_q(q16, jnp.arange(q16.shape[0]) < total)  # as the wrapper does
     row_scale = jnp.maximum(jnp.abs(q16.astype(jnp.float32)).max(-1, keepdims=True), 1e-30) / 448
     q8_rows = quantize(q16, row_scale, jnp.float8_e4m3fn)
 
