@@ -177,6 +177,7 @@ class LLMEngine:
             "num_gpu_blocks": str(kv.num_pages),
             "enable_prefix_caching": str(kv.enable_caching),
             "gpu_memory_utilization": str(self.config.gpu_memory_utilization),
+            "cache_dtype": self.config.kv_cache_dtype,  # as asked, vLLM's names: "auto", "fp8", ...
         }
 
     @property

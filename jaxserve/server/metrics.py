@@ -4,7 +4,7 @@ under the `jaxserve:` prefix: a dashboard written for vLLM reads ours once `vllm
     engine state, read at scrape time (_EngineCollector): num_requests_running, num_requests_waiting,
         kv_cache_usage_perc (a fraction in [0, 1]; also as vLLM's older gpu_cache_usage_perc),
         num_preemptions_total, prefix_cache_queries_total and prefix_cache_hits_total (tokens),
-        cache_config_info (1, the KV plan in its labels: page size, pages, prefix caching)
+        cache_config_info (1, the KV plan in its labels: page size, pages, prefix caching, KV dtype)
     per step (AsyncLLM's on_step): iteration_tokens_total (tokens the step computed)
     per output, as the server receives it (RequestObserver): time_to_first_token_seconds,
         inter_token_latency_seconds (also as vLLM's older time_per_output_token_seconds),

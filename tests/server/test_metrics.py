@@ -128,7 +128,7 @@ def test_cache_config_info_names_the_kv_plan(http):
     assert (
         sample.labels["block_size"] == "16" and sample.labels["num_gpu_blocks"] == ENGINE_ENV["JAXSERVE_NUM_KV_PAGES"]
     )
-    assert sample.labels["enable_prefix_caching"] == "True"
+    assert sample.labels["enable_prefix_caching"] == "True" and sample.labels["cache_dtype"] == "auto"
 
 
 # -- values -------------------------------------------------------------------------------------
