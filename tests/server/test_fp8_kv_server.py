@@ -11,29 +11,12 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.server.conftest import ServerProcess, free_port
-from tests.server.test_multihost import exercise
-
-FLAGS = [
-    "--load-format",
-    "dummy",
-    "--max-num-seqs",
-    "4",
-    "--max-num-batched-tokens",
-    "16",
-    "--row-bucket-growth",
-    "0",
-    "--max-model-len",
-    "128",
-    "--num-gpu-blocks-override",
-    "64",
-    "--seed",
-    "0",
-]
+from tests.server.test_multihost import ONE_SHAPE_FLAGS, exercise
 
 
 def test_fp8_kv_cache_serves_end_to_end(tiny_chat_model):
     port = free_port()
-    args = ["-m", "jaxserve", "serve", "--model", str(tiny_chat_model), "--port", str(port), *FLAGS]
+    args = ["-m", "jaxserve", "serve", "--model", str(tiny_chat_model), "--port", str(port), *ONE_SHAPE_FLAGS]
     server = ServerProcess([*args, "--kv-cache-dtype", "fp8"], {}, port)
     try:
         server.wait_ready()

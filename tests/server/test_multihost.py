@@ -25,7 +25,7 @@ from tests.server.conftest import ServerProcess, free_port, wait_idle
 pytestmark = pytest.mark.multiprocess
 
 # One step shape (16 tokens, up to 4 sequences): a short warm-up on every process.
-ENGINE_FLAGS = [
+ONE_SHAPE_FLAGS = [
     "--load-format",
     "dummy",
     "--max-num-seqs",
@@ -38,11 +38,10 @@ ENGINE_FLAGS = [
     "128",
     "--num-gpu-blocks-override",
     "64",
-    "--tensor-parallel-size",
-    "4",
     "--seed",
     "0",
 ]
+ENGINE_FLAGS = [*ONE_SHAPE_FLAGS, "--tensor-parallel-size", "4"]
 GREEDY = dict(temperature=0, max_tokens=6)
 
 
