@@ -50,8 +50,9 @@ a tile is 64 rows and both warpgroups multiply the same q rows, each over every 
 the item: warpgroup w takes the blocks whose program-wide count c has c % 2 == w. The ring has an
 even number of stages, so stage c % num_stages always serves the same warpgroup, which alone waits
 on its full barrier (a waiter must observe every phase) and frees it (free barriers count one
-arrival). Each keeps its own online softmax (m, l, acc) and, with fp8 pages, its own 16-bit K and V
-tiles, so the two serial chains (widen -> QK -> softmax -> PV) run side by side. At the item's end:
+arrival). Each keeps its own online softmax (m, l, acc) and, with fp8 pages, its own 16-bit V tile
+(and K tile, unless fp8_qk), so the two serial chains (widen -> QK -> softmax -> PV) run side by
+side. At the item's end:
 
     warpgroup 1: m1, l1 --> merge_ml[buf];  acc1 / l1 (16 bits, like a kv split's share) --> the q
                  buffer's second tile (q uses only the first);  arrive `merged`[buf]
@@ -72,10 +73,12 @@ range is clipped to f16's; f16 keeps more of the mantissa), the kernel writes th
 pages' own units (|x| <= the format's largest value, which f16 holds), and the wrapper applies the
 V scale in f32 and casts back to q's dtype. The K scale costs one multiply per score.
 
-With `fp8_qk` (fp8 decode's default, FP8_DECODE_CONFIG; prefill keeps 16-bit Q.K^T) the wrapper quantizes q to float8_e4m3fn with one scale (folded into K's on
-the scores) and Q.K^T multiplies q's fp8 buffer by the ring's K stage itself (K^T is K-major: no
-widening, the stage freed after the wgmma as with 16-bit pages); only V is widened. The output,
-and split_blocks' merge, then stage in a 16-bit buffer of their own, where q's would be.
+With `fp8_qk` (on in the fp8 decode configs, `fp8_decode_config`; off in PREFILL_CONFIG, so
+prefill-shaped batches keep 16-bit Q.K^T) the wrapper quantizes q to float8_e4m3fn with one scale
+(folded into K's on the scores) and Q.K^T multiplies q's fp8 buffer by the ring's K stage itself
+(K^T is K-major: no widening, the stage freed after the wgmma as with 16-bit pages); only V is
+widened. The output, and split_blocks' merge, then stage in a 16-bit buffer of their own, where
+q's would be.
 """
 
 from __future__ import annotations

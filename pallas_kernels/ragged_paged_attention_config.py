@@ -83,9 +83,10 @@ class RaggedPagedAttentionConfig:
 DECODE_CONFIG = RaggedPagedAttentionConfig(block_kv=128, compute_warpgroups=1, num_stages=3, num_programs=0)
 # fp8 pages, decode: the widening and the softmax, not the bytes, bound a warpgroup's chain of
 # blocks. So two compute warpgroups split each item's blocks, Q.K^T runs in fp8 (q rounded to e4m3
-# with one scale per call, as vLLM's FlashAttention 3 path does with an fp8 cache; only V is
-# widened), and blocks of 64 tokens keep 8 in flight. At 64 and 256 x 2048 on an H100 (2026-12-07)
-# this ran 12-13% faster than the same two warpgroups with 16-bit Q.K^T and 2 blocks of 128.
+# with one scale per call; vLLM's FlashAttention 3 path also rounds q for an fp8 cache, with a fixed
+# scale of 1.0; only V is widened), and blocks of 64 tokens keep 8 in flight. At 64 and 256 x 2048
+# on an H100 (2026-12-07, e4m3 pages) this ran 12-13% faster than the same two warpgroups with
+# 16-bit Q.K^T and 2 blocks of 128.
 # Shared memory (H = 128): a q buffer in 8 and one in 16 bits, the 8-bit ring (2 x 8 KiB per
 # stage) and two 16-bit V tiles of 16 KiB: 202 KiB of the 227.
 FP8_DECODE_CONFIG = RaggedPagedAttentionConfig(
@@ -124,7 +125,7 @@ def fp8_decode_config(page_size: int) -> RaggedPagedAttentionConfig:
 
 
 def default_config(
-    num_tokens: int, num_rows: int, *, group: int, fp8_pages: bool = False, page_size: int = 16
+    num_tokens: int, num_rows: int, *, group: int, page_size: int, fp8_pages: bool = False
 ) -> RaggedPagedAttentionConfig:
     if is_prefill_shaped(num_tokens, num_rows, group=group):
         return PREFILL_CONFIG

@@ -43,9 +43,9 @@ from pallas_kernels import ragged_paged_attention, ragged_paged_attention_refere
 from pallas_kernels.kv_quant import quantize
 from pallas_kernels.ragged_paged_attention_config import (
     DECODE_CONFIG,
-    FP8_DECODE_CONFIG,
     PREFILL_CONFIG,
     default_config,
+    fp8_decode_config,
     kv_splits_for,
     num_sms,
 )
@@ -83,8 +83,8 @@ def main() -> None:
         base = engine_batch(kv_len + q_len, [q_len], kv_len, args.bucket, 1, width)
         for kind in kinds:
             batch = with_pages(base, kind)
-            picked = default_config(args.bucket, 1, fp8_pages=kind != "bf16", group=N // K)
-            decode = FP8_DECODE_CONFIG if kind != "bf16" else DECODE_CONFIG
+            picked = default_config(args.bucket, 1, group=N // K, page_size=PAGE, fp8_pages=kind != "bf16")
+            decode = fp8_decode_config(PAGE) if kind != "bf16" else DECODE_CONFIG
             # PREFILL_CONFIG as the engine ran it before: prefill-shaped, so no KV splits
             prefill = dataclasses.replace(PREFILL_CONFIG, kv_splits=1)
             ref = reference(batch, q_len)
@@ -158,7 +158,7 @@ def padded_cases(live: int, bucket: int, kv_len: int, args, width: int) -> list[
     rows = []
     for kind in ("bf16", "fp8_e4m3"):
         batch = with_pages(base, kind)
-        picked = default_config(bucket, bucket, fp8_pages=kind != "bf16", group=N // K)
+        picked = default_config(bucket, bucket, group=N // K, page_size=PAGE, fp8_pages=kind != "bf16")
         # the count the wrapper picks (kv_splits None), timed once among the forced ones
         auto = kv_splits_for(picked, bucket, bucket, K, width, PAGE, num_sms(args.interpret), group=N // K)
         ref = reference(batch, live)

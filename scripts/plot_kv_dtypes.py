@@ -57,7 +57,7 @@ def main() -> None:
             raise SystemExit(f"{args.buckets} holds no --padded-batches cases")
         ax = axes[0][1]
 
-        def group_of(c):  # bench_decode_buckets --fp8-qk rows: lines of their own
+        def group_of(c):  # bench_decode_buckets rows with and without fp8_qk: lines of their own
             return c["live_rows"], c["bucket"], c["pages"], c.get("fp8_qk", False)
 
         for live, bucket, pages, fp8_qk in sorted({group_of(c) for c in padded}):

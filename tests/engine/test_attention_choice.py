@@ -221,6 +221,7 @@ E4M3, E5M2 = jnp.float8_e4m3fn, jnp.float8_e5m2
         (jnp.float32, 64, 16, None),  # compiled: 16-bit only
         (jnp.bfloat16, 96, 16, None),
         # fp8 pages: the decode config's 16-bit V tiles and 8-bit q beside the 8-bit ring
+        (jnp.bfloat16, 128, 64, E4M3),  # 202 KiB (the decode config: blocks of 64 x 8)
         (jnp.bfloat16, 128, 128, E4M3),  # 193 KiB (PREFILL_CONFIG; the decode config 170)
         (jnp.bfloat16, 128, 256, E4M3),  # shared memory
         (jnp.float16, 64, 256, E5M2),

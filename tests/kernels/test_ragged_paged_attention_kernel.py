@@ -175,12 +175,13 @@ def test_default_config_by_bucket_shape():
         default_config,
     )
 
-    assert default_config(16, 1, group=4) is DECODE_CONFIG
-    assert default_config(16, 1, fp8_pages=True, group=4) is FP8_DECODE_CONFIG
-    assert default_config(16, 1, fp8_pages=True, group=4, page_size=128) is FP8_DECODE_CONFIG_LARGE_PAGES
-    assert default_config(16, 1, group=16) is PREFILL_CONFIG  # 256 rows
-    assert default_config(64, 64, group=4) is DECODE_CONFIG  # a token a sequence
-    assert default_config(2048, 8, fp8_pages=True, group=4) is PREFILL_CONFIG
+    assert default_config(16, 1, group=4, page_size=16) is DECODE_CONFIG
+    assert default_config(16, 1, group=4, page_size=16, fp8_pages=True) is FP8_DECODE_CONFIG
+    assert default_config(16, 1, group=4, page_size=64, fp8_pages=True) is FP8_DECODE_CONFIG  # a block a page
+    assert default_config(16, 1, group=4, page_size=128, fp8_pages=True) is FP8_DECODE_CONFIG_LARGE_PAGES
+    assert default_config(16, 1, group=16, page_size=16) is PREFILL_CONFIG  # 256 rows
+    assert default_config(64, 64, group=4, page_size=16) is DECODE_CONFIG  # a token a sequence
+    assert default_config(2048, 8, group=4, page_size=16, fp8_pages=True) is PREFILL_CONFIG
 
 
 def test_group_not_a_power_of_two():
