@@ -9,12 +9,13 @@ for K and one for V (`kv_quant`: the writers quantize, the attention functions d
 """
 
 from pallas_kernels.kv_cache_update import write_kv_pages, write_kv_pages_reference
-from pallas_kernels.ragged_paged_attention import ragged_paged_attention
+from pallas_kernels.ragged_paged_attention import config_for, ragged_paged_attention
 from pallas_kernels.ragged_paged_attention_config import RaggedPagedAttentionConfig
 from pallas_kernels.ragged_paged_attention_reference import ragged_paged_attention_reference
 
 __all__ = [
     "RaggedPagedAttentionConfig",
+    "config_for",
     "ragged_paged_attention",
     "ragged_paged_attention_reference",
     "write_kv_pages",

@@ -511,6 +511,20 @@ def _combine_splits(parts, lse, splits=None):
     return num / weight.sum(axis=0)[..., None]
 
 
+def config_for(q, k_pages, kv_lens, config: RaggedPagedAttentionConfig | None = None) -> RaggedPagedAttentionConfig:
+    """The config a call with these arguments runs: `config`, or the one their shapes pick
+    (`default_config`). Tests and checks ask it which tolerance a call's rounding earns."""
+    if config is not None:
+        return config
+    return default_config(
+        q.shape[0],
+        kv_lens.shape[0],
+        group=q.shape[1] // k_pages.shape[2],
+        page_size=k_pages.shape[1],
+        fp8_pages=is_fp8(k_pages.dtype),
+    )
+
+
 def _attention_call(
     q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, k_scale, v_scale, *, sm_scale, config, interpret
 ):
@@ -723,10 +737,7 @@ def ragged_paged_attention(
     page_size = k_pages.shape[1]
     if page_size % 8 or page_size > 256:
         raise ValueError(f"page size (k_pages.shape[1]) must be a multiple of 8 up to 256, got {page_size}")
-    if config is None:
-        group = q.shape[1] // k_pages.shape[2]
-        fp8_pages = is_fp8(k_pages.dtype)
-        config = default_config(q.shape[0], kv_lens.shape[0], group=group, fp8_pages=fp8_pages, page_size=page_size)
+    config = config_for(q, k_pages, kv_lens, config)
     if config.fp8_qk and not is_fp8(k_pages.dtype):
         raise ValueError(f"config.fp8_qk needs fp8 pages (float8_e4m3fn, float8_e5m2), got {k_pages.dtype}")
     return _attention_call(

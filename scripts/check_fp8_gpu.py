@@ -46,7 +46,7 @@ import numpy as np
 from jaxserve.benchmarks.attention_batch import DT, H, K, N, make_batch
 from jaxserve.benchmarks.device_limits import copy_bandwidth
 from jaxserve.benchmarks.kernel_timing import rel_err, time_chained
-from pallas_kernels import ragged_paged_attention, ragged_paged_attention_reference
+from pallas_kernels import config_for, ragged_paged_attention, ragged_paged_attention_reference
 from pallas_kernels.kv_cache_update import write_kv_pages, write_kv_pages_reference
 from pallas_kernels.kv_quant import quantize
 from pallas_kernels.ragged_paged_attention_config import (
@@ -54,7 +54,6 @@ from pallas_kernels.ragged_paged_attention_config import (
     FP8_DECODE_CONFIG,
     FP8_DECODE_CONFIG_LARGE_PAGES,
     RaggedPagedAttentionConfig,
-    default_config,
 )
 
 rpa = importlib.import_module("pallas_kernels.ragged_paged_attention")  # the module (the package exports its function)
@@ -154,9 +153,7 @@ def check_case(row, key, q_lens, kv_lens, group, head_dim, page_size, fmt, scale
         total = sum(q_lens)
         row["rel_err"] = rel_err(out[:total], ref[:total])
         row["padding_zero"] = bool(jnp.all(out[total:] == 0))
-        picked = config or default_config(
-            args["q"].shape[0], args["kv_lens"].shape[0], group=group, page_size=page_size, fp8_pages=True
-        )
+        picked = config_for(args["q"], args["k_pages"], args["kv_lens"], config)
         tolerance = FP8_QK_TOLERANCE if picked.fp8_qk else TOLERANCE
         row["ok"] = row["rel_err"] <= tolerance and row["padding_zero"]
     except Exception as e:  # noqa: BLE001

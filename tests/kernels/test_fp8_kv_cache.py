@@ -27,13 +27,14 @@ import pytest
 
 from pallas_kernels import (
     RaggedPagedAttentionConfig,
+    config_for,
     ragged_paged_attention,
     ragged_paged_attention_reference,
     write_kv_pages,
     write_kv_pages_reference,
 )
 from pallas_kernels.kv_quant import dequantize, quantize
-from pallas_kernels.ragged_paged_attention_config import PREFILL_CONFIG, default_config
+from pallas_kernels.ragged_paged_attention_config import PREFILL_CONFIG
 from pallas_kernels.ragged_paged_attention_xla import ragged_paged_attention_xla
 from tests.kernels.test_ragged_paged_attention_kernel import SMALL, SPLIT, SPLIT_DECODE_64, WIDE, rel_err
 from tests.kernels.test_ragged_paged_attention_reference import random_batch
@@ -161,9 +162,7 @@ def test_kernel_fp8_pages_match_reference(case):
     ref = np.asarray(ragged_paged_attention_reference(**args, **scales, sm_scale=scale), np.float32)
     total = sum(q_lens)
     assert np.all(out[total:] == 0), "padding tokens must output zero"
-    picked = config or default_config(
-        args["q"].shape[0], args["kv_lens"].shape[0], group=group, fp8_pages=True, page_size=page_size
-    )
+    picked = config_for(args["q"], args["k_pages"], args["kv_lens"], config)
     assert picked.fp8_qk == (config is None)  # the case list covers both
     tol = FP8_QK_TOL if picked.fp8_qk else KERNEL_TOL
     assert rel_err(out[:total].astype(np.float32), ref[:total]) <= tol

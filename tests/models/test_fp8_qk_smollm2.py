@@ -24,8 +24,8 @@ import jax.numpy as jnp
 from jaxserve.testing.greedy import greedy_generate
 from models.attention import ATTENTION_IMPLS
 from models.loading import load_model
+from pallas_kernels import config_for
 from pallas_kernels.kv_quant import dequantize, quantize_q
-from pallas_kernels.ragged_paged_attention_config import default_config
 from tests.conftest import load_reference
 
 STEPS = 32
@@ -34,13 +34,8 @@ MAX_COST = 0.10  # of agreement with transformers, for rounding q
 
 
 def xla_with_q_rounded_as_the_kernel(q, k, v, cache, batch, *, sm_scale):
-    num_tokens, num_heads, _ = q.shape
-    _, page_size, num_kv_heads, _ = cache.k.shape
-    config = default_config(
-        num_tokens, batch.kv_lens.shape[0], group=num_heads // num_kv_heads, fp8_pages=True, page_size=page_size
-    )
-    if config.fp8_qk:
-        valid = jnp.arange(num_tokens) < batch.cu_q_lens[batch.num_seqs[0]]
+    if config_for(q, cache.k, batch.kv_lens).fp8_qk:
+        valid = jnp.arange(q.shape[0]) < batch.cu_q_lens[batch.num_seqs[0]]
         q8, q_scale = quantize_q(q, valid)
         q = dequantize(q8, q_scale).astype(q.dtype)
     return ATTENTION_IMPLS["xla"](q, k, v, cache, batch, sm_scale=sm_scale)
